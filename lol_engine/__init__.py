@@ -1,0 +1,34 @@
+"""lol-explorer's engine: safe LoRA readers, GL(r)-symmetry tools and Learning-on-LoRAs models.
+
+``import lol_engine`` stays light: it never imports gradio, duckdb or umap.
+"""
+
+from lol_engine.errors import LoraFormatError
+from lol_engine.lora import (
+    LoraMetadata,
+    LoraModule,
+    LoraSummary,
+    LoraWeights,
+    PeftAdapterConfig,
+    ReadLimits,
+    inspect_lora,
+    load_lora,
+)
+from lol_engine.spec import LayerSpec, LoraSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerSpec",
+    "LoraFormatError",
+    "LoraMetadata",
+    "LoraModule",
+    "LoraSpec",
+    "LoraSummary",
+    "LoraWeights",
+    "PeftAdapterConfig",
+    "ReadLimits",
+    "__version__",
+    "inspect_lora",
+    "load_lora",
+]
