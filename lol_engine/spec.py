@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from math import prod
 
 from lol_engine.lora._conventions import KINDS, ModuleKind
 
-__all__ = ["LayerSpec", "LoraSpec"]
+__all__ = ["LayerSpec", "LoraSpec", "natural_key"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,12 @@ class LoraSpec:
     def ranks(self) -> tuple[int, ...]:
         """Per-module ranks, in order."""
         return tuple(layer.rank for layer in self.layers)
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders ``layers.2`` before ``layers.10``.
+
+    >>> sorted(["layers.10.q", "layers.2.q"], key=natural_key)
+    ['layers.2.q', 'layers.10.q']
+    """
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ from lol_engine.lora.family import detect_family
 from lol_engine.lora.keys import ModuleKeys, Role, canonical_name, group_keys
 from lol_engine.lora.safe_io import ReadLimits, SafetensorsHeader, file_sha256, read_header, read_tensors
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights
-from lol_engine.spec import LayerSpec
+from lol_engine.spec import LayerSpec, natural_key
 
-__all__ = ["LoraSummary", "inspect_lora", "load_lora", "locate_lora", "natural_key"]
+__all__ = ["LoraSummary", "inspect_lora", "load_lora", "locate_lora"]
 
 _ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 _PICKLE_ADAPTERS = ("adapter_model.bin", "pytorch_lora_weights.bin")
@@ -48,15 +47,6 @@ class LoraSummary:
     scales: tuple[float, ...]
     alphas: tuple[float | None, ...]
     meta: LoraMetadata
-
-
-def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key that orders ``layers.2`` before ``layers.10``.
-
-    >>> sorted(["layers.10.q", "layers.2.q"], key=natural_key)
-    ['layers.2.q', 'layers.10.q']
-    """
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
 
 
 def locate_lora(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:

@@ -1,0 +1,79 @@
+"""The ``lol`` command line. ``lol inspect PATH [--json]`` reads a LoRA file or PEFT folder and reports on it.
+
+Bad input exits with status 2 and one line ``error: <what is wrong>`` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lol_engine.errors import LoraFormatError
+from lol_engine.lora.parse import load_lora
+from lol_engine.lora.safe_io import ReadLimits
+from lol_engine.report import describe
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lol", description="Explore LoRA adapters without running them.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="read a LoRA file or PEFT folder and report its modules")
+    inspect.add_argument("path", help="a .safetensors file, or a folder with adapter_model.safetensors")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    inspect.add_argument(
+        "--max-file-mb", type=float, default=ReadLimits.max_file_bytes / 2**20, help="refuse larger files (MiB)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lol`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        limits = ReadLimits(max_file_bytes=int(args.max_file_mb * 2**20))
+        report = describe(load_lora(args.path, limits=limits))
+    except (LoraFormatError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, allow_nan=False)
+        sys.stdout.write("\n")
+    else:
+        _print_table(report)
+    return 0
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped: never truncate module names to a guessed 80 columns
+        console = Console(width=240)
+    console.print(f"[bold]{report['source']}[/bold]")
+    console.print(
+        f"format {report['format']} · base {report['base_family']} · dtype {report['dtype']} · "
+        f"{report['n_modules']} modules · ranks {report['ranks']} · DoRA {report['is_dora']}"
+    )
+    console.print(f"evidence: {'; '.join(report['evidence'])}")
+    console.print(f"sha256 {report['sha256']} · ‖ΔW‖_F total {report['total_delta_fro_norm']:.4g}")
+    table = Table("kind", "rank", "alpha", "scale", "d_out × d_in", "‖ΔW‖_F", "σ₁ … σ_r (scaled)")
+    table.add_column("module", overflow="fold")
+    for m in report["modules"]:
+        alpha = "—" if m["alpha"] is None else f"{m['alpha']:g}"
+        sigma = " ".join(f"{s:.3g}" for s in m["singular_values"][:6]) + (" …" if m["rank"] > 6 else "")
+        shape = f"{m['d_out']} × {m['d_in']}"
+        norm = f"{m['delta_fro_norm']:.4g}"
+        table.add_row(m["kind"], str(m["rank"]), alpha, f"{m['scale']:.4g}", shape, norm, sigma, m["name"])
+    console.print(table)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+r"""The GL(r) symmetry of LoRA factors, and exact invariants computed without forming ΔW.
+
+For ``G ∈ GL(r)``, ``g·(A, B) = (G A, B G⁻¹)`` leaves ``ΔW = s·B A`` unchanged. Everything here that is called an
+invariant is a function of the ``ΔW`` alone, computed from ``r × r`` matrices:
+
+* singular values: ``B = Q_B R_B``, ``Aᵀ = Q_A R_A`` ⇒ ``σ(B A) = σ(R_B R_Aᵀ)``, cost ``O((d_in + d_out) r²)``;
+* Frobenius norm: ``‖B A‖²_F = Σ (BᵀB) ⊙ (A Aᵀ)``, cost ``O((d_in + d_out) r²)``;
+* inner product: ``⟨B₁A₁, B₂A₂⟩_F = Σ (B₁ᵀB₂) ⊙ (A₁A₂ᵀ)``, cost ``O((d_in + d_out) r₁ r₂)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from lol_engine.lora.weights import LoraModule, LoraWeights
+
+__all__ = [
+    "act_gl",
+    "act_gl_factors",
+    "delta_fro_norm",
+    "delta_inner",
+    "lora_cosine",
+    "lora_fro_norms",
+    "lora_inner",
+    "lora_singular_values",
+    "random_gl",
+    "random_gl_like",
+    "shared_modules",
+    "singular_values",
+    "total_fro_norm",
+]
+
+
+def random_gl(
+    rank: int,
+    *,
+    generator: torch.Generator | None = None,
+    cond_max: float = 10.0,
+    batch_shape: Sequence[int] = (),
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    r"""A random well-conditioned ``G = Q_1 \mathrm{diag}(σ) Q_2`` with ``σ ∈ [κ^{-1/2}, κ^{1/2}]``, ``κ = cond_max``.
+
+    The condition number of ``G`` is at most ``cond_max``; ``Q_1, Q_2`` are Haar-random orthogonal matrices.
+
+    >>> g = random_gl(4, generator=torch.Generator().manual_seed(0), cond_max=10.0)
+    >>> bool(torch.linalg.cond(g) <= 10.0 + 1e-9)
+    True
+    """
+    if cond_max < 1:
+        raise ValueError(f"cond_max must be >= 1, got {cond_max}")
+    shape = (*batch_shape, rank, rank)
+    q1 = _haar_orthogonal(shape, generator, dtype, device)
+    q2 = _haar_orthogonal(shape, generator, dtype, device)
+    half_log = 0.5 * math.log(cond_max)
+    u = torch.rand((*batch_shape, rank), generator=generator, dtype=dtype, device=device)
+    sigma = torch.exp((2 * u - 1) * half_log)  # (..., r) in [κ^-½, κ^½]
+    return q1 @ torch.diag_embed(sigma) @ q2
+
+
+def _haar_orthogonal(
+    shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str | None
+) -> Tensor:
+    z = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    q, r = torch.linalg.qr(z)
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # sign fix makes Q Haar-distributed
+
+
+def random_gl_like(
+    lora: LoraWeights, *, generator: torch.Generator | None = None, cond_max: float = 10.0
+) -> tuple[Tensor, ...]:
+    """One random ``G_i ∈ GL(r_i)`` per module, in the LoRA's dtype and device."""
+    return tuple(
+        random_gl(m.spec.rank, generator=generator, cond_max=cond_max, dtype=m.a.dtype, device=m.a.device)
+        for m in lora
+    )
+
+
+def act_gl_factors(a: Tensor, b: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(G A, B G⁻¹)`` for batched factors ``a: (..., r, d_in)``, ``b: (..., d_out, r)``, ``g: (..., r, r)``.
+
+    >>> a, b, g = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), random_gl(3)
+    >>> ga, gb = act_gl_factors(a, b, g)
+    >>> bool(torch.allclose(gb @ ga, b @ a))
+    True
+    """
+    b_new = torch.linalg.solve(g.mT, b.mT).mT  # B G⁻¹ without forming the inverse
+    return g @ a, b_new
+
+
+def act_gl(lora: LoraWeights, gs: Sequence[Tensor]) -> LoraWeights:
+    """Apply one ``G_i`` to each module: ``(A_i, B_i) ↦ (G_i A_i, B_i G_i⁻¹)``. Scales and DoRA data are untouched."""
+    if len(gs) != len(lora):
+        raise ValueError(f"need one group element per module: {len(gs)} for {len(lora)} modules")
+
+    def act(m: LoraModule, g: Tensor) -> LoraModule:
+        a, b = act_gl_factors(m.a, m.b, g)
+        return replace(m, a=a, b=b)
+
+    return replace(lora, modules=tuple(act(m, g) for m, g in zip(lora, gs, strict=True)))
+
+
+def singular_values(a: Tensor, b: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+    r"""Singular values of ``scale · B A``, descending, padded with zeros to length ``r``; ΔW is never formed.
+
+    ``a: (..., r, d_in)``, ``b: (..., d_out, r)`` → ``(..., r)``. Cost ``O((d_in + d_out) r² + r³)``.
+
+    >>> a, b = torch.randn(4, 30, dtype=torch.float64), torch.randn(20, 4, dtype=torch.float64)
+    >>> bool(torch.allclose(singular_values(a, b), torch.linalg.svdvals(b @ a)[:4]))
+    True
+    """
+    rank = a.shape[-2]
+    r_b = torch.linalg.qr(b, mode="r").R  # (..., min(d_out, r), r)
+    r_a = torch.linalg.qr(a.mT, mode="r").R  # (..., min(d_in, r), r)
+    sigma = torch.linalg.svdvals(r_b @ r_a.mT)  # (..., k)
+    if sigma.shape[-1] < rank:
+        sigma = torch.nn.functional.pad(sigma, (0, rank - sigma.shape[-1]))
+    return sigma * _abs_scale(scale, sigma)
+
+
+def _abs_scale(scale: float | Tensor, like: Tensor) -> Tensor | float:
+    if isinstance(scale, Tensor):
+        return scale.abs().to(like).unsqueeze(-1)
+    return abs(scale)
+
+
+def delta_fro_norm(a: Tensor, b: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+    """``‖scale · B A‖_F`` from the ``r × r`` Gram matrices; ``a: (..., r, d_in)``, ``b: (..., d_out, r)`` → ``(...)``."""
+    squared = ((b.mT @ b) * (a @ a.mT)).sum((-2, -1)).clamp_min(0)  # tr(BᵀB · AAᵀ)
+    return squared.sqrt() * (scale.abs() if isinstance(scale, Tensor) else abs(scale))
+
+
+def delta_inner(
+    a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, scale1: float | Tensor = 1.0, scale2: float | Tensor = 1.0
+) -> Tensor:
+    """``⟨s₁ B₁A₁, s₂ B₂A₂⟩_F`` without forming either product; ranks may differ. Batched over leading axes."""
+    cross = ((b1.mT @ b2) * (a1 @ a2.mT)).sum((-2, -1))  # (r1, r2) ⊙ (r1, r2)
+    return cross * scale1 * scale2
+
+
+def lora_singular_values(lora: LoraWeights) -> dict[str, Tensor]:
+    """Per-module singular values of the scaled ΔW. Modules of equal shape are stacked into one batched QR."""
+    buckets: dict[tuple[int, int, int], list[LoraModule]] = {}
+    for m in lora:
+        buckets.setdefault((m.spec.rank, m.spec.d_out, m.spec.d_in), []).append(m)
+    out: dict[str, Tensor] = {}
+    for modules in buckets.values():
+        a = torch.stack([m.a for m in modules])  # (N, r, d_in)
+        b = torch.stack([m.b for m in modules])  # (N, d_out, r)
+        scale = torch.tensor([m.scale for m in modules], dtype=a.dtype, device=a.device)
+        for m, sigma in zip(modules, singular_values(a, b, scale), strict=True):
+            out[m.name] = sigma
+    return {name: out[name] for name in lora.names}
+
+
+def lora_fro_norms(lora: LoraWeights) -> dict[str, Tensor]:
+    """Per-module ``‖ΔW_i‖_F`` (scale included)."""
+    return {m.name: delta_fro_norm(m.a, m.b, m.scale) for m in lora}
+
+
+def total_fro_norm(lora: LoraWeights) -> Tensor:
+    """``sqrt(Σ_i ‖ΔW_i‖²_F)`` over all modules."""
+    return torch.stack([n.square() for n in lora_fro_norms(lora).values()]).sum().sqrt()
+
+
+def shared_modules(first: LoraWeights, second: LoraWeights) -> list[str]:
+    """Names of modules present in both LoRAs with the same ΔW shape (ranks may differ)."""
+    other = {m.name: m.spec for m in second}
+    return [
+        m.name
+        for m in first
+        if m.name in other
+        and (other[m.name].d_out, other[m.name].d_in, other[m.name].orig_shape)
+        == (m.spec.d_out, m.spec.d_in, m.spec.orig_shape)
+    ]
+
+
+def lora_inner(first: LoraWeights, second: LoraWeights) -> Tensor:
+    """``Σ_i ⟨ΔW_i, ΔW'_i⟩_F`` over :func:`shared_modules`."""
+    names = shared_modules(first, second)
+    if not names:
+        raise ValueError("the two LoRAs share no module of the same shape")
+    terms = [
+        delta_inner(first[n].a, first[n].b, second[n].a, second[n].b, first[n].scale, second[n].scale) for n in names
+    ]
+    return torch.stack(terms).sum()
+
+
+def lora_cosine(first: LoraWeights, second: LoraWeights) -> float:
+    """Cosine similarity of the two updates over :func:`shared_modules`, in ``[-1, 1]``; 0 if either is zero there."""
+    names = shared_modules(first, second)
+    inner = lora_inner(first, second)
+    norm1 = torch.stack([delta_fro_norm(first[n].a, first[n].b, first[n].scale) ** 2 for n in names]).sum().sqrt()
+    norm2 = torch.stack([delta_fro_norm(second[n].a, second[n].b, second[n].scale) ** 2 for n in names]).sum().sqrt()
+    denominator = float(norm1 * norm2)
+    if denominator == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, float(inner) / denominator))
