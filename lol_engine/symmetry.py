@@ -131,7 +131,7 @@ def _abs_scale(scale: float | Tensor, like: Tensor) -> Tensor | float:
 
 
 def delta_fro_norm(a: Tensor, b: Tensor, scale: float | Tensor = 1.0) -> Tensor:
-    """``‖scale · B A‖_F`` from the ``r × r`` Gram matrices; ``a: (..., r, d_in)``, ``b: (..., d_out, r)`` → ``(...)``."""
+    """``‖scale · B A‖_F`` from ``r × r`` Gram matrices; ``a: (..., r, d_in)``, ``b: (..., d_out, r)`` → ``(...)``."""
     squared = ((b.mT @ b) * (a @ a.mT)).sum((-2, -1)).clamp_min(0)  # tr(BᵀB · AAᵀ)
     return squared.sqrt() * (scale.abs() if isinstance(scale, Tensor) else abs(scale))
 

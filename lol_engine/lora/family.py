@@ -78,15 +78,15 @@ def _from_structure(layers: Sequence[LayerSpec]) -> tuple[str, list[str]]:
         return "flux", ["module names: double/single blocks (Flux DiT)"]
     if any_has(r"^joint_blocks\."):
         return "sd3", ["module names: joint_blocks (SD3 MMDiT)"]
-    if any_has(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$"):
-        return "llm-decoder", ["module names: layers.N.self_attn.{q,k,v,o}_proj / mlp (decoder LLM)"]
     if any_has(r"encoder\.layer\.\d+\.attention\.self\.(query|key|value)$"):
         return "bert-encoder", ["module names: encoder.layer.N.attention.self.{query,key,value} (BERT-like)"]
     if any_has(r"^text_encoder_2\."):
         return "sdxl", ["module names: text_encoder and text_encoder_2 only (SDXL text encoders)"]
-    te = [layer.d_in for layer in layers if re.search(r"^text_encoder\..*self_attn\.q_proj$", layer.name)]
+    te = [layer.d_in for layer in layers if re.search(r"^text_encoder\..*(self_attn\.[qkv]_proj|mlp\.fc1)$", layer.name)]
     if te:
         return {768: "sd1", 1024: "sd2"}.get(te[0], "unknown"), [f"text encoder only, hidden width {te[0]}"]
+    if any_has(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$"):
+        return "llm-decoder", ["module names: layers.N.self_attn.{q,k,v,o}_proj / mlp (decoder LLM)"]
     return "unknown", ["no known module vocabulary"]
 
 

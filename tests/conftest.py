@@ -1,0 +1,26 @@
+"""Shared fixtures. Offline mode is set before anything can import huggingface_hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TOLERANCES = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["f32", "f64"])
+def dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    """Run a test in float32 and float64; pair with ``TOLERANCES[dtype]``."""
+    return request.param
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A seeded generator: every test draws its own, reproducible randomness."""
+    return torch.Generator().manual_seed(1234)
