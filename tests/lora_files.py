@@ -34,7 +34,9 @@ def pair(stem: str, a_suffix: str, b_suffix: str, a: torch.Tensor, b: torch.Tens
     return {stem + a_suffix: a, stem + b_suffix: b}
 
 
-def kohya(stem: str, rank: int = 4, d_in: int = 16, d_out: int = 12, alpha: float | None = None, seed: int = 0) -> Tensors:
+def kohya(
+    stem: str, rank: int = 4, d_in: int = 16, d_out: int = 12, alpha: float | None = None, seed: int = 0
+) -> Tensors:
     """A kohya module: ``lora_down``/``lora_up`` plus an optional 0-dim ``alpha``."""
     a, b = factors(rank, d_in, d_out, seed=seed)
     out = pair(stem, ".lora_down.weight", ".lora_up.weight", a, b)

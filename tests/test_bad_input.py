@@ -75,7 +75,7 @@ GOOD_DATA = bytes(16)
         (b"\xff\xfe{}", b"", None, "not UTF-8"),
         (b"[1, 2]", b"", None, "not start with '{'"),
         (HEADER, b"\x00" * 8, None, "truncated: tensor 'x.lora_A.weight' needs bytes up to 16"),
-        ({"t": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), None, "dtype 'I32'"),
+        ({"t": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, bytes(2), None, "dtype 'F8_E4M3'"),
         ({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), None, "needs 12 bytes"),
         ({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, bytes(8), None, "malformed shape"),
         ({"t": {"dtype": "F32", "shape": [2]}}, bytes(8), None, "lacks dtype, shape or data_offsets"),
@@ -97,7 +97,7 @@ GOOD_DATA = bytes(16)
     ],
     ids=[
         "empty-header", "header-longer-than-file", "bad-json", "not-utf8", "not-an-object", "truncated-data",
-        "int-dtype", "shape-bytes-mismatch", "negative-dim", "missing-fields", "reversed-offsets", "overlap", "gap",
+        "fp8-dtype", "shape-bytes-mismatch", "negative-dim", "missing-fields", "reversed-offsets", "overlap", "gap",
         "trailing-bytes", "duplicate-key", "non-string-metadata", "too-many-axes",
     ],
 )  # fmt: skip
@@ -179,6 +179,12 @@ def test_shape_mismatches(tmp_path: Path, a_shape, b_shape, message: str) -> Non
         load_lora(save(tmp_path / "x.safetensors", tensors))
 
 
+def test_integer_factor_is_refused(tmp_path: Path) -> None:
+    tensors = {Q + ".lora_A.weight": torch.ones(2, 4, dtype=torch.int32), Q + ".lora_B.weight": torch.randn(4, 2)}
+    with pytest.raises(LoraFormatError, match="integer dtype I32; factors must be floats"):
+        load_lora(save(tmp_path / "x.safetensors", tensors))
+
+
 def test_duplicate_role_keys(tmp_path: Path) -> None:
     a, b = factors(2, 4, 4)
     tensors = peft(Q) | {Q + ".lora_A.default.weight": a}
@@ -206,7 +212,12 @@ def _variant(kind: str) -> dict[str, torch.Tensor]:
     s = "lora_unet_down_blocks_0_attentions_0_proj_in"
     t = torch.randn
     return {
-        "LoHa": {f"{s}.hada_w1_a": t(8, 2), f"{s}.hada_w1_b": t(2, 8), f"{s}.hada_w2_a": t(8, 2), f"{s}.hada_w2_b": t(2, 8)},
+        "LoHa": {
+            f"{s}.hada_w1_a": t(8, 2),
+            f"{s}.hada_w1_b": t(2, 8),
+            f"{s}.hada_w2_a": t(8, 2),
+            f"{s}.hada_w2_b": t(2, 8),
+        },
         "LoKr": {f"{s}.lokr_w1": t(2, 2), f"{s}.lokr_w2_a": t(4, 2), f"{s}.lokr_w2_b": t(2, 4)},
         "OFT": {f"{s}.oft_blocks": t(4, 2, 2)},
         "IA3": {f"{s}.weight": t(8), f"{s}.on_input": t(1)},

@@ -123,7 +123,9 @@ def test_vocabularies_have_no_collisions_and_cover_prefixes() -> None:
 
 def test_unknown_kohya_module_kept_with_warning(tmp_path: Path) -> None:
     a, b = factors(2, 8, 6)
-    path = save(tmp_path / "x.safetensors", pair("lora_unet_some_new_block_proj", ".lora_down.weight", ".lora_up.weight", a, b))
+    path = save(
+        tmp_path / "x.safetensors", pair("lora_unet_some_new_block_proj", ".lora_down.weight", ".lora_up.weight", a, b)
+    )
     lora = load_lora(path)
     assert lora.names == ("some_new_block_proj",)
     assert any("no known vocabulary" in w for w in lora.meta.warnings)

@@ -83,7 +83,9 @@ def test_peft_rslora(tmp_path: Path) -> None:
 
 
 def test_peft_alpha_pattern_first_match_wins(tmp_path: Path) -> None:
-    config = dict(r=4, lora_alpha=4, rank_pattern={"v_proj": 2}, alpha_pattern={"layers.0.self_attn.v_proj": 6, "v_proj": 1})
+    config = dict(
+        r=4, lora_alpha=4, rank_pattern={"v_proj": 2}, alpha_pattern={"layers.0.self_attn.v_proj": 6, "v_proj": 1}
+    )
     lora = load_lora(_peft_folder(tmp_path, **config))
     assert lora.scales == (1.0, 3.0)
 
@@ -109,7 +111,9 @@ def test_diffusers_adapter_metadata_scales(tmp_path: Path) -> None:
     stem_t = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
     meta = {"unet.r": 4, "unet.lora_alpha": 8, "text_encoder.r": 4, "text_encoder.lora_alpha": 2}
     tensors = peft(stem_u, rank=4) | peft(stem_t, rank=4, seed=1)
-    lora = load_lora(save(tmp_path / "pytorch_lora_weights.safetensors", tensors, {"lora_adapter_metadata": json.dumps(meta)}))
+    lora = load_lora(
+        save(tmp_path / "pytorch_lora_weights.safetensors", tensors, {"lora_adapter_metadata": json.dumps(meta)})
+    )
     assert dict(zip(lora.names, lora.scales, strict=True)) == {
         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 2.0,
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": 0.5,
@@ -121,7 +125,12 @@ def test_conv_locon_is_flattened(tmp_path: Path) -> None:
     a, b = factors(4, 5, 6, kernel=(3, 3))  # down (4, 5, 3, 3), up (6, 4, 1, 1)
     tensors = pair(stem, ".lora_down.weight", ".lora_up.weight", a, b) | {stem + ".alpha": torch.tensor(2.0)}
     module = load_lora(save(tmp_path / "x.safetensors", tensors))[0]
-    assert (module.spec.kind, module.spec.d_in, module.spec.d_out, module.spec.orig_shape) == ("conv", 45, 6, (6, 5, 3, 3))
+    assert (module.spec.kind, module.spec.d_in, module.spec.d_out, module.spec.orig_shape) == (
+        "conv",
+        45,
+        6,
+        (6, 5, 3, 3),
+    )
     expected = 0.5 * torch.einsum("or,rchw->ochw", b[:, :, 0, 0], a)  # ΔW of the conv, computed directly
     torch.testing.assert_close(module.delta_weight(reshape=True), expected)
 
@@ -129,7 +138,11 @@ def test_conv_locon_is_flattened(tmp_path: Path) -> None:
 def test_tucker_lora_mid_is_contracted(tmp_path: Path) -> None:
     stem = "lora_unet_up_blocks_1_resnets_0_conv2"
     gen = torch.Generator().manual_seed(3)
-    down, mid, up = torch.randn(3, 5, 1, 1, generator=gen), torch.randn(3, 3, 3, 3, generator=gen), torch.randn(7, 3, 1, 1, generator=gen)
+    down, mid, up = (
+        torch.randn(3, 5, 1, 1, generator=gen),
+        torch.randn(3, 3, 3, 3, generator=gen),
+        torch.randn(7, 3, 1, 1, generator=gen),
+    )
     tensors = {stem + ".lora_down.weight": down, stem + ".lora_mid.weight": mid, stem + ".lora_up.weight": up}
     lora = load_lora(save(tmp_path / "x.safetensors", tensors))
     module = lora[0]
@@ -170,7 +183,10 @@ def test_modules_to_save_and_norms_are_skipped_and_reported(tmp_path: Path) -> N
     tensors |= {"lora_unet_mid_block_attentions_0_norm.w_norm": torch.randn(12)}
     lora = load_lora(save(tmp_path / "x.safetensors", tensors))
     assert len(lora) == 1
-    assert set(lora.meta.skipped_keys) == {"base_model.model.score.weight", "lora_unet_mid_block_attentions_0_norm.w_norm"}
+    assert set(lora.meta.skipped_keys) == {
+        "base_model.model.score.weight",
+        "lora_unet_mid_block_attentions_0_norm.w_norm",
+    }
     assert any("2 tensor(s) are not LoRA factors" in w for w in lora.meta.warnings)
 
 
@@ -188,7 +204,9 @@ def test_metadata_is_extracted(tmp_path: Path) -> None:
     stem = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
     lora = load_lora(save(tmp_path / "x.safetensors", kohya(stem, d_in=2048), metadata))
     meta = lora.meta
-    assert meta.kohya["ss_network_dim"] == 4 and meta.kohya["ss_network_alpha"] is None and meta.kohya["ss_v2"] is False
+    assert (
+        meta.kohya["ss_network_dim"] == 4 and meta.kohya["ss_network_alpha"] is None and meta.kohya["ss_v2"] is False
+    )
     assert meta.kohya["ss_tag_frequency"] == {"10_cat": {"cat": 12, "sofa": 3}}
     assert meta.modelspec == {"architecture": "stable-diffusion-xl-v1-base/lora", "title": "my cat"}
     assert meta.base_family == "sdxl"
@@ -222,7 +240,9 @@ def test_family_detection(tmp_path: Path, tensors, metadata, family: str) -> Non
 
 
 def test_family_metadata_disagreement_is_warned(tmp_path: Path) -> None:
-    lora = load_lora(save(tmp_path / "x.safetensors", kohya(SD_ATTN2_K, d_in=768), {"ss_base_model_version": "sdxl_base_v1-0"}))
+    lora = load_lora(
+        save(tmp_path / "x.safetensors", kohya(SD_ATTN2_K, d_in=768), {"ss_base_model_version": "sdxl_base_v1-0"})
+    )
     assert lora.meta.base_family == "sdxl"
     assert any("metadata says sdxl but the modules look like sd1" in w for w in lora.meta.warnings)
 

@@ -82,7 +82,9 @@ def _from_structure(layers: Sequence[LayerSpec]) -> tuple[str, list[str]]:
         return "bert-encoder", ["module names: encoder.layer.N.attention.self.{query,key,value} (BERT-like)"]
     if any_has(r"^text_encoder_2\."):
         return "sdxl", ["module names: text_encoder and text_encoder_2 only (SDXL text encoders)"]
-    te = [layer.d_in for layer in layers if re.search(r"^text_encoder\..*(self_attn\.[qkv]_proj|mlp\.fc1)$", layer.name)]
+    te = [
+        layer.d_in for layer in layers if re.search(r"^text_encoder\..*(self_attn\.[qkv]_proj|mlp\.fc1)$", layer.name)
+    ]
     if te:
         return {768: "sd1", 1024: "sd2"}.get(te[0], "unknown"), [f"text encoder only, hidden width {te[0]}"]
     if any_has(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$"):

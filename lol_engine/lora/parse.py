@@ -19,7 +19,7 @@ from lol_engine.errors import LoraFormatError
 from lol_engine.lora.config import PeftAdapterConfig, diffusers_component_configs, read_adapter_config
 from lol_engine.lora.family import detect_family
 from lol_engine.lora.keys import ModuleKeys, Role, canonical_name, group_keys
-from lol_engine.lora.safe_io import ReadLimits, SafetensorsHeader, file_sha256, read_header, read_tensors
+from lol_engine.lora.safe_io import FLOAT_DTYPES, ReadLimits, SafetensorsHeader, file_sha256, read_header, read_tensors
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights
 from lol_engine.spec import LayerSpec, natural_key
 
@@ -224,6 +224,12 @@ def _spec(
     for role, other in ((Role.A, Role.B), (Role.B, Role.A)):
         if role not in group.keys:
             raise LoraFormatError(f"{where} has {other.value} ({group.keys[other]!r}) but no {role.value} factor")
+    for role in (Role.A, Role.B, Role.MID, Role.MAGNITUDE):
+        if role in group.keys and header.tensors[group.keys[role]].dtype not in FLOAT_DTYPES:
+            info = header.tensors[group.keys[role]]
+            raise LoraFormatError(
+                f"{where}: factor {info.name!r} has integer dtype {info.dtype}; factors must be floats"
+            )
     a_shape = header.tensors[group.keys[Role.A]].shape
     b_shape = header.tensors[group.keys[Role.B]].shape
     if len(a_shape) < 2 or len(b_shape) < 2:
@@ -342,6 +348,8 @@ def _format(plans: list[_Plan], kohya: dict[str, Any]) -> str:
             formats.add("diffusers")
         else:
             formats.add({"diffusers": "diffusers-peft", "comfyui": "comfyui"}.get(source, "peft"))
+    if formats == {"diffusers", "diffusers-peft"}:  # diffusers' own converter leaves non-attention keys as lora_A/B
+        return "diffusers"
     return "+".join(sorted(formats))
 
 

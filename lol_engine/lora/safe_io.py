@@ -29,7 +29,8 @@ __all__ = [
     "read_tensors",
 ]
 
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # LoRA factors; integers only for scalars such as alpha
 
 # Magic bytes of formats that must never be opened: pickles (protocol 2-5), torch.save zips, numpy .npy.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -182,7 +183,7 @@ def _tensor_info(name: str, entry: Any, buffer: int, where: str, limits: ReadLim
     if dtype not in DTYPE_SIZES:
         raise LoraFormatError(
             f"{where}: tensor {name!r} has dtype {dtype!r}; supported are {', '.join(DTYPE_SIZES)} "
-            "(quantized or integer LoRA factors are not read)"
+            "(quantized and FP8 LoRA factors are not read)"
         )
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise LoraFormatError(f"{where}: tensor {name!r} has a malformed shape {shape!r}")

@@ -1,0 +1,94 @@
+"""Files written by diffusers' own writers and converters, from a tiny UNet built from a config (no downloads).
+
+The same adapter is saved three ways (diffusers-PEFT with ``lora_adapter_metadata``, diffusers' kohya conversion and
+its "new diffusers" conversion); every reading must give the same canonical modules and peft's own ΔW.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+
+from lol_engine import load_lora  # noqa: E402
+
+RANK, ALPHA = 2, 6
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False)
+    model.add_adapter(config)
+    return model
+
+
+@pytest.fixture(scope="module")
+def expected(unet) -> dict[str, torch.Tensor]:
+    """peft's own unscaled ΔW per module: get_delta_weight / scaling = B A in the base weight's shape."""
+    out = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            out[name] = (module.get_delta_weight("default") / module.scaling["default"]).detach()
+    return out
+
+
+def _check(path: Path, expected: dict[str, torch.Tensor], scale: float, fmt: str) -> None:
+    lora = load_lora(path)
+    assert lora.meta.format == fmt
+    assert set(lora.names) == set(expected)
+    for module in lora:
+        assert module.scale == pytest.approx(scale), module.name
+        torch.testing.assert_close(
+            module.delta_weight(reshape=True), scale * expected[module.name], atol=1e-5, rtol=1e-4
+        )
+    kinds = {m.name.rsplit(".", 1)[-1]: m.spec.kind for m in lora}
+    assert kinds["conv1"] == "conv" and kinds["proj_in"] == "conv" and kinds["to_q"] == "linear"
+
+
+def test_diffusers_save_lora_weights_with_metadata(tmp_path: Path, unet, expected) -> None:
+    layers = get_peft_model_state_dict(unet)
+    metadata = {"r": RANK, "lora_alpha": ALPHA}
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+    )
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    _check(tmp_path, expected, ALPHA / RANK, "diffusers-peft")
+
+
+def test_diffusers_kohya_conversion(tmp_path: Path, unet, expected) -> None:
+    layers = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    kohya = convert_state_dict_to_kohya(layers)
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in kohya)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    _check(tmp_path / "kohya.safetensors", expected, 1.0, "kohya")  # diffusers writes alpha = r
+
+
+def test_diffusers_new_format_conversion(tmp_path: Path, unet, expected) -> None:
+    layers = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    converted = convert_state_dict_to_diffusers(layers)
+    assert any(k.endswith(".lora.down.weight") for k in converted)
+    save_file(converted, tmp_path / "d.safetensors")
+    _check(tmp_path / "d.safetensors", expected, 1.0, "diffusers")
