@@ -120,11 +120,11 @@ def test_limits_are_enforced(tmp_path: Path) -> None:
     path = save(tmp_path / "x.safetensors", peft(Q, rank=4))
     with pytest.raises(LoraFormatError, match="over the limit"):
         load_lora(path, limits=ReadLimits(max_file_bytes=100))
-    with pytest.raises(LoraFormatError, match="header length .* is over the limit"):
+    with pytest.raises(LoraFormatError, match=r"header length .* is over the limit"):
         load_lora(path, limits=ReadLimits(max_header_bytes=16))
     with pytest.raises(LoraFormatError, match="2 tensors, over the limit of 1"):
         load_lora(path, limits=ReadLimits(max_tensors=1))
-    with pytest.raises(LoraFormatError, match="rank 4 is outside 1..2"):
+    with pytest.raises(LoraFormatError, match=r"rank 4 is outside 1..2"):
         load_lora(path, limits=ReadLimits(max_rank=2))
 
 
@@ -158,7 +158,7 @@ def test_a_without_b(tmp_path: Path) -> None:
 
 def test_b_without_a(tmp_path: Path) -> None:
     tensors = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(4, 2)}
-    with pytest.raises(LoraFormatError, match="has B .* but no A factor"):
+    with pytest.raises(LoraFormatError, match=r"has B .* but no A factor"):
         load_lora(save(tmp_path / "x.safetensors", tensors))
 
 
@@ -198,13 +198,13 @@ def test_two_stems_one_module(tmp_path: Path) -> None:
     stem_d = "unet.down_blocks.0.attentions.0.proj_in"
     a, b = factors(2, 8, 8)
     tensors = kohya(stem_k, d_in=8, d_out=8) | pair(stem_d, ".lora_A.weight", ".lora_B.weight", a, b)
-    with pytest.raises(LoraFormatError, match="both name module 'down_blocks.0.attentions.0.proj_in'"):
+    with pytest.raises(LoraFormatError, match=r"both name module 'down_blocks.0.attentions.0.proj_in'"):
         load_lora(save(tmp_path / "x.safetensors", tensors))
 
 
 def test_unknown_key_layout(tmp_path: Path) -> None:
     tensors = {"model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4), "lm_head.weight": torch.randn(4, 4)}
-    with pytest.raises(LoraFormatError, match="no LoRA modules found .*unknown key layout"):
+    with pytest.raises(LoraFormatError, match=r"no LoRA modules found .*unknown key layout"):
         load_lora(save(tmp_path / "x.safetensors", tensors))
 
 
@@ -281,5 +281,5 @@ def test_missing_path_and_ambiguous_folder(tmp_path: Path) -> None:
         load_lora(tmp_path / "nope.safetensors")
     save(tmp_path / "one.safetensors", peft(Q))
     save(tmp_path / "two.safetensors", peft(Q))
-    with pytest.raises(LoraFormatError, match="holds 2 .safetensors files"):
+    with pytest.raises(LoraFormatError, match=r"holds 2 .safetensors files"):
         load_lora(tmp_path)
