@@ -13,8 +13,13 @@ __all__ = ["FAMILIES", "detect_family"]
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "llm-decoder", "bert-encoder", "unknown")
 
 _KOHYA_VERSIONS = (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd_v2", "sd2"), ("sd3", "sd3"), ("flux", "flux"))
-_ARCHITECTURES = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v1", "sd1"), ("stable-diffusion-v2", "sd2"))
-_ARCHITECTURES += (("stable-diffusion-3", "sd3"), ("flux", "flux"))
+_ARCHITECTURES: tuple[tuple[str, str], ...] = (
+    ("stable-diffusion-xl", "sdxl"),
+    ("stable-diffusion-v1", "sd1"),
+    ("stable-diffusion-v2", "sd2"),
+    ("stable-diffusion-3", "sd3"),
+    ("flux", "flux"),
+)
 _MODEL_NAMES = (
     (r"xl|sdxl", "sdxl"),
     (r"stable-diffusion-v1|sd-?1[._-]?[45]|stable-diffusion-v-?1", "sd1"),

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lol_engine.errors import LoraFormatError
+from lol_engine.lora._conventions import ModuleKind
 from lol_engine.lora.config import PeftAdapterConfig, diffusers_component_configs, read_adapter_config
 from lol_engine.lora.family import detect_family
 from lol_engine.lora.keys import ModuleKeys, Role, canonical_name, group_keys
@@ -244,7 +245,7 @@ def _spec(
     if group.embedding or len(a_shape) == 2:
         if len(b_shape) != 2 or len(a_shape) != 2:
             raise LoraFormatError(f"{where}: A {a_shape} and B {b_shape} mix linear and conv shapes")
-        kind = "embedding" if group.embedding else "linear"
+        kind: ModuleKind = "embedding" if group.embedding else "linear"
         orig: tuple[int, ...] = (a_shape[1], d_out) if group.embedding else (d_out, a_shape[1])
         spec = LayerSpec(name, d_out, a_shape[1], rank, kind, orig)
     else:
