@@ -1,0 +1,1 @@
+"""The lol-explorer web app: thin Gradio UI (`app.ui`) over plain, testable handlers (`app.handlers`)."""
