@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from lol_engine.lora.family import detect_family
 from lol_engine.lora.keys import ModuleKeys, Role, canonical_name, group_keys
 from lol_engine.lora.safe_io import FLOAT_DTYPES, ReadLimits, SafetensorsHeader, file_sha256, read_header, read_tensors
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights
-from lol_engine.spec import LayerSpec, natural_key
+from lol_engine.spec import LayerSpec, LoraSpec, natural_key
 
 __all__ = ["LoraSummary", "inspect_lora", "load_lora", "locate_lora"]
 
@@ -44,7 +45,7 @@ class _Plan:
 class LoraSummary:
     """What :func:`inspect_lora` learns without reading the factors: spec, scales and metadata."""
 
-    spec: Any  # LoraSpec
+    spec: LoraSpec
     scales: tuple[float, ...]
     alphas: tuple[float | None, ...]
     meta: LoraMetadata
@@ -75,8 +76,6 @@ def inspect_lora(
 ) -> LoraSummary:
     """Spec, scales and metadata of a LoRA, reading the header and the 0-dim alpha tensors only."""
     plans, meta, _ = _prepare(path, limits or ReadLimits(), config)
-    from lol_engine.spec import LoraSpec
-
     return LoraSummary(
         LoraSpec(tuple(p.spec for p in plans)), tuple(p.scale for p in plans), tuple(p.alpha for p in plans), meta
     )
@@ -115,7 +114,7 @@ def _prepare(
     warnings = list(header.warnings)
     side = _read_side_tensors(header, low_rank.values())
     names = _names(low_rank, warnings, where)
-    configs = _component_configs(config, header, low_rank, where, limits)
+    configs = {"": config} if config is not None else diffusers_component_configs(header.metadata, where, limits)
     plans = [_plan(group, names[stem], header, side, configs, limits, warnings) for stem, group in low_rank.items()]
     plans.sort(key=lambda p: natural_key(p.spec.name))  # the same modules always come in the same order
     meta = _metadata(file, header, plans, config, warnings)
@@ -140,7 +139,7 @@ def _refuse_variants(groups: dict[str, ModuleKeys], where: str) -> None:
             group.keys.clear()
 
 
-def _read_side_tensors(header: SafetensorsHeader, groups: Any) -> dict[str, float]:
+def _read_side_tensors(header: SafetensorsHeader, groups: Iterable[ModuleKeys]) -> dict[str, float]:
     keys = [g.keys[role] for g in groups for role in (Role.ALPHA, Role.SCALE) if role in g.keys]
     for key in keys:
         if len(header.tensors[key].shape) > 1 or (header.tensors[key].shape and header.tensors[key].shape[0] != 1):
@@ -176,18 +175,6 @@ def _names(groups: dict[str, ModuleKeys], warnings: list[str], where: str) -> di
             f"(first: {unresolved[0]!r})"
         )
     return out
-
-
-def _component_configs(
-    config: PeftAdapterConfig | None,
-    header: SafetensorsHeader,
-    groups: dict[str, ModuleKeys],
-    where: str,
-    limits: ReadLimits,
-) -> dict[str, PeftAdapterConfig]:
-    if config is not None:
-        return {"": config}
-    return diffusers_component_configs(header.metadata, where, limits)
 
 
 def _config_for(name: str, configs: dict[str, PeftAdapterConfig]) -> tuple[PeftAdapterConfig | None, str]:
