@@ -99,7 +99,7 @@ def timed(fn, repeats: int = 1) -> tuple[float, object]:
     return best, out
 
 
-def dense_time(lora, per_shape: int) -> tuple[float, float]:
+def dense_time(lora, per_shape: int, repeats: int) -> tuple[float, float]:
     """(estimated dense-route seconds for all modules, max relative error of QR σ against dense σ)."""
     counts = Counter((m.spec.d_out, m.spec.d_in) for m in lora)
     seen: Counter = Counter()
@@ -109,7 +109,7 @@ def dense_time(lora, per_shape: int) -> tuple[float, float]:
         if per_shape and seen[shape] >= per_shape:
             continue
         seen[shape] += 1
-        seconds, dense = timed(lambda m=m: torch.linalg.svdvals(m.delta_weight())[: m.spec.rank])
+        seconds, dense = timed(lambda m=m: torch.linalg.svdvals(m.delta_weight())[: m.spec.rank], repeats)
         total += seconds * (counts[shape] / per_shape if per_shape else 1)
         fast = singular_values(m.a, m.b, m.scale)
         worst = max(worst, float(((fast - dense).abs() / dense[0]).max()))
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             read_s, lora = timed(lambda path=path: load_lora(path), args.repeats)
             qr_s, _ = timed(lambda lora=lora: lora_singular_values(lora), args.repeats)
             loop_s, _ = timed(lambda lora=lora: [singular_values(m.a, m.b, m.scale) for m in lora], args.repeats)
-            dense_s, err = dense_time(lora, args.dense_per_shape)
+            dense_s, err = dense_time(lora, args.dense_per_shape, min(args.repeats, 2))
             times = [f"{read_s:.3f}", f"{qr_s:.4f}", f"{loop_s:.4f}", f"{dense_s:.2f}"]
             ratios = [f"{dense_s / qr_s:,.0f}×", f"{read_s / qr_s:.1f}×", f"{err:.1e}"]
             table.add_row(config.name, str(len(lora)), *times, *ratios)

@@ -190,6 +190,13 @@ def test_modules_to_save_and_norms_are_skipped_and_reported(tmp_path: Path) -> N
     assert any("2 tensor(s) are not LoRA factors" in w for w in lora.meta.warnings)
 
 
+def test_lora_bias_is_reported_not_read(tmp_path: Path) -> None:
+    stem = LLM.format(0, "q_proj")
+    lora = load_lora(save(tmp_path / "x.safetensors", peft(stem) | {stem + ".lora_B.bias": torch.randn(12)}))
+    assert lora.meta.skipped_keys == (stem + ".lora_B.bias",)
+    assert any("lora_bias" in w for w in lora.meta.warnings)
+
+
 def test_metadata_is_extracted(tmp_path: Path) -> None:
     metadata = {
         "ss_network_module": "networks.lora",

@@ -365,11 +365,13 @@ def _metadata(
     raw_config = dict(config.raw) if config else {}
     family, evidence, family_warnings = detect_family([p.spec for p in plans], kohya, modelspec, raw_config)
     fmt = _format(plans, kohya)
-    used = {key for p in plans for key in p.keys.keys.values()}
+    used = {key for p in plans for role, key in p.keys.keys.items() if role is not Role.BIAS}
     skipped = tuple(k for k in header.tensors if k not in used)
     warnings = warnings + family_warnings
     if "+" in fmt:
         warnings.append(f"modules use more than one naming convention ({fmt})")
+    if any(Role.BIAS in p.keys.keys for p in plans):
+        warnings.append("lora_B.bias tensors (PEFT lora_bias=True) are a bias update outside ΔW = B A; skipped")
     if skipped:
         warnings.append(f"{len(skipped)} tensor(s) are not LoRA factors and were skipped (first: {skipped[0]!r})")
     if config is not None and (note := config.conversion_warning()):

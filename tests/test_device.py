@@ -1,0 +1,30 @@
+"""Device follows the inputs: the toolkit on CUDA tensors matches the CPU (run with ``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lol_engine.fingerprint import fingerprint
+from lol_engine.spec import LayerSpec, LoraSpec
+from lol_engine.symmetry import act_gl, lora_cosine, lora_singular_values, random_gl_like
+from lol_engine.testing import random_lora
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_toolkit_on_cuda_matches_cpu() -> None:
+    spec = LoraSpec((LayerSpec("layers.0.q_proj", 64, 48, 4), LayerSpec("layers.0.v_proj", 16, 48, 4)))
+    cpu = random_lora(spec, generator=torch.Generator().manual_seed(0))
+    gpu = cpu.to("cuda")
+    spectra = lora_singular_values(gpu)
+    assert all(s.device.type == "cuda" for s in spectra.values())
+    for name, sigma in lora_singular_values(cpu).items():
+        torch.testing.assert_close(spectra[name].cpu(), sigma)
+    moved = act_gl(gpu, random_gl_like(gpu))
+    assert moved.device.type == "cuda"
+    assert lora_cosine(gpu, moved) == pytest.approx(1.0, abs=1e-9)
+    torch.testing.assert_close(fingerprint(gpu), fingerprint(cpu))
