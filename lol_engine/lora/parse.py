@@ -363,7 +363,9 @@ def _metadata(
     kohya = {k: _decode_kohya(v) for k, v in header.metadata.items() if k.startswith("ss_")}
     modelspec = {k.removeprefix("modelspec."): v for k, v in header.metadata.items() if k.startswith("modelspec.")}
     raw_config = dict(config.raw) if config else {}
-    family, evidence, family_warnings = detect_family([p.spec for p in plans], kohya, modelspec, raw_config)
+    family, evidence, family_warnings = detect_family(
+        [p.spec for p in plans], kohya, modelspec, raw_config, header.metadata
+    )
     fmt = _format(plans, kohya)
     used = {key for p in plans for role, key in p.keys.keys.items() if role is not Role.BIAS}
     skipped = tuple(k for k in header.tensors if k not in used)

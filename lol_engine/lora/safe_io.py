@@ -240,6 +240,52 @@ def read_tensors(header: SafetensorsHeader, names: list[str]) -> dict[str, torch
     return out
 
 
+_TORCH_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+}
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file with a deterministic byte layout (sorted keys and metadata).
+
+    ``safetensors.save_file`` orders ``__metadata__`` by a randomly seeded hash map, so identical content can give
+    different bytes, and different sha256 ids. Zoo builds must be bit-reproducible, hence this writer.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": _TORCH_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # align the data buffer to 8 bytes, as the reference writer does
+    tmp = Path(str(path) + ".partial")
+    with tmp.open("wb") as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        for blob in blobs:
+            fh.write(blob)
+    tmp.replace(path)
+
+
 def file_sha256(path: str | os.PathLike[str], chunk: int = 2**20) -> str:
     """The sha256 of the whole file, streamed: the LoRA's id."""
     digest = hashlib.sha256()

@@ -1,0 +1,78 @@
+"""What a zoo recipe is: a base model, data, a sampler of per-LoRA choices, a trainer and a labeller."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["Recipe", "ZooSettings"]
+
+
+@dataclass(frozen=True)
+class ZooSettings:
+    """Everything that decides a zoo's content. Two builds with equal settings and thread count give equal zoos."""
+
+    n: int | None = field(default=None, metadata={"help": "number of LoRAs; None = the recipe's default"})
+    seed: int = field(default=0, metadata={"help": "the zoo seed; every LoRA derives its own from (seed, index)"})
+    ranks: tuple[int, ...] = field(default=(4,), metadata={"help": "ranks to draw each LoRA's rank from"})
+    base_variant: int = field(default=0, metadata={"help": "0: the base; 1: the base after continued pretraining"})
+    threads: int = field(default=1, metadata={"help": "torch threads per worker (recorded: results depend on it)"})
+    toy: bool = field(default=False, metadata={"help": "tiny data and short training, for tests"})
+
+    def __post_init__(self) -> None:
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"n must be positive, got {self.n}")
+        if not self.ranks or min(self.ranks) < 1:
+            raise ValueError(f"ranks must be positive integers, got {self.ranks}")
+        if self.base_variant not in (0, 1):
+            raise ValueError(f"base_variant must be 0 or 1, got {self.base_variant}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, stored in ``zoo.json``."""
+        out = asdict(self)
+        out["ranks"] = list(self.ranks)
+        return out
+
+
+class Recipe(ABC):
+    """One kind of zoo. Subclasses are registered with :func:`lol_engine.zoo.register_recipe`.
+
+    The contract that keeps labels honest:
+
+    * :meth:`sample` draws hyperparameters and data choices from ``rng`` alone, never from labels;
+    * :meth:`train_and_label` trains with ``peft``, saves with ``save_pretrained``, and computes labels only from the
+      recipe's own choices or by running the adapted model on data that no LoRA trained on.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    version: ClassVar[str] = "1"
+
+    @abstractmethod
+    def default_n(self, settings: ZooSettings) -> int:
+        """How many LoRAs a zoo has when ``settings.n`` is None."""
+
+    @abstractmethod
+    def prepare(self, base_dir: Path, settings: ZooSettings) -> Any:
+        """Load data and build (or load from ``base_dir``) the base model; return the context jobs need.
+
+        Must be deterministic, and cheap the second time: workers call it again on the cached files.
+        """
+
+    @abstractmethod
+    def base_identity(self, context: Any) -> tuple[str, str]:
+        """``(base model name, sha256 of its weights)``."""
+
+    @abstractmethod
+    def sample(self, index: int, rng: np.random.Generator, settings: ZooSettings) -> dict[str, Any]:
+        """Hyperparameters and data choices of LoRA ``index`` (JSON-ready values)."""
+
+    @abstractmethod
+    def train_and_label(self, context: Any, choices: dict[str, Any], seed: int, out_dir: Path) -> dict[str, Any]:
+        """Train LoRA, ``save_pretrained`` it into ``out_dir``, return its labels (JSON-ready values)."""
