@@ -112,11 +112,11 @@ def _run_job(index: int, choices: dict[str, Any], seed: int, lora_dir: str) -> t
 
 
 def _jobs(
-    recipe: Recipe, settings: ZooSettings, n: int, loras: Path
+    recipe: Recipe, context: Any, settings: ZooSettings, n: int, loras: Path
 ) -> Iterator[tuple[int, dict[str, Any], int, str]]:
     for index in range(n):
         seed = lora_seed(settings.seed, index)
-        choices = recipe.sample(index, np.random.default_rng(seed), settings)
+        choices = recipe.sample(context, index, np.random.default_rng(seed), settings)
         yield index, choices, seed, str(loras / f"{index:05d}")
 
 
@@ -138,7 +138,8 @@ def build_zoo(
     loras = out / "loras"
     loras.mkdir(exist_ok=True)
     _init_worker(name, str(out / "base"), settings)  # builds and caches the base once, before any worker starts
-    pending = [job for job in _jobs(recipe, settings, n, loras) if not Path(job[3], "labels.json").exists()]
+    jobs = _jobs(recipe, _WORKER["context"], settings, n, loras)
+    pending = [job for job in jobs if not Path(job[3], "labels.json").exists()]
     with _progress(progress) as bar:
         task = bar.add_task(f"zoo {name}", total=n, completed=n - len(pending))
         for index, _seconds in _execute(pending, name, out, settings, workers):

@@ -30,7 +30,7 @@ def _row(out: Path, record: dict[str, Any], recipe: Recipe, base: tuple[str, str
         "train_seconds": float(record["seconds"]),
     }
     row |= {f"hp_{k}": v for k, v in record["choices"].items()}
-    row |= {f"y_{k}": v for k, v in record["labels"].items()}
+    row |= {k if k.startswith("t_") else f"y_{k}": v for k, v in record["labels"].items()}
     return row
 
 

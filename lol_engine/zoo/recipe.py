@@ -70,9 +70,15 @@ class Recipe(ABC):
         """``(base model name, sha256 of its weights)``."""
 
     @abstractmethod
-    def sample(self, index: int, rng: np.random.Generator, settings: ZooSettings) -> dict[str, Any]:
-        """Hyperparameters and data choices of LoRA ``index`` (JSON-ready values)."""
+    def sample(self, context: Any, index: int, rng: np.random.Generator, settings: ZooSettings) -> dict[str, Any]:
+        """Hyperparameters and data choices of LoRA ``index`` (JSON-ready values), drawn from ``rng`` only.
+
+        ``context`` gives what the choices range over (e.g. the number of identities), never labels.
+        """
 
     @abstractmethod
     def train_and_label(self, context: Any, choices: dict[str, Any], seed: int, out_dir: Path) -> dict[str, Any]:
-        """Train LoRA, ``save_pretrained`` it into ``out_dir``, return its labels (JSON-ready values)."""
+        """Train LoRA, ``save_pretrained`` it into ``out_dir``, return its labels (JSON-ready values).
+
+        Keys starting with ``t_`` are timings (seconds), stored in the manifest as they are, not as labels.
+        """

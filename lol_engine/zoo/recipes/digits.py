@@ -109,7 +109,9 @@ class DigitsRecipe(Recipe):
     def base_identity(self, context: DigitsContext) -> tuple[str, str]:
         return context.base_name, context.base_sha256
 
-    def sample(self, index: int, rng: np.random.Generator, settings: ZooSettings) -> dict[str, Any]:
+    def sample(
+        self, context: DigitsContext, index: int, rng: np.random.Generator, settings: ZooSettings
+    ) -> dict[str, Any]:
         subsets = np.random.default_rng([settings.seed, 99]).permutation(2**N_CLASSES - 1) + 1  # each subset once
         mask = int(subsets[index % len(subsets)])
         return {
