@@ -16,6 +16,7 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 __all__ = [
     "adam_steps",
     "load_or_build_base",
+    "normalize_adapter_config",
     "round_trainable_to_fp16",
     "save_adapter",
     "state_sha256",
@@ -67,9 +68,18 @@ def save_adapter(model: Any, out_dir: Path, provenance: Mapping[str, object]) ->
     tensors = {k: v.half().contiguous() for k, v in load_file(str(weights)).items()}
     metadata = {"format": "pt", **{f"lol.{k}": str(v) for k, v in provenance.items()}, "lol.synthetic_zoo": "true"}
     write_safetensors(tensors, weights, metadata)
-    config = json.loads((out_dir / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = provenance.get("base", config.get("base_model_name_or_path"))
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    normalize_adapter_config(out_dir / "adapter_config.json", str(provenance.get("base", "")) or None)
+
+
+def normalize_adapter_config(path: Path, base: str | None) -> None:
+    """Name the base and sort peft's set-valued lists (their saved order changes between runs) for stable files."""
+    config = json.loads(path.read_text())
+    if base is not None:
+        config["base_model_name_or_path"] = base
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def adam_steps(
