@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--threads", type=int, default=1, help="torch threads per worker (recorded)")
     build.add_argument("--toy", action="store_true", help="tiny data and training, for tests")
+    report = zoo_commands.add_parser("report", help="label spreads, cost per LoRA and trivial baselines of a zoo")
+    report.add_argument("zoo", help="a built zoo folder (with manifest.parquet)")
+    report.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -56,6 +59,8 @@ def _zoo(args: argparse.Namespace) -> int:
         for name, description in list_recipes().items():
             print(f"{name:20s} {description}")
         return 0
+    if args.zoo_command == "report":
+        return _zoo_report(args.zoo, args.json)
     try:
         ranks = tuple(int(r) for r in args.ranks.split(","))
         settings = ZooSettings(n=args.n, seed=args.seed, ranks=ranks, base_variant=args.base_variant,
@@ -65,6 +70,43 @@ def _zoo(args: argparse.Namespace) -> int:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
     print(f"manifest: {manifest}")
+    return 0
+
+
+def _zoo_report(zoo: str, as_json: bool) -> int:
+    from lol_engine.zoo.report import summarize_zoo
+
+    try:
+        summary = summarize_zoo(zoo)
+    except (FileNotFoundError, LoraFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if Console().is_terminal else 160)
+    console.print(f"[bold]{summary['zoo']}[/bold]: {summary['n']} LoRAs, splits {summary['splits']}, "
+                  f"{summary['train_seconds_mean']:.3f} s per LoRA in one worker (training + labels)")  # fmt: skip
+    table = Table("label", "spread / rate", "mean / majority baseline (test)", "‖ΔW‖-only baseline (test)")
+    for name, stats in summary["labels"].items():
+        if "test_r2_norm_only" in stats:
+            spread = f"{stats['min']:.3g} … {stats['max']:.3g} (mean {stats['mean']:.3g}, std {stats['std']:.3g})"
+            table.add_row(
+                name, spread, f"R² {stats['test_r2_mean_baseline']:.3f}", f"R² {stats['test_r2_norm_only']:.3f}"
+            )
+        else:
+            spread = (
+                f"positive rate {stats['positive_rate']:.3f}"
+                if "positive_rate" in stats
+                else f"{stats['n_values']:.0f} values"
+            )
+            table.add_row(
+                name, spread, f"acc {stats['test_acc_majority']:.3f}", f"acc {stats['test_acc_norm_only']:.3f}"
+            )
+    console.print(table)
     return 0
 
 

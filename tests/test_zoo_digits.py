@@ -151,3 +151,26 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert len(read_manifest(tmp_path)) == 2
     assert main(["zoo", "build", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown zoo recipe 'nope'" in capsys.readouterr().err
+
+
+def test_zoo_report(zoo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lol_engine.zoo.report import summarize_zoo
+
+    summary = summarize_zoo(zoo)
+    assert summary["n"] == 12 and sum(summary["splits"].values()) == 12
+    labels = summary["labels"]
+    assert set(labels) == {
+        "y_acc_all",
+        "y_acc_own",
+        "y_classes",
+        "y_loss_own",
+        "y_n_classes",
+        "y_n_train",
+        "y_probe_member",
+    }
+    assert labels["y_probe_member"]["positive_rate"] == 0.5  # 2 of 4 probes per trained class, over valid pairs only
+    assert labels["y_classes"]["positions"] == 10
+    assert 0.0 <= labels["y_acc_own"]["min"] <= labels["y_acc_own"]["max"] <= 1.0
+    assert main(["zoo", "report", str(zoo)]) == 0
+    assert "‖ΔW‖-only baseline" in capsys.readouterr().out
+    assert main(["zoo", "report", str(zoo / "nope")]) == 2
