@@ -9,10 +9,10 @@ import pytest
 
 pytest.importorskip("pyarrow")
 
-from lol_engine import load_lora  # noqa: E402
-from lol_engine.lora.safe_io import file_sha256  # noqa: E402
-from lol_engine.zoo import ZooSettings, build_zoo, read_manifest  # noqa: E402
-from lol_engine.zoo.datasets import DataSourceError, fashion_mnist  # noqa: E402
+from lol_engine import load_lora
+from lol_engine.lora.safe_io import file_sha256
+from lol_engine.zoo import ZooSettings, build_zoo, read_manifest
+from lol_engine.zoo.datasets import DataSourceError, fashion_mnist
 
 DATA = Path(__file__).parent.parent / "data" / "zoo"
 ZOOS = {"digits": 1023, "fashion-gen": 1000}
