@@ -90,6 +90,7 @@ def _zoo_report(zoo: str, as_json: bool) -> int:
     console = Console(width=None if Console().is_terminal else 160)
     console.print(f"[bold]{summary['zoo']}[/bold]: {summary['n']} LoRAs, splits {summary['splits']}, "
                   f"{summary['train_seconds_mean']:.3f} s per LoRA in one worker (training + labels)")  # fmt: skip
+    console.print(f"baselines: {summary['baseline_protocol']}")
     table = Table("label", "spread / rate", "mean / majority baseline (test)", "‖ΔW‖-only baseline (test)")
     for name, stats in summary["labels"].items():
         if "test_r2_norm_only" in stats:

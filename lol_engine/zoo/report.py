@@ -85,34 +85,51 @@ def _multilabel(
     }
 
 
+def _folds(split: np.ndarray, min_test: int = 20, k: int = 5) -> tuple[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """The manifest's train → test split, or k-fold cross-validation when its test split is too small."""
+    train, test = split == "train", split == "test"
+    if test.sum() >= min_test:
+        return "train->test split", [(train, test)]
+    fold = np.arange(len(split)) % k
+    return f"{k}-fold cross-validation (test split < {min_test})", [(fold != i, fold == i) for i in range(k)]
+
+
+def _label_stats(
+    rows: list[dict[str, Any]], key: str, x: np.ndarray, train: np.ndarray, test: np.ndarray
+) -> dict[str, float]:
+    values = [r[key] for r in rows]
+    if isinstance(values[0], list):
+        y = np.array(values, dtype=int)
+        mask_key = f"{key}_mask".replace("_member_mask", "_mask")
+        mask = (
+            np.array([r[mask_key] for r in rows], dtype=bool) if mask_key in rows[0] else np.ones_like(y, dtype=bool)
+        )
+        return _multilabel(x, y, mask, train, test)
+    if isinstance(values[0], int) and len(set(values)) <= _MAX_CATEGORIES:
+        return _classification(x, np.array(values), train, test)
+    return _regression(x, np.array(values, dtype=float), train, test)
+
+
 def summarize_zoo(zoo: str | Path) -> dict[str, Any]:
     """Label spreads, baselines and costs of a built zoo (a folder with ``manifest.parquet``)."""
     zoo = Path(zoo)
     rows = read_manifest(zoo)
     split = np.array([r["split"] for r in rows])
-    train, test = split == "train", split == "test"
+    protocol, folds = _folds(split)
     x = _log_norms(zoo, rows)
     seconds = np.array([r["train_seconds"] for r in rows])
     labels: dict[str, dict[str, float]] = {}
     for key in sorted(k for k in rows[0] if k.startswith("y_") and not k.endswith("_mask")):
-        values = [r[key] for r in rows]
-        if isinstance(values[0], list):
-            y = np.array(values, dtype=float)
-            mask_key = f"{key}_mask".replace("_member_mask", "_mask")
-            mask = (
-                np.array([r[mask_key] for r in rows], dtype=bool)
-                if mask_key in rows[0]
-                else np.ones_like(y, dtype=bool)
-            )
-            labels[key] = _multilabel(x, y.astype(int), mask, train, test)
-        elif isinstance(values[0], int) and len(set(values)) <= _MAX_CATEGORIES:
-            labels[key] = _classification(x, np.array(values), train, test)
-        else:
-            labels[key] = _regression(x, np.array(values, dtype=float), train, test)
+        per_fold = [_label_stats(rows, key, x, train, test) for train, test in folds]
+        labels[key] = {
+            name: float(np.nanmean([f[name] for f in per_fold])) if name.startswith("test_") else per_fold[0][name]
+            for name in per_fold[0]
+        }
     return {
         "zoo": str(zoo),
         "n": len(rows),
         "splits": {s: int((split == s).sum()) for s in ("train", "val", "test")},
+        "baseline_protocol": protocol,
         "train_seconds_mean": float(seconds.mean()),
         "train_seconds_median": float(np.median(seconds)),
         "labels": labels,
