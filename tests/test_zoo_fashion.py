@@ -111,3 +111,11 @@ def test_wordnet_reader() -> None:
     for synset in nouns:
         counts[synset.lexname] = counts.get(synset.lexname, 0) + 1
     assert len(counts) == 26 and counts["noun.artifact"] == 11587 and counts["noun.person"] == 11087
+
+
+def test_continued_pretraining_base_variant(zoo: Path, tmp_path: Path) -> None:
+    build_zoo("fashion-gen", tmp_path, ZooSettings(n=1, seed=1, toy=True, base_variant=1), progress=False)
+    variant, original = read_manifest(tmp_path)[0], read_manifest(zoo)[0]
+    assert variant["base_name"] == "fashion-vae-v1-toy" and original["base_name"] == "fashion-vae-v0-toy"
+    assert variant["base_sha256"] != original["base_sha256"]
+    assert variant["hp_identity"] == original["hp_identity"]  # same choices, other base
