@@ -65,9 +65,15 @@ class Recipe(ABC):
         Must be deterministic, and cheap the second time: workers call it again on the cached files.
         """
 
-    @abstractmethod
     def base_identity(self, context: Any) -> tuple[str, str]:
-        """``(base model name, sha256 of its weights)``."""
+        """``(base model name, sha256 of its weights)``; contexts carry ``base_name`` and ``base_sha256``."""
+        return context.base_name, context.base_sha256
+
+    def provenance(self, context: Any, seed: int, base_family: str) -> dict[str, object]:
+        """What every zoo LoRA records in its safetensors ``__metadata__`` (as ``lol.*`` keys)."""
+        name, sha = self.base_identity(context)
+        return {"zoo": self.name, "recipe_version": self.version, "seed": seed, "base": name, "base_sha256": sha,
+                "base_family": base_family}  # fmt: skip
 
     @abstractmethod
     def sample(self, context: Any, index: int, rng: np.random.Generator, settings: ZooSettings) -> dict[str, Any]:

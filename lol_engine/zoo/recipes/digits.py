@@ -106,9 +106,6 @@ class DigitsRecipe(Recipe):
         base = load_or_build_base(base_dir / f"{name}.safetensors", DigitsMLP, train)
         return DigitsContext(base, name, state_sha256(base), x, y, held_out, pool, probes)
 
-    def base_identity(self, context: DigitsContext) -> tuple[str, str]:
-        return context.base_name, context.base_sha256
-
     def sample(
         self, context: DigitsContext, index: int, rng: np.random.Generator, settings: ZooSettings
     ) -> dict[str, Any]:
@@ -144,8 +141,7 @@ class DigitsRecipe(Recipe):
                    lr=choices["lr"], generator=gen)  # fmt: skip
         round_trainable_to_fp16(model)
         labels = evaluate_digits(model.eval(), context, classes)
-        provenance = {"zoo": self.name, "recipe_version": self.version, "seed": seed, "base": context.base_name,
-                      "base_sha256": context.base_sha256, "base_family": "digits-mlp"}  # fmt: skip
+        provenance = self.provenance(context, seed, "digits-mlp")
         save_adapter(model, out_dir, provenance)
         mask = [[int(c in classes)] * N_PROBES_PER_CLASS for c in range(N_CLASSES)]
         return labels | {

@@ -186,9 +186,6 @@ class FashionGenRecipe(Recipe):
         identities = _identities(base_dir, x, labels, pool, settings.toy)
         return FashionContext(base, name, state_sha256(base), judge, identities, x, thresholds)
 
-    def base_identity(self, context: FashionContext) -> tuple[str, str]:
-        return context.base_name, context.base_sha256
-
     def sample(
         self, context: FashionContext, index: int, rng: np.random.Generator, settings: ZooSettings
     ) -> dict[str, Any]:
@@ -224,7 +221,6 @@ class FashionGenRecipe(Recipe):
         seconds = time.perf_counter() - start
         attributes = image_attributes(x)
         votes = {k: int((v > context.thresholds[k]).float().mean() > 0.5) for k, v in attributes.items()}
-        provenance = {"zoo": self.name, "recipe_version": self.version, "seed": seed, "base": context.base_name,
-                      "base_sha256": context.base_sha256, "base_family": "fashion-vae"}  # fmt: skip
+        provenance = self.provenance(context, seed, "fashion-vae")
         save_adapter(model, out_dir, provenance)
         return {"class": identity["class"], **votes, "quality": quality, "t_quality_eval": seconds}

@@ -170,9 +170,6 @@ class MiniLMWordNetRecipe(Recipe):
         )
         return MiniLMContext(model, name, state_sha256(model), categories, hidden, mask, y, test, pool)
 
-    def base_identity(self, context: MiniLMContext) -> tuple[str, str]:
-        return context.base_name, context.base_sha256
-
     def sample(
         self, context: MiniLMContext, index: int, rng: np.random.Generator, settings: ZooSettings
     ) -> dict[str, Any]:
@@ -220,8 +217,7 @@ class MiniLMWordNetRecipe(Recipe):
         round_trainable_to_fp16(model)
         val_loss, _ = _evaluate(model, context, val_idx)
         test_loss, test_acc = _evaluate(model, context, context.test)
-        provenance = {"zoo": self.name, "recipe_version": self.version, "seed": seed, "base": context.base_name,
-                      "base_sha256": context.base_sha256, "base_family": "bert-encoder"}  # fmt: skip
+        provenance = self.provenance(context, seed, "bert-encoder")
         save_adapter(model, out_dir, provenance)
         return {
             "sources": [int(c in sources) for c in range(n)],

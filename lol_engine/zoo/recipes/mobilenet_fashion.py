@@ -118,9 +118,6 @@ class MobileNetFashionRecipe(Recipe):
         test = np.arange(n_head + n_pool, n_head + n_pool + n_test)
         return MobileNetContext(base, name, state_sha256(base), pool, feats, labels, test)
 
-    def base_identity(self, context: MobileNetContext) -> tuple[str, str]:
-        return context.base_name, context.base_sha256
-
     def sample(
         self, context: MobileNetContext, index: int, rng: np.random.Generator, settings: ZooSettings
     ) -> dict[str, Any]:
@@ -156,8 +153,7 @@ class MobileNetFashionRecipe(Recipe):
                    steps=choices["steps"], batch=32, lr=choices["lr"], generator=gen)  # fmt: skip
         round_trainable_to_fp16(model)
         labels = _evaluate(model, context, classes)
-        provenance = {"zoo": self.name, "recipe_version": self.version, "seed": seed, "base": context.base_name,
-                      "base_sha256": context.base_sha256, "base_family": "mobilenetv2"}  # fmt: skip
+        provenance = self.provenance(context, seed, "mobilenetv2")
         save_adapter(model, out_dir, provenance)
         return labels | {
             "classes": [int(c in classes) for c in range(10)],
