@@ -81,8 +81,9 @@ def _zoo_report(zoo: str, as_json: bool) -> int:
     except (FileNotFoundError, LoraFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if as_json:
-        print(json.dumps(summary, indent=2))
+    if as_json:  # NaN (no baseline possible) becomes null: strict JSON
+        labels = {k: {n: (None if v != v else v) for n, v in stats.items()} for k, stats in summary["labels"].items()}
+        print(json.dumps(summary | {"labels": labels}, indent=2, allow_nan=False))
         return 0
     from rich.console import Console
     from rich.table import Table

@@ -173,4 +173,6 @@ def test_zoo_report(zoo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert 0.0 <= labels["y_acc_own"]["min"] <= labels["y_acc_own"]["max"] <= 1.0
     assert main(["zoo", "report", str(zoo)]) == 0
     assert "‖ΔW‖-only baseline" in capsys.readouterr().out
+    assert main(["zoo", "report", str(zoo), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 12  # strict JSON even where a baseline is NaN
     assert main(["zoo", "report", str(zoo / "nope")]) == 2
