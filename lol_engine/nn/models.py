@@ -6,7 +6,6 @@ O(r) only; ``svd``, ``dense``, ``gl_net``, ``transformer`` and ``spectral_glnet`
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -254,8 +253,10 @@ class CanonTransformer(LoLModel):
 
 @register_model
 class SpectralGLNet(LoLModel):
-    """Ours: per-module tokens from a GL-net trunk (``B̃Ã``) plus the log-spectrum and log-norm of ΔW, with attention
-    across modules. GL(r)-invariant and rank-agnostic (spectra are truncated or padded to the training rank)."""
+    """Ours: GL-net's invariant sketches ``B̃_i Ã_i`` together with each module's log-spectrum and log-norm of ΔW
+    (the features that win dataset-size tasks in the paper), mixed by attention across module tokens and read by an
+    MLP over [sketches, spectra, attended tokens]. GL(r)-invariant and rank-agnostic (spectra are truncated or padded
+    to the training rank)."""
 
     name, invariance, rank_agnostic = "spectral_glnet", "GL(r)", True
 
@@ -263,17 +264,17 @@ class SpectralGLNet(LoLModel):
         super().__init__(spec, out_dim, config)
         self.trunk = _GLTrunk(spec, config.width, config.layers)
         self.widths = [layer.rank for layer in spec.layers]
-        self.sketch = nn.ModuleList(nn.Linear(config.width**2, config.tokens) for _ in spec.layers)
         self.spectral = nn.ModuleList(nn.Linear(w + 1, config.tokens) for w in self.widths)
-        self.attention = _ModuleAttention(len(spec), config, out_dim)
+        self.attention = _ModuleAttention(len(spec), config, config.tokens)
+        features = len(spec) * config.width**2 + sum(w + 1 for w in self.widths) + config.tokens
+        self.head = _head(features, config.hidden, out_dim, config.dropout)
 
     def forward(self, batch: LoraBatch) -> Tensor:
         a, b = batch.scaled()
-        sketches = self.trunk(a, b).flatten(2)  # (N, L, d²)
-        tokens = []
-        for i, (a_i, b_i) in enumerate(zip(a, b, strict=True)):
-            logsig = spectra_features(a_i, b_i, self.widths[i])  # (N, w)
-            energy = torch.logsumexp(2 * logsig, dim=1, keepdim=True) / 2  # ≈ log ‖ΔW_i‖_F
-            sketch = sketches[:, i] / (math.sqrt(self.config.width) * energy.exp().clamp_min(1e-6))  # scale-free
-            tokens.append(self.sketch[i](sketch) + self.spectral[i](torch.cat([logsig, energy], dim=1)))
-        return self.attention(torch.stack(tokens, dim=1))
+        sketches = self.trunk(a, b).flatten(1)  # (N, L·d²)
+        spectra = []
+        for a_i, b_i, w in zip(a, b, self.widths, strict=True):
+            logsig = spectra_features(a_i, b_i, w)  # (N, w)
+            spectra.append(torch.cat([logsig, torch.logsumexp(2 * logsig, dim=1, keepdim=True) / 2], dim=1))
+        tokens = torch.stack([proj(x) for proj, x in zip(self.spectral, spectra, strict=True)], dim=1)  # (N, L, k)
+        return self.head(torch.cat([sketches, *spectra, self.attention(tokens)], dim=1))

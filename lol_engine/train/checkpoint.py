@@ -1,0 +1,87 @@
+"""Predictors on disk: ``model.safetensors`` + ``config.json`` (model, spec, task, normalisation, scale choice)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lol_engine.lora.weights import LoraWeights
+from lol_engine.nn.batch import LoraBatch, check_compatible
+from lol_engine.nn.models import LoLModel, ModelConfig, build_model
+from lol_engine.spec import LayerSpec, LoraSpec
+from lol_engine.train.tasks import Task
+
+__all__ = ["Predictor", "load_predictor", "save_predictor"]
+
+
+def save_predictor(
+    folder: str | Path,
+    model: LoLModel,
+    task: Task,
+    model_name: str,
+    fold_scale: bool,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint folder and return it."""
+    from lol_engine.lora.safe_io import write_safetensors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors({k: v.detach().float() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    spec = [
+        {
+            "name": s.name,
+            "d_out": s.d_out,
+            "d_in": s.d_in,
+            "rank": s.rank,
+            "kind": s.kind,
+            "orig_shape": list(s.orig_shape),
+        }
+        for s in model.spec.layers
+    ]
+    config = {"model": model_name, "model_config": model.config.to_dict(), "spec": spec, "task": task.to_dict(),
+              "fold_scale": fold_scale, **(extra or {})}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@dataclass
+class Predictor:
+    """A trained model with its task: ``predict(lora)`` gives labels in their own units."""
+
+    model: LoLModel
+    task: Task
+    fold_scale: bool
+    config: dict[str, Any]
+
+    @torch.no_grad()
+    def predict(self, lora: LoraWeights) -> dict[str, Any]:
+        """Predictions for one LoRA; raises :class:`SpecMismatchError` naming modules that are missing or differ."""
+        check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
+        batch = LoraBatch.from_loras([lora], fold_scale=self.fold_scale, spec=self.model.spec)
+        out = self.task.decode(self.model.eval()(batch))[0]
+        if self.task.kind in ("regression", "binary"):
+            return {self.task.label: float(out)}
+        return {self.task.label: {name: float(p) for name, p in zip(self.task.names, out.tolist(), strict=True)}}
+
+
+def load_predictor(folder: str | Path) -> Predictor:
+    """Read a checkpoint folder written by :func:`save_predictor` (safetensors and JSON only)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    spec = LoraSpec(
+        tuple(
+            LayerSpec(s["name"], s["d_out"], s["d_in"], s["rank"], s["kind"], tuple(s["orig_shape"]))
+            for s in config["spec"]
+        )
+    )
+    task = Task.from_dict(config["task"])
+    model = build_model(config["model"], spec, task.out_dim, ModelConfig(**config["model_config"]))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return Predictor(model.eval(), task, bool(config["fold_scale"]), config)

@@ -1,0 +1,137 @@
+"""Training LoL models on a zoo: load once, fit with AdamW, select the epoch on the validation split only."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lol_engine.lora.parse import load_lora
+from lol_engine.lora.weights import LoraWeights
+from lol_engine.nn.batch import LoraBatch
+from lol_engine.nn.models import LoLModel, ModelConfig, build_model
+from lol_engine.train.tasks import Task, infer_task, metrics, targets
+
+__all__ = ["LoadedZoo", "Split", "TrainConfig", "evaluate", "fit", "load_zoo", "train_on_zoo"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; ``fold_scale`` is the documented scale choice (see :mod:`lol_engine.nn.batch`)."""
+
+    epochs: int = field(default=30, metadata={"help": "passes over the training split"})
+    batch: int = field(default=32, metadata={"help": "LoRAs per step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    seed: int = field(default=0, metadata={"help": "initialisation and shuffling seed"})
+    fold_scale: bool = field(default=True, metadata={"help": "fold alpha/r into the factors"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+@dataclass
+class LoadedZoo:
+    """A zoo's manifest rows and LoRAs, loaded once and shared by every model and task."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+    loras: list[LoraWeights]
+
+    def split(self, name: str) -> np.ndarray:
+        """Row indices of the train / val / test split."""
+        return np.array([i for i, r in enumerate(self.rows) if r["split"] == name], dtype=np.int64)
+
+
+def load_zoo(path: str | Path) -> LoadedZoo:
+    """Read a built zoo's manifest and every LoRA in it."""
+    from lol_engine.zoo.manifest import read_manifest
+
+    path = Path(path)
+    rows = read_manifest(path)
+    return LoadedZoo(path, rows, [load_lora(path / r["path"]) for r in rows])
+
+
+@dataclass
+class Split:
+    """Model inputs and targets of one split."""
+
+    batch: LoraBatch
+    y: Tensor
+    mask: Tensor
+
+    @classmethod
+    def make(
+        cls, zoo: LoadedZoo, idx: Sequence[int] | np.ndarray, task: Task, fold_scale: bool, spec: Any = None
+    ) -> Split:
+        loras = [zoo.loras[i] for i in idx]
+        y, mask = targets([zoo.rows[i] for i in idx], task)
+        return cls(LoraBatch.from_loras(loras, fold_scale=fold_scale, spec=spec), y, mask)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@torch.no_grad()
+def evaluate(model: LoLModel, task: Task, data: Split, chunk: int = 256) -> dict[str, float]:
+    """Metrics of ``model`` on a split (eval mode, chunked forward)."""
+    model.eval()
+    logits = torch.cat([model(data.batch.index(slice(i, i + chunk))) for i in range(0, len(data), chunk)])
+    return metrics(task, logits, data.y, data.mask)
+
+
+def fit(model: LoLModel, task: Task, train: Split, val: Split, config: TrainConfig) -> dict[str, Any]:
+    """AdamW on the training split; keeps the weights of the epoch with the lowest validation loss."""
+    gen = torch.Generator().manual_seed(config.seed)
+    model.prepare(train.batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    best = (float("inf"), copy.deepcopy(model.state_dict()), -1)
+    history = []
+    for epoch in range(config.epochs):
+        model.train()
+        for idx in torch.randperm(len(train), generator=gen).split(config.batch):
+            optimizer.zero_grad()
+            loss = task.loss(model(train.batch.index(idx)), train.y[idx], train.mask[idx])
+            loss.backward()
+            optimizer.step()
+        val_loss = evaluate(model, task, val)["loss"]
+        history.append(val_loss)
+        if val_loss < best[0]:
+            best = (val_loss, copy.deepcopy(model.state_dict()), epoch)
+    model.load_state_dict(best[1])
+    return {"best_epoch": best[2], "val_loss_history": history}
+
+
+def train_on_zoo(
+    zoo: LoadedZoo,
+    label: str,
+    model_name: str,
+    model_config: ModelConfig | None = None,
+    config: TrainConfig | None = None,
+) -> tuple[LoLModel, Task, dict[str, Any]]:
+    """Train one model on one label; return it, its task and ``{"val": …, "test": …, "fit": …, "seconds": …}``."""
+    config = config or TrainConfig()
+    train_idx, val_idx, test_idx = zoo.split("train"), zoo.split("val"), zoo.split("test")
+    task = infer_task(zoo.rows, label, train_idx)
+    train = Split.make(zoo, train_idx, task, config.fold_scale)
+    spec = train.batch.spec
+    val = Split.make(zoo, val_idx, task, config.fold_scale, spec)
+    test = Split.make(zoo, test_idx, task, config.fold_scale, spec)
+    torch.manual_seed(config.seed)
+    model = build_model(model_name, spec, task.out_dim, model_config)
+    start = time.perf_counter()
+    info = fit(model, task, train, val, config)
+    seconds = time.perf_counter() - start
+    return (
+        model,
+        task,
+        {"val": evaluate(model, task, val), "test": evaluate(model, task, test), "fit": info, "seconds": seconds},
+    )
