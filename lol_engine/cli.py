@@ -49,7 +49,73 @@ def _parser() -> argparse.ArgumentParser:
     report = zoo_commands.add_parser("report", help="label spreads, cost per LoRA and trivial baselines of a zoo")
     report.add_argument("zoo", help="a built zoo folder (with manifest.parquet)")
     report.add_argument("--json", action="store_true", help="print one JSON object")
+    train = commands.add_parser("train", help="train a LoL model on a zoo label")
+    train.add_argument("--zoo", required=True, help="a built zoo folder")
+    train.add_argument("--task", required=True, help="label name, e.g. quality, classes, probe_member")
+    train.add_argument("--model", required=True, help="mlp, o_align, svd, dense, gl_net, transformer, spectral_glnet")
+    train.add_argument("--seeds", type=int, default=3, help="independent runs; metrics are mean ± std")
+    train.add_argument("--epochs", type=int, default=30, help="epochs (the best on validation is kept)")
+    train.add_argument("--no-fold-scale", action="store_true", help="feed raw factors, ignoring alpha/r (paper code)")
+    train.add_argument("--out", help="save the predictor (best seed on validation) to this folder")
+    predict = commands.add_parser("predict", help="predict labels of one LoRA with a trained predictor")
+    predict.add_argument("path", help="a LoRA file or PEFT folder")
+    predict.add_argument("--model", required=True, help="a predictor folder (model.safetensors + config.json)")
+    predict.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lol_engine.train import TrainConfig, load_zoo, save_predictor, train_on_zoo
+
+    try:
+        zoo = load_zoo(args.zoo)
+        runs = []
+        for seed in range(args.seeds):
+            config = TrainConfig(epochs=args.epochs, seed=seed, fold_scale=not args.no_fold_scale)
+            runs.append(train_on_zoo(zoo, args.task, args.model, config=config))
+    except (KeyError, ValueError, FileNotFoundError, LoraFormatError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    for name in runs[0][2]["test"]:
+        values = np.array([r[2]["test"][name] for r in runs])
+        print(f"test {name:10s} {values.mean():.4f} ± {values.std():.4f}  ({args.seeds} seeds)")
+    if args.out:
+        model, task, result = min(runs, key=lambda r: r[2]["val"]["loss"])
+        save_predictor(
+            args.out,
+            model,
+            task,
+            args.model,
+            not args.no_fold_scale,
+            {"zoo": str(args.zoo), "result": {k: result[k] for k in ("val", "test")}},
+        )
+        print(f"predictor: {args.out}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from lol_engine.nn.batch import SpecMismatchError
+    from lol_engine.train import load_predictor
+
+    try:
+        predictor = load_predictor(args.model)
+        prediction = predictor.predict(load_lora(args.path))
+    except (LoraFormatError, SpecMismatchError, OSError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(
+            json.dumps(
+                {"model": predictor.config["model"], "task": predictor.task.label, "prediction": prediction}, indent=2
+            )
+        )
+    else:
+        value = prediction[predictor.task.label]
+        shown = value if not isinstance(value, dict) else ", ".join(f"{k}: {v:.3f}" for k, v in value.items())
+        print(f"{predictor.task.label} ({predictor.config['model']}): {shown}")
+    return 0
 
 
 def _zoo(args: argparse.Namespace) -> int:
@@ -117,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "zoo":
         return _zoo(args)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "predict":
+        return _predict(args)
     try:
         limits = ReadLimits(max_file_bytes=int(args.max_file_mb * 2**20))
         report = describe(load_lora(args.path, limits=limits))

@@ -120,6 +120,9 @@ def train_on_zoo(
     """Train one model on one label; return it, its task and ``{"val": …, "test": …, "fit": …, "seconds": …}``."""
     config = config or TrainConfig()
     train_idx, val_idx, test_idx = zoo.split("train"), zoo.split("val"), zoo.split("test")
+    if min(len(train_idx), len(val_idx), len(test_idx)) == 0:
+        sizes = f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}"
+        raise ValueError(f"{zoo.path}: every split needs LoRAs ({sizes}); build a larger zoo")
     task = infer_task(zoo.rows, label, train_idx)
     train = Split.make(zoo, train_idx, task, config.fold_scale)
     spec = train.batch.spec

@@ -1,0 +1,106 @@
+"""Training tiny LoL models on the shipped zoo: tasks, selection on validation, checkpoints, train/predict CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pyarrow")
+
+from lol_engine import load_lora
+from lol_engine.cli import main
+from lol_engine.nn import ModelConfig, SpecMismatchError, registered_models
+from lol_engine.nn.batch import LoraBatch
+from lol_engine.train import TrainConfig, infer_task, load_predictor, load_zoo, save_predictor, train_on_zoo
+
+DATA = Path(__file__).parent.parent / "data" / "zoo"
+TINY = ModelConfig(hidden=16, width=4, tokens=16, heads=2, dropout=0.0)
+FAST = TrainConfig(epochs=2, batch=64)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_zoo(DATA / "digits")
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return load_zoo(DATA / "fashion-gen")
+
+
+def test_tasks_are_inferred_from_labels(digits, fashion) -> None:
+    train = digits.split("train")
+    kinds = {
+        label: infer_task(digits.rows, label, train).kind
+        for label in ("classes", "n_classes", "acc_own", "probe_member")
+    }
+    assert kinds == {
+        "classes": "multilabel",
+        "n_classes": "categorical",
+        "acc_own": "regression",
+        "probe_member": "multilabel",
+    }
+    assert infer_task(digits.rows, "probe_member", train).mask_label == "probe_mask"
+    assert infer_task(fashion.rows, "bold", fashion.split("train")).kind == "binary"
+    with pytest.raises(KeyError, match="no label 'nope'"):
+        infer_task(digits.rows, "nope", train)
+
+
+@pytest.mark.parametrize("model_name", registered_models())
+def test_every_model_trains_on_the_default_zoo(digits, model_name: str) -> None:
+    _model, _task, result = train_on_zoo(digits, "classes", model_name, TINY, FAST)
+    assert set(result["test"]) == {"loss", "accuracy", "auc"}
+    assert 0.0 <= result["test"]["accuracy"] <= 1.0
+    history = result["fit"]["val_loss_history"]
+    assert result["fit"]["best_epoch"] == int(np.argmin(history))  # selection on validation only
+
+
+@pytest.mark.parametrize("label", ["quality", "class", "bold"])
+def test_fashion_tasks(fashion, label: str) -> None:
+    _, task, result = train_on_zoo(fashion, label, "gl_net", TINY, FAST)
+    assert np.isfinite(result["test"]["loss"])
+    if task.kind == "regression":
+        assert {"r2", "spearman", "kendall"} <= set(result["test"])
+
+
+def test_checkpoint_round_trip_and_mismatch(digits, fashion, tmp_path: Path) -> None:
+    model, task, _ = train_on_zoo(digits, "acc_own", "spectral_glnet", TINY, FAST)
+    save_predictor(tmp_path, model, task, "spectral_glnet", True)
+    predictor = load_predictor(tmp_path)
+    lora = digits.loras[0]
+    with torch.no_grad():
+        expected = task.decode(model.eval()(LoraBatch.from_loras([lora])))[0]
+    assert predictor.predict(lora)["acc_own"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(SpecMismatchError, match="missing"):
+        predictor.predict(fashion.loras[0])
+
+
+def test_train_and_predict_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pred"
+    args = [
+        "train",
+        "--zoo",
+        str(DATA / "digits"),
+        "--task",
+        "classes",
+        "--model",
+        "svd",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+    ]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    lora_dir = DATA / "digits" / "loras" / "00003"
+    assert main(["predict", str(lora_dir), "--model", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["prediction"]["classes"]) == {f"classes[{i}]" for i in range(10)}
+    assert main(["predict", str(DATA / "fashion-gen" / "loras" / "00000"), "--model", str(out)]) == 2
+    assert "does not fit this predictor" in capsys.readouterr().err
+    assert main(["train", "--zoo", str(DATA / "digits"), "--task", "nope", "--model", "svd", "--seeds", "1"]) == 2
+    assert load_lora(lora_dir).meta.base_family == "digits-mlp"
