@@ -16,3 +16,23 @@ def test_bench_spectra_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("sd15-r4", "sd15-r128", "llm7b-qkvo-r16", "dense / QR"):
         assert name in out
+
+
+def test_bench_models_smoke(tmp_path) -> None:
+    """The results script runs end to end at toy size and writes every section (no timing is asserted)."""
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_models.py"))
+    out = tmp_path / "RESULTS.md"
+    argv = ["--models", "svd,gl_net", "--seeds", "1", "--epochs", "1", "--dense-epochs", "1", "--transfer-n", "12"]
+    argv += ["--speed-repeats", "2", "--cache", str(tmp_path / "zoos"), "--out", str(out)]
+    argv += ["--ship", str(tmp_path / "ship")]
+    module["main"](argv)
+    text = out.read_text()
+    for heading in (
+        "## digits · `classes`",
+        "## fashion-gen · `quality`",
+        "Rank and cross-base",
+        "| rank 16 |",
+        "Speed",
+    ):
+        assert heading in text
+    assert (tmp_path / "ship" / "fashion-gen-quality" / "config.json").exists()

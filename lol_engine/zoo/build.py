@@ -130,9 +130,19 @@ def build_zoo(
     on_done: Callable[[int], None] | None = None,
 ) -> Path:
     """Build (or finish building) zoo ``name`` in ``out``; return the manifest's path."""
-    settings = settings or ZooSettings()
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _build(name, Path(out), settings or ZooSettings(), workers, progress, on_done)
+    finally:
+        torch.set_num_threads(threads)  # the in-process worker set its own thread count; give the caller theirs back
+
+
+def _build(
+    name: str, out: Path, settings: ZooSettings, workers: int, progress: bool, on_done: Callable[[int], None] | None
+) -> Path:
     recipe = get_recipe(name)
-    out = Path(out)
     n = settings.n if settings.n is not None else recipe.default_n(settings)
     _check_or_write_record(out, _zoo_record(recipe, settings, n))
     loras = out / "loras"
