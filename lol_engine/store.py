@@ -1,0 +1,263 @@
+"""The LoRA store: a DuckDB database of LoRAs, labels, embeddings, predictions and map coordinates.
+
+The only module that imports duckdb. One :class:`LoraStore` per process owns one connection; every call works on its
+own cursor, so many reader threads can share it (PLATFORM.md §2.4: one writer process, cursors per thread). Every
+ingest is one transaction: a LoRA and everything attached to it land together or not at all. The sha256 of the file is
+the LoRA's identity, so ingesting the same file twice stores one LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lol_engine.lora.weights import LoraWeights
+
+__all__ = ["SCHEMA_VERSION", "LoraStore", "StoredLora"]
+
+SCHEMA_VERSION = 1
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta(key VARCHAR PRIMARY KEY, value VARCHAR)",
+    """CREATE TABLE IF NOT EXISTS loras(
+        id VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, format VARCHAR, base_family VARCHAR,
+        spec_json VARCHAR, n_modules INTEGER, rank_min INTEGER, rank_max INTEGER, size_bytes BIGINT,
+        dtype VARCHAR, metadata_json VARCHAR, zoo VARCHAR, added_at TIMESTAMP DEFAULT current_timestamp)""",
+    "CREATE TABLE IF NOT EXISTS labels(lora_id VARCHAR, name VARCHAR, value_json VARCHAR, PRIMARY KEY(lora_id, name))",
+    """CREATE TABLE IF NOT EXISTS embeddings(
+        lora_id VARCHAR, encoder VARCHAR, dim INTEGER, v FLOAT[], PRIMARY KEY(lora_id, encoder))""",
+    """CREATE TABLE IF NOT EXISTS predictions(
+        lora_id VARCHAR, predictor VARCHAR, target VARCHAR, value DOUBLE, PRIMARY KEY(lora_id, predictor, target))""",
+    """CREATE TABLE IF NOT EXISTS projections(
+        lora_id VARCHAR, map VARCHAR, x DOUBLE, y DOUBLE, PRIMARY KEY(lora_id, map))""",
+)
+# Migrations from version v to v + 1, applied in order when an older database is opened.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+
+
+@dataclass(frozen=True)
+class StoredLora:
+    """One row of the ``loras`` table."""
+
+    id: str
+    name: str
+    source: str
+    format: str
+    base_family: str
+    spec: list[dict[str, Any]]
+    n_modules: int
+    rank_min: int
+    rank_max: int
+    size_bytes: int
+    dtype: str
+    metadata: dict[str, Any]
+    zoo: str | None
+
+
+def default_db_path() -> Path:
+    """``$LOL_DATA_DIR/lol.duckdb``, else ``~/.cache/lol-explorer/lol.duckdb``."""
+    root = Path(os.environ.get("LOL_DATA_DIR", Path.home() / ".cache" / "lol-explorer"))
+    return root / "lol.duckdb"
+
+
+class LoraStore:
+    """A DuckDB-backed collection. ``path=":memory:"`` for tests; a file path otherwise (its folder is created)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        import duckdb
+
+        self.path = str(path) if path is not None else str(default_db_path())
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._con = duckdb.connect(self.path)
+        self._write_lock = threading.Lock()  # one writer at a time inside the process; readers never wait
+        self._migrate()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._con.close()
+
+    def __enter__(self) -> LoraStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _cursor(self) -> Iterator[Any]:
+        cur = self._con.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        with self._write_lock, self._cursor() as cur:
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._transaction() as cur:
+            for statement in _SCHEMA:
+                cur.execute(statement)
+            row = cur.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else SCHEMA_VERSION
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path}: schema version {version} is newer than this lol-explorer ({SCHEMA_VERSION})"
+                )
+            while version < SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version]:
+                    cur.execute(statement)
+                version += 1
+            cur.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(version)])
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        with self._cursor() as cur:
+            return int(cur.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    def add(
+        self,
+        lora: LoraWeights,
+        *,
+        name: str | None = None,
+        zoo: str | None = None,
+        labels: Mapping[str, Any] | None = None,
+        embeddings: Mapping[str, np.ndarray] | None = None,
+        predictions: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> str:
+        """Ingest one LoRA with what is known about it, in one transaction; returns its id (the file's sha256).
+
+        Ingesting a LoRA that is already stored adds nothing to ``loras`` but updates the attached rows.
+        """
+        meta = lora.meta
+        if not meta.sha256:
+            raise ValueError("the LoRA has no sha256: store LoRAs read from files with load_lora")
+        spec = [{"name": m.name, "kind": m.spec.kind, "d_out": m.spec.d_out, "d_in": m.spec.d_in, "rank": m.spec.rank}
+                for m in lora]  # fmt: skip
+        ranks = [m.spec.rank for m in lora]
+        metadata = {"kohya": dict(meta.kohya), "modelspec": dict(meta.modelspec), "warnings": list(meta.warnings)}
+        source = Path(meta.source)
+        folder_file = source.name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+        default_name = source.parent.name if folder_file else source.stem
+        row = [meta.sha256, name or default_name, meta.source, meta.format, meta.base_family, json.dumps(spec),
+               len(lora), min(ranks), max(ranks), meta.size_bytes, meta.dtype,
+               json.dumps(metadata, default=str), zoo]  # fmt: skip
+        with self._transaction() as cur:
+            cur.execute(
+                "INSERT INTO loras (id, name, source, format, base_family, spec_json, n_modules, rank_min, rank_max, "
+                "size_bytes, dtype, metadata_json, zoo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                row,
+            )
+            for key, value in (labels or {}).items():
+                cur.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?)", [meta.sha256, key, json.dumps(value)])
+            for encoder, vector in (embeddings or {}).items():
+                v = np.asarray(vector, dtype=np.float32).reshape(-1)
+                if not np.isfinite(v).all():
+                    raise ValueError(f"embedding {encoder!r} has non-finite values")
+                cur.execute(
+                    "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)", [meta.sha256, encoder, len(v), v.tolist()]
+                )
+            for predictor, targets in (predictions or {}).items():
+                for target, value in targets.items():
+                    cur.execute(
+                        "INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)",
+                        [meta.sha256, predictor, target, float(value)],
+                    )
+        return meta.sha256
+
+    def set_projection(self, name: str, ids: Sequence[str], xy: np.ndarray) -> None:
+        """Store 2-D map coordinates ``xy: (len(ids), 2)`` under map ``name`` (replacing earlier ones)."""
+        xy = np.asarray(xy, dtype=float)
+        if xy.shape != (len(ids), 2):
+            raise ValueError(f"expected coordinates of shape ({len(ids)}, 2), got {xy.shape}")
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM projections WHERE map = ?", [name])
+            cur.executemany(
+                "INSERT INTO projections VALUES (?, ?, ?, ?)",
+                [[i, name, float(x), float(y)] for i, (x, y) in zip(ids, xy, strict=True)],
+            )
+
+    def projection(self, name: str) -> tuple[list[str], np.ndarray]:
+        """Ids and coordinates of a stored map."""
+        with self._cursor() as cur:
+            rows = cur.execute(
+                "SELECT lora_id, x, y FROM projections WHERE map = ? ORDER BY lora_id", [name]
+            ).fetchall()
+        return [r[0] for r in rows], np.array([[r[1], r[2]] for r in rows], dtype=float).reshape(-1, 2)
+
+    def count(self) -> int:
+        """Number of stored LoRAs."""
+        with self._cursor() as cur:
+            return int(cur.execute("SELECT count(*) FROM loras").fetchone()[0])
+
+    def get(self, lora_id: str) -> StoredLora | None:
+        """One stored LoRA, or None."""
+        with self._cursor() as cur:
+            row = cur.execute(
+                "SELECT id, name, source, format, base_family, spec_json, n_modules, rank_min, rank_max, size_bytes, "
+                "dtype, metadata_json, zoo FROM loras WHERE id = ?",
+                [lora_id],
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredLora(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8], row[9],
+                          row[10], json.loads(row[11]), row[12])  # fmt: skip
+
+    def labels(self, lora_id: str) -> dict[str, Any]:
+        """The labels stored for a LoRA."""
+        with self._cursor() as cur:
+            rows = cur.execute(
+                "SELECT name, value_json FROM labels WHERE lora_id = ? ORDER BY name", [lora_id]
+            ).fetchall()
+        return {name: json.loads(value) for name, value in rows}
+
+    def predictions(self, lora_id: str) -> dict[str, dict[str, float]]:
+        """``{predictor: {target: value}}`` stored for a LoRA."""
+        out: dict[str, dict[str, float]] = {}
+        with self._cursor() as cur:
+            for predictor, target, value in cur.execute(
+                "SELECT predictor, target, value FROM predictions WHERE lora_id = ? ORDER BY predictor, target",
+                [lora_id],
+            ).fetchall():
+                out.setdefault(predictor, {})[target] = value
+        return out
+
+    def embeddings(self, encoder: str) -> tuple[list[str], np.ndarray]:
+        """Ids (sorted) and the ``(n, dim)`` matrix of one encoder's embeddings."""
+        with self._cursor() as cur:
+            rows = cur.execute(
+                "SELECT lora_id, v FROM embeddings WHERE encoder = ? ORDER BY lora_id", [encoder]
+            ).fetchall()
+        if not rows:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.float32)
+
+    def nearest(
+        self, encoder: str, vector: np.ndarray, k: int = 10, exclude: str | None = None
+    ) -> list[tuple[str, float]]:
+        """Exact k nearest stored LoRAs by cosine similarity of ``encoder`` embeddings: ``[(id, similarity)]``."""
+        v = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
+        with self._cursor() as cur:
+            rows = cur.execute(
+                "SELECT lora_id, list_cosine_similarity(v, ?::FLOAT[]) AS s FROM embeddings "
+                "WHERE encoder = ? AND dim = ? AND lora_id IS DISTINCT FROM ? ORDER BY s DESC, lora_id LIMIT ?",
+                [v, encoder, len(v), exclude, k],
+            ).fetchall()
+        return [(r[0], float(r[1])) for r in rows]

@@ -1,0 +1,107 @@
+"""The DuckDB store: idempotent and atomic ingest, concurrent writers, kNN against numpy, persistence, schema."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+duckdb = pytest.importorskip("duckdb")
+
+from lol_engine import load_lora  # noqa: E402
+from lol_engine.fingerprint import fingerprint  # noqa: E402
+from lol_engine.store import SCHEMA_VERSION, LoraStore  # noqa: E402
+
+ZOO = Path(__file__).parent.parent / "data" / "zoo" / "digits" / "loras"
+
+
+@pytest.fixture(scope="module")
+def loras():
+    return [load_lora(ZOO / f"{i:05d}") for i in range(12)]
+
+
+def test_ingest_is_idempotent_and_keeps_what_is_attached(tmp_path: Path, loras) -> None:
+    with LoraStore(tmp_path / "db.duckdb") as store:
+        first = store.add(loras[0], zoo="digits", labels={"acc_own": 0.9}, predictions={"gl_net": {"acc_own": 0.8}})
+        again = store.add(loras[0], zoo="digits", labels={"acc_own": 0.9})
+        assert first == again == loras[0].meta.sha256
+        assert store.count() == 1
+        stored = store.get(first)
+        assert stored.name == "00000" and stored.format == "peft" and stored.base_family == "digits-mlp"
+        assert stored.rank_min == stored.rank_max == 4 and [m["name"] for m in stored.spec] == ["fc1", "fc2"]
+        assert store.labels(first) == {"acc_own": 0.9}
+        assert store.predictions(first) == {"gl_net": {"acc_own": 0.8}}
+        assert store.schema_version == SCHEMA_VERSION
+    with LoraStore(tmp_path / "db.duckdb") as reopened:  # restarting keeps the collection
+        assert reopened.count() == 1 and reopened.get(first).zoo == "digits"
+
+
+def test_failed_ingest_leaves_nothing(tmp_path: Path, loras) -> None:
+    with LoraStore(tmp_path / "db.duckdb") as store:
+        bad = {"fp": np.array([1.0, np.nan])}
+        with pytest.raises(ValueError, match="non-finite"):
+            store.add(loras[1], labels={"x": 1}, embeddings=bad)
+        assert store.count() == 0 and store.labels(loras[1].meta.sha256) == {}
+        store.add(loras[1])  # the store still works after the rollback
+        assert store.count() == 1
+
+
+def test_concurrent_ingests_lose_nothing(tmp_path: Path, loras) -> None:
+    with LoraStore(tmp_path / "db.duckdb") as store:
+        errors = []
+
+        def ingest(chunk) -> None:
+            try:
+                for lora in chunk:
+                    store.add(lora, embeddings={"fp": fingerprint(lora).numpy()})
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ingest, args=(loras[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert store.count() == 12 and len(store.embeddings("fp")[0]) == 12
+
+
+def test_nearest_matches_numpy(loras) -> None:
+    with LoraStore(":memory:") as store:
+        vectors = {}
+        for lora in loras:
+            vectors[lora.meta.sha256] = fingerprint(lora).numpy().astype(np.float32)
+            store.add(lora, embeddings={"fp": vectors[lora.meta.sha256]})
+        query = vectors[loras[0].meta.sha256]
+        ids = list(vectors)
+        matrix = np.stack([vectors[i] for i in ids])
+        sims = matrix @ query / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(query))
+        expected = [ids[i] for i in np.argsort(-sims)[:5]]
+        got = store.nearest("fp", query, k=5)
+        assert [g[0] for g in got] == expected
+        assert got[0][1] == pytest.approx(1.0, abs=1e-5)
+        assert loras[0].meta.sha256 not in [
+            g[0] for g in store.nearest("fp", query, k=5, exclude=loras[0].meta.sha256)
+        ]
+
+
+def test_projections(loras) -> None:
+    with LoraStore(":memory:") as store:
+        ids = [store.add(lora) for lora in loras[:3]]
+        store.set_projection("umap:fp", ids, np.arange(6).reshape(3, 2))
+        got_ids, xy = store.projection("umap:fp")
+        assert sorted(ids) == got_ids and xy.shape == (3, 2)
+        with pytest.raises(ValueError, match="shape"):
+            store.set_projection("umap:fp", ids, np.zeros((2, 2)))
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db.duckdb"
+    LoraStore(path).close()
+    con = duckdb.connect(str(path))
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(RuntimeError, match="schema version 99 is newer"):
+        LoraStore(path)
