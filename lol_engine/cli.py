@@ -61,7 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("path", help="a LoRA file or PEFT folder")
     predict.add_argument("--model", required=True, help="a predictor folder (model.safetensors + config.json)")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
+    ingest = commands.add_parser("ingest", help="add LoRAs (files, folders, zoos, Hub repo ids) to the store")
+    ingest.add_argument("paths", nargs="+", help="LoRA files, PEFT folders, zoo folders or Hugging Face repo ids")
+    ingest.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
+    ingest.add_argument("--predictors", default=None, help="predictor folders to apply (default: data/predictors)")
     return parser
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from lol_engine.ingest import ingest, shipped_predictors
+    from lol_engine.store import LoraStore
+
+    predictors = shipped_predictors(args.predictors)
+    with LoraStore(args.db) as store:
+        report = ingest(args.paths, store, predictors)
+        print(f"{len(report.ids)} ingested; {store.count()} LoRA(s) in the store {store.path}")
+    for path, reason in report.refused:
+        print(f"refused {path}: {reason}", file=sys.stderr)
+    return 2 if report.refused else 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -185,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _zoo(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "ingest":
+        return _ingest(args)
     if args.command == "predict":
         return _predict(args)
     try:

@@ -42,6 +42,15 @@ _SCHEMA = (
 _MIGRATIONS: dict[int, tuple[str, ...]] = {}
 
 
+def _insert_many(cur: Any, table: str, rows: list[list[Any]]) -> None:
+    """One multi-row ``INSERT OR REPLACE`` (one statement instead of one per row)."""
+    if not rows:
+        return
+    placeholders = "(" + ", ".join("?" * len(rows[0])) + ")"
+    values = ", ".join([placeholders] * len(rows))
+    cur.execute(f"INSERT OR REPLACE INTO {table} VALUES {values}", [v for row in rows for v in row])
+
+
 @dataclass(frozen=True)
 class StoredLora:
     """One row of the ``loras`` table."""
@@ -165,21 +174,21 @@ class LoraStore:
                 "ON CONFLICT DO NOTHING",
                 row,
             )
-            for key, value in (labels or {}).items():
-                cur.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?)", [meta.sha256, key, json.dumps(value)])
+            label_rows = [[meta.sha256, key, json.dumps(value)] for key, value in (labels or {}).items()]
+            _insert_many(cur, "labels", label_rows)
+            embedding_rows = []
             for encoder, vector in (embeddings or {}).items():
                 v = np.asarray(vector, dtype=np.float32).reshape(-1)
                 if not np.isfinite(v).all():
                     raise ValueError(f"embedding {encoder!r} has non-finite values")
-                cur.execute(
-                    "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?)", [meta.sha256, encoder, len(v), v.tolist()]
-                )
-            for predictor, targets in (predictions or {}).items():
-                for target, value in targets.items():
-                    cur.execute(
-                        "INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)",
-                        [meta.sha256, predictor, target, float(value)],
-                    )
+                embedding_rows.append([meta.sha256, encoder, len(v), v.tolist()])
+            _insert_many(cur, "embeddings", embedding_rows)
+            prediction_rows = [
+                [meta.sha256, predictor, target, float(value)]
+                for predictor, targets in (predictions or {}).items()
+                for target, value in targets.items()
+            ]
+            _insert_many(cur, "predictions", prediction_rows)
         return meta.sha256
 
     def set_projection(self, name: str, ids: Sequence[str], xy: np.ndarray) -> None:

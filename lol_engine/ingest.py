@@ -1,0 +1,112 @@
+"""Ingest LoRAs into the store: files, folders, built zoos (with their labels) or Hugging Face repos.
+
+For every LoRA it stores the architecture-agnostic invariant fingerprint (encoder ``fingerprint``), the embedding and
+predictions of every shipped predictor whose module spec the LoRA fits, and, for zoo folders, the manifest's labels.
+A file that cannot be read is reported and skipped; nothing of it is stored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lol_engine.errors import LoraFormatError
+from lol_engine.fingerprint import fingerprint
+from lol_engine.lora.parse import load_lora
+from lol_engine.nn.batch import SpecMismatchError
+
+__all__ = ["IngestReport", "fetch_repo", "ingest", "lora_sources", "shipped_predictors"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEFAULT_PREDICTORS = Path(__file__).resolve().parent.parent / "data" / "predictors"
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did: ids added (or already present), and ``(path, reason)`` for what was refused."""
+
+    ids: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def fetch_repo(repo_id: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Download (or, with ``HF_HUB_OFFLINE=1``, find in the cache) a Hub repo's safetensors and JSON files."""
+    from huggingface_hub import snapshot_download
+
+    cache = None if cache_dir is None else str(cache_dir)
+    folder = snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json"], cache_dir=cache)
+    return Path(folder)
+
+
+def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[tuple[Path, dict[str, Any], str | None]]:
+    """``(lora path, labels, zoo name)`` for every LoRA named by ``paths`` (files, PEFT folders, zoos, repo ids)."""
+    out: list[tuple[Path, dict[str, Any], str | None]] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists() and _REPO_ID.match(raw):
+            path = fetch_repo(raw, cache_dir)
+        if (path / "manifest.parquet").is_file():
+            from lol_engine.zoo.manifest import read_manifest
+
+            zoo = path.name
+            for row in read_manifest(path):
+                labels = {k[2:]: v for k, v in row.items() if k.startswith("y_")}
+                out.append((path / row["path"], labels, zoo))
+        elif path.is_dir() and (path / "adapter_model.safetensors").is_file():
+            out.append((path, {}, None))
+        elif path.is_dir():
+            files = sorted(path.rglob("*.safetensors"))
+            out += [(f.parent if f.name == "adapter_model.safetensors" else f, {}, None) for f in files]
+        else:
+            out.append((path, {}, None))
+    return out
+
+
+def shipped_predictors(folder: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """``{name: Predictor}`` for every predictor folder under ``folder`` (default: the shipped ``data/predictors``)."""
+    from lol_engine.train.checkpoint import load_predictor
+
+    root = Path(folder) if folder is not None else DEFAULT_PREDICTORS
+    if not root.is_dir():
+        return {}
+    return {p.parent.name: load_predictor(p.parent) for p in sorted(root.glob("*/config.json"))}
+
+
+def ingest(
+    paths: Iterable[str],
+    store: Any,
+    predictors: Mapping[str, Any] | None = None,
+    *,
+    progress: bool = True,
+    cache_dir: str | None = None,
+) -> IngestReport:
+    """Add every LoRA named by ``paths`` to ``store`` (a :class:`lol_engine.store.LoraStore`)."""
+    from rich.progress import Progress
+
+    predictors = shipped_predictors() if predictors is None else predictors
+    report = IngestReport()
+    sources = lora_sources(paths, cache_dir)
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("ingest", total=len(sources))
+        for path, labels, zoo in sources:
+            try:
+                lora = load_lora(path)
+                predictions: dict[str, dict[str, float]] = {}
+                for name, predictor in predictors.items():
+                    try:
+                        value = predictor.predict(lora)[predictor.task.label]
+                    except SpecMismatchError:
+                        continue
+                    predictions[name] = value if isinstance(value, dict) else {predictor.task.label: value}
+                embeddings = {"fingerprint": fingerprint(lora).numpy()}
+                report.ids.append(
+                    store.add(lora, zoo=zoo, labels=labels, embeddings=embeddings, predictions=predictions)
+                )
+            except (LoraFormatError, OSError, ValueError) as exc:
+                report.refused.append((str(path), str(exc)))
+            bar.advance(task)
+    return report

@@ -1,0 +1,73 @@
+"""Ingest: zoos with labels and predictions, bad files refused without trace, and Hub repos from an offline cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("duckdb")
+
+from lol_engine.cli import main
+from lol_engine.ingest import ingest, shipped_predictors
+from lol_engine.store import LoraStore
+from lol_engine.zoo import ZooSettings, build_zoo
+
+DATA = Path(__file__).parent.parent / "data" / "zoo"
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("zoo") / "digits-small"
+    build_zoo("digits", out, ZooSettings(n=6, toy=True), progress=False)
+    return out
+
+
+def test_ingest_zoo_with_labels_predictions_and_fingerprints(small_zoo: Path, tmp_path: Path) -> None:
+    (tmp_path / "evil.safetensors").write_bytes(b"\x80\x04K\x01.")
+    with LoraStore(tmp_path / "db.duckdb") as store:
+        report = ingest([str(small_zoo), str(tmp_path / "evil.safetensors")], store, progress=False)
+        assert len(report.ids) == 6 and store.count() == 6
+        assert len(report.refused) == 1 and "pickle" in report.refused[0][1]
+        lora_id = report.ids[0]
+        assert store.get(lora_id).zoo == "digits-small"
+        assert {"classes", "acc_own", "probe_member"} <= set(store.labels(lora_id))
+        predictions = store.predictions(lora_id)
+        assert {"digits-classes", "digits-acc_own"} <= set(predictions)
+        assert not any(name.startswith("fashion-gen") for name in predictions)  # spec does not fit: not predicted
+        ids, matrix = store.embeddings("fingerprint")
+        assert len(ids) == 6 and matrix.shape[1] > 50
+        assert ingest([str(small_zoo)], store, progress=False).ids == report.ids  # idempotent
+        assert store.count() == 6
+
+
+def test_shipped_predictors_load() -> None:
+    predictors = shipped_predictors()
+    assert {"digits-classes", "fashion-gen-quality"} <= set(predictors)
+
+
+def test_hub_repo_from_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repo id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1 (set by conftest before import)."""
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--style-lora"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(DATA / "digits" / "loras" / "00000" / "adapter_model.safetensors", snapshot)
+    shutil.copy(DATA / "digits" / "loras" / "00000" / "adapter_config.json", snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    with LoraStore(":memory:") as store:
+        report = ingest(["someone/style-lora"], store, predictors={}, progress=False, cache_dir=str(tmp_path / "hub"))
+        assert len(report.ids) == 1 and store.get(report.ids[0]).format == "peft"
+
+
+def test_ingest_cli(small_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "cli.duckdb"
+    assert main(["ingest", str(small_zoo / "loras" / "00000"), "--db", str(db)]) == 0
+    assert "1 LoRA(s) in the store" in capsys.readouterr().out
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    assert main(["ingest", str(tmp_path / "bad.safetensors"), "--db", str(db)]) == 2
+    assert "refused" in capsys.readouterr().err
