@@ -1,21 +1,16 @@
-"""Entry file of the app and the Hugging Face Space (not ``app.py``: see PLATFORM.md 4.7)."""
+"""Entry file of the app and the Hugging Face Space (not ``app.py``: see PLATFORM.md 4.7). Settings: app/serve.py."""
 
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-MAX_UPLOAD = os.environ.get("LOL_MAX_UPLOAD", "2gb")
 
 
 def main() -> None:
-    from app.ui import build_demo
+    from app.serve import serve
 
-    demo = build_demo()
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(max_file_size=MAX_UPLOAD, ssr_mode=False)
+    serve()
 
 
 if __name__ == "__main__":

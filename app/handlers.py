@@ -7,16 +7,27 @@ comes back as a :class:`LoraFormatError` whose message names the problem.
 
 from __future__ import annotations
 
+import html
+import os
+import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import plotly.graph_objects as go
+
 from lol_engine import LoraFormatError, ReadLimits, load_lora
+from lol_engine.explorer import Analysis, Explorer, Neighbour
+from lol_engine.ingest import FINGERPRINT, LOL_PREFIX, REPO_ID, fetch_repo
 from lol_engine.lora.config import read_adapter_config
 from lol_engine.report import describe
 
-__all__ = ["MODULE_COLUMNS", "InspectResult", "inspect_upload"]
+__all__ = ["MODULE_COLUMNS", "Filters", "InspectResult", "UploadResult", "add_upload", "analyse_upload",
+           "collection_frame", "compare_loras", "escape", "export_frame", "inspect_upload", "lora_card",
+           "lora_choices", "map_figure", "map_options", "neighbours_frame", "predictions_frame", "spectrum_figure"]  # fmt: skip
 
 MODULE_COLUMNS = ["module", "kind", "rank", "alpha", "scale", "d_out", "d_in", "‖ΔW‖_F", "σ₁", "σ₁² / Σσ²"]
 
@@ -55,14 +66,7 @@ def inspect_upload(paths: Sequence[str] | str | None, limits: ReadLimits | None 
     limits = limits or ReadLimits()
     config = read_adapter_config(config_path, limits) if config_path else None
     report = describe(load_lora(file, limits=limits, config=config))
-    rows = []
-    for m in report["modules"]:
-        sigma = m["singular_values"]
-        energy = sum(s * s for s in sigma)
-        top = sigma[0] ** 2 / energy if energy > 0 else 0.0
-        alpha = "" if m["alpha"] is None else round(m["alpha"], 4)
-        rows.append([m["name"], m["kind"], m["rank"], alpha, round(m["scale"], 4), m["d_out"], m["d_in"],
-                     round(m["delta_fro_norm"], 5), round(sigma[0], 5), round(top, 3)])  # fmt: skip
+    rows = inspect_rows(report)
     return InspectResult(_summary(report, file.name), rows, report)
 
 
@@ -76,3 +80,392 @@ def _summary(report: dict[str, Any], name: str) -> str:
     ]
     warnings = "\n".join(f"- ⚠️ {w}" for w in report["warnings"])
     return "\n\n".join([*lines, warnings] if warnings else lines)
+
+
+# ---------------------------------------------------------------------------------------------------- the explorer
+# Everything below takes an :class:`lol_engine.explorer.Explorer`. Tables are pandas DataFrames and plots plotly
+# figures (both gradio dependencies or app extras); text from files (names, metadata) is always escaped.
+
+PREDICTION_COLUMNS = ["predictor", "target", "prediction", "probability", "calibrated range", "held-out skill"]
+NEIGHBOUR_COLUMNS = ["name", "collection", "similarity", "by", "id"]
+COMPARE_COLUMNS = ["module", "ΔW cosine", "‖ΔW‖_F first", "‖ΔW‖_F second"]
+_TABLE_COLUMNS = ["name", "zoo", "format", "base_family", "rank", "modules", "size_kb", "dtype", "added", "id"]
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def _plain(text: object, limit: int) -> str:
+    value = str(text)
+    if len(value) > limit:
+        value = value[:limit] + "…"
+    return " ".join(value.split())  # no newlines: one line, one table cell
+
+
+def escape(text: object, limit: int = 200) -> str:
+    """Untrusted text made inert for Markdown: shortened, one line, HTML-escaped, Markdown punctuation escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(_plain(text, limit), quote=True))
+
+
+def escape_html(text: object, limit: int = 200) -> str:
+    """Untrusted text made inert for HTML labels (plotly hover text, legends): shortened, one line, HTML-escaped."""
+    return html.escape(_plain(text, limit), quote=True)
+
+
+def code(text: object, limit: int = 200) -> str:
+    """Untrusted text as a Markdown code span (the renderer escapes HTML inside it; backticks cannot close it)."""
+    return "`" + _plain(text, limit).replace("`", "'") + "`"
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the Explore and Collection tabs filter on; empty means no filter."""
+
+    search: str = ""
+    collections: tuple[str, ...] = ()
+    families: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ()
+    min_rank: int = 0
+    max_rank: int = 1_000_000
+
+    def keep(self, row: dict[str, Any]) -> bool:
+        """Whether a record passes (search is a case-insensitive substring of the name or id prefix)."""
+        text = self.search.strip().lower()
+        if text and text not in str(row["name"]).lower() and not str(row["id"]).startswith(text):
+            return False
+        if self.collections and row["zoo"] not in self.collections:
+            return False
+        if self.families and row["base_family"] not in self.families:
+            return False
+        if self.formats and row["format"] not in self.formats:
+            return False
+        return bool(self.min_rank <= int(row["rank"]) <= self.max_rank)
+
+
+@dataclass
+class UploadResult:
+    """What the Upload & predict tab shows."""
+
+    card: str
+    predictions: pd.DataFrame
+    spectrum: go.Figure
+    neighbours: pd.DataFrame
+    modules: list[list[Any]]
+    analysis: Analysis
+
+
+def _upload_files(paths: Sequence[str] | str | None, repo_id: str | None) -> tuple[Path, Path | None, str]:
+    """The LoRA file, its optional config and a display name, from uploads or a Hub repo id."""
+    repo_id = (repo_id or "").strip()
+    if paths:
+        file, config = _pick_files([paths] if isinstance(paths, str) else paths)
+        return file, config, file.stem
+    if not repo_id:
+        raise LoraFormatError("no file uploaded and no repo id given")
+    if not REPO_ID.match(repo_id) or len(repo_id) > 96:
+        raise LoraFormatError(f"{repo_id[:100]!r} is not a Hugging Face repo id (owner/name)")
+    try:
+        folder = fetch_repo(repo_id)
+    except Exception as exc:  # network, offline mode, missing repo: all become one clear message
+        raise LoraFormatError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(exc).__name__}") from None
+    files = sorted(folder.rglob("*.safetensors"))
+    preferred = [f for f in files if f.name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")]
+    if not files:
+        raise LoraFormatError(f"{repo_id} has no .safetensors file")
+    if len(files) > 1 and not preferred:
+        raise LoraFormatError(f"{repo_id} has {len(files)} .safetensors files; upload the one you mean")
+    file = (preferred or files)[0]
+    config = file.parent / "adapter_config.json"
+    return file, (config if config.is_file() else None), repo_id
+
+
+def analyse_upload(
+    explorer: Explorer, paths: Sequence[str] | str | None, repo_id: str | None = None, k: int = 10
+) -> UploadResult:
+    """Read an upload (or a Hub repo), predict with every matching predictor and find its nearest stored LoRAs.
+
+    Stores nothing. Raises :class:`LoraFormatError` naming the problem for anything that is not a readable LoRA.
+    """
+    file, config, name = _upload_files(paths, repo_id)
+    analysis = explorer.analyse(file, config)
+    stored = explorer.store.get(analysis.sha256)
+    neighbours = explorer.neighbours(analysis.lora, k=k, exclude=analysis.sha256)
+    report = analysis.report
+    card = _card(report, name, stored.name if stored else None, analysis, explorer)
+    modules = inspect_rows(report)
+    return UploadResult(card, predictions_frame(explorer, analysis), spectrum_figure(report),
+                        neighbours_frame(neighbours), modules, analysis)  # fmt: skip
+
+
+def add_upload(explorer: Explorer, paths: Sequence[str] | str | None, repo_id: str | None = None) -> str:
+    """Add an upload to the collection (re-read from its files; nothing is trusted from the browser)."""
+    file, config, name = _upload_files(paths, repo_id)
+    analysis = explorer.analyse(file, config)
+    existed = explorer.store.get(analysis.sha256) is not None
+    lora_id = explorer.add(analysis, name=name)
+    stored = explorer.store.get(lora_id)
+    shown = escape(stored.name if stored else name)
+    if existed:
+        return f"**{shown}** is already in the collection (id `{lora_id[:12]}`)."
+    return f"Added **{shown}** to the collection (id `{lora_id[:12]}`); it is on the maps now."
+
+
+def inspect_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """One row per module for :data:`MODULE_COLUMNS`."""
+    rows = []
+    for m in report["modules"]:
+        sigma = m["singular_values"]
+        energy = sum(s * s for s in sigma)
+        top = sigma[0] ** 2 / energy if energy > 0 else 0.0
+        alpha = "" if m["alpha"] is None else round(m["alpha"], 4)
+        rows.append([m["name"], m["kind"], m["rank"], alpha, round(m["scale"], 4), m["d_out"], m["d_in"],
+                     round(m["delta_fro_norm"], 5), round(sigma[0], 5), round(top, 3)])  # fmt: skip
+    return rows
+
+
+def _card(report: dict[str, Any], name: str, stored_as: str | None, analysis: Analysis, explorer: Explorer) -> str:
+    ranks = report["ranks"]
+    scales = sorted({round(m["scale"], 4) for m in report["modules"]})
+    training = {k: v for k, v in report["kohya_metadata"].items() if k.startswith("ss_")}
+    lines = [
+        f"### {escape(name)}",
+        f"**format** {code(report['format'])} · **base** {code(report['base_family'])} · "
+        f"**dtype** {code(report['dtype'])} · **modules** {report['n_modules']} · "
+        f"**rank** {ranks[0] if len(ranks) == 1 else f'{ranks[0]}–{ranks[-1]}'} · "
+        f"**scale** {scales[0] if len(scales) == 1 else f'{scales[0]}–{scales[-1]}'} · "
+        f"**size** {report['size_bytes'] / 2**20:.2f} MiB · **DoRA** {report['is_dora']}",
+        f"**total ‖ΔW‖_F** {report['total_delta_fro_norm']:.4g} · **sha256** `{report['sha256']}`",
+        f"**evidence:** {escape('; '.join(report['evidence']), 400)}",
+    ]
+    if training:
+        shown = ", ".join(f"{escape(k)} = {escape(v, 60)}" for k, v in sorted(training.items())[:12])
+        lines.append(f"**training metadata:** {shown}")
+    if report["modelspec"]:
+        shown = ", ".join(f"{escape(k)} = {escape(v, 60)}" for k, v in sorted(report["modelspec"].items())[:8])
+        lines.append(f"**modelspec:** {shown}")
+    matched = len(analysis.estimates)
+    lines.append(
+        f"**predictors:** {matched} of {len(explorer.predictors)} fit this LoRA"
+        + ("" if matched else " (none was trained on this base and module layout)")
+        + f" · analysed in {analysis.seconds * 1000:.0f} ms"
+    )
+    if stored_as is not None:
+        lines.append(f"✅ already in the collection as **{escape(stored_as)}**")
+    lines += [f"- ⚠️ {escape(w, 300)}" for w in report["warnings"]]
+    return "\n\n".join(lines)
+
+
+def _skill(config: dict[str, Any]) -> str:
+    test = config.get("result", {}).get("test", {})
+    for key, label in (("r2", "R²"), ("auc", "AUC"), ("accuracy", "accuracy")):
+        if key in test and test[key] == test[key]:
+            return f"test {label} {test[key]:.2f}"
+    return ""
+
+
+def predictions_frame(explorer: Explorer, analysis: Analysis) -> pd.DataFrame:
+    """One row per predicted target, with the calibrated interval (regression) or label set (classification)."""
+    rows = []
+    for name, items in analysis.estimates.items():
+        predictor = explorer.predictors[name]
+        skill = _skill(predictor.config)
+        for e in items:
+            if e.interval is not None:
+                shown = f"[{e.interval[0]:.3g}, {e.interval[1]:.3g}]"
+            elif e.choices is not None:
+                shown = "{" + ", ".join(e.choices) + "}" if e.choices else "∅"
+            else:
+                shown = ""
+            if shown and e.coverage is not None:
+                shown += f" @{e.coverage:.0%}"
+            value = f"{e.value:.4g}" if isinstance(e.value, float) else str(e.value)
+            probability = "" if e.probability is None else f"{e.probability:.3f}"
+            rows.append([name, e.target, value, probability, shown, skill])
+    return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+
+
+def spectrum_figure(report: dict[str, Any], max_curves: int = 8) -> go.Figure:
+    """Singular values of every module's ΔW (log scale): one curve per index k = 1…min(r, max_curves)."""
+    modules = report["modules"]
+    names = [m["name"] for m in modules]
+    fig = go.Figure()
+    depth = min(max_curves, max((len(m["singular_values"]) for m in modules), default=0))
+    for k in range(depth):
+        values = [m["singular_values"][k] if k < len(m["singular_values"]) else None for m in modules]
+        values = [v if v and v > 0 else None for v in values]
+        fig.add_trace(go.Scatter(x=list(range(len(modules))), y=values, mode="lines+markers", name=f"σ{k + 1}",
+                                 text=[escape_html(n) for n in names],
+                                 hovertemplate="%{text}<br>σ" + str(k + 1) + " = %{y:.4g}<extra></extra>"))  # fmt: skip
+    fig.update_layout(title="Per-module spectrum of ΔW (exact, from the factors)", xaxis_title="module (file order)",
+                      yaxis_title="singular value", yaxis_type="log", height=360, margin={"l": 50, "r": 10, "t": 40, "b": 40},
+                      legend={"orientation": "h"})  # fmt: skip
+    return fig
+
+
+def neighbours_frame(neighbours: Sequence[Neighbour]) -> pd.DataFrame:
+    """The neighbours table."""
+    rows = [[n.name, n.zoo or "uploads", round(n.similarity, 4), n.by, n.id] for n in neighbours]
+    return pd.DataFrame(rows, columns=NEIGHBOUR_COLUMNS)
+
+
+def map_options(explorer: Explorer) -> tuple[list[tuple[str, str]], list[str], dict[str, list[str]]]:
+    """``(maps as (label, encoder), colour-by columns, {filter: choices})`` for the Explore tab's controls."""
+    maps = [(_map_label(e), e) for e in explorer.encoders() if e in explorer.store.maps()]
+    records = explorer.records()
+    columns: list[str] = ["zoo", "base_family", "format", "rank"]
+    for row in records:
+        columns += [c for c in row if c.startswith(("label:", "pred:")) and c not in columns]
+    choices = {key: sorted({str(r[key]) for r in records}) for key in ("zoo", "base_family", "format")}
+    return maps, columns, choices
+
+
+def _map_label(encoder: str) -> str:
+    if encoder == FINGERPRINT:
+        return "fingerprint (every LoRA, any base)"
+    return f"LoL encoder of {encoder.removeprefix(LOL_PREFIX)}"
+
+
+def map_figure(
+    explorer: Explorer, encoder: str, color_by: str = "zoo", filters: Filters | None = None,
+    highlight: Sequence[str] = (),
+) -> tuple[go.Figure, int]:  # fmt: skip
+    """The 2-D map of ``encoder``'s stored coordinates, coloured by a column, filtered; returns it and its size.
+
+    Each point carries its LoRA id in ``customdata`` (the page's click and lasso handlers send those back).
+    """
+    filters = filters or Filters()
+    ids, xy = explorer.map_points(encoder)
+    records = {r["id"]: r for r in explorer.records()}
+    keep = [i for i, lora_id in enumerate(ids) if lora_id in records and filters.keep(records[lora_id])]
+    rows = [records[ids[i]] for i in keep]
+    values = [r.get(color_by) for r in rows]
+    fig = go.Figure()
+    hover = "%{text}<extra></extra>"
+
+    def text(r: dict[str, Any], v: Any) -> str:
+        return f"{escape_html(r['name'], 80)}<br>{escape_html(r['zoo'])} · {escape_html(r['base_family'])}<br>{escape_html(color_by)}: {escape_html(v, 40)}"
+
+    numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if values and len(numeric) == len(values) and len(set(numeric)) > 12:
+        fig.add_trace(go.Scatter(
+            x=xy[keep, 0], y=xy[keep, 1], mode="markers", customdata=[[r["id"]] for r in rows],
+            text=[text(r, v) for r, v in zip(rows, values, strict=True)], hovertemplate=hover, name=color_by,
+            marker={"color": values, "colorscale": "Viridis", "size": 6, "showscale": True,
+                    "colorbar": {"title": {"text": escape_html(color_by, 30)}}},
+        ))  # fmt: skip
+    else:
+        groups: dict[str, list[int]] = {}
+        for j, v in enumerate(values):
+            groups.setdefault("—" if v is None else str(v), []).append(j)
+        for group, members in sorted(groups.items(), key=lambda kv: _natural(kv[0])):
+            fig.add_trace(go.Scatter(
+                x=xy[[keep[j] for j in members], 0], y=xy[[keep[j] for j in members], 1], mode="markers",
+                customdata=[[rows[j]["id"]] for j in members], name=escape_html(group, 40), marker={"size": 6},
+                text=[text(rows[j], values[j]) for j in members], hovertemplate=hover,
+            ))  # fmt: skip
+    marked = [i for i, lora_id in enumerate(ids) if lora_id in set(highlight)]
+    if marked:
+        fig.add_trace(go.Scatter(x=xy[marked, 0], y=xy[marked, 1], mode="markers", name="selected",
+                                 customdata=[[ids[i]] for i in marked], hoverinfo="skip",
+                                 marker={"size": 14, "symbol": "circle-open", "color": "#d62728", "line": {"width": 2}}))  # fmt: skip
+    fig.update_layout(dragmode="lasso", height=560, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      title=escape_html(_map_label(encoder)), legend={"itemsizing": "constant"},
+                      xaxis={"showticklabels": False, "zeroline": False}, yaxis={"showticklabels": False, "zeroline": False},
+                      uirevision=encoder)  # fmt: skip
+    return fig, len(rows)
+
+
+def _natural(text: str) -> tuple[Any, ...]:
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def lora_card(explorer: Explorer, lora_id: str, k: int = 10) -> tuple[str, pd.DataFrame]:
+    """A stored LoRA's card (fields, labels, stored predictions) and its nearest neighbours."""
+    stored = explorer.store.get(lora_id)
+    if stored is None:
+        raise LoraFormatError(f"no LoRA {escape(lora_id, 70)} in the collection")
+    labels = explorer.store.labels(lora_id)
+    record = next((r for r in explorer.records() if r["id"] == lora_id), {})
+    lines = [
+        f"### {escape(stored.name)}",
+        f"**collection** {escape(stored.zoo or 'uploads')} · **format** {code(stored.format)} · "
+        f"**base** {code(stored.base_family)} · **modules** {stored.n_modules} · **rank** "
+        f"{stored.rank_min if stored.rank_min == stored.rank_max else f'{stored.rank_min}–{stored.rank_max}'} · "
+        f"**dtype** {code(stored.dtype)} · **size** {stored.size_bytes / 1024:.1f} KiB",
+        f"**sha256** `{stored.id}`",
+    ]
+    if labels:
+        lines.append("**labels:** " + ", ".join(f"{escape(k)} = {escape(_short(v), 80)}" for k, v in labels.items()))
+    preds = [f"{escape(k.removeprefix('pred:'))} = {escape(v)}" for k, v in record.items() if k.startswith("pred:")]
+    if preds:
+        lines.append("**predicted:** " + ", ".join(preds))
+    neighbours = explorer.neighbours(explorer.weights(lora_id), k=k, exclude=lora_id)
+    return "\n\n".join(lines), neighbours_frame(neighbours)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + "".join(str(int(v)) if isinstance(v, (int, float)) else "?" for v in value[:64]) + "]"
+    return str(value)
+
+
+def collection_frame(
+    explorer: Explorer, filters: Filters | None = None, ids: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """The collection as a table (one row per LoRA: fields, label and prediction summaries), filtered or by ids."""
+    filters = filters or Filters()
+    records = explorer.records()
+    if ids is not None:
+        wanted = set(ids)
+        records = [r for r in records if r["id"] in wanted]
+    rows = [r for r in records if filters.keep(r)]
+    extra = sorted({c for r in records for c in r if c not in _TABLE_COLUMNS})
+    frame = pd.DataFrame(rows, columns=[*_TABLE_COLUMNS[:-1], *extra, "id"])
+    return frame
+
+
+def export_frame(frame: pd.DataFrame, fmt: str, folder: str | os.PathLike[str]) -> Path:
+    """Write a table as ``lol-selection.csv`` or ``.parquet`` in a fresh folder under ``folder``; returns the path."""
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"unknown export format {fmt!r} (csv or parquet)")
+    if frame is None or len(frame) == 0:
+        raise LoraFormatError("nothing to export: the selection is empty")
+    out = Path(tempfile.mkdtemp(prefix="export-", dir=folder)) / f"lol-selection.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(out, index=False)
+    else:
+        frame.to_parquet(out, index=False)
+    return out
+
+
+def lora_choices(explorer: Explorer) -> list[tuple[str, str]]:
+    """``(label, id)`` for every stored LoRA, for the Compare tab's pickers."""
+    return [(f"{r['name']} · {r['zoo']} · {r['id'][:8]}", r["id"]) for r in explorer.records()]
+
+
+def compare_loras(explorer: Explorer, first: str, second: str) -> tuple[str, go.Figure, pd.DataFrame]:
+    """Two stored LoRAs side by side: overall and per-module ΔW cosine, with norms."""
+    if not first or not second:
+        raise LoraFormatError("pick two LoRAs to compare")
+    a, b = explorer.store.get(first), explorer.store.get(second)
+    if a is None or b is None:
+        raise LoraFormatError("both LoRAs must be in the collection")
+    overall, rows = explorer.compare(first, second)
+    head = (
+        f"**{escape(a.name)}** ({escape(a.zoo or 'uploads')}) vs **{escape(b.name)}** ({escape(b.zoo or 'uploads')})"
+    )
+    if overall is None:
+        text = (
+            head
+            + "\n\nThey share no module of the same shape: ΔW cosine is undefined (compare fingerprints on the map)."
+        )
+        return text, go.Figure(), pd.DataFrame([], columns=COMPARE_COLUMNS)
+    text = f"{head}\n\n**ΔW cosine over {len(rows)} shared modules:** {overall:.4f}"
+    frame = pd.DataFrame([[n, round(c, 4), round(x, 5), round(y, 5)] for n, c, x, y in rows], columns=COMPARE_COLUMNS)
+    fig = go.Figure(go.Bar(x=[escape_html(n) for n, *_ in rows], y=[c for _, c, *_ in rows], marker_color="#4c72b0"))
+    fig.update_layout(title="Per-module ΔW cosine", yaxis={"range": [-1, 1], "title": "cosine"}, height=340,
+                      margin={"l": 50, "r": 10, "t": 40, "b": 80})  # fmt: skip
+    return text, fig, frame

@@ -1,46 +1,317 @@
-"""The Gradio UI: ``build_demo()`` returns a ``gr.Blocks`` and does no I/O; one function per tab."""
+"""The Gradio UI: ``build_demo(explorer)`` returns a ``gr.Blocks`` and does no I/O; one function per tab.
+
+Every event calls a plain function of ``app/handlers.py`` and turns :class:`LoraFormatError` into a message in the
+page. The map is a ``gr.HTML`` rendering plotly.js (served from the plotly package, no network): its click and lasso
+handlers send the LoRA ids back with ``trigger(...)`` (plain ``gr.Plot`` sends no such events, PLATFORM.md §1.5).
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import pandas as pd
+import plotly
 
-from app.handlers import MODULE_COLUMNS, inspect_upload
+from app import handlers
+from app.handlers import MODULE_COLUMNS, NEIGHBOUR_COLUMNS, PREDICTION_COLUMNS, Filters
 from lol_engine import LoraFormatError
+from lol_engine.explorer import Explorer
 
-__all__ = ["build_demo"]
+__all__ = ["PLOTLY_JS", "build_demo"]
+
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+
+_MAP_JS = """
+const render = () => {
+  const box = element.querySelector('.lol-map');
+  if (!box || typeof Plotly === 'undefined') return;
+  let fig;
+  try { fig = JSON.parse(props.value || '{}'); } catch (e) { return; }
+  if (!fig.data) { box.dataset.points = '0'; return; }
+  Plotly.react(box, fig.data, fig.layout, {responsive: true, displaylogo: false, scrollZoom: true});
+  box.dataset.points = String(fig.data.reduce((n, t) => n + (t.name === 'selected' ? 0 : (t.customdata || []).length), 0));
+  if (!box.dataset.bound) {
+    box.dataset.bound = '1';
+    box.on('plotly_click', (ev) => {
+      const p = ev && ev.points && ev.points[0];
+      if (p && p.customdata) trigger('click', {id: p.customdata[0]});
+    });
+    box.on('plotly_selected', (ev) => {
+      const ids = ev && ev.points ? ev.points.filter((p) => p.customdata).map((p) => p.customdata[0]) : [];
+      trigger('select', {ids: Array.from(new Set(ids))});
+    });
+  }
+};
+const wait = (tries) => {
+  if (typeof Plotly !== 'undefined') render();
+  else if (tries > 0) setTimeout(() => wait(tries - 1), 100);
+};
+wait(200);
+watch('value', render);
+"""
 
 
-def _inspect(paths: list[str] | None) -> tuple[str, Any, dict[str, Any]]:
+def _gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``spaces.GPU`` on a ZeroGPU Space (the package returns ``fn`` unchanged elsewhere); ``fn`` without it."""
     try:
-        result = inspect_upload(paths)
-    except LoraFormatError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
-    return result.summary, result.rows, result.report
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)  # type: ignore[no-any-return]
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Show refusals (bad uploads, empty selections) as an error message in the page; the app keeps serving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (LoraFormatError, KeyError, ValueError, OSError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise gr.Error(handlers.escape(message, 500), print_exception=False) from None
+
+    return wrapper
+
+
+def _filters(search: str, collections: list[str], families: list[str], formats: list[str]) -> Filters:
+    return Filters(search or "", tuple(collections or ()), tuple(families or ()), tuple(formats or ()))
+
+
+def _upload_tab(explorer: Explorer) -> None:
+    with gr.Tab("Upload & predict", id="upload"):
+        gr.Markdown(
+            "Drop a LoRA `.safetensors` (PEFT, kohya/A1111/ComfyUI, diffusers or LyCORIS LoCon), optionally with its "
+            "`adapter_config.json`, or give a Hugging Face repo id. Nothing is run and nothing is unpickled. "
+            "Predictions come from every shipped predictor trained on the LoRA's base and module layout; ranges are "
+            "split-conformal (calibrated on held-out LoRAs of the predictor's zoo). The upload is only stored when "
+            "you press *Add to collection*."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(file_count="multiple", file_types=[".safetensors", ".json"], type="filepath",
+                                label="LoRA file (+ optional adapter_config.json)", elem_id="upload-files")  # fmt: skip
+                repo = gr.Textbox(label="…or a Hugging Face repo id", placeholder="owner/name", max_length=96)
+                analyse = gr.Button("Analyse", variant="primary", elem_id="analyse-button")
+                add = gr.Button("Add to collection", elem_id="add-button")
+                added = gr.Markdown(elem_id="add-status")
+            with gr.Column(scale=2):
+                card = gr.Markdown(elem_id="upload-card")
+                predictions = gr.Dataframe(headers=PREDICTION_COLUMNS, interactive=False, label="Predicted scores",
+                                           elem_id="predictions", max_height=360)  # fmt: skip
+        spectrum = gr.Plot(label="Spectrum", elem_id="spectrum")
+        neighbours = gr.Dataframe(headers=NEIGHBOUR_COLUMNS, interactive=False, label="Most similar LoRAs",
+                                  elem_id="upload-neighbours", max_height=360)  # fmt: skip
+        with gr.Accordion("Modules", open=False):
+            modules = gr.Dataframe(headers=MODULE_COLUMNS, interactive=False, max_height=420, show_search="search")
+
+        @_guard
+        @_gpu
+        def on_analyse(paths: list[str] | None, repo_id: str) -> tuple[Any, ...]:
+            result = handlers.analyse_upload(explorer, paths, repo_id)
+            return result.card, result.predictions, result.spectrum, result.neighbours, result.modules, ""
+
+        @_guard
+        def on_add(paths: list[str] | None, repo_id: str) -> str:
+            return handlers.add_upload(explorer, paths, repo_id)
+
+        analyse.click(on_analyse, [files, repo], [card, predictions, spectrum, neighbours, modules, added],
+                      api_name="analyse", concurrency_id="cpu", concurrency_limit=4)  # fmt: skip
+        add.click(on_add, [files, repo], added, api_name="add", concurrency_id="write", concurrency_limit=1)
+
+
+def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
+    with gr.Tab("Explore", id="explore"):
+        with gr.Row():
+            map_choice = gr.Dropdown(label="Map (encoder)", choices=[], elem_id="map-choice", scale=2)
+            color = gr.Dropdown(label="Colour by", choices=["zoo"], value="zoo", elem_id="color-by", scale=2)
+            search = gr.Textbox(label="Search name or id", scale=2, elem_id="map-search")
+            refit = gr.Button("Refit map", scale=1)
+        with gr.Row():
+            collections = gr.CheckboxGroup(label="Collection", choices=[])
+            families = gr.CheckboxGroup(label="Base family", choices=[])
+            formats = gr.CheckboxGroup(label="Format", choices=[])
+        status = gr.Markdown(elem_id="map-status")
+        plot = gr.HTML(value="", html_template="<div class='lol-map' style='width:100%;min-height:560px'></div>",
+                       js_on_load=_MAP_JS, head=f'<script src="/gradio_api/file={PLOTLY_JS}"></script>',
+                       elem_id="lol-map", min_height=560)  # fmt: skip
+        with gr.Row():
+            with gr.Column():
+                card = gr.Markdown("Click a point to see its card and neighbours.", elem_id="map-card")
+                neighbours = gr.Dataframe(headers=NEIGHBOUR_COLUMNS, interactive=False, label="Neighbours",
+                                          elem_id="map-neighbours", max_height=320)  # fmt: skip
+            with gr.Column():
+                selected = gr.Dataframe(interactive=False, label="Lasso / box selection", elem_id="map-selection",
+                                        max_height=320)  # fmt: skip
+                with gr.Row():
+                    csv = gr.Button("Export selection as CSV")
+                    parquet = gr.Button("Export selection as Parquet")
+                download = gr.File(label="Download", interactive=False)
+        selected_ids = gr.State([])
+        picked = gr.Textbox(visible=False)  # the clicked id, also the API's way in
+        inputs = [map_choice, color, search, collections, families, formats, selected_ids]
+
+        @_guard
+        def draw(encoder: str | None, color_by: str | None, text: str, zs: list[str], fs: list[str],
+                 fmts: list[str], highlight: list[str]) -> tuple[str, str]:  # fmt: skip
+            if not encoder:
+                return "", "No map yet: the collection is empty."
+            fig, n = handlers.map_figure(explorer, encoder, color_by or "zoo", _filters(text, zs, fs, fmts),
+                                         highlight)  # fmt: skip
+            return fig.to_json(), f"{n} LoRAs on the map · colour: {handlers.code(color_by or 'zoo')}"
+
+        def controls() -> tuple[Any, ...]:
+            maps, columns, choices = handlers.map_options(explorer)
+            first = maps[0][1] if maps else None
+            return (gr.update(choices=maps, value=first), gr.update(choices=columns, value="zoo"),
+                    gr.update(choices=choices["zoo"]), gr.update(choices=choices["base_family"]),
+                    gr.update(choices=choices["format"]))  # fmt: skip
+
+        demo.load(controls, None, [map_choice, color, collections, families, formats], api_name="map_controls").then(
+            draw, inputs, [plot, status], api_visibility="private"
+        )
+        for control in (map_choice, color, collections, families, formats):
+            control.change(draw, inputs, [plot, status], api_visibility="private")
+        search.submit(draw, inputs, [plot, status], api_visibility="private")
+
+        @_guard
+        def on_click(evt: gr.EventData) -> tuple[str, str, pd.DataFrame]:
+            lora_id = str(evt._data.get("id", "")) if isinstance(evt._data, dict) else ""
+            return (lora_id, *handlers.lora_card(explorer, lora_id))
+
+        @_guard
+        def card_of(lora_id: str) -> tuple[str, pd.DataFrame]:
+            return handlers.lora_card(explorer, lora_id)
+
+        plot.click(on_click, None, [picked, card, neighbours], api_visibility="private")
+        picked.submit(card_of, picked, [card, neighbours], api_name="card")
+
+        def on_select(evt: gr.EventData) -> tuple[list[str], pd.DataFrame]:
+            raw = evt._data.get("ids", []) if isinstance(evt._data, dict) else []
+            ids = [str(i) for i in raw if isinstance(i, str)][:10_000]
+            return ids, handlers.collection_frame(explorer, ids=ids)
+
+        plot.select(on_select, None, [selected_ids, selected], api_visibility="private")
+
+        @_guard
+        def export(frame: pd.DataFrame, fmt: str) -> str:
+            folder = Path(tempfile.gettempdir()) / "lol-explorer-exports"
+            folder.mkdir(exist_ok=True)
+            return str(handlers.export_frame(frame, fmt, folder))
+
+        csv.click(lambda f: export(f, "csv"), selected, download, api_visibility="private")
+        parquet.click(lambda f: export(f, "parquet"), selected, download, api_visibility="private")
+
+        @_guard
+        def on_refit(encoder: str | None) -> str:
+            if not encoder:
+                raise ValueError("no map to refit")
+            seconds = explorer.fit_maps([encoder])[encoder]
+            return f"Refitted in {seconds:.1f} s."
+
+        refit.click(on_refit, map_choice, status, concurrency_id="cpu", concurrency_limit=1, api_name="refit").then(
+            draw, inputs, [plot, status], api_visibility="private"
+        )
+
+
+def _collection_tab(explorer: Explorer, demo: gr.Blocks) -> None:
+    with gr.Tab("Collection", id="collection"):
+        with gr.Row():
+            search = gr.Textbox(label="Search name or id", scale=2)
+            collections = gr.CheckboxGroup(label="Collection", choices=[], scale=2)
+            refresh = gr.Button("Refresh", scale=1)
+        table = gr.Dataframe(interactive=False, max_height=600, show_search="filter", elem_id="collection-table",
+                             buttons=["copy", "fullscreen"])  # fmt: skip
+        with gr.Row():
+            csv = gr.Button("Export table as CSV")
+            parquet = gr.Button("Export table as Parquet")
+        download = gr.File(label="Download", interactive=False)
+
+        def show(text: str, zs: list[str]) -> pd.DataFrame:
+            return handlers.collection_frame(explorer, _filters(text, zs, [], []))
+
+        def choices() -> Any:
+            return gr.update(choices=handlers.map_options(explorer)[2]["zoo"])
+
+        demo.load(choices, None, collections, api_visibility="private").then(
+            show, [search, collections], table, api_name="collection"
+        )
+        for event in (search.submit, collections.change, refresh.click):
+            event(show, [search, collections], table, api_visibility="private")
+
+        @_guard
+        def export(frame: pd.DataFrame, fmt: str) -> str:
+            folder = Path(tempfile.gettempdir()) / "lol-explorer-exports"
+            folder.mkdir(exist_ok=True)
+            return str(handlers.export_frame(frame, fmt, folder))
+
+        csv.click(lambda f: export(f, "csv"), table, download, api_name="export_csv")
+        parquet.click(lambda f: export(f, "parquet"), table, download, api_name="export_parquet")
+
+
+def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
+    with gr.Tab("Compare", id="compare"):
+        with gr.Row():
+            first = gr.Dropdown(label="First LoRA", choices=[], filterable=True)
+            second = gr.Dropdown(label="Second LoRA", choices=[], filterable=True)
+            go = gr.Button("Compare", variant="primary")
+        text = gr.Markdown()
+        plot = gr.Plot()
+        table = gr.Dataframe(interactive=False, max_height=420)
+
+        def choices() -> tuple[Any, Any]:
+            options = handlers.lora_choices(explorer)
+            return gr.update(choices=options), gr.update(choices=options)
+
+        demo.load(choices, None, [first, second], api_visibility="private")
+        go.click(_guard(functools.partial(handlers.compare_loras, explorer)), [first, second], [text, plot, table],
+                 api_name="compare")  # fmt: skip
 
 
 def _inspect_tab() -> None:
-    with gr.Tab("Inspect a LoRA"):
-        gr.Markdown(
-            "Upload a LoRA as `.safetensors` (PEFT, kohya/A1111/ComfyUI, diffusers or LyCORIS LoCon), optionally with "
-            "its `adapter_config.json`. Nothing is run and nothing is unpickled: the file is parsed, checked and "
-            "described, with exact singular values of every ΔW computed without forming it."
-        )
-        files = gr.File(
-            file_count="multiple", file_types=[".safetensors", ".json"], type="filepath", label="LoRA file(s)"
-        )
+    with gr.Tab("Inspect only", id="inspect"):
+        gr.Markdown("Parse and describe a LoRA file without predictions or neighbours (the `lol inspect` report).")
+        files = gr.File(file_count="multiple", file_types=[".safetensors", ".json"], type="filepath", label="LoRA")
         button = gr.Button("Inspect", variant="primary")
         summary = gr.Markdown()
         table = gr.Dataframe(headers=MODULE_COLUMNS, interactive=False, max_height=480, show_search="search")
         with gr.Accordion("Full report (JSON)", open=False):
             report = gr.JSON()
-        button.click(_inspect, inputs=files, outputs=[summary, table, report], api_name="inspect")
+
+        @_guard
+        def inspect(paths: list[str] | None) -> tuple[str, Any, dict[str, Any]]:
+            result = handlers.inspect_upload(paths)
+            return result.summary, result.rows, json.loads(json.dumps(result.report, default=str))
+
+        button.click(inspect, files, [summary, table, report], api_name="inspect")
 
 
-def build_demo() -> gr.Blocks:
-    """Build the app; nothing is loaded until an event runs."""
+def build_demo(explorer: Explorer) -> gr.Blocks:
+    """Build the app around an opened :class:`Explorer`; nothing is read until a page loads or an event runs."""
+    gr.set_static_paths([str(PLOTLY_JS)])
     with gr.Blocks(title="LoL Explorer", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# 🧭 LoL Explorer\nWhat is in a LoRA, read from its weights alone.")
-        _inspect_tab()
+        gr.Markdown(
+            "# 🧭 LoL Explorer\nWhat is in a LoRA, read from its weights alone: GL(r)-invariant encoders predict "
+            "scores and map collections without running any model."
+        )
+        header = gr.Markdown(elem_id="collection-status")
+        with gr.Tabs():
+            _upload_tab(explorer)
+            _explore_tab(explorer, demo)
+            _collection_tab(explorer, demo)
+            _compare_tab(explorer, demo)
+            _inspect_tab()
+
+        def status() -> str:
+            n = explorer.store.count()
+            return (f"**{n}** LoRAs in the collection · **{len(explorer.predictors)}** predictors · "
+                    f"maps: {', '.join(handlers.escape(m) for m in explorer.store.maps()) or 'none'}")  # fmt: skip
+
+        demo.load(status, None, header, api_name="status")
     return demo

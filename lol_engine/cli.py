@@ -65,7 +65,48 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("paths", nargs="+", help="LoRA files, PEFT folders, zoo folders or Hugging Face repo ids")
     ingest.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
     ingest.add_argument("--predictors", default=None, help="predictor folders to apply (default: data/predictors)")
+    calibrate = commands.add_parser("calibrate", help="split-conformal calibration of predictors on their zoo")
+    calibrate.add_argument("predictors", nargs="+", help="predictor folders (config.json is updated in place)")
+    calibrate.add_argument("--zoo", default=None, help="zoo folder (default: the zoo recorded in config.json)")
+    calibrate.add_argument("--coverage", type=float, default=0.9, help="nominal coverage of intervals and sets")
+    serve = commands.add_parser("serve", help="start the explorer app (ingests the default zoo on first run)")
+    serve.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    serve.add_argument("--host", default=None, help="address to bind (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     return parser
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lol_engine.train import load_predictor
+    from lol_engine.train.calibrate import calibrate
+    from lol_engine.train.loop import load_zoo
+
+    zoos: dict[str, Any] = {}
+    for folder in args.predictors:
+        predictor = load_predictor(folder)
+        zoo_path = args.zoo or predictor.config.get("zoo")
+        if zoo_path is None:
+            print(f"error: {folder}: no zoo recorded in config.json; pass --zoo", file=sys.stderr)
+            return 2
+        if zoo_path not in zoos:
+            zoos[zoo_path] = load_zoo(zoo_path)
+        result = calibrate(predictor, zoos[zoo_path], coverage=args.coverage)
+        config_path = Path(folder) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["calibration"] = result
+        config_path.write_text(json.dumps(config, indent=2))
+        print(f"{folder}: q = {result['q']:.4g}, test coverage {result['test_coverage']:.3f} "
+              f"(nominal {args.coverage}), mean size {result['test_mean_size']:.3g}")  # fmt: skip
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from app.serve import serve
+
+    serve(db=args.db, port=args.port, host=args.host)
+    return 0
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -206,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _ingest(args)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
+    if args.command == "serve":
+        return _serve(args)
     try:
         limits = ReadLimits(max_file_bytes=int(args.max_file_mb * 2**20))
         report = describe(load_lora(args.path, limits=limits))

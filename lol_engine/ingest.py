@@ -14,14 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lol_engine.errors import LoraFormatError
 from lol_engine.fingerprint import fingerprint
 from lol_engine.lora.parse import load_lora
+from lol_engine.lora.weights import LoraWeights
 from lol_engine.nn.batch import SpecMismatchError
 
-__all__ = ["IngestReport", "fetch_repo", "ingest", "lora_sources", "shipped_predictors"]
+__all__ = ["FINGERPRINT", "LOL_PREFIX", "IngestReport", "encode", "fetch_repo", "ingest", "lora_sources",
+           "shipped_predictors"]  # fmt: skip
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+FINGERPRINT = "fingerprint"  # encoder name of the architecture-agnostic invariant fingerprint
+LOL_PREFIX = "lol:"  # encoder name prefix of a shipped predictor's LoL embedding
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEFAULT_PREDICTORS = Path(__file__).resolve().parent.parent / "data" / "predictors"
 
 
@@ -47,7 +54,7 @@ def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[tup
     out: list[tuple[Path, dict[str, Any], str | None]] = []
     for raw in paths:
         path = Path(raw)
-        if not path.exists() and _REPO_ID.match(raw):
+        if not path.exists() and REPO_ID.match(raw):
             path = fetch_repo(raw, cache_dir)
         if (path / "manifest.parquet").is_file():
             from lol_engine.zoo.manifest import read_manifest
@@ -76,6 +83,27 @@ def shipped_predictors(folder: str | os.PathLike[str] | None = None) -> dict[str
     return {p.parent.name: load_predictor(p.parent) for p in sorted(root.glob("*/config.json"))}
 
 
+def encode(
+    lora: LoraWeights, predictors: Mapping[str, Any]
+) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """What the store keeps for a LoRA: ``({predictor: {target: value}}, {encoder: vector})``.
+
+    Encoders are ``fingerprint`` (any LoRA) and ``lol:<predictor>`` (the predictor's LoL embedding) for every
+    predictor whose module spec the LoRA fits; the others are skipped.
+    """
+    predictions: dict[str, dict[str, float]] = {}
+    embeddings = {FINGERPRINT: fingerprint(lora).numpy()}
+    for name, predictor in predictors.items():
+        try:
+            output, vector = predictor.predict_and_embed(lora)
+        except SpecMismatchError:
+            continue
+        value = output[predictor.task.label]
+        predictions[name] = value if isinstance(value, dict) else {predictor.task.label: value}
+        embeddings[f"{LOL_PREFIX}{name}"] = vector.numpy()
+    return predictions, embeddings
+
+
 def ingest(
     paths: Iterable[str],
     store: Any,
@@ -95,14 +123,7 @@ def ingest(
         for path, labels, zoo in sources:
             try:
                 lora = load_lora(path)
-                predictions: dict[str, dict[str, float]] = {}
-                for name, predictor in predictors.items():
-                    try:
-                        value = predictor.predict(lora)[predictor.task.label]
-                    except SpecMismatchError:
-                        continue
-                    predictions[name] = value if isinstance(value, dict) else {predictor.task.label: value}
-                embeddings = {"fingerprint": fingerprint(lora).numpy()}
+                predictions, embeddings = encode(lora, predictors)
                 report.ids.append(
                     store.add(lora, zoo=zoo, labels=labels, embeddings=embeddings, predictions=predictions)
                 )

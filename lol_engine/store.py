@@ -51,6 +51,17 @@ def _insert_many(cur: Any, table: str, rows: list[list[Any]]) -> None:
     cur.execute(f"INSERT OR REPLACE INTO {table} VALUES {values}", [v for row in rows for v in row])
 
 
+_LORA_COLUMNS = (
+    "id, name, source, format, base_family, spec_json, n_modules, rank_min, rank_max, size_bytes, dtype, "
+    "metadata_json, zoo, added_at"
+)
+
+
+def _stored(row: Sequence[Any]) -> StoredLora:
+    return StoredLora(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8], row[9],
+                      row[10], json.loads(row[11]), row[12], row[13])  # fmt: skip
+
+
 @dataclass(frozen=True)
 class StoredLora:
     """One row of the ``loras`` table."""
@@ -68,6 +79,7 @@ class StoredLora:
     dtype: str
     metadata: dict[str, Any]
     zoo: str | None
+    added_at: Any = None  # datetime of the first ingest
 
 
 def default_db_path() -> Path:
@@ -219,15 +231,61 @@ class LoraStore:
     def get(self, lora_id: str) -> StoredLora | None:
         """One stored LoRA, or None."""
         with self._cursor() as cur:
+            row = cur.execute(f"SELECT {_LORA_COLUMNS} FROM loras WHERE id = ?", [lora_id]).fetchone()
+        return None if row is None else _stored(row)
+
+    def all(self) -> list[StoredLora]:
+        """Every stored LoRA, oldest first (ties by id)."""
+        with self._cursor() as cur:
+            rows = cur.execute(f"SELECT {_LORA_COLUMNS} FROM loras ORDER BY added_at, id").fetchall()
+        return [_stored(row) for row in rows]
+
+    def all_labels(self) -> dict[str, dict[str, Any]]:
+        """``{lora id: {label: value}}`` for every LoRA with labels."""
+        out: dict[str, dict[str, Any]] = {}
+        with self._cursor() as cur:
+            for lora_id, name, value in cur.execute("SELECT lora_id, name, value_json FROM labels").fetchall():
+                out.setdefault(lora_id, {})[name] = json.loads(value)
+        return out
+
+    def all_predictions(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{lora id: {predictor: {target: value}}}`` for every LoRA with predictions."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        with self._cursor() as cur:
+            rows = cur.execute("SELECT lora_id, predictor, target, value FROM predictions").fetchall()
+        for lora_id, predictor, target, value in rows:
+            out.setdefault(lora_id, {}).setdefault(predictor, {})[target] = value
+        return out
+
+    def encoders(self) -> dict[str, int]:
+        """``{encoder: number of LoRAs embedded}``."""
+        with self._cursor() as cur:
+            rows = cur.execute("SELECT encoder, count(*) FROM embeddings GROUP BY encoder ORDER BY encoder").fetchall()
+        return {name: int(n) for name, n in rows}
+
+    def embedding(self, lora_id: str, encoder: str) -> np.ndarray | None:
+        """One stored embedding, or None."""
+        with self._cursor() as cur:
             row = cur.execute(
-                "SELECT id, name, source, format, base_family, spec_json, n_modules, rank_min, rank_max, size_bytes, "
-                "dtype, metadata_json, zoo FROM loras WHERE id = ?",
-                [lora_id],
+                "SELECT v FROM embeddings WHERE lora_id = ? AND encoder = ?", [lora_id, encoder]
             ).fetchone()
-        if row is None:
-            return None
-        return StoredLora(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8], row[9],
-                          row[10], json.loads(row[11]), row[12])  # fmt: skip
+        return None if row is None else np.asarray(row[0], dtype=np.float32)
+
+    def maps(self) -> dict[str, int]:
+        """``{map name: number of placed LoRAs}``."""
+        with self._cursor() as cur:
+            rows = cur.execute("SELECT map, count(*) FROM projections GROUP BY map ORDER BY map").fetchall()
+        return {name: int(n) for name, n in rows}
+
+    def add_projection(self, name: str, ids: Sequence[str], xy: np.ndarray) -> None:
+        """Add (or move) points of map ``name`` without touching the others."""
+        xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+        if len(xy) != len(ids):
+            raise ValueError(f"expected {len(ids)} coordinate pairs, got {len(xy)}")
+        with self._transaction() as cur:
+            _insert_many(
+                cur, "projections", [[i, name, float(x), float(y)] for i, (x, y) in zip(ids, xy, strict=True)]
+            )
 
     def labels(self, lora_id: str) -> dict[str, Any]:
         """The labels stored for a LoRA."""

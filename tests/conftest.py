@@ -24,3 +24,19 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 def gen() -> torch.Generator:
     """A seeded generator: every test draws its own, reproducible randomness."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """An :class:`Explorer` over 40 digits + 30 fashion-gen LoRAs of the shipped zoos, with labels and fitted maps."""
+    pytest.importorskip("duckdb")
+    from collection import mini_zoo
+
+    from lol_engine.explorer import Explorer
+
+    root = tmp_path_factory.mktemp("collection")
+    zoos = [mini_zoo(root / "zoos", "digits", 40), mini_zoo(root / "zoos", "fashion-gen", 30)]
+    explorer = Explorer.open(root / "data" / "lol.duckdb")
+    explorer.ensure_default(zoos, progress=False)
+    yield explorer
+    explorer.close()

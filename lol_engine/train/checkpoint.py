@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,46 @@ class Predictor:
     task: Task
     fold_scale: bool
     config: dict[str, Any]
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    @torch.no_grad()
+    @property
+    def embedding_dim(self) -> int:
+        """Length of :meth:`embed`'s vector: the width of the model's head before its last layer."""
+        return int(self.model.head[-1].in_features)
+
+    def to(self, device: str | torch.device) -> Predictor:
+        """Move the model (e.g. to ``"cuda"``); inputs follow it, outputs come back on the CPU."""
+        self.model.to(device)
+        return self
+
     def predict(self, lora: LoraWeights) -> dict[str, Any]:
         """Predictions for one LoRA; raises :class:`SpecMismatchError` naming modules that are missing or differ."""
+        return self.predict_and_embed(lora)[0]
+
+    def embed(self, lora: LoraWeights) -> torch.Tensor:
+        """The encoder's embedding of one LoRA: the head's hidden features (after its ReLU), input to the last layer.
+
+        It inherits the model's symmetry: GL(r)-invariant for GL(r)-invariant models.
+        """
+        return self.predict_and_embed(lora)[1]
+
+    @torch.no_grad()
+    def predict_and_embed(self, lora: LoraWeights) -> tuple[dict[str, Any], torch.Tensor]:
+        """:meth:`predict` and :meth:`embed` from one forward pass."""
         check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
-        batch = LoraBatch.from_loras([lora], fold_scale=self.fold_scale, spec=self.model.spec)
-        out = self.task.decode(self.model.eval()(batch))[0]
+        device = next(self.model.parameters()).device
+        batch = LoraBatch.from_loras([lora], fold_scale=self.fold_scale, spec=self.model.spec).to(device)
+        captured: list[torch.Tensor] = []
+        with self._lock:  # the hook sees every forward of the shared model: one forward at a time
+            hook = self.model.head[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+            try:
+                logits = self.model.eval()(batch)
+            finally:
+                hook.remove()
+        return self._decode(logits.cpu()), captured[0][0].cpu()
+
+    def _decode(self, logits: torch.Tensor) -> dict[str, Any]:
+        out = self.task.decode(logits)[0]
         if self.task.kind in ("regression", "binary"):
             return {self.task.label: float(out)}
         return {self.task.label: {name: float(p) for name, p in zip(self.task.names, out.tolist(), strict=True)}}

@@ -1,0 +1,136 @@
+"""Split-conformal calibration of predictors: intervals for regression, label sets for classification.
+
+A predictor is calibrated once on its zoo's validation split (never seen by the weights' training, only by early
+stopping) and checked on the test split. With nonconformity scores ``s`` on ``n`` calibration LoRAs, the threshold
+``q`` is the ``⌈(n + 1)·coverage⌉``-th smallest score; for a new LoRA from the same distribution:
+
+- regression: ``[ŷ − q, ŷ + q]`` holds the true label with probability ≥ ``coverage`` (score ``|y − ŷ|``);
+- categorical: the set ``{k : 1 − p_k ≤ q}`` holds the true class (score ``1 − p_true``);
+- binary and multilabel: per entry, the set of values ``v ∈ {0, 1}`` with ``1 − p(v) ≤ q`` (score ``1 − p(y)``);
+  coverage is then per entry, not joint.
+
+The guarantee is marginal and only for LoRAs like the zoo's (same base, same recipe); the app says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lol_engine.lora.weights import LoraWeights
+from lol_engine.train.tasks import Task
+
+__all__ = ["Estimate", "calibrate", "conformal_quantile", "estimates", "nonconformity"]
+
+
+def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    """The ``⌈(n + 1)·coverage⌉``-th smallest score (``inf`` when there are too few scores for that coverage)."""
+    if not 0.0 < coverage < 1.0:
+        raise ValueError(f"coverage must be in (0, 1), got {coverage}")
+    s = np.sort(np.asarray(scores, dtype=float).reshape(-1))
+    rank = math.ceil((len(s) + 1) * coverage)
+    return float(s[rank - 1]) if rank <= len(s) else math.inf
+
+
+def nonconformity(task: Task, decoded: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Scores of the true labels under ``decoded`` predictions (see the module docstring), masked entries dropped."""
+    if task.kind == "regression":
+        return (y - decoded).abs().numpy()
+    if task.kind == "categorical":
+        return (1.0 - decoded.gather(1, y.long().view(-1, 1))[:, 0]).numpy()
+    p = decoded.reshape(y.shape)
+    p_true = torch.where(y > 0.5, p, 1.0 - p)
+    return (1.0 - p_true)[mask.reshape(y.shape)].numpy()
+
+
+def _covered(task: Task, decoded: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, q: float) -> np.ndarray:
+    return nonconformity(task, decoded, y, mask) <= q
+
+
+def _size(task: Task, decoded: torch.Tensor, mask: torch.Tensor, q: float) -> float:
+    """Mean interval width (regression) or mean label-set size (classification)."""
+    if task.kind == "regression":
+        return 2 * q
+    if task.kind == "categorical":
+        return float(((1.0 - decoded) <= q).sum(1).float().mean())
+    p = decoded.reshape(mask.shape)
+    size = ((1.0 - p) <= q).float() + (p <= q).float()
+    return float(size[mask].mean())
+
+
+def calibrate(
+    predictor: Any, zoo: Any, coverage: float = 0.9, split: str = "val", check: str | None = "test"
+) -> dict[str, Any]:
+    """Calibrate ``predictor`` (:class:`~lol_engine.train.checkpoint.Predictor`) on ``zoo``'s ``split``.
+
+    Returns the JSON-ready ``calibration`` entry of a predictor's ``config.json``: threshold ``q``, the number of
+    calibration LoRAs, and the empirical coverage and mean interval width / set size on the ``check`` split.
+    """
+    from lol_engine.train.loop import Split
+
+    task, model = predictor.task, predictor.model.eval()
+
+    def decoded(name: str) -> tuple[torch.Tensor, Split]:
+        data = Split.make(zoo, zoo.split(name), task, predictor.fold_scale, model.spec)
+        with torch.no_grad():
+            logits = torch.cat([model(data.batch.index(slice(i, i + 256))) for i in range(0, len(data), 256)])
+        return task.decode(logits), data
+
+    pred, data = decoded(split)
+    scores = nonconformity(task, pred, data.y, data.mask)
+    q = conformal_quantile(scores, coverage)
+    out: dict[str, Any] = {"method": "split conformal", "coverage": coverage, "split": split, "n": len(data),
+                           "n_scores": int(scores.size), "q": q}  # fmt: skip
+    if check is not None:
+        pred, data = decoded(check)
+        out[f"{check}_coverage"] = float(_covered(task, pred, data.y, data.mask, q).mean())
+        out[f"{check}_mean_size"] = _size(task, pred, data.mask, q)
+    return out
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One predicted target: its value (a number, a probability, or a class), and the calibrated range if known.
+
+    ``interval`` is set for regression; ``choices`` (the conformal label set) for classification. ``coverage`` is the
+    nominal coverage of that range, ``None`` when the predictor was never calibrated.
+    """
+
+    target: str
+    kind: str
+    value: float | str
+    probability: float | None
+    interval: tuple[float, float] | None
+    choices: tuple[str, ...] | None
+    coverage: float | None
+
+
+def estimates(predictor: Any, lora: LoraWeights) -> list[Estimate]:
+    """The predictor's output for one LoRA as :class:`Estimate` rows, with calibrated ranges when available.
+
+    Raises :class:`~lol_engine.nn.batch.SpecMismatchError` when the LoRA does not fit the predictor.
+    """
+    task: Task = predictor.task
+    raw = predictor.predict(lora)[task.label]
+    cal = predictor.config.get("calibration")
+    q = float(cal["q"]) if cal else None
+    coverage = float(cal["coverage"]) if cal else None
+    if task.kind == "regression":
+        value = float(raw)
+        interval = (value - q, value + q) if q is not None else None
+        return [Estimate(task.label, task.kind, value, None, interval, None, coverage)]
+    if task.kind == "categorical":
+        probs = dict(raw)
+        best = max(probs, key=lambda k: probs[k])
+        choices = tuple(k for k, p in sorted(probs.items(), key=lambda kv: -kv[1]) if q is not None and 1 - p <= q)
+        return [Estimate(task.label, task.kind, best, probs[best], None, choices if q is not None else None, coverage)]
+    probs = {task.label: float(raw)} if task.kind == "binary" else dict(raw)
+    rows = []
+    for name, p in probs.items():
+        choices = None if q is None else tuple(v for v, pv in (("1", p), ("0", 1 - p)) if 1 - pv <= q)
+        rows.append(Estimate(name, task.kind, "1" if p >= 0.5 else "0", p, None, choices, coverage))
+    return rows

@@ -1,0 +1,254 @@
+"""The explorer service: exact ΔW-cosine neighbours, LoL embeddings, calibrated predictions, uploads and maps."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("duckdb")
+
+from collection import ZOOS, mini_zoo
+
+from lol_engine import LoraFormatError, load_lora
+from lol_engine.explorer import Explorer, neighbour_placement
+from lol_engine.ingest import FINGERPRINT, shipped_predictors
+from lol_engine.similarity import cosine_to_many, module_cosines
+from lol_engine.spec import LayerSpec, LoraSpec
+from lol_engine.symmetry import act_gl, lora_cosine, random_gl_like
+from lol_engine.testing import assert_gl_invariant, assert_gl_sensitive, random_lora
+from lol_engine.train.calibrate import conformal_quantile, estimates, nonconformity
+from lol_engine.train.tasks import Task
+
+DIGITS = sorted((ZOOS / "digits" / "loras").iterdir())
+FASHION = sorted((ZOOS / "fashion-gen" / "loras").iterdir())
+
+
+def _spec(rank: int, names: tuple[str, ...] = ("q", "v")) -> LoraSpec:
+    return LoraSpec(tuple(LayerSpec(n, 12, 9, rank) for n in names))
+
+
+# ------------------------------------------------------------------------------------------------ similarity (math)
+def test_cosine_to_many_matches_the_pairwise_reference(gen: torch.Generator) -> None:
+    query = random_lora(_spec(3), generator=gen, scale=[0.5, 2.0])
+    candidates = [random_lora(_spec(r), generator=gen, scale=[1.5, -0.7]) for r in (1, 3, 3, 5)]
+    candidates.append(random_lora(_spec(2, ("q", "other")), generator=gen))  # shares one module only
+    candidates.append(random_lora(_spec(2, ("x", "y")), generator=gen))  # shares none
+    got = cosine_to_many(query, candidates)
+    want = [lora_cosine(query, c) for c in candidates[:-1]]
+    np.testing.assert_allclose(got[:-1], want, rtol=1e-12, atol=1e-12)
+    assert math.isnan(got[-1])
+    dense = [torch.cat([(m.scale * m.b @ m.a).reshape(-1) for m in lora]) for lora in (query, candidates[0])]
+    assert got[0] == pytest.approx(float(torch.nn.functional.cosine_similarity(*dense, dim=0)), abs=1e-12)
+
+
+def test_cosine_to_many_is_gl_invariant_and_sensitive(gen: torch.Generator) -> None:
+    query = random_lora(_spec(4), generator=gen)
+    others = [random_lora(_spec(4), generator=gen) for _ in range(3)]
+    assert_gl_invariant(lambda q: cosine_to_many(q, others), query, generator=gen)
+    assert_gl_invariant(lambda o: cosine_to_many(query, [o]), others[0], generator=gen)
+    assert_gl_sensitive(lambda q: cosine_to_many(q, others), query, generator=gen)
+
+
+def test_module_cosines_against_dense(gen: torch.Generator) -> None:
+    first, second = random_lora(_spec(2), generator=gen), random_lora(_spec(5), generator=gen, scale=3.0)
+    rows = module_cosines(first, second)
+    assert [r[0] for r in rows] == ["q", "v"]
+    for name, cos, n1, n2 in rows:
+        w1 = first[name].scale * first[name].b @ first[name].a
+        w2 = second[name].scale * second[name].b @ second[name].a
+        assert cos == pytest.approx(float((w1 * w2).sum() / (w1.norm() * w2.norm())), abs=1e-12)
+        assert (n1, n2) == pytest.approx((float(w1.norm()), float(w2.norm())), rel=1e-12)
+    moved = act_gl(first, random_gl_like(first, generator=gen))
+    np.testing.assert_allclose([r[1] for r in module_cosines(moved, second)], [r[1] for r in rows], atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------ LoL embeddings
+def test_lol_embedding_is_invariant_and_consistent_with_prediction() -> None:
+    predictor = shipped_predictors()["fashion-gen-quality"]  # spectral GL-net: GL(r)-invariant
+    lora = load_lora(FASHION[0])
+    prediction, vector = predictor.predict_and_embed(lora)
+    assert prediction == predictor.predict(lora)
+    assert vector.shape == (predictor.embedding_dim,)
+    torch.testing.assert_close(predictor.embed(lora), vector)
+    gen = torch.Generator().manual_seed(0)
+    assert_gl_invariant(predictor.embed, lora, generator=gen, cond_max=3.0, rtol=2e-3, atol=2e-4)
+    other = load_lora(FASHION[1])
+    assert not torch.allclose(predictor.embed(other), vector, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def test_conformal_quantile() -> None:
+    scores = np.arange(1.0, 10.0)  # n = 9
+    assert conformal_quantile(scores, 0.9) == 9.0  # ⌈10·0.9⌉ = 9th smallest
+    assert conformal_quantile(scores, 0.5) == 5.0
+    assert conformal_quantile(scores[:5], 0.9) == math.inf  # ⌈6·0.9⌉ = 6 > 5
+    with pytest.raises(ValueError, match="coverage"):
+        conformal_quantile(scores, 1.0)
+
+
+def test_nonconformity_by_task_kind() -> None:
+    reg = Task("q", "regression", 1, ("q",))
+    np.testing.assert_allclose(nonconformity(reg, torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0]),
+                                             torch.ones(2, dtype=torch.bool)), [0.5, 1.0])  # fmt: skip
+    cat = Task("c", "categorical", 3, ("a", "b", "c"))
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    np.testing.assert_allclose(nonconformity(cat, probs, torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool)),
+                               [0.3, 0.9], atol=1e-6)  # fmt: skip
+    multi = Task("m", "multilabel", 2, ("m[0]", "m[1]"))
+    p = torch.tensor([[0.9, 0.4]])
+    mask = torch.tensor([[True, False]])
+    np.testing.assert_allclose(nonconformity(multi, p, torch.tensor([[0.0, 1.0]]), mask), [0.9], atol=1e-6)
+
+
+def test_shipped_predictors_are_calibrated_and_their_ranges_hold() -> None:
+    predictors = shipped_predictors()
+    for name, predictor in predictors.items():
+        cal = predictor.config["calibration"]
+        assert cal["coverage"] == 0.9 and cal["n"] > 50, name
+        assert cal["test_coverage"] > 0.75, name  # ~100 test LoRAs: 0.9 nominal, sampling noise ±0.06
+    quality = predictors["fashion-gen-quality"]
+    lora = load_lora(FASHION[3])
+    (row,) = estimates(quality, lora)
+    q = quality.config["calibration"]["q"]
+    assert row.interval == pytest.approx((row.value - q, row.value + q))
+    (cls,) = estimates(predictors["fashion-gen-class"], lora)
+    assert cls.choices is not None and (not cls.choices or cls.choices[0] == cls.value)
+    bits = estimates(predictors["digits-classes"], load_lora(DIGITS[0]))
+    assert len(bits) == 10 and all(set(b.choices or ()) <= {"0", "1"} for b in bits)
+
+
+# ------------------------------------------------------------------------------------------------ the service
+def test_collection_has_labels_predictions_embeddings_and_maps(collection: Explorer) -> None:
+    assert collection.store.count() == 70
+    encoders = collection.encoders()
+    assert encoders[0] == FINGERPRINT and len(encoders) == 8  # fingerprint + 7 shipped predictors
+    maps = collection.store.maps()
+    assert maps[FINGERPRINT] == 70 and maps["lol:digits-classes"] == 40 and maps["lol:fashion-gen-quality"] == 30
+    records = {r["id"]: r for r in collection.records()}
+    digits = [r for r in records.values() if r["zoo"] == "digits"]
+    assert len(digits) == 40 and all("label:acc_own" in r and "pred:digits-acc_own" in r for r in digits)
+    assert all(isinstance(r["pred:fashion-gen-class"], str) for r in records.values() if r["zoo"] == "fashion-gen")
+
+
+def test_neighbours_are_exact_and_ordered(collection: Explorer) -> None:
+    lora = load_lora(DIGITS[3])
+    found = collection.neighbours(lora, k=5)
+    assert [n.by for n in found] == ["ΔW cosine"] * 5
+    assert found[0].similarity == pytest.approx(1.0) and found[0].name == DIGITS[3].name  # itself is stored
+    brute = sorted(((lora_cosine(lora, load_lora(p)), p.name) for p in DIGITS[:40]), reverse=True)[:5]
+    assert [n.name for n in found] == [name for _, name in brute]
+    np.testing.assert_allclose([n.similarity for n in found], [s for s, _ in brute], atol=1e-6)
+    excluded = collection.neighbours(lora, k=5, exclude=found[0].id)
+    assert found[0].id not in {n.id for n in excluded}
+
+
+def test_neighbours_fall_back_to_fingerprints(collection: Explorer, gen: torch.Generator) -> None:
+    from lol_engine.lora.weights import LoraMetadata, LoraWeights
+
+    stranger = random_lora(_spec(2, ("unrelated.a", "unrelated.b")), generator=gen, dtype=torch.float32)
+    stranger = LoraWeights(stranger.modules, LoraMetadata(format="peft", base_family="unknown"))
+    found = collection.neighbours(stranger, k=3)
+    assert len(found) == 3 and {n.by for n in found} == {"fingerprint cosine"}
+
+
+def test_neighbour_placement() -> None:
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    coords = np.array([[10.0, 0.0], [0.0, 10.0], [-10.0, 0.0]])
+    np.testing.assert_allclose(neighbour_placement(x, coords, np.array([2.0, 0.0]), k=1), [10.0, 0.0])
+    mid = neighbour_placement(x, coords, np.array([1.0, 1.0]), k=2)
+    np.testing.assert_allclose(mid, [5.0, 5.0])
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Explorer:
+    """A small explorer of its own (tests below change the collection)."""
+    explorer = Explorer.open(tmp_path / "data" / "lol.duckdb")
+    explorer.ensure_default([mini_zoo(tmp_path / "zoos", "digits", 8)], progress=False)
+    yield explorer
+    explorer.close()
+
+
+def test_analyse_stores_nothing_and_add_is_idempotent(fresh: Explorer, tmp_path: Path) -> None:
+    upload = tmp_path / "upload" / "my lora.safetensors"
+    upload.parent.mkdir()
+    shutil.copyfile(DIGITS[20] / "adapter_model.safetensors", upload)
+    before = fresh.store.count()
+    analysis = fresh.analyse(upload, DIGITS[20] / "adapter_config.json")
+    assert fresh.store.count() == before and not fresh.uploads_dir.exists()
+    assert set(analysis.estimates) == {"digits-acc_own", "digits-classes", "digits-n_classes", "digits-probe_member"}
+    lora_id = fresh.add(analysis, name="my lora")
+    assert fresh.add(analysis) == lora_id and fresh.store.count() == before + 1
+    assert sorted(p.name for p in (fresh.uploads_dir / lora_id).iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]  # fmt: skip
+    assert not [p for p in fresh.uploads_dir.iterdir() if p.name.startswith(".")]  # no staging left
+    assert fresh.store.get(lora_id).name == "my lora"
+    assert fresh.store.predictions(lora_id)["digits-acc_own"]["acc_own"] == pytest.approx(
+        analysis.predictions["digits-acc_own"]["acc_own"]
+    )
+    for encoder, n in fresh.store.maps().items():  # placed on every map of an encoder that embedded it
+        assert n == before + 1, encoder
+    assert fresh.weights(lora_id).meta.sha256 == lora_id
+
+
+def test_placement_survives_a_restart(fresh: Explorer, tmp_path: Path) -> None:
+    path = fresh.store.path
+    maps_before = fresh.store.maps()
+    fresh.close()
+    reopened = Explorer.open(path)
+    try:
+        assert reopened.store.maps() == maps_before and reopened.store.count() == 8
+        assert not reopened.ensure_default([mini_zoo(tmp_path / "again", "digits", 8)], progress=False)
+        analysis = reopened.analyse(DIGITS[30])  # no fitted reducer in this process: neighbour placement
+        reopened.add(analysis)
+        assert all(n == 9 for n in reopened.store.maps().values())
+        ids, xy = reopened.map_points(FINGERPRINT)
+        assert np.isfinite(xy).all() and analysis.sha256 in ids
+    finally:
+        reopened.close()
+    fresh.store = reopened.store  # the fixture's teardown closes it again (harmless)
+
+
+def test_a_failed_add_stores_nothing(fresh: Explorer, tmp_path: Path) -> None:
+    upload = tmp_path / "x.safetensors"
+    shutil.copyfile(DIGITS[21] / "adapter_model.safetensors", upload)
+    analysis = fresh.analyse(upload)
+    upload.write_bytes(upload.read_bytes()[:-8] + b"\0" * 8)  # the file changes between analyse and add
+    with pytest.raises(LoraFormatError, match="does not match"):
+        fresh.add(analysis)
+    assert fresh.store.get(analysis.sha256) is None and fresh.store.count() == 8
+
+
+def test_concurrent_adds_lose_nothing(fresh: Explorer) -> None:
+    analyses = [fresh.analyse(DIGITS[i]) for i in range(40, 48)]
+    errors: list[BaseException] = []
+
+    def add(i: int) -> None:
+        try:
+            fresh.add(analyses[i], name=f"upload-{i}")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(len(analyses))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert fresh.store.count() == 16
+    assert all(fresh.store.get(a.sha256) is not None for a in analyses)
+    assert all(n == 16 for n in fresh.store.maps().values())
+
+
+def test_compare(collection: Explorer) -> None:
+    ids = [r["id"] for r in collection.records() if r["zoo"] == "digits"][:2]
+    overall, rows = collection.compare(*ids)
+    assert overall == pytest.approx(lora_cosine(collection.weights(ids[0]), collection.weights(ids[1])))
+    assert [r[0] for r in rows] == ["fc1", "fc2"]
+    other = next(r["id"] for r in collection.records() if r["zoo"] == "fashion-gen")
+    assert collection.compare(ids[0], other) == (None, [])
