@@ -102,7 +102,7 @@ def _plain(text: object, limit: int) -> str:
 
 def escape(text: object, limit: int = 200) -> str:
     """Untrusted text made inert for Markdown: shortened, one line, HTML-escaped, Markdown punctuation escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(_plain(text, limit), quote=True))
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(_plain(text, limit), quote=False))
 
 
 def escape_html(text: object, limit: int = 200) -> str:
@@ -267,6 +267,9 @@ def predictions_frame(explorer: Explorer, analysis: Analysis) -> pd.DataFrame:
     for name, items in analysis.estimates.items():
         predictor = explorer.predictors[name]
         skill = _skill(predictor.config)
+        if predictor.task.kind == "multilabel":  # one row: the positions predicted 1, and how sure the sets are
+            rows.append([name, predictor.task.label, *_multilabel(items), skill])
+            continue
         for e in items:
             if e.interval is not None:
                 shown = f"[{e.interval[0]:.3g}, {e.interval[1]:.3g}]"
@@ -280,6 +283,19 @@ def predictions_frame(explorer: Explorer, analysis: Analysis) -> pd.DataFrame:
             probability = "" if e.probability is None else f"{e.probability:.3f}"
             rows.append([name, e.target, value, probability, shown, skill])
     return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+
+
+def _multilabel(items: Sequence[Any]) -> tuple[str, str, str]:
+    """(positions predicted 1, mean probability of those, how many positions the calibrated sets pin down)."""
+    ones = [i for i, e in enumerate(items) if e.value == "1"]
+    mean = sum(items[i].probability for i in ones) / len(ones) if ones else None
+    if items and items[0].choices is not None:
+        sure_1 = sum(e.choices == ("1",) for e in items)
+        sure_0 = sum(e.choices == ("0",) for e in items)
+        shown = f"{sure_1} sure 1 · {sure_0} sure 0 · {len(items) - sure_1 - sure_0} unsure @{items[0].coverage:.0%}"
+    else:
+        shown = ""
+    return f"1 at {ones}" if ones else "all 0", "" if mean is None else f"{mean:.3f}", shown
 
 
 def spectrum_figure(report: dict[str, Any], max_curves: int = 8) -> go.Figure:

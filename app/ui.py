@@ -258,8 +258,8 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks) -> None:
 def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
     with gr.Tab("Compare", id="compare"):
         with gr.Row():
-            first = gr.Dropdown(label="First LoRA", choices=[], filterable=True)
-            second = gr.Dropdown(label="Second LoRA", choices=[], filterable=True)
+            first = gr.Dropdown(label="First LoRA", choices=[], filterable=True, allow_custom_value=True)
+            second = gr.Dropdown(label="Second LoRA", choices=[], filterable=True, allow_custom_value=True)
             go = gr.Button("Compare", variant="primary")
         text = gr.Markdown()
         plot = gr.Plot()

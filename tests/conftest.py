@@ -26,17 +26,22 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
-@pytest.fixture(scope="session")
-def collection(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def make_collection(root):  # type: ignore[no-untyped-def]
     """An :class:`Explorer` over 40 digits + 30 fashion-gen LoRAs of the shipped zoos, with labels and fitted maps."""
-    pytest.importorskip("duckdb")
     from collection import mini_zoo
 
     from lol_engine.explorer import Explorer
 
-    root = tmp_path_factory.mktemp("collection")
     zoos = [mini_zoo(root / "zoos", "digits", 40), mini_zoo(root / "zoos", "fashion-gen", 30)]
     explorer = Explorer.open(root / "data" / "lol.duckdb")
     explorer.ensure_default(zoos, progress=False)
+    return explorer
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A read-only shared collection (:func:`make_collection`); tests that add LoRAs make their own."""
+    pytest.importorskip("duckdb")
+    explorer = make_collection(tmp_path_factory.mktemp("collection"))
     yield explorer
     explorer.close()

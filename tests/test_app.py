@@ -1,15 +1,29 @@
-"""App handlers called directly; the UI builds without launching; the API answers over HTTP."""
+"""App handlers called directly (no gradio): uploads, predictions, maps, cards, tables, exports, compare, escaping."""
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 
+import shutil
+
+import pandas as pd
 import pytest
+from collection import ZOOS
 from lora_files import kohya, peft, save, write_config
 
-from app.handlers import MODULE_COLUMNS, inspect_upload
+pytest.importorskip("duckdb")
+pytest.importorskip("plotly")
+
+from app import handlers
+from app.handlers import MODULE_COLUMNS, Filters, inspect_upload
 from lol_engine import LoraFormatError
+from lol_engine.explorer import Explorer
+from lol_engine.ingest import FINGERPRINT
+
+DIGIT = ZOOS / "digits" / "loras" / "00011"
+FASHION = ZOOS / "fashion-gen" / "loras" / "00005"
+HOSTILE = '<img src=x onerror="alert(1)">`**[x](javascript:alert(1))**'
 
 STEM = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 
@@ -60,35 +74,137 @@ def test_inspect_upload_refuses_a_pickle(tmp_path: Path) -> None:
         inspect_upload(str(path))
 
 
-def test_build_demo_does_not_launch() -> None:
+def test_analyse_upload_predicts_with_calibrated_ranges(collection: Explorer) -> None:
+    before = collection.store.count()
+    result = handlers.analyse_upload(collection, [str(FASHION / "adapter_model.safetensors"),
+                                                  str(FASHION / "adapter_config.json")])  # fmt: skip
+    assert collection.store.count() == before  # analysing stores nothing
+    frame = result.predictions
+    assert list(frame.columns) == handlers.PREDICTION_COLUMNS
+    assert set(frame["predictor"]) == {"fashion-gen-bold", "fashion-gen-class", "fashion-gen-quality"}
+    quality = frame[frame["predictor"] == "fashion-gen-quality"].iloc[0]
+    assert quality["calibrated range"].startswith("[") and quality["calibrated range"].endswith("@90%")
+    assert "test R²" in quality["held-out skill"]
+    assert "fashion" in result.card and "3 of 7 fit" in result.card and "already in the collection" in result.card
+    assert len(result.spectrum.data) == 4  # rank 4: σ1…σ4
+    assert result.neighbours.iloc[0]["by"] == "ΔW cosine" and len(result.neighbours) == 10
+    assert result.analysis.sha256 not in set(result.neighbours["id"])  # itself excluded
+
+
+def test_analyse_upload_of_an_unknown_base(collection: Explorer, upload: Path) -> None:
+    result = handlers.analyse_upload(collection, [str(upload)])
+    assert len(result.predictions) == 0 and "0 of 7 fit" in result.card
+    assert set(result.neighbours["by"]) == {"fingerprint cosine"}
+    assert result.modules[0][0] == "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+
+
+def test_upload_names_and_metadata_are_escaped(collection: Explorer, tmp_path: Path) -> None:
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    file = save(tmp_path / "evil.safetensors", kohya(stem), metadata={"ss_output_name": HOSTILE, "ss_seed": "1"})
+    named = tmp_path / f"{HOSTILE.replace('/', '_')}.safetensors"
+    shutil.copyfile(file, named)
+    card = handlers.analyse_upload(collection, [str(named)]).card
+    assert "<img" not in card and "&lt;img" in card and "ss\\_output\\_name" in card
+    assert "](javascript" not in card  # the link syntax is broken by escaping
+    assert handlers.code("a`b<c>") == "`a'b<c>`"  # code spans: the renderer escapes HTML, backticks cannot close
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        (pickle.dumps({"a": 1}), "x.safetensors", "pickle"),
+        (b"not a lora", "x.safetensors", "safetensors"),
+        (b"{}", "x.bin", "only .safetensors"),
+    ],
+)
+def test_bad_uploads_are_refused_and_nothing_is_stored(
+    collection: Explorer, tmp_path: Path, content: bytes, name: str, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    before = collection.store.count()
+    with pytest.raises(LoraFormatError, match=message):
+        handlers.analyse_upload(collection, [str(path)])
+    with pytest.raises(LoraFormatError, match=message):
+        handlers.add_upload(collection, [str(path)])
+    assert collection.store.count() == before
+
+
+def test_repo_ids_are_checked_and_offline_fetches_fail_cleanly(collection: Explorer) -> None:
+    with pytest.raises(LoraFormatError, match="not a Hugging Face repo id"):
+        handlers.analyse_upload(collection, None, "../../etc/passwd")
+    with pytest.raises(LoraFormatError, match="could not fetch nobody/missing"):
+        handlers.analyse_upload(collection, None, "nobody/missing")  # HF_HUB_OFFLINE=1 and not cached
+    with pytest.raises(LoraFormatError, match="no file uploaded"):
+        handlers.analyse_upload(collection, None, "")
+
+
+def test_map_figure_colours_filters_and_carries_ids(collection: Explorer) -> None:
+    fig, n = handlers.map_figure(collection, FINGERPRINT, "zoo")
+    assert n == collection.store.maps()[FINGERPRINT]
+    assert sorted(t.name for t in fig.data) == ["digits", "fashion-gen"]  # categorical: one trace per value
+    ids = {c[0] for t in fig.data for c in t.customdata}
+    assert ids == set(collection.map_points(FINGERPRINT)[0])
+    numeric, _ = handlers.map_figure(collection, FINGERPRINT, "label:acc_all", Filters(collections=("digits",)))
+    assert len(numeric.data) == 1 and numeric.data[0].marker.showscale  # continuous colour scale
+    assert len(numeric.data[0].customdata) == 40
+    one_id = next(iter(ids))
+    found, m = handlers.map_figure(collection, FINGERPRINT, "zoo", Filters(search=one_id[:10]), highlight=[one_id])
+    assert m == 1 and found.data[-1].name == "selected"
+    assert all("<" not in str(t.name) for t in fig.data)
+
+
+def test_map_options(collection: Explorer) -> None:
+    maps, columns, choices = handlers.map_options(collection)
+    assert maps[0] == ("fingerprint (every LoRA, any base)", FINGERPRINT) and len(maps) == 8
+    assert {"zoo", "label:quality", "pred:fashion-gen-quality", "pred:digits-classes"} <= set(columns)
+    assert choices["zoo"][:2] == ["digits", "fashion-gen"]
+
+
+def test_lora_card_and_neighbours(collection: Explorer) -> None:
+    lora_id = next(r["id"] for r in collection.records() if r["zoo"] == "digits")
+    card, neighbours = handlers.lora_card(collection, lora_id)
+    assert "labels:" in card and "predicted:" in card and lora_id in card
+    assert len(neighbours) == 10 and lora_id not in set(neighbours["id"])
+    with pytest.raises(LoraFormatError, match="no LoRA"):
+        handlers.lora_card(collection, "<script>")
+
+
+def test_collection_table_and_exports(collection: Explorer, tmp_path: Path) -> None:
+    frame = handlers.collection_frame(collection, Filters(collections=("fashion-gen",)))
+    assert len(frame) == 30 and frame.columns[0] == "name" and frame.columns[-1] == "id"
+    assert "label:quality" in frame.columns and "pred:fashion-gen-quality" in frame.columns
+    csv = handlers.export_frame(frame, "csv", tmp_path)
+    parquet = handlers.export_frame(frame, "parquet", tmp_path)
+    assert csv.name == "lol-selection.csv" and list(pd.read_csv(csv)["id"]) == list(frame["id"])
+    assert pd.read_parquet(parquet)["label:quality"].tolist() == pytest.approx(frame["label:quality"].tolist())
+    chosen = list(frame["id"][:3])
+    assert list(handlers.collection_frame(collection, ids=chosen)["id"]) == chosen
+    with pytest.raises(LoraFormatError, match="empty"):
+        handlers.export_frame(frame.iloc[:0], "csv", tmp_path)
+    with pytest.raises(ValueError, match="unknown export format"):
+        handlers.export_frame(frame, "xlsx", tmp_path)
+
+
+def test_compare_loras(collection: Explorer) -> None:
+    options = handlers.lora_choices(collection)
+    digits = [v for label, v in options if " · digits · " in label]
+    text, fig, frame = handlers.compare_loras(collection, digits[0], digits[1])
+    assert "ΔW cosine over 2 shared modules" in text and list(frame["module"]) == ["fc1", "fc2"]
+    assert len(fig.data) == 1
+    fashion = next(v for label, v in options if " · fashion-gen · " in label)
+    text, _, frame = handlers.compare_loras(collection, digits[0], fashion)
+    assert "share no module" in text and len(frame) == 0
+    with pytest.raises(LoraFormatError, match="pick two"):
+        handlers.compare_loras(collection, digits[0], None)
+
+
+def test_build_demo_does_not_launch(collection: Explorer) -> None:
     gr = pytest.importorskip("gradio")
     from app.ui import build_demo
 
-    demo = build_demo()
+    before = collection.store.count()
+    demo = build_demo(collection)
     assert isinstance(demo, gr.Blocks)
     assert not getattr(demo, "is_running", False)
-
-
-@pytest.mark.slow
-def test_api_inspect_endpoint(upload: Path, tmp_path: Path) -> None:
-    pytest.importorskip("gradio")
-    from gradio_client import Client, handle_file
-
-    from app.ui import build_demo
-
-    demo = build_demo()
-    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, ssr_mode=False)
-    try:
-        client = Client(demo.local_url, verbose=False)
-        assert "/inspect" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-        summary, table, report = client.predict([handle_file(str(upload))], api_name="/inspect")
-        assert "kohya" in summary
-        assert table["data"][0][0] == "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
-        assert report["n_modules"] == 1
-        bad = tmp_path / "bad.safetensors"
-        bad.write_bytes(pickle.dumps({}))
-        with pytest.raises(Exception, match="pickle"):
-            client.predict([handle_file(str(bad))], api_name="/inspect")
-        client.close()
-    finally:
-        demo.close()
+    assert collection.store.count() == before

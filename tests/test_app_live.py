@@ -1,0 +1,204 @@
+"""The launched app: its HTTP API driven with gradio_client, and the page driven in headless Chromium (Playwright).
+
+The browser test needs Debian's ``chromium`` (``make system-deps``) and the ``playwright`` package (dev extra); it
+skips without them unless ``LOL_REQUIRE_BROWSER=1`` (set by ``.ci/run``), where a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from collection import ZOOS
+from conftest import make_collection
+
+pytest.importorskip("gradio")
+
+from gradio_client import Client, handle_file
+
+from app.ui import build_demo
+from lol_engine.explorer import Explorer
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("LOL_CHROMIUM", "/usr/bin/chromium")
+DIGITS = sorted((ZOOS / "digits" / "loras").iterdir())
+FASHION = sorted((ZOOS / "fashion-gen" / "loras").iterdir())
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explorer]:
+    """This module's own collection: its tests add LoRAs."""
+    explorer = make_collection(tmp_path_factory.mktemp("live"))
+    yield explorer
+    explorer.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(live: Explorer) -> Iterator[str]:
+    demo = build_demo(live)
+    demo.queue(default_concurrency_limit=8)
+    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                max_file_size="5mb")  # fmt: skip
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_url: str) -> Iterator[Client]:
+    c = Client(app_url, verbose=False)
+    yield c
+    c.close()
+
+
+def test_api_lists_every_action(client: Client) -> None:
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/analyse", "/add", "/card", "/compare", "/collection", "/inspect", "/status"} <= set(endpoints)
+
+
+def test_api_upload_predict_and_neighbours(client: Client) -> None:
+    files = [handle_file(str(FASHION[40] / "adapter_model.safetensors")),
+             handle_file(str(FASHION[40] / "adapter_config.json"))]  # fmt: skip
+    card, predictions, spectrum, neighbours, modules, _ = client.predict(files, "", api_name="/analyse")
+    assert "fashion" in card and "3 of 7 fit" in card
+    rows = {row[0]: row for row in predictions["data"]}
+    assert set(rows) == {"fashion-gen-bold", "fashion-gen-class", "fashion-gen-quality"}
+    assert rows["fashion-gen-quality"][4].endswith("@90%")
+    assert len(neighbours["data"]) == 10 and neighbours["data"][0][3] == "ΔW cosine"
+    assert len(modules["data"]) == 3 and spectrum is not None
+    card_text, card_neighbours = client.predict(neighbours["data"][0][4], api_name="/card")
+    assert "labels:" in card_text and len(card_neighbours["data"]) == 10
+
+
+def test_api_add_bad_input_and_status(client: Client, live: Explorer, tmp_path: Path) -> None:
+    before = live.store.count()
+    upload = tmp_path / "mine.safetensors"
+    shutil.copyfile(DIGITS[200] / "adapter_model.safetensors", upload)
+    message = client.predict([handle_file(str(upload))], "", api_name="/add")
+    assert "Added **mine**" in message and live.store.count() == before + 1
+    assert "already in the collection" in client.predict([handle_file(str(upload))], "", api_name="/add")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(Exception, match="pickle"):
+        client.predict([handle_file(str(bad))], "", api_name="/analyse")
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * (6 * 2**20))  # over this app's 5 MB upload cap
+    with pytest.raises(Exception):  # noqa: B017 - refused by gradio before any handler runs
+        client.predict([handle_file(str(big))], "", api_name="/analyse")
+    assert live.store.count() == before + 1
+    assert f"**{before + 1}** LoRAs" in client.predict(api_name="/status")  # still serving
+
+
+def test_api_compare_and_collection(client: Client, live: Explorer) -> None:
+    ids = [r["id"] for r in live.records() if r["zoo"] == "digits"][:2]
+    text, _, table = client.predict(ids[0], ids[1], api_name="/compare")
+    assert "ΔW cosine over 2 shared modules" in text and [r[0] for r in table["data"]] == ["fc1", "fc2"]
+    frame = client.predict("", [], api_name="/collection")
+    assert len(frame["data"]) == live.store.count()
+    assert [row[-1] for row in client.predict(ids[0][:12], [], api_name="/collection")["data"]] == [ids[0]]
+
+
+def test_concurrent_uploads_all_answer(app_url: str) -> None:
+    results: dict[int, Any] = {}
+
+    def upload(i: int) -> None:
+        c = Client(app_url, verbose=False)
+        try:
+            results[i] = c.predict([handle_file(str(DIGITS[300 + i] / "adapter_model.safetensors"))], "",
+                                   api_name="/analyse")  # fmt: skip
+        except Exception as exc:  # pragma: no cover - reported by the assertion below
+            results[i] = exc
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(8))
+    for i, result in results.items():
+        assert not isinstance(result, Exception), result
+        assert "4 of 7 fit" in result[0] and len(result[1]["data"]) == 4, i  # one row per predictor
+
+
+def _sync_playwright() -> Any:
+    """Playwright's entry point, or a skip (a failure under ``LOL_REQUIRE_BROWSER=1``) naming what is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    missing = [what for what, ok in ((CHROMIUM, Path(CHROMIUM).exists()), ("playwright", sync_playwright)) if not ok]
+    if missing:
+        if os.environ.get("LOL_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"LOL_REQUIRE_BROWSER=1 but missing: {', '.join(missing)} (run make system-deps)")
+        pytest.skip(f"missing for the browser test: {', '.join(missing)}")
+    return sync_playwright
+
+
+def test_browser_upload_predict_map_click_and_lasso(app_url: str, tmp_path: Path) -> None:
+    sync_playwright = _sync_playwright()
+    shots = Path(os.environ.get("LOL_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage",
+                                                                    "--disable-gpu"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(app_url)
+        page.wait_for_selector("#upload-files", timeout=60_000)
+
+        # upload & predict
+        page.set_input_files("#upload-files input[type=file]", str(FASHION[41] / "adapter_model.safetensors"))
+        page.wait_for_selector("#upload-files .file-preview, #upload-files table", timeout=30_000)
+        page.click("#analyse-button")
+        page.wait_for_function(
+            "document.querySelector('#predictions')?.innerText.includes('fashion-gen-quality')", timeout=60_000
+        )
+        assert "@90%" in page.inner_text("#predictions")
+        assert "ΔW cosine" in page.inner_text("#upload-neighbours")
+        page.wait_for_selector("#spectrum .js-plotly-plot", timeout=30_000)
+        page.screenshot(path=str(shots / "upload.png"), full_page=True)
+
+        # the map: plotly.js served by the app itself, points carry ids
+        page.get_by_role("tab", name="Explore").click()
+        page.wait_for_function(
+            "Number(document.querySelector('#lol-map .lol-map')?.dataset.points || 0) > 0", timeout=60_000
+        )
+        n_points = int(page.eval_on_selector("#lol-map .lol-map", "e => e.dataset.points"))
+        assert n_points >= 70
+
+        # click a point → its card and neighbours
+        box = page.locator("#lol-map .scatterlayer .point").nth(5).bounding_box()
+        assert box is not None
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.wait_for_function("document.querySelector('#map-card')?.innerText.includes('sha256')", timeout=30_000)
+        page.wait_for_function(
+            "document.querySelector('#map-neighbours')?.innerText.includes('cosine')", timeout=30_000
+        )
+
+        # lasso the whole plot area → every point lands in the selection table
+        area = page.locator("#lol-map .nsewdrag").first.bounding_box()
+        assert area is not None
+        x0, y0, w, h = area["x"], area["y"], area["width"], area["height"]
+        corners = [(0.01, 0.01), (0.99, 0.01), (0.99, 0.99), (0.01, 0.99), (0.01, 0.02)]
+        page.mouse.move(x0 + corners[0][0] * w, y0 + corners[0][1] * h)
+        page.mouse.down()
+        for fx, fy in corners[1:]:
+            page.mouse.move(x0 + fx * w, y0 + fy * h, steps=10)
+        page.mouse.up()
+        page.wait_for_function(
+            "document.querySelectorAll('#map-selection tbody tr').length > 0", timeout=30_000
+        )
+        page.screenshot(path=str(shots / "explore.png"), full_page=True)
+        browser.close()
+    assert not errors, errors
