@@ -9,12 +9,13 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 
 .PHONY: run test test-fast quality style bench clean system-deps
 
-# Real datasets from Debian packages (Fashion-MNIST, WordNet), used by the zoo recipes and their tests.
-DEBIAN_DATA := dataset-fashion-mnist wordnet-base
+# Real datasets from Debian packages (Fashion-MNIST, WordNet), used by the zoo recipes and their tests, and the
+# headless browser of the app's end-to-end test (driven by playwright from PyPI with executable /usr/bin/chromium).
+DEBIAN_DATA := dataset-fashion-mnist wordnet-base chromium
 system-deps:
 	@if dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1; then echo "Debian data packages present"; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEBIAN_DATA); \
-	else echo "install the Debian packages $(DEBIAN_DATA) (sudo apt-get install ...) for the fashion and wordnet zoos"; fi
+	else echo "install the Debian packages $(DEBIAN_DATA) (sudo apt-get install ...) for the zoos and the browser test"; fi
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'

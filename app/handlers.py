@@ -25,9 +25,26 @@ from lol_engine.ingest import FINGERPRINT, LOL_PREFIX, REPO_ID, fetch_repo
 from lol_engine.lora.config import read_adapter_config
 from lol_engine.report import describe
 
-__all__ = ["MODULE_COLUMNS", "Filters", "InspectResult", "UploadResult", "add_upload", "analyse_upload",
-           "collection_frame", "compare_loras", "escape", "export_frame", "inspect_upload", "lora_card",
-           "lora_choices", "map_figure", "map_options", "neighbours_frame", "predictions_frame", "spectrum_figure"]  # fmt: skip
+__all__ = [
+    "MODULE_COLUMNS",
+    "Filters",
+    "InspectResult",
+    "UploadResult",
+    "add_upload",
+    "analyse_upload",
+    "collection_frame",
+    "compare_loras",
+    "escape",
+    "export_frame",
+    "inspect_upload",
+    "lora_card",
+    "lora_choices",
+    "map_figure",
+    "map_options",
+    "neighbours_frame",
+    "predictions_frame",
+    "spectrum_figure",
+]
 
 MODULE_COLUMNS = ["module", "kind", "rank", "alpha", "scale", "d_out", "d_in", "‖ΔW‖_F", "σ₁", "σ₁² / Σσ²"]
 
@@ -307,12 +324,25 @@ def spectrum_figure(report: dict[str, Any], max_curves: int = 8) -> go.Figure:
     for k in range(depth):
         values = [m["singular_values"][k] if k < len(m["singular_values"]) else None for m in modules]
         values = [v if v and v > 0 else None for v in values]
-        fig.add_trace(go.Scatter(x=list(range(len(modules))), y=values, mode="lines+markers", name=f"σ{k + 1}",
-                                 text=[escape_html(n) for n in names],
-                                 hovertemplate="%{text}<br>σ" + str(k + 1) + " = %{y:.4g}<extra></extra>"))  # fmt: skip
-    fig.update_layout(title="Per-module spectrum of ΔW (exact, from the factors)", xaxis_title="module (file order)",
-                      yaxis_title="singular value", yaxis_type="log", height=360, margin={"l": 50, "r": 10, "t": 40, "b": 40},
-                      legend={"orientation": "h"})  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=list(range(len(modules))),
+                y=values,
+                mode="lines+markers",
+                name=f"σ{k + 1}",
+                text=[escape_html(n) for n in names],
+                hovertemplate="%{text}<br>σ" + str(k + 1) + " = %{y:.4g}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title="Per-module spectrum of ΔW (exact, from the factors)",
+        xaxis_title="module (file order)",
+        yaxis_title="singular value",
+        yaxis_type="log",
+        height=360,
+        margin={"l": 50, "r": 10, "t": 40, "b": 40},
+        legend={"orientation": "h"},
+    )
     return fig
 
 
@@ -357,7 +387,8 @@ def map_figure(
     hover = "%{text}<extra></extra>"
 
     def text(r: dict[str, Any], v: Any) -> str:
-        return f"{escape_html(r['name'], 80)}<br>{escape_html(r['zoo'])} · {escape_html(r['base_family'])}<br>{escape_html(color_by)}: {escape_html(v, 40)}"
+        where = f"{escape_html(r['zoo'])} · {escape_html(r['base_family'])}"
+        return f"{escape_html(r['name'], 80)}<br>{where}<br>{escape_html(color_by)}: {escape_html(v, 40)}"
 
     numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if values and len(numeric) == len(values) and len(set(numeric)) > 12:
@@ -379,13 +410,21 @@ def map_figure(
             ))  # fmt: skip
     marked = [i for i, lora_id in enumerate(ids) if lora_id in set(highlight)]
     if marked:
-        fig.add_trace(go.Scatter(x=xy[marked, 0], y=xy[marked, 1], mode="markers", name="selected",
-                                 customdata=[[ids[i]] for i in marked], hoverinfo="skip",
-                                 marker={"size": 14, "symbol": "circle-open", "color": "#d62728", "line": {"width": 2}}))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=xy[marked, 0],
+                y=xy[marked, 1],
+                mode="markers",
+                name="selected",
+                customdata=[[ids[i]] for i in marked],
+                hoverinfo="skip",
+                marker={"size": 14, "symbol": "circle-open", "color": "#d62728", "line": {"width": 2}},
+            )
+        )
+    axis = {"showticklabels": False, "zeroline": False}
     fig.update_layout(dragmode="lasso", height=560, margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                      title=escape_html(_map_label(encoder)), legend={"itemsizing": "constant"},
-                      xaxis={"showticklabels": False, "zeroline": False}, yaxis={"showticklabels": False, "zeroline": False},
-                      uirevision=encoder)  # fmt: skip
+                      title=escape_html(_map_label(encoder)), legend={"itemsizing": "constant"}, xaxis=axis,
+                      yaxis=axis, uirevision=encoder)  # fmt: skip
     return fig, len(rows)
 
 

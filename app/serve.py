@@ -32,7 +32,7 @@ def serve(
     host: str | None = None,
     block: bool = True,
 ) -> Any:
-    """Launch the app on the collection ``db``; returns the ``gr.Blocks`` (running; blocking unless ``block=False``)."""
+    """Launch the app on the collection ``db``; returns the running ``gr.Blocks`` (blocks unless ``block=False``)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from app.ui import build_demo
     from lol_engine.maps import warm_up
@@ -43,7 +43,7 @@ def serve(
     demo.queue(default_concurrency_limit=8, max_size=256)
     demo.launch(
         server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        server_port=port or int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        server_port=port or (int(os.environ["GRADIO_SERVER_PORT"]) if os.environ.get("GRADIO_SERVER_PORT") else None),
         max_file_size=os.environ.get("LOL_MAX_UPLOAD", "2gb"),
         ssr_mode=False,
         prevent_thread_lock=not block,

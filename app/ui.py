@@ -35,7 +35,8 @@ const render = () => {
   try { fig = JSON.parse(props.value || '{}'); } catch (e) { return; }
   if (!fig.data) { box.dataset.points = '0'; return; }
   Plotly.react(box, fig.data, fig.layout, {responsive: true, displaylogo: false, scrollZoom: true});
-  box.dataset.points = String(fig.data.reduce((n, t) => n + (t.name === 'selected' ? 0 : (t.customdata || []).length), 0));
+  const count = (n, t) => n + (t.name === 'selected' ? 0 : (t.customdata || []).length);
+  box.dataset.points = String(fig.data.reduce(count, 0));
   if (!box.dataset.bound) {
     box.dataset.bound = '1';
     box.on('plotly_click', (ev) => {
@@ -63,7 +64,7 @@ def _gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
         import spaces
     except ImportError:
         return fn
-    return spaces.GPU(fn)  # type: ignore[no-any-return]
+    return spaces.GPU(fn)
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,8 +96,13 @@ def _upload_tab(explorer: Explorer) -> None:
         )
         with gr.Row():
             with gr.Column(scale=1):
-                files = gr.File(file_count="multiple", file_types=[".safetensors", ".json"], type="filepath",
-                                label="LoRA file (+ optional adapter_config.json)", elem_id="upload-files")  # fmt: skip
+                files = gr.File(
+                    file_count="multiple",
+                    file_types=[".safetensors", ".json"],
+                    type="filepath",
+                    label="LoRA file (+ optional adapter_config.json)",
+                    elem_id="upload-files",
+                )
                 repo = gr.Textbox(label="…or a Hugging Face repo id", placeholder="owner/name", max_length=96)
                 analyse = gr.Button("Analyse", variant="primary", elem_id="analyse-button")
                 add = gr.Button("Add to collection", elem_id="add-button")

