@@ -388,7 +388,7 @@ def map_figure(
 
     def text(r: dict[str, Any], v: Any) -> str:
         where = f"{escape_html(r['zoo'])} · {escape_html(r['base_family'])}"
-        return f"{escape_html(r['name'], 80)}<br>{where}<br>{escape_html(color_by)}: {escape_html(v, 40)}"
+        return f"{escape_html(r['name'], 80)}<br>{where}<br>{escape_html(color_by)}: {escape_html(_short(v), 40)}"
 
     numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if values and len(numeric) == len(values) and len(set(numeric)) > 12:
@@ -435,8 +435,11 @@ def _natural(text: str) -> tuple[Any, ...]:
         return (1, 0.0, text)
 
 
-def lora_card(explorer: Explorer, lora_id: str, k: int = 10) -> tuple[str, pd.DataFrame]:
-    """A stored LoRA's card (fields, labels, stored predictions) and its nearest neighbours."""
+def lora_card(explorer: Explorer, lora_id: str, k: int = 10, by: str | None = None) -> tuple[str, pd.DataFrame]:
+    """A stored LoRA's card (fields, labels, stored predictions) and its nearest neighbours.
+
+    ``by``: ``None`` for exact ΔW cosine, else an encoder name (cosine of that encoder's embeddings).
+    """
     stored = explorer.store.get(lora_id)
     if stored is None:
         raise LoraFormatError(f"no LoRA {escape(lora_id, 70)} in the collection")
@@ -455,7 +458,10 @@ def lora_card(explorer: Explorer, lora_id: str, k: int = 10) -> tuple[str, pd.Da
     preds = [f"{escape(k.removeprefix('pred:'))} = {escape(v)}" for k, v in record.items() if k.startswith("pred:")]
     if preds:
         lines.append("**predicted:** " + ", ".join(preds))
-    neighbours = explorer.neighbours(explorer.weights(lora_id), k=k, exclude=lora_id)
+    if by:
+        neighbours = explorer.neighbours_by_embedding(lora_id, by, k=k)
+    else:
+        neighbours = explorer.neighbours(explorer.weights(lora_id), k=k, exclude=lora_id)
     return "\n\n".join(lines), neighbours_frame(neighbours)
 
 

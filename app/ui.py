@@ -149,6 +149,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
                        elem_id="lol-map", min_height=560)  # fmt: skip
         with gr.Row():
             with gr.Column():
+                by = gr.Radio(["ΔW cosine", "this map's embedding"], value="ΔW cosine", label="Neighbours by")
                 card = gr.Markdown("Click a point to see its card and neighbours.", elem_id="map-card")
                 neighbours = gr.Dataframe(headers=NEIGHBOUR_COLUMNS, interactive=False, label="Neighbours",
                                           elem_id="map-neighbours", max_height=320)  # fmt: skip
@@ -187,16 +188,19 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
         search.submit(draw, inputs, [plot, status], api_visibility="private")
 
         @_guard
-        def on_click(evt: gr.EventData) -> tuple[str, str, pd.DataFrame]:
+        def on_click(encoder: str | None, mode: str, evt: gr.EventData) -> tuple[str, str, pd.DataFrame]:
             lora_id = str(evt._data.get("id", "")) if isinstance(evt._data, dict) else ""
-            return (lora_id, *handlers.lora_card(explorer, lora_id))
+            return (lora_id, *card_of(lora_id, encoder, mode))
 
         @_guard
-        def card_of(lora_id: str) -> tuple[str, pd.DataFrame]:
-            return handlers.lora_card(explorer, lora_id)
+        def card_of(lora_id: str, encoder: str | None = None, mode: str = "ΔW cosine") -> tuple[str, pd.DataFrame]:
+            if not lora_id:
+                return "Click a point to see its card and neighbours.", handlers.neighbours_frame([])
+            return handlers.lora_card(explorer, lora_id, by=encoder if mode == "this map's embedding" else None)
 
-        plot.click(on_click, None, [picked, card, neighbours], api_visibility="private")
-        picked.submit(card_of, picked, [card, neighbours], api_name="card")
+        plot.click(on_click, [map_choice, by], [picked, card, neighbours], api_visibility="private")
+        picked.submit(card_of, [picked, map_choice, by], [card, neighbours], api_name="card")
+        by.change(card_of, [picked, map_choice, by], [card, neighbours], api_visibility="private")
 
         def on_select(evt: gr.EventData) -> tuple[list[str], pd.DataFrame]:
             raw = evt._data.get("ids", []) if isinstance(evt._data, dict) else []

@@ -61,6 +61,33 @@ def sd15_shapes(width_div: int = 1) -> list[tuple[str, int, int]]:
     return out
 
 
+def sdxl_shapes(width_div: int = 1) -> list[tuple[str, int, int]]:
+    """kohya's SDXL targets (SGM names): 70 UNet transformer blocks × 10 + proj_in/out, CLIP-L (12) and bigG (32)."""
+    stages = [("input_blocks", i, 640, 2) for i in (4, 5)] + [("input_blocks", i, 1280, 10) for i in (7, 8)]
+    stages += [("middle_block", None, 1280, 10)]
+    stages += [("output_blocks", i, 1280, 10) for i in (0, 1, 2)] + [("output_blocks", i, 640, 2) for i in (3, 4, 5)]
+    ctx = 2048 // width_div
+    out = []
+    for part, i, c, depth in stages:
+        c //= width_div
+        base = f"lora_unet_{part}_{i}_1" if i is not None else f"lora_unet_{part}_1"
+        out += [(f"{base}_proj_in", c, c), (f"{base}_proj_out", c, c)]
+        for t in range(depth):
+            tb = f"{base}_transformer_blocks_{t}"
+            for attn in ("attn1", "attn2"):
+                d_kv = c if attn == "attn1" else ctx
+                out += [(f"{tb}_{attn}_to_q", c, c), (f"{tb}_{attn}_to_k", c, d_kv), (f"{tb}_{attn}_to_v", c, d_kv)]
+                out += [(f"{tb}_{attn}_to_out_0", c, c)]
+            out += [(f"{tb}_ff_net_0_proj", 8 * c, c), (f"{tb}_ff_net_2", c, 4 * c)]
+    for te, width, layers in (("te1", 768, 12), ("te2", 1280, 32)):
+        h = width // width_div
+        for layer in range(layers):
+            stem = f"lora_{te}_text_model_encoder_layers_{layer}"
+            out += [(f"{stem}_self_attn_{p}", h, h) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+            out += [(f"{stem}_mlp_fc1", 4 * h, h), (f"{stem}_mlp_fc2", h, 4 * h)]
+    return out
+
+
 def llm7b_shapes(width_div: int = 1) -> list[tuple[str, int, int]]:
     """q/k/v/o of a 32-layer, 4096-wide decoder (Llama-2-7B / Mistral-7B class without GQA)."""
     d = 4096 // width_div

@@ -7,7 +7,8 @@ it from many request threads at once (the store hands each call its own cursor; 
   :meth:`Explorer.add` stores an analysed upload (a copy of its files under ``<data dir>/uploads/<sha256>/``) and
   places it on every map it belongs to.
 - Neighbours are exact: ΔW cosine over shared modules (:mod:`lol_engine.similarity`) against every stored LoRA that
-  shares a module with the query; LoRAs sharing none fall back to the fingerprint's cosine.
+  shares a module with the query (LoRAs sharing none fall back to the fingerprint's cosine), or, for stored LoRAs,
+  the cosine of any encoder's embeddings (:meth:`Explorer.neighbours_by_embedding`).
 - Maps: one per encoder (``fingerprint`` over everything, ``lol:<predictor>`` over the LoRAs that fit it), fitted with
   :func:`lol_engine.maps.fit_map` and stored. A new LoRA is placed with the fitted reducer's ``transform`` when the map
   was fitted in this process, else at the similarity-weighted mean of its 10 nearest fitted neighbours' coordinates
@@ -94,6 +95,10 @@ class Explorer:
             str, tuple[Any, list[str], np.ndarray]
         ] = {}  # encoder -> (EmbeddingMap, ids, x), this process
         self._records: list[dict[str, Any]] | None = None
+        self._stored: list[Any] | None = None  # store.all(), cached until the collection changes
+        if self.uploads_dir.is_dir():  # staging folders of adds that were killed midway (one writer process)
+            for stale in self.uploads_dir.glob(".*"):
+                shutil.rmtree(stale, ignore_errors=True)
 
     @classmethod
     def open(
@@ -248,7 +253,7 @@ class Explorer:
         """The ``k`` stored LoRAs most similar to ``lora``: exact ΔW cosine if any share a module, else fingerprint."""
         names = {m.name for m in lora}
         records = {r["id"]: r for r in self.records()}
-        candidates = [s for s in self.store.all() if s.id != exclude and names & {m["name"] for m in s.spec}]
+        candidates = [s for s in self._all() if s.id != exclude and names & {m["name"] for m in s.spec}]
         if candidates:
             loras = [self.weights(s.id) for s in candidates]
             sims = cosine_to_many(lora, loras)
@@ -259,6 +264,15 @@ class Explorer:
 
         hits = self.store.nearest(FINGERPRINT, fingerprint(lora).numpy(), k=k, exclude=exclude)
         return [Neighbour(i, records[i]["name"], records[i]["zoo"], s, "fingerprint cosine") for i, s in hits]
+
+    def neighbours_by_embedding(self, lora_id: str, encoder: str, k: int = 10) -> list[Neighbour]:
+        """The ``k`` stored LoRAs nearest to a stored one by cosine of their ``encoder`` embeddings (exact scan)."""
+        vector = self.store.embedding(lora_id, encoder)
+        if vector is None:
+            raise KeyError(f"LoRA {lora_id[:12]} has no {encoder} embedding")
+        records = {r["id"]: r for r in self.records()}
+        hits = self.store.nearest(encoder, vector, k=k, exclude=lora_id)
+        return [Neighbour(i, records[i]["name"], records[i]["zoo"], s, f"{encoder} cosine") for i, s in hits]
 
     def compare(self, first: str, second: str) -> tuple[float | None, list[tuple[str, float, float, float]]]:
         """Overall ΔW cosine over shared modules (None if none) and per-module rows of :func:`module_cosines`."""
@@ -272,6 +286,16 @@ class Explorer:
     def _changed(self) -> None:
         with self._lock:
             self._records = None
+            self._stored = None
+
+    def _all(self) -> list[Any]:
+        with self._lock:
+            if self._stored is not None:
+                return self._stored
+        stored = self.store.all()
+        with self._lock:
+            self._stored = stored
+        return stored
 
     def records(self) -> list[dict[str, Any]]:
         """One flat dict per stored LoRA: its columns, ``label:<name>`` and ``pred:<predictor>`` summaries.
@@ -285,7 +309,7 @@ class Explorer:
         labels = self.store.all_labels()
         predictions = self.store.all_predictions()
         out = []
-        for s in self.store.all():
+        for s in self._all():
             row: dict[str, Any] = {"id": s.id, "name": s.name, "zoo": s.zoo or "uploads", "format": s.format,
                                    "base_family": s.base_family, "rank": s.rank_max, "modules": s.n_modules,
                                    "size_kb": round(s.size_bytes / 1024, 1), "dtype": s.dtype,

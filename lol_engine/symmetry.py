@@ -11,6 +11,7 @@ invariant is a function of the ``ΔW`` alone, computed from ``r × r`` matrices:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -144,13 +145,30 @@ def delta_inner(
     return cross * scale1 * scale2
 
 
+# Spectra per LoRA object, reused by the report, the fingerprint and the features of one request. The key carries the
+# factors' version counters, so an in-place change of a tensor is never answered from the cache.
+_SPECTRA: weakref.WeakKeyDictionary[LoraWeights, tuple[tuple[int, ...], dict[str, Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def lora_singular_values(lora: LoraWeights) -> dict[str, Tensor]:
-    """Per-module singular values of the scaled ΔW. Modules of equal shape are stacked into one batched QR."""
-    buckets: dict[tuple[int, int, int], list[LoraModule]] = {}
-    for m in lora:
-        buckets.setdefault((m.spec.rank, m.spec.d_out, m.spec.d_in), []).append(m)
+    """Per-module singular values of the scaled ΔW. Modules of equal shape are stacked into one batched QR.
+
+    The result is cached on the (immutable) LoRA object; callers get a fresh dict of the same tensors.
+    """
+    versions = tuple(v for m in lora for v in (m.a._version, m.b._version))
+    cached = _SPECTRA.get(lora)
+    if cached is not None and cached[0] == versions:
+        return dict(cached[1])
+    out = _lora_singular_values(lora)
+    _SPECTRA[lora] = (versions, out)
+    return dict(out)
+
+
+def _lora_singular_values(lora: LoraWeights) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
-    for modules in buckets.values():
+    for modules in _buckets(lora):
         a = torch.stack([m.a for m in modules])  # (N, r, d_in)
         b = torch.stack([m.b for m in modules])  # (N, d_out, r)
         scale = torch.tensor([m.scale for m in modules], dtype=a.dtype, device=a.device)
@@ -159,9 +177,24 @@ def lora_singular_values(lora: LoraWeights) -> dict[str, Tensor]:
     return {name: out[name] for name in lora.names}
 
 
+def _buckets(lora: LoraWeights) -> list[list[LoraModule]]:
+    """Modules grouped by (rank, d_out, d_in), so that each group runs as one batched call."""
+    buckets: dict[tuple[int, int, int], list[LoraModule]] = {}
+    for m in lora:
+        buckets.setdefault((m.spec.rank, m.spec.d_out, m.spec.d_in), []).append(m)
+    return list(buckets.values())
+
+
 def lora_fro_norms(lora: LoraWeights) -> dict[str, Tensor]:
-    """Per-module ``‖ΔW_i‖_F`` (scale included)."""
-    return {m.name: delta_fro_norm(m.a, m.b, m.scale) for m in lora}
+    """Per-module ``‖ΔW_i‖_F`` (scale included), batched over modules of equal shape."""
+    out: dict[str, Tensor] = {}
+    for modules in _buckets(lora):
+        a = torch.stack([m.a for m in modules])
+        b = torch.stack([m.b for m in modules])
+        scale = torch.tensor([m.scale for m in modules], dtype=a.dtype, device=a.device)
+        for m, norm in zip(modules, delta_fro_norm(a, b, scale), strict=True):
+            out[m.name] = norm
+    return {name: out[name] for name in lora.names}
 
 
 def total_fro_norm(lora: LoraWeights) -> Tensor:

@@ -165,6 +165,9 @@ def test_lora_card_and_neighbours(collection: Explorer) -> None:
     card, neighbours = handlers.lora_card(collection, lora_id)
     assert "labels:" in card and "predicted:" in card and lora_id in card
     assert len(neighbours) == 10 and lora_id not in set(neighbours["id"])
+    _, by_map = handlers.lora_card(collection, lora_id, by="lol:digits-classes")
+    assert len(by_map) == 10 and set(by_map["by"]) == {"lol:digits-classes cosine"}
+    assert list(by_map["similarity"]) == sorted(by_map["similarity"], reverse=True)
     with pytest.raises(LoraFormatError, match="no LoRA"):
         handlers.lora_card(collection, "<script>")
 

@@ -74,7 +74,7 @@ def test_api_upload_predict_and_neighbours(client: Client) -> None:
     assert rows["fashion-gen-quality"][4].endswith("@90%")
     assert len(neighbours["data"]) == 10 and neighbours["data"][0][3] == "ΔW cosine"
     assert len(modules["data"]) == 3 and spectrum is not None
-    card_text, card_neighbours = client.predict(neighbours["data"][0][4], api_name="/card")
+    card_text, card_neighbours = client.predict(neighbours["data"][0][4], None, "ΔW cosine", api_name="/card")
     assert "labels:" in card_text and len(card_neighbours["data"]) == 10
 
 

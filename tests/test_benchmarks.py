@@ -36,3 +36,12 @@ def test_bench_models_smoke(tmp_path) -> None:
     ):
         assert heading in text
     assert (tmp_path / "ship" / "fashion-gen-quality" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_app_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gradio")
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_app.py"))
+    module["main"](["--tiny"])
+    out = capsys.readouterr().out
+    assert "first map (with JIT)" in out and "SDXL kohya" in out and "p95" in out

@@ -123,6 +123,23 @@ def test_shipped_predictors_are_calibrated_and_their_ranges_hold() -> None:
     assert len(bits) == 10 and all(set(b.choices or ()) <= {"0", "1"} for b in bits)
 
 
+def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from lol_engine.cli import main
+
+    folder = tmp_path / "predictor"
+    shutil.copytree(ZOOS.parent / "predictors" / "digits-acc_own", folder)
+    zoo = mini_zoo(tmp_path / "zoos", "digits", 200)
+    assert main(["calibrate", str(folder), "--zoo", str(zoo), "--coverage", "0.8"]) == 0
+    cal = json.loads((folder / "config.json").read_text())["calibration"]
+    import pyarrow.parquet as pq
+
+    n_val = pq.read_table(zoo / "manifest.parquet").column("split").to_pylist().count("val")
+    assert cal["coverage"] == 0.8 and cal["n"] == n_val > 5 and math.isfinite(cal["q"])
+    assert 0.0 <= cal["test_coverage"] <= 1.0 and "test coverage" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------ the service
 def test_collection_has_labels_predictions_embeddings_and_maps(collection: Explorer) -> None:
     assert collection.store.count() == 70

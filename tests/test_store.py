@@ -105,3 +105,50 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(RuntimeError, match="schema version 99 is newer"):
         LoraStore(path)
+
+
+_KILLED_INGEST = """
+import os, signal, sys
+import lol_engine.store as store_module
+from lol_engine.ingest import ingest
+from lol_engine.store import LoraStore
+
+calls = {"n": 0}
+insert_many = store_module._insert_many
+
+def dying_insert(cur, table, rows):
+    calls["n"] += 1
+    if calls["n"] == 5:  # inside the second LoRA's transaction: its loras row is written, nothing committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    insert_many(cur, table, rows)
+
+store_module._insert_many = dying_insert
+ingest([sys.argv[2]], LoraStore(sys.argv[1]), {}, progress=False)
+"""
+
+
+def test_a_killed_ingest_leaves_only_complete_loras(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from collection import mini_zoo
+
+    zoo = mini_zoo(tmp_path / "zoos", "digits", 6)
+    db = tmp_path / "db.duckdb"
+    result = subprocess.run(
+        [sys.executable, "-c", _KILLED_INGEST, str(db), str(zoo)], capture_output=True, check=False
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    with LoraStore(db) as store:
+        assert store.count() == 1  # the first LoRA committed; the second died mid-transaction
+        (lora_id,) = [s.id for s in store.all()]
+        assert store.labels(lora_id) and store.embedding(lora_id, "fingerprint") is not None
+        with store._cursor() as cur:
+            for table in ("labels", "embeddings"):
+                orphans = cur.execute(f"SELECT count(*) FROM {table} WHERE lora_id NOT IN (SELECT id FROM loras)")
+                assert orphans.fetchone()[0] == 0, table
+        from lol_engine.ingest import ingest
+
+        report = ingest([str(zoo)], store, {}, progress=False)  # a rerun completes the collection
+        assert not report.refused and store.count() == 6
