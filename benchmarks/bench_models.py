@@ -27,6 +27,7 @@ from rich.console import Console
 from lol_engine.nn import LoraBatch, ModelConfig, registered_models
 from lol_engine.nn.models import MODELS
 from lol_engine.train import TrainConfig, evaluate, load_zoo, save_predictor, train_on_zoo
+from lol_engine.train.calibrate import calibrate_folder
 from lol_engine.train.loop import Split
 from lol_engine.zoo import ZooSettings, build_zoo
 
@@ -230,7 +231,8 @@ def write_results(
 
 
 def ship(trained: dict, results: dict, models: list[str], out: Path) -> None:
-    """Save, per task, the best model (mean headline metric) among those small enough to ship."""
+    """Save, per task, the best model (mean headline metric) among those small enough to ship, and calibrate it."""
+    loaded: dict[str, object] = {}
     for (zoo, label), per_model in results.items():
         metric = _metric(zoo, label)
         small = [
@@ -239,8 +241,11 @@ def ship(trained: dict, results: dict, models: list[str], out: Path) -> None:
         best = max(small, key=lambda m: np.nanmean([r[metric] for r in per_model[m]]))
         _, model, task, result = trained[(zoo, label, best)]
         extra = {"zoo": f"data/zoo/{zoo}", "result": {k: result[k] for k in ("val", "test")}}
-        save_predictor(out / f"{zoo}-{label}", model, task, best, True, extra)
-        console.print(f"shipped {zoo}-{label}: {best}")
+        folder = save_predictor(out / f"{zoo}-{label}", model, task, best, True, extra)
+        if zoo not in loaded:
+            loaded[zoo] = load_zoo(extra["zoo"])
+        cal = calibrate_folder(folder, loaded[zoo])  # split-conformal ranges the app shows
+        console.print(f"shipped {zoo}-{label}: {best} (90% range test coverage {cal['test_coverage']:.2f})")
 
 
 def main(argv: list[str] | None = None) -> None:

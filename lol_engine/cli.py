@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lol_engine.errors import LoraFormatError
@@ -77,26 +78,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from lol_engine.train import load_predictor
-    from lol_engine.train.calibrate import calibrate
+    from lol_engine.train.calibrate import calibrate_folder
     from lol_engine.train.loop import load_zoo
 
     zoos: dict[str, Any] = {}
     for folder in args.predictors:
-        predictor = load_predictor(folder)
-        zoo_path = args.zoo or predictor.config.get("zoo")
+        recorded = json.loads((Path(folder) / "config.json").read_text()).get("zoo")
+        zoo_path = args.zoo or recorded
         if zoo_path is None:
             print(f"error: {folder}: no zoo recorded in config.json; pass --zoo", file=sys.stderr)
             return 2
         if zoo_path not in zoos:
             zoos[zoo_path] = load_zoo(zoo_path)
-        result = calibrate(predictor, zoos[zoo_path], coverage=args.coverage)
-        config_path = Path(folder) / "config.json"
-        config = json.loads(config_path.read_text())
-        config["calibration"] = result
-        config_path.write_text(json.dumps(config, indent=2))
+        result = calibrate_folder(folder, zoos[zoo_path], coverage=args.coverage)
         print(f"{folder}: q = {result['q']:.4g}, test coverage {result['test_coverage']:.3f} "
               f"(nominal {args.coverage}), mean size {result['test_mean_size']:.3g}")  # fmt: skip
     return 0

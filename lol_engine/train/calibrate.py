@@ -14,8 +14,10 @@ The guarantee is marginal and only for LoRAs like the zoo's (same base, same rec
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ import torch
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.train.tasks import Task
 
-__all__ = ["Estimate", "calibrate", "conformal_quantile", "estimates", "nonconformity"]
+__all__ = ["Estimate", "calibrate", "calibrate_folder", "conformal_quantile", "estimates", "nonconformity"]
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
@@ -90,6 +92,18 @@ def calibrate(
         out[f"{check}_coverage"] = float(_covered(task, pred, data.y, data.mask, q).mean())
         out[f"{check}_mean_size"] = _size(task, pred, data.mask, q)
     return out
+
+
+def calibrate_folder(folder: str | Path, zoo: Any, coverage: float = 0.9) -> dict[str, Any]:
+    """Calibrate the predictor saved in ``folder`` on ``zoo`` (a loaded zoo) and record it in its ``config.json``."""
+    from lol_engine.train.checkpoint import load_predictor
+
+    result = calibrate(load_predictor(folder), zoo, coverage=coverage)
+    config_path = Path(folder) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["calibration"] = result
+    config_path.write_text(json.dumps(config, indent=2))
+    return result
 
 
 @dataclass(frozen=True)
