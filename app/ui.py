@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,17 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise gr.Error(handlers.escape(message, 500), print_exception=False) from None
 
     return wrapper
+
+
+@_guard
+def _export(frame: pd.DataFrame, fmt: str) -> str:
+    """Write a shown table for download (Gradio copies it into its own cache); exports older than an hour go."""
+    folder = Path(tempfile.gettempdir()) / "lol-explorer-exports"
+    folder.mkdir(exist_ok=True)
+    for old in folder.iterdir():
+        if time.time() - old.stat().st_mtime > 3600:
+            shutil.rmtree(old, ignore_errors=True)
+    return str(handlers.export_frame(frame, fmt, folder))
 
 
 def _filters(search: str, collections: list[str], families: list[str], formats: list[str]) -> Filters:
@@ -209,14 +222,8 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
 
         plot.select(on_select, None, [selected_ids, selected], api_visibility="private")
 
-        @_guard
-        def export(frame: pd.DataFrame, fmt: str) -> str:
-            folder = Path(tempfile.gettempdir()) / "lol-explorer-exports"
-            folder.mkdir(exist_ok=True)
-            return str(handlers.export_frame(frame, fmt, folder))
-
-        csv.click(lambda f: export(f, "csv"), selected, download, api_visibility="private")
-        parquet.click(lambda f: export(f, "parquet"), selected, download, api_visibility="private")
+        csv.click(lambda f: _export(f, "csv"), selected, download, api_visibility="private")
+        parquet.click(lambda f: _export(f, "parquet"), selected, download, api_visibility="private")
 
         @_guard
         def on_refit(encoder: str | None) -> str:
@@ -255,14 +262,8 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks) -> None:
         for event in (search.submit, collections.change, refresh.click):
             event(show, [search, collections], table, api_visibility="private")
 
-        @_guard
-        def export(frame: pd.DataFrame, fmt: str) -> str:
-            folder = Path(tempfile.gettempdir()) / "lol-explorer-exports"
-            folder.mkdir(exist_ok=True)
-            return str(handlers.export_frame(frame, fmt, folder))
-
-        csv.click(lambda f: export(f, "csv"), table, download, api_name="export_csv")
-        parquet.click(lambda f: export(f, "parquet"), table, download, api_name="export_parquet")
+        csv.click(lambda f: _export(f, "csv"), table, download, api_name="export_csv")
+        parquet.click(lambda f: _export(f, "parquet"), table, download, api_name="export_parquet")
 
 
 def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
