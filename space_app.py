@@ -9,8 +9,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 def main() -> None:
     from app.serve import serve
+    from lol_engine.errors import StoreError
 
-    serve()
+    try:
+        serve()
+    except StoreError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import plotly
 from app import handlers
 from app.handlers import MODULE_COLUMNS, NEIGHBOUR_COLUMNS, PREDICTION_COLUMNS, Filters
 from lol_engine import LoraFormatError
+from lol_engine.errors import StoreError
 from lol_engine.explorer import Explorer
 
 __all__ = ["PLOTLY_JS", "build_demo"]
@@ -76,7 +77,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (LoraFormatError, KeyError, ValueError, OSError) as exc:
+        except (LoraFormatError, StoreError, KeyError, ValueError, OSError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise gr.Error(handlers.escape(message, 500), print_exception=False) from None
 

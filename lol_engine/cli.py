@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lol_engine.errors import LoraFormatError
+from lol_engine.errors import LoraFormatError, StoreError
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import ReadLimits
 from lol_engine.report import describe
@@ -99,7 +99,11 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from app.serve import serve
 
-    serve(db=args.db, port=args.port, host=args.host)
+    try:
+        serve(db=args.db, port=args.port, host=args.host)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -108,9 +112,13 @@ def _ingest(args: argparse.Namespace) -> int:
     from lol_engine.store import LoraStore
 
     predictors = shipped_predictors(args.predictors)
-    with LoraStore(args.db) as store:
-        report = ingest(args.paths, store, predictors)
-        print(f"{len(report.ids)} ingested; {store.count()} LoRA(s) in the store {store.path}")
+    try:
+        with LoraStore(args.db) as store:
+            report = ingest(args.paths, store, predictors)
+            print(f"{len(report.ids)} ingested; {store.count()} LoRA(s) in the store {store.path}")
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for path, reason in report.refused:
         print(f"refused {path}: {reason}", file=sys.stderr)
     return 2 if report.refused else 0

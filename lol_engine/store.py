@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from lol_engine.errors import StoreError
 from lol_engine.lora.weights import LoraWeights
 
 __all__ = ["SCHEMA_VERSION", "LoraStore", "StoredLora"]
@@ -82,6 +83,20 @@ class StoredLora:
     added_at: Any = None  # datetime of the first ingest
 
 
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def _open_problem(path: str, exc: BaseException) -> str:
+    """What went wrong opening the database, and what to do about it."""
+    text = _reason(exc)
+    if "not a valid DuckDB database" in text:
+        return f"{path} is not a DuckDB database (corrupt or another file); move it away to start a new collection"
+    if "Conflicting lock" in text:
+        return f"{path} is open in another process; run one app or ingest per database file ({text})"
+    return f"{path}: cannot open the collection database ({text})"
+
+
 def default_db_path() -> Path:
     """``$LOL_DATA_DIR/lol.duckdb``, else ``~/.cache/lol-explorer/lol.duckdb``."""
     root = Path(os.environ.get("LOL_DATA_DIR", Path.home() / ".cache" / "lol-explorer"))
@@ -95,9 +110,12 @@ class LoraStore:
         import duckdb
 
         self.path = str(path) if path is not None else str(default_db_path())
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._con = duckdb.connect(self.path)
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._con = duckdb.connect(self.path)
+        except (OSError, duckdb.Error) as exc:
+            raise StoreError(_open_problem(self.path, exc)) from None
         self._write_lock = threading.Lock()  # one writer at a time inside the process; readers never wait
         self._migrate()
 
@@ -121,14 +139,22 @@ class LoraStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
+        """One write transaction; a database failure (full disk, read-only file) becomes :class:`StoreError`."""
+        import duckdb
+
         with self._write_lock, self._cursor() as cur:
-            cur.execute("BEGIN TRANSACTION")
             try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
+                cur.execute("BEGIN TRANSACTION")
+                try:
+                    yield cur
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+                cur.execute("COMMIT")
+            except duckdb.Error as exc:
+                raise StoreError(
+                    f"{self.path}: the write failed and nothing of it was stored ({_reason(exc)})"
+                ) from None
 
     def _migrate(self) -> None:
         with self._transaction() as cur:

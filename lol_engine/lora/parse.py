@@ -232,6 +232,9 @@ def _spec(
     if group.embedding or len(a_shape) == 2:
         if len(b_shape) != 2 or len(a_shape) != 2:
             raise LoraFormatError(f"{where}: A {a_shape} and B {b_shape} mix linear and conv shapes")
+        if Role.MID in group.keys:
+            mid = header.tensors[group.keys[Role.MID]].shape
+            raise LoraFormatError(f"{where}: Tucker lora_mid {mid} next to linear factors A {a_shape} (conv only)")
         kind: ModuleKind = "embedding" if group.embedding else "linear"
         orig: tuple[int, ...] = (a_shape[1], d_out) if group.embedding else (d_out, a_shape[1])
         spec = LayerSpec(name, d_out, a_shape[1], rank, kind, orig)
