@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         for config in configs:
             path = write_lora(config, Path(tmp), gen)
             read_s, lora = timed(lambda path=path: load_lora(path), args.repeats)
-            qr_s, _ = timed(lambda lora=lora: lora_singular_values(lora), args.repeats)
+            qr_s, _ = timed(lambda lora=lora: lora_singular_values(lora, cache=False), args.repeats)
             loop_s, _ = timed(lambda lora=lora: [singular_values(m.a, m.b, m.scale) for m in lora], args.repeats)
             dense_s, err = dense_time(lora, args.dense_per_shape, min(args.repeats, 2))
             times = [f"{read_s:.3f}", f"{qr_s:.4f}", f"{loop_s:.4f}", f"{dense_s:.2f}"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,9 @@ from lol_engine.errors import LoraFormatError
 from lol_engine.fingerprint import fingerprint
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.weights import LoraWeights
-from lol_engine.nn.batch import SpecMismatchError
 
-__all__ = ["FINGERPRINT", "LOL_PREFIX", "IngestReport", "encode", "fetch_repo", "ingest", "lora_sources",
-           "shipped_predictors"]  # fmt: skip
+__all__ = ["FINGERPRINT", "LOL_PREFIX", "IngestReport", "encode", "encode_many", "fetch_repo", "ingest",
+           "lora_sources", "shipped_predictors"]  # fmt: skip
 
 FINGERPRINT = "fingerprint"  # encoder name of the architecture-agnostic invariant fingerprint
 LOL_PREFIX = "lol:"  # encoder name prefix of a shipped predictor's LoL embedding
@@ -91,17 +90,26 @@ def encode(
     Encoders are ``fingerprint`` (any LoRA) and ``lol:<predictor>`` (the predictor's LoL embedding) for every
     predictor whose module spec the LoRA fits; the others are skipped.
     """
-    predictions: dict[str, dict[str, float]] = {}
-    embeddings = {FINGERPRINT: fingerprint(lora).numpy()}
+    return encode_many([lora], predictors)[0]
+
+
+def encode_many(
+    loras: Sequence[LoraWeights], predictors: Mapping[str, Any]
+) -> list[tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]]:
+    """:func:`encode` for many LoRAs: one batched forward per predictor over the LoRAs that fit it."""
+    out: list[tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]] = [
+        ({}, {FINGERPRINT: fingerprint(lora).numpy()}) for lora in loras
+    ]
     for name, predictor in predictors.items():
-        try:
-            output, vector = predictor.predict_and_embed(lora)
-        except SpecMismatchError:
+        members = [i for i, lora in enumerate(loras) if predictor.fits(lora)]
+        if not members:
             continue
-        value = output[predictor.task.label]
-        predictions[name] = value if isinstance(value, dict) else {predictor.task.label: value}
-        embeddings[f"{LOL_PREFIX}{name}"] = vector.numpy()
-    return predictions, embeddings
+        results = predictor.predict_and_embed_many([loras[i] for i in members])
+        for i, (output, vector) in zip(members, results, strict=True):
+            value = output[predictor.task.label]
+            out[i][0][name] = value if isinstance(value, dict) else {predictor.task.label: value}
+            out[i][1][f"{LOL_PREFIX}{name}"] = vector.numpy()
+    return out
 
 
 def ingest(
@@ -111,23 +119,44 @@ def ingest(
     *,
     progress: bool = True,
     cache_dir: str | None = None,
+    batch: int = 64,
 ) -> IngestReport:
-    """Add every LoRA named by ``paths`` to ``store`` (a :class:`lol_engine.store.LoraStore`)."""
+    """Add every LoRA named by ``paths`` to ``store`` (a :class:`lol_engine.store.LoraStore`).
+
+    LoRAs are written ``batch`` at a time, each batch one transaction (all of it or none); a file that cannot be read
+    is refused on its own. A database failure (:class:`~lol_engine.errors.StoreError`) stops the ingest: the batches
+    before it are stored, the failing one is not.
+    """
     from rich.progress import Progress
 
     predictors = shipped_predictors() if predictors is None else predictors
     report = IngestReport()
     sources = lora_sources(paths, cache_dir)
+    pending: list[tuple[Path, LoraWeights, dict[str, Any]]] = []
+
+    def flush() -> None:
+        items = []
+        for (path, lora, entry), (predictions, embeddings) in zip(
+            pending, encode_many([p[1] for p in pending], predictors), strict=True
+        ):
+            bad = [name for name, v in embeddings.items() if not np.isfinite(v).all()]
+            if bad:
+                report.refused.append((str(path), f"embedding {bad[0]!r} has non-finite values"))
+                continue
+            items.append((lora, {**entry, "embeddings": embeddings, "predictions": predictions}))
+        report.ids.extend(store.add_many(items))
+        pending.clear()
+
     with Progress(disable=not progress) as bar:
         task = bar.add_task("ingest", total=len(sources))
         for path, labels, zoo in sources:
             try:
-                lora = load_lora(path)
-                predictions, embeddings = encode(lora, predictors)
-                report.ids.append(
-                    store.add(lora, zoo=zoo, labels=labels, embeddings=embeddings, predictions=predictions)
-                )
+                pending.append((path, load_lora(path), {"zoo": zoo, "labels": labels}))
             except (LoraFormatError, OSError, ValueError) as exc:
                 report.refused.append((str(path), str(exc)))
+            if len(pending) >= batch:
+                flush()
             bar.advance(task)
+        if pending:
+            flush()
     return report

@@ -83,6 +83,27 @@ class StoredLora:
     added_at: Any = None  # datetime of the first ingest
 
 
+def _check_id(lora: LoraWeights) -> str:
+    if not lora.meta.sha256:
+        raise ValueError("the LoRA has no sha256: store LoRAs read from files with load_lora")
+    return lora.meta.sha256
+
+
+def _lora_row(lora: LoraWeights, name: str | None, zoo: str | None) -> list[Any]:
+    """The ``loras`` row of a LoRA (default name: the file stem, or the folder of a PEFT/diffusers file)."""
+    meta = lora.meta
+    spec = [{"name": m.name, "kind": m.spec.kind, "d_out": m.spec.d_out, "d_in": m.spec.d_in, "rank": m.spec.rank}
+            for m in lora]  # fmt: skip
+    ranks = [m.spec.rank for m in lora]
+    metadata = {"kohya": dict(meta.kohya), "modelspec": dict(meta.modelspec), "warnings": list(meta.warnings)}
+    source = Path(meta.source)
+    folder_file = source.name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+    default_name = source.parent.name if folder_file else source.stem
+    return [meta.sha256, name or default_name, meta.source, meta.format, meta.base_family, json.dumps(spec),
+            len(lora), min(ranks), max(ranks), meta.size_bytes, meta.dtype, json.dumps(metadata, default=str),
+            zoo]  # fmt: skip
+
+
 def _reason(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
 
@@ -192,42 +213,41 @@ class LoraStore:
 
         Ingesting a LoRA that is already stored adds nothing to ``loras`` but updates the attached rows.
         """
-        meta = lora.meta
-        if not meta.sha256:
-            raise ValueError("the LoRA has no sha256: store LoRAs read from files with load_lora")
-        spec = [{"name": m.name, "kind": m.spec.kind, "d_out": m.spec.d_out, "d_in": m.spec.d_in, "rank": m.spec.rank}
-                for m in lora]  # fmt: skip
-        ranks = [m.spec.rank for m in lora]
-        metadata = {"kohya": dict(meta.kohya), "modelspec": dict(meta.modelspec), "warnings": list(meta.warnings)}
-        source = Path(meta.source)
-        folder_file = source.name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
-        default_name = source.parent.name if folder_file else source.stem
-        row = [meta.sha256, name or default_name, meta.source, meta.format, meta.base_family, json.dumps(spec),
-               len(lora), min(ranks), max(ranks), meta.size_bytes, meta.dtype,
-               json.dumps(metadata, default=str), zoo]  # fmt: skip
-        with self._transaction() as cur:
-            cur.execute(
-                "INSERT INTO loras (id, name, source, format, base_family, spec_json, n_modules, rank_min, rank_max, "
-                "size_bytes, dtype, metadata_json, zoo) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                row,
-            )
-            label_rows = [[meta.sha256, key, json.dumps(value)] for key, value in (labels or {}).items()]
-            _insert_many(cur, "labels", label_rows)
-            embedding_rows = []
-            for encoder, vector in (embeddings or {}).items():
+        entry = {"name": name, "zoo": zoo, "labels": labels, "embeddings": embeddings, "predictions": predictions}
+        return self.add_many([(lora, entry)])[0]
+
+    def add_many(self, items: Sequence[tuple[LoraWeights, Mapping[str, Any]]]) -> list[str]:
+        """:meth:`add` for many LoRAs in one transaction (all or none): ``[(lora, {name, zoo, labels, …})]``.
+
+        Everything is validated before the transaction starts, so only a database failure can abort it. One
+        multi-row statement per table instead of one per LoRA: bulk ingests run several times faster.
+        """
+        lora_rows, label_rows, embedding_rows, prediction_rows = [], [], [], []
+        for lora, entry in items:
+            lora_id = _check_id(lora)
+            lora_rows.append(_lora_row(lora, entry.get("name"), entry.get("zoo")))
+            label_rows += [[lora_id, key, json.dumps(value)] for key, value in (entry.get("labels") or {}).items()]
+            for encoder, vector in (entry.get("embeddings") or {}).items():
                 v = np.asarray(vector, dtype=np.float32).reshape(-1)
                 if not np.isfinite(v).all():
                     raise ValueError(f"embedding {encoder!r} has non-finite values")
-                embedding_rows.append([meta.sha256, encoder, len(v), v.tolist()])
+                embedding_rows.append([lora_id, encoder, len(v), v.tolist()])
+            prediction_rows += [[lora_id, predictor, target, float(value)]
+                                for predictor, targets in (entry.get("predictions") or {}).items()
+                                for target, value in targets.items()]  # fmt: skip
+        if not lora_rows:
+            return []
+        with self._transaction() as cur:
+            placeholders = ", ".join(["(" + ", ".join("?" * len(lora_rows[0])) + ")"] * len(lora_rows))
+            cur.execute(
+                "INSERT INTO loras (id, name, source, format, base_family, spec_json, n_modules, rank_min, rank_max, "
+                f"size_bytes, dtype, metadata_json, zoo) VALUES {placeholders} ON CONFLICT DO NOTHING",
+                [v for row in lora_rows for v in row],
+            )
+            _insert_many(cur, "labels", label_rows)
             _insert_many(cur, "embeddings", embedding_rows)
-            prediction_rows = [
-                [meta.sha256, predictor, target, float(value)]
-                for predictor, targets in (predictions or {}).items()
-                for target, value in targets.items()
-            ]
             _insert_many(cur, "predictions", prediction_rows)
-        return meta.sha256
+        return [row[0] for row in lora_rows]
 
     def set_projection(self, name: str, ids: Sequence[str], xy: np.ndarray) -> None:
         """Store 2-D map coordinates ``xy: (len(ids), 2)`` under map ``name`` (replacing earlier ones)."""

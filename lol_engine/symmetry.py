@@ -152,11 +152,14 @@ _SPECTRA: weakref.WeakKeyDictionary[LoraWeights, tuple[tuple[int, ...], dict[str
 )
 
 
-def lora_singular_values(lora: LoraWeights) -> dict[str, Tensor]:
+def lora_singular_values(lora: LoraWeights, cache: bool = True) -> dict[str, Tensor]:
     """Per-module singular values of the scaled ΔW. Modules of equal shape are stacked into one batched QR.
 
     The result is cached on the (immutable) LoRA object; callers get a fresh dict of the same tensors.
+    ``cache=False`` recomputes (benchmarks time the computation, not the cache).
     """
+    if not cache:
+        return _lora_singular_values(lora)
     versions = tuple(v for m in lora for v in (m.a._version, m.b._version))
     cached = _SPECTRA.get(lora)
     if cached is not None and cached[0] == versions:

@@ -45,3 +45,13 @@ def test_bench_app_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     module["main"](["--tiny"])
     out = capsys.readouterr().out
     assert "first map (with JIT)" in out and "SDXL kohya" in out and "p95" in out
+
+
+@pytest.mark.slow
+def test_benchmark_suite_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gradio")
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "run_all.py"))
+    rows = module["main"](["--quick"])
+    kinds = {row[0] for row in rows}
+    assert kinds == {"spectra", "neighbours", "LoL vs evaluation", "ingest", "maps", "app"}
+    assert all(row[4].rstrip("×").replace(",", "").replace(".", "").isdigit() or "the" in row[4] for row in rows)

@@ -269,3 +269,19 @@ def test_compare(collection: Explorer) -> None:
     assert [r[0] for r in rows] == ["fc1", "fc2"]
     other = next(r["id"] for r in collection.records() if r["zoo"] == "fashion-gen")
     assert collection.compare(ids[0], other) == (None, [])
+
+
+def test_batched_encoding_matches_one_at_a_time() -> None:
+    from lol_engine.ingest import encode, encode_many
+
+    predictors = shipped_predictors()
+    loras = [load_lora(p) for p in (*DIGITS[:3], *FASHION[:3])]
+    batched = encode_many(loras, predictors)
+    for lora, (predictions, embeddings) in zip(loras, batched, strict=True):
+        single_predictions, single_embeddings = encode(lora, predictors)
+        assert predictions.keys() == single_predictions.keys() and embeddings.keys() == single_embeddings.keys()
+        for name in embeddings:
+            np.testing.assert_allclose(embeddings[name], single_embeddings[name], rtol=1e-4, atol=1e-5)
+        for name, targets in predictions.items():
+            for target, value in targets.items():
+                assert value == pytest.approx(single_predictions[name][target], rel=1e-4, abs=1e-5)

@@ -118,12 +118,12 @@ insert_many = store_module._insert_many
 
 def dying_insert(cur, table, rows):
     calls["n"] += 1
-    if calls["n"] == 5:  # inside the second LoRA's transaction: its loras row is written, nothing committed
+    if calls["n"] == 5:  # inside the second batch's transaction: its loras rows are written, nothing committed
         os.kill(os.getpid(), signal.SIGKILL)
     insert_many(cur, table, rows)
 
 store_module._insert_many = dying_insert
-ingest([sys.argv[2]], LoraStore(sys.argv[1]), {}, progress=False)
+ingest([sys.argv[2]], LoraStore(sys.argv[1]), {}, progress=False, batch=2)
 """
 
 
@@ -141,9 +141,9 @@ def test_a_killed_ingest_leaves_only_complete_loras(tmp_path: Path) -> None:
     )
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
     with LoraStore(db) as store:
-        assert store.count() == 1  # the first LoRA committed; the second died mid-transaction
-        (lora_id,) = [s.id for s in store.all()]
-        assert store.labels(lora_id) and store.embedding(lora_id, "fingerprint") is not None
+        assert store.count() == 2  # the first batch (2 LoRAs) committed; the second died mid-transaction
+        for lora_id in [s.id for s in store.all()]:
+            assert store.labels(lora_id) and store.embedding(lora_id, "fingerprint") is not None
         with store._cursor() as cur:
             for table in ("labels", "embeddings"):
                 orphans = cur.execute(f"SELECT count(*) FROM {table} WHERE lora_id NOT IN (SELECT id FROM loras)")

@@ -225,3 +225,12 @@ def test_equivariance_helper(lora: LoraWeights, gen: torch.Generator) -> None:
     relu = lambda x: x.map(torch.relu)  # noqa: E731 - pointwise ReLU on factors is the classic non-equivariant layer
     with pytest.raises(AssertionError, match="GL equivariance"):
         assert_gl_equivariant(relu, lora, generator=gen)
+
+
+def test_spectra_cache_is_exact_and_follows_in_place_changes(gen: torch.Generator) -> None:
+    lora = random_lora(LoraSpec((LayerSpec("q", 9, 7, 3), LayerSpec("v", 9, 7, 3))), generator=gen)
+    first = lora_singular_values(lora)
+    assert lora_singular_values(lora)["q"] is first["q"]  # cached
+    torch.testing.assert_close(lora_singular_values(lora, cache=False)["q"], first["q"], rtol=0, atol=0)
+    lora["q"].b.mul_(2.0)  # an in-place change bumps the tensor's version: recomputed, not served stale
+    torch.testing.assert_close(lora_singular_values(lora)["q"], 2 * first["q"])

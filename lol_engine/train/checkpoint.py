@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from lol_engine.lora.weights import LoraWeights
-from lol_engine.nn.batch import LoraBatch, check_compatible
+from lol_engine.nn.batch import LoraBatch, SpecMismatchError, check_compatible
 from lol_engine.nn.models import LoLModel, ModelConfig, build_model
 from lol_engine.spec import LayerSpec, LoraSpec
 from lol_engine.train.tasks import Task
@@ -88,12 +89,25 @@ class Predictor:
         """
         return self.predict_and_embed(lora)[1]
 
-    @torch.no_grad()
     def predict_and_embed(self, lora: LoraWeights) -> tuple[dict[str, Any], torch.Tensor]:
         """:meth:`predict` and :meth:`embed` from one forward pass."""
-        check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
+        return self.predict_and_embed_many([lora])[0]
+
+    def fits(self, lora: LoraWeights) -> bool:
+        """Whether ``lora`` has this predictor's modules (and rank, unless the model is rank-agnostic)."""
+        try:
+            check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
+        except SpecMismatchError:
+            return False
+        return True
+
+    @torch.no_grad()
+    def predict_and_embed_many(self, loras: Sequence[LoraWeights]) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        """:meth:`predict_and_embed` for many LoRAs in one batched forward (each must fit, else SpecMismatchError)."""
+        for lora in loras:
+            check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
         device = next(self.model.parameters()).device
-        batch = LoraBatch.from_loras([lora], fold_scale=self.fold_scale, spec=self.model.spec).to(device)
+        batch = LoraBatch.from_loras(list(loras), fold_scale=self.fold_scale, spec=self.model.spec).to(device)
         captured: list[torch.Tensor] = []
         with self._lock:  # the hook sees every forward of the shared model: one forward at a time
             hook = self._last_layer.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
@@ -101,7 +115,8 @@ class Predictor:
                 logits = self.model.eval()(batch)
             finally:
                 hook.remove()
-        return self._decode(logits.cpu()), captured[0][0].cpu()
+        logits, hidden = logits.cpu(), captured[0].cpu()
+        return [(self._decode(logits[i : i + 1]), hidden[i]) for i in range(len(loras))]
 
     def _decode(self, logits: torch.Tensor) -> dict[str, Any]:
         out = self.task.decode(logits)[0]
