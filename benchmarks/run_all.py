@@ -185,13 +185,14 @@ def ingest_throughput(quick: bool) -> list[Row]:
                    .stat().st_size for i in range(n))  # fmt: skip
     assert len(report.ids) == n
     stats = pstats.Stats(profile)
-    parts = {"read + parse": "parse.py:84(load_lora)", "fingerprint": "fingerprint.py", "predictors": "encode",
-             "store": "store.py"}  # fmt: skip
+    parts = {"read + parse": "parse.py:84(load_lora)", "encode (fingerprint + predictors)": "encode_many",
+             "of which fingerprint": "fingerprint.py", "store": "store.py"}  # fmt: skip
     shares = []
     total = stats.total_tt  # type: ignore[attr-defined]
     for label, key in parts.items():
         cum = max((v[3] for k, v in stats.stats.items() if key in f"{k[0]}:{k[1]}({k[2]})"), default=0.0)  # type: ignore[attr-defined]
         shares.append(f"{label} {cum / total:.0%}")
+    shares[-1] += " (cumulative shares of the profiled time)"
     floor = size / _memory_bandwidth()
     fix = ["ingest", f"the same {n:,} LoRAs: batches of 64 vs one at a time", f"batched {_fmt(seconds)}",
            f"one at a time {_fmt(one_by_one)}", f"{one_by_one / seconds:.1f}×",

@@ -192,6 +192,7 @@ class Explorer:
         if self.store.get(lora_id) is not None:
             return lora_id
         folder = self.uploads_dir / lora_id
+        created = False
         if not folder.is_dir():
             self.uploads_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{lora_id[:12]}-", dir=self.uploads_dir))
@@ -200,15 +201,21 @@ class Explorer:
                 if len(analysis.files) > 1:
                     shutil.copyfile(analysis.files[1], staging / "adapter_config.json")
                 os.replace(staging, folder)  # atomic: a folder is complete or absent
+                created = True
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)
                 if not folder.is_dir():
                     raise
-        stored = load_lora(folder, limits=ReadLimits())
-        if stored.meta.sha256 != lora_id:
-            raise LoraFormatError(f"stored copy of {lora_id[:12]} does not match the upload")
-        display = name or Path(analysis.lora.meta.source).stem
-        self.store.add(stored, name=display, embeddings=analysis.embeddings, predictions=analysis.predictions)
+        try:
+            stored = load_lora(folder, limits=ReadLimits())
+            if stored.meta.sha256 != lora_id:
+                raise LoraFormatError(f"stored copy of {lora_id[:12]} does not match the upload")
+            display = name or Path(analysis.lora.meta.source).stem
+            self.store.add(stored, name=display, embeddings=analysis.embeddings, predictions=analysis.predictions)
+        except BaseException:
+            if created:  # nothing half-written: the copy goes with the failed add
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         self._changed()
         self._place(lora_id, analysis.embeddings)
         return lora_id

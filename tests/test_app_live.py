@@ -97,6 +97,25 @@ def test_api_add_bad_input_and_status(client: Client, live: Explorer, tmp_path: 
     assert f"**{before + 1}** LoRAs" in client.predict(api_name="/status")  # still serving
 
 
+def test_api_reports_a_failing_database_and_keeps_serving(
+    client: Client, live: Explorer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lol_engine.errors import StoreError
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise StoreError("lol.duckdb: the write failed and nothing of it was stored (File too large)")
+
+    monkeypatch.setattr(live.store, "add_many", full_disk)
+    before = live.store.count()
+    upload = tmp_path / "another.safetensors"
+    shutil.copyfile(DIGITS[210] / "adapter_model.safetensors", upload)
+    with pytest.raises(Exception, match="nothing of it was stored"):
+        client.predict([handle_file(str(upload))], "", api_name="/add")
+    monkeypatch.undo()
+    assert live.store.count() == before
+    assert "Added **another**" in client.predict([handle_file(str(upload))], "", api_name="/add")
+
+
 def test_api_compare_and_collection(client: Client, live: Explorer) -> None:
     ids = [r["id"] for r in live.records() if r["zoo"] == "digits"][:2]
     text, _, table = client.predict(ids[0], ids[1], api_name="/compare")

@@ -239,6 +239,7 @@ def test_a_failed_add_stores_nothing(fresh: Explorer, tmp_path: Path) -> None:
     with pytest.raises(LoraFormatError, match="does not match"):
         fresh.add(analysis)
     assert fresh.store.get(analysis.sha256) is None and fresh.store.count() == 8
+    assert not (fresh.uploads_dir / analysis.sha256).exists()  # the copy went with the failed add
 
 
 def test_concurrent_adds_lose_nothing(fresh: Explorer) -> None:
