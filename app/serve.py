@@ -21,7 +21,7 @@ def open_explorer(db: str | os.PathLike[str] | None = None, progress: bool = Tru
 
     explorer = Explorer.open(db)
     if explorer.store.count() == 0:
-        print(f"First run: ingesting the default zoo into {explorer.store.path} and fitting its maps (about half a minute)…")
+        print(f"First run: ingesting the default zoo into {explorer.store.path} and fitting its maps (~30 s)…")
     explorer.ensure_default(progress=progress)
     return explorer
 
