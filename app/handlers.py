@@ -89,13 +89,14 @@ def inspect_upload(paths: Sequence[str] | str | None, limits: ReadLimits | None 
 
 def _summary(report: dict[str, Any], name: str) -> str:
     lines = [
-        f"### {name}",
-        f"**format** `{report['format']}` · **base** `{report['base_family']}` · **dtype** `{report['dtype']}` · "
-        f"**modules** {report['n_modules']} · **ranks** {report['ranks']} · **DoRA** {report['is_dora']}",
+        f"### {escape(name)}",
+        f"**format** {code(report['format'])} · **base** {code(report['base_family'])} · **dtype** "
+        f"{code(report['dtype'])} · **modules** {report['n_modules']} · **ranks** {report['ranks']} · **DoRA** "
+        f"{report['is_dora']}",
         f"**total ‖ΔW‖_F** {report['total_delta_fro_norm']:.4g} · **sha256** `{report['sha256'][:16]}…`",
-        f"**evidence:** {'; '.join(report['evidence'])}",
+        f"**evidence:** {escape('; '.join(report['evidence']), 400)}",
     ]
-    warnings = "\n".join(f"- ⚠️ {w}" for w in report["warnings"])
+    warnings = "\n".join(f"- ⚠️ {escape(w, 300)}" for w in report["warnings"])
     return "\n\n".join([*lines, warnings] if warnings else lines)
 
 

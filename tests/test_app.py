@@ -210,3 +210,10 @@ def test_build_demo_does_not_launch(collection: Explorer) -> None:
     assert isinstance(demo, gr.Blocks)
     assert not getattr(demo, "is_running", False)
     assert collection.store.count() == before
+
+
+def test_inspect_summary_escapes_the_file_name(tmp_path: Path) -> None:
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    path = save(tmp_path / f"{HOSTILE.replace('/', '_')}.safetensors", kohya(stem))
+    summary = inspect_upload([str(path)]).summary
+    assert "<img" not in summary and "&lt;img" in summary
