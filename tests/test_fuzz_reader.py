@@ -31,6 +31,14 @@ from lol_engine.report import describe  # noqa: E402
 EXAMPLES = int(os.environ.get("LOL_FUZZ_EXAMPLES", "300"))
 RANDOM = os.environ.get("LOL_FUZZ_RANDOM") == "1"
 LIMITS = ReadLimits(max_file_bytes=8 * 2**20)
+# Bounded and derandomised in CI; LOL_FUZZ_EXAMPLES / LOL_FUZZ_RANDOM=1 for long random runs.
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not RANDOM,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 SD1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -210,13 +218,7 @@ def test_seed_files_are_valid(seeds: dict[str, bytes], tmp_path: Path) -> None:
         assert len(load_lora(path, limits=LIMITS)) == 1, name
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=not RANDOM,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@FUZZ
 @given(
     seed=st.sampled_from(["kohya", "peft-f16", "peft-bf16", "locon-conv"]),
     ops=st.lists(mutation(), min_size=1, max_size=4),
@@ -270,13 +272,7 @@ _CONFIG_KEYS = [
 ]
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=not RANDOM,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@FUZZ
 @given(config=st.one_of(st.dictionaries(st.sampled_from(_CONFIG_KEYS), _JSON, max_size=6), _JSON))
 def test_hostile_adapter_configs_load_or_raise_lora_format_error(
     seeds: dict[str, bytes], tmp_path: Path, config: object

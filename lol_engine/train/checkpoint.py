@@ -74,7 +74,7 @@ class Predictor:
         return int(self._last_layer.in_features)
 
     def to(self, device: str | torch.device) -> Predictor:
-        """Move the model (e.g. to ``"cuda"``); inputs follow it, outputs come back on the CPU."""
+        """Move the model to a device (a GPU, say); inputs follow it, outputs come back on the CPU."""
         self.model.to(device)
         return self
 
