@@ -38,7 +38,7 @@ from lol_engine.lora.safe_io import ReadLimits
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.report import describe
 from lol_engine.similarity import cosine_to_many, module_cosines
-from lol_engine.train.calibrate import Estimate, estimates
+from lol_engine.train.calibrate import Estimate, estimates_from
 
 __all__ = ["DEFAULT_ZOOS", "Analysis", "Explorer", "Neighbour"]
 
@@ -178,8 +178,10 @@ class Explorer:
         report = describe(lora)
         predictions, embeddings = encode(lora, self.predictors)
         per_predictor: dict[str, list[Estimate]] = {}
-        for name in predictions:
-            per_predictor[name] = estimates(self.predictors[name], lora)
+        for name, targets in predictions.items():  # ranges from the outputs encode() computed: no second forward
+            task = self.predictors[name].task
+            raw = targets[task.label] if task.kind in ("regression", "binary") else targets
+            per_predictor[name] = estimates_from(self.predictors[name], raw)
         files = (Path(lora_file),) + ((Path(config_file),) if config_file else ())
         return Analysis(lora, report, per_predictor, predictions, embeddings, files, time.perf_counter() - start)
 

@@ -123,6 +123,12 @@ def test_shipped_predictors_are_calibrated_and_their_ranges_hold() -> None:
     assert len(bits) == 10 and all(set(b.choices or ()) <= {"0", "1"} for b in bits)
 
 
+def test_analysis_ranges_equal_a_fresh_prediction(collection: Explorer) -> None:
+    analysis = collection.analyse(DIGITS[7])
+    for name, rows in analysis.estimates.items():
+        assert rows == estimates(collection.predictors[name], analysis.lora), name
+
+
 def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 

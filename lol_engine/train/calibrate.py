@@ -26,7 +26,8 @@ import torch
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.train.tasks import Task
 
-__all__ = ["Estimate", "calibrate", "calibrate_folder", "conformal_quantile", "estimates", "nonconformity"]
+__all__ = ["Estimate", "calibrate", "calibrate_folder", "conformal_quantile", "estimates", "estimates_from",
+           "nonconformity"]  # fmt: skip
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
@@ -128,8 +129,12 @@ def estimates(predictor: Any, lora: LoraWeights) -> list[Estimate]:
 
     Raises :class:`~lol_engine.nn.batch.SpecMismatchError` when the LoRA does not fit the predictor.
     """
+    return estimates_from(predictor, predictor.predict(lora)[predictor.task.label])
+
+
+def estimates_from(predictor: Any, raw: Any) -> list[Estimate]:
+    """:func:`estimates` from an output already computed: a number, or ``{name: probability}``."""
     task: Task = predictor.task
-    raw = predictor.predict(lora)[task.label]
     cal = predictor.config.get("calibration")
     q = float(cal["q"]) if cal else None
     coverage = float(cal["coverage"]) if cal else None
