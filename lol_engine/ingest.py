@@ -134,11 +134,23 @@ def ingest(
     sources = lora_sources(paths, cache_dir)
     pending: list[tuple[Path, LoraWeights, dict[str, Any]]] = []
 
+    def encoded(path: Path, lora: LoraWeights) -> Any:
+        try:  # one LoRA on its own, so that a failure refuses that file only
+            return encode(lora, predictors)
+        except (LoraFormatError, ValueError) as exc:
+            report.refused.append((str(path), str(exc)))
+            return None
+
     def flush() -> None:
+        try:
+            results: list[Any] = list(encode_many([p[1] for p in pending], predictors))
+        except (LoraFormatError, ValueError):
+            results = [encoded(path, lora) for path, lora, _ in pending]
         items = []
-        for (path, lora, entry), (predictions, embeddings) in zip(
-            pending, encode_many([p[1] for p in pending], predictors), strict=True
-        ):
+        for (path, lora, entry), result in zip(pending, results, strict=True):
+            if result is None:
+                continue
+            predictions, embeddings = result
             bad = [name for name, v in embeddings.items() if not np.isfinite(v).all()]
             if bad:
                 report.refused.append((str(path), f"embedding {bad[0]!r} has non-finite values"))
