@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lol_engine.lora.weights import LoraWeights
@@ -13,6 +14,9 @@ _MAX_TEXT = 2000  # metadata strings longer than this are shortened in reports (
 
 
 def _short(value: Any) -> Any:
+    """Metadata made fit for a report: long strings shortened, non-finite numbers as text (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, str) and len(value) > _MAX_TEXT:
         return value[:_MAX_TEXT] + f"…[{len(value) - _MAX_TEXT:,} more chars]"
     if isinstance(value, dict):

@@ -46,19 +46,21 @@ def _from_metadata(
             return family, f"metadata modelspec.architecture={architecture}"
     if kohya.get("ss_v2") is True:
         return "sd2", "metadata ss_v2=True"
-    base = str(config.get("base_model_name_or_path") or "").lower()
+    field = "base_model_name_or_path" if config.get("base_model_name_or_path") else "model"  # mlx-lm: "model"
+    base = str(config.get(field) or "").lower()[:200]
     for pattern, family in _MODEL_NAMES:
         if base and re.search(pattern, base):
-            return family, f"adapter_config base_model_name_or_path={base}"
+            return family, f"adapter_config {field}={base}"
     return None
 
 
 def _from_structure(layers: Sequence[LayerSpec]) -> tuple[str, list[str]]:
     names = [layer.name for layer in layers]
     by_suffix = {layer.name: layer for layer in layers}
+    text = "\n".join(n.replace("\n", " ") for n in names)  # one line per module: one search per pattern
 
     def any_has(pattern: str) -> bool:
-        return any(re.search(pattern, n) for n in names)
+        return re.search(pattern, text, re.MULTILINE) is not None
 
     cross = [layer.d_in for n, layer in by_suffix.items() if re.search(r"attn2\.to_[kv]$", n)]
     width = f"cross-attention attn2.to_k/to_v d_in = {cross[0]}" if cross else ""

@@ -17,12 +17,14 @@ from lol_engine.lora.vocab import resolve_kohya_name
 
 __all__ = [
     "KEY_RULES",
+    "NAMING_FORMATS",
     "VARIANT_NAMES",
     "KeyRule",
     "ModuleKeys",
     "Role",
     "canonical_name",
     "classify_key",
+    "count_modules",
     "group_keys",
 ]
 
@@ -42,7 +44,8 @@ class Role(Enum):
 class KeyRule:
     suffix: str  # matched against the end of the key, including its leading "." or "_"
     role: Role
-    naming: str  # "ab" (PEFT lora_A/B), "kohya" (lora_down/up), "diffusers" (lora.down, _lora.down, lora_linear_layer)
+    naming: str  # "ab" (PEFT lora_A/B), "kohya" (lora_down/up), "diffusers" (lora.down, _lora.down,
+    # lora_linear_layer), "mlx" (mlx-lm lora_a/lora_b), "cloneofsimo" (unet:N:down/up)
     embedding: bool = False
     variant: str = ""  # for Role.VARIANT: the name of the algorithm
 
@@ -82,6 +85,13 @@ def _rules() -> tuple[KeyRule, ...]:
         KeyRule(".lora_linear_layer.down.weight", Role.A, "diffusers"),
         KeyRule(".lora_linear_layer.up.weight", Role.B, "diffusers"),
         KeyRule(".alpha", Role.ALPHA, "diffusers"),
+        # mlx-lm: lora_a (d_in, r) and lora_b (r, d_out), transposed by the parser; DoRA adds the magnitude "m".
+        KeyRule(".lora_a", Role.A, "mlx"),
+        KeyRule(".lora_b", Role.B, "mlx"),
+        KeyRule(".m", Role.MAGNITUDE, "mlx"),
+        # cloneofsimo/lora: "unet:12:down", "text_encoder:3:up", named by index (lol_engine.lora.cloneofsimo).
+        KeyRule(":down", Role.A, "cloneofsimo"),
+        KeyRule(":up", Role.B, "cloneofsimo"),
     ]
     variants = {
         "LoHa": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
@@ -99,6 +109,16 @@ def _rules() -> tuple[KeyRule, ...]:
     return tuple(rules)
 
 
+# How each naming family is named in messages.
+NAMING_FORMATS = {
+    "ab": "PEFT/diffusers (lora_A/lora_B)",
+    "kohya": "kohya/LyCORIS (lora_down/lora_up)",
+    "diffusers": "diffusers (lora.down/lora.up)",
+    "mlx": "mlx-lm (lora_a/lora_b)",
+    "cloneofsimo": "cloneofsimo/lora (unet:N:down/up)",
+}
+
+
 KEY_RULES: tuple[KeyRule, ...] = _rules()
 VARIANT_NAMES = tuple(sorted({r.variant for r in KEY_RULES if r.role is Role.VARIANT}))
 _SUFFIXES = sorted({r.suffix for r in KEY_RULES}, key=len, reverse=True)
@@ -107,16 +127,31 @@ _FACTOR_SUFFIXES = {
 }  # suffixes that say which naming family a stem belongs to
 
 
+_A_SUFFIXES = tuple(r.suffix for r in KEY_RULES if r.role is Role.A)
+# One pass over a key finds its longest known suffix: the leftmost of the alternatives that end at the key's end.
+_SUFFIX_AT_END = re.compile("(?:" + "|".join(re.escape(s) for s in _SUFFIXES) + r")\Z")
+
+
 def classify_key(key: str) -> tuple[str, str] | None:
     """Split ``key`` into ``(stem, suffix)`` by the longest known suffix, or None when no suffix matches.
 
     >>> classify_key("lora_unet_mid_block_attentions_0_proj_in.lora_down.weight")
     ('lora_unet_mid_block_attentions_0_proj_in', '.lora_down.weight')
     """
-    for suffix in _SUFFIXES:
+    hit = _SUFFIX_AT_END.search(key)
+    if hit is None:
+        return None
+    if hit.start() > 0:
+        return key[: hit.start()], hit.group()
+    for suffix in _SUFFIXES:  # the whole key is a suffix: the longest one that leaves a stem
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], suffix
     return None
+
+
+def count_modules(keys: Iterable[str]) -> int:
+    """How many keys are A factors (an upper bound on the modules), counted without grouping anything."""
+    return sum(1 for key in keys if key.endswith(_A_SUFFIXES))
 
 
 @dataclass
@@ -144,7 +179,8 @@ def group_keys(keys: Iterable[str], where: str) -> tuple[dict[str, ModuleKeys], 
             naming = _FACTOR_SUFFIXES[suffix]
             module = modules.setdefault(stem, ModuleKeys(stem, naming))
             if naming != module.naming and "variant" not in (naming, module.naming):
-                raise LoraFormatError(f"{where}: module {stem!r} mixes {module.naming} and {naming} key names")
+                formats = " and ".join(NAMING_FORMATS[n] for n in (module.naming, naming))
+                raise LoraFormatError(f"{where}: module {stem[:80]!r} mixes {formats} key names")
     unknown = []
     for key, hit in split.items():
         if hit is None or hit[0] not in modules:

@@ -1,15 +1,20 @@
-"""``load_lora`` and ``inspect_lora``: any supported LoRA file or PEFT folder to the canonical form.
+"""``load_lora`` and ``inspect_lora``: any supported LoRA file or adapter folder to the canonical form.
 
 Pipeline: locate the file (and ``adapter_config.json``) → validate the header (:mod:`safe_io`) → group keys into
-modules (:mod:`keys`) → canonical names → shape checks → scales → read factors → finiteness checks.
+modules (:mod:`keys`) → count budgets → canonical names → shapes in the canonical orientation → scales → read factors
+→ magnitude checks. Format quirks (mlx-lm's transposed factors, cloneofsimo's index-named modules, every scale rule)
+end here: what comes out is always ``A: (r, d_in)``, ``B: (d_out, r)``, ``ΔW = scale · B A``.
+
+Work is bounded before it is done (:class:`ReadLimits`): tensors, modules, pattern matches and the reading thread's
+CPU time; per-module checks run batched over modules of one shape.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +22,42 @@ import torch
 from torch import Tensor
 
 from lol_engine.errors import LoraFormatError
+from lol_engine.lora import cloneofsimo
 from lol_engine.lora._conventions import ModuleKind
-from lol_engine.lora.config import PeftAdapterConfig, diffusers_component_configs, read_adapter_config
+from lol_engine.lora.config import (
+    AdapterConfig,
+    MlxAdapterConfig,
+    PeftAdapterConfig,
+    diffusers_component_configs,
+    read_adapter_config,
+)
 from lol_engine.lora.family import detect_family
-from lol_engine.lora.keys import ModuleKeys, Role, canonical_name, group_keys
-from lol_engine.lora.safe_io import FLOAT_DTYPES, ReadLimits, SafetensorsHeader, file_sha256, read_header, read_tensors
+from lol_engine.lora.keys import NAMING_FORMATS, ModuleKeys, Role, canonical_name, count_modules, group_keys
+from lol_engine.lora.metadata import decode_kohya, format_name, unknown_layout
+from lol_engine.lora.safe_io import (
+    FLOAT_DTYPES,
+    ReadLimits,
+    SafetensorsHeader,
+    WorkBudget,
+    file_sha256,
+    read_header,
+    read_tensors,
+    shown,
+)
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights
 from lol_engine.spec import LayerSpec, LoraSpec, natural_key
 
 __all__ = ["LoraSummary", "inspect_lora", "load_lora", "locate_lora"]
 
-_ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
-_PICKLE_ADAPTERS = ("adapter_model.bin", "pytorch_lora_weights.bin")
+_ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapters.safetensors")
+_UNREAD_ADAPTERS = {  # adapter files in formats that are never opened, and what they are
+    "adapter_model.bin": "a pickle, never loaded (unpickling runs arbitrary code)",
+    "pytorch_lora_weights.bin": "a pickle, never loaded (unpickling runs arbitrary code)",
+    "adapters.npz": "a NumPy archive (mlx-lm's format before safetensors), not read",
+}
+_MLX_DEFAULT_SCALE = 20.0  # mlx-lm's LoRALinear default and CONFIG_DEFAULTS["lora_parameters"]["scale"]
+_MLX_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|tok_embeddings|word_embeddings)$")
+_MAX_MAGNITUDE = 1e15  # |factor entries|, |scale| and ‖ΔW‖_F; float32 Grams and spectra stay finite below it
 
 
 @dataclass(frozen=True)
@@ -39,6 +68,7 @@ class _Plan:
     keys: ModuleKeys
     alpha: float | None
     scale: float
+    source: str  # where the canonical name came from: peft, kohya, diffusers, comfyui, cloneofsimo, plain
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,74 +81,134 @@ class LoraSummary:
     meta: LoraMetadata
 
 
+class _Notes:
+    """Warnings about many modules, folded into one line per kind (a 20,000-module file gives a few lines)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._modules: dict[str, list[str]] = {}
+
+    def module(self, kind: str, name: str) -> None:
+        self._modules.setdefault(kind, []).append(name)
+
+    def fold(self) -> list[str]:
+        out = list(self.lines)
+        for kind, names in self._modules.items():
+            more = f" (and {len(names) - 1:,} more)" if len(names) > 1 else ""
+            out.append(f"module {names[0]}: {kind}{more}")
+        return out
+
+
 def locate_lora(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
-    """Resolve a file or a PEFT/diffusers folder to ``(safetensors file, adapter_config.json or None)``."""
+    """Resolve a file or an adapter folder to ``(safetensors file, adapter_config.json or None)``.
+
+    Folders: PEFT (``adapter_model.safetensors``), diffusers (``pytorch_lora_weights.safetensors``), mlx-lm
+    (``adapters.safetensors``, beside its numbered checkpoints), or a folder with exactly one ``.safetensors``.
+    """
     path = Path(path)
     if not path.exists():
-        raise LoraFormatError(f"{path}: no such file or folder")
+        raise LoraFormatError(f"{path.name}: no such file or folder")
     if path.is_dir():
         found = [path / name for name in _ADAPTER_FILES if (path / name).is_file()]
         if not found:
             found = sorted(path.glob("*.safetensors"))
         if not found:
-            pickles = [name for name in _PICKLE_ADAPTERS if (path / name).exists()]
-            hint = f"; {pickles[0]} is a pickle and is never loaded" if pickles else ""
-            raise LoraFormatError(f"{path}: folder holds no .safetensors adapter{hint}")
+            unread = [name for name in _UNREAD_ADAPTERS if (path / name).exists()]
+            hint = f"; {unread[0]} is {_UNREAD_ADAPTERS[unread[0]]}" if unread else ""
+            raise LoraFormatError(f"{path.name}: folder holds no .safetensors adapter{hint}")
         if len(found) > 1 and found[0].name not in _ADAPTER_FILES:
-            raise LoraFormatError(f"{path}: folder holds {len(found)} .safetensors files; name the one to read")
+            raise LoraFormatError(f"{path.name}: folder holds {len(found)} .safetensors files; name the one to read")
         path = found[0]
     config = path.parent / "adapter_config.json"
     return path, (config if config.is_file() else None)
 
 
 def inspect_lora(
-    path: str | os.PathLike[str], *, limits: ReadLimits | None = None, config: PeftAdapterConfig | None = None
+    path: str | os.PathLike[str], *, limits: ReadLimits | None = None, config: AdapterConfig | None = None
 ) -> LoraSummary:
     """Spec, scales and metadata of a LoRA, reading the header and the 0-dim alpha tensors only."""
-    plans, meta, _ = _prepare(path, limits or ReadLimits(), config)
+    plans, meta, _, _ = _prepare(path, limits or ReadLimits(), config)
     return LoraSummary(
         LoraSpec(tuple(p.spec for p in plans)), tuple(p.scale for p in plans), tuple(p.alpha for p in plans), meta
     )
 
 
 def load_lora(
-    path: str | os.PathLike[str], *, limits: ReadLimits | None = None, config: PeftAdapterConfig | None = None
+    path: str | os.PathLike[str], *, limits: ReadLimits | None = None, config: AdapterConfig | None = None
 ) -> LoraWeights:
     """Read a LoRA file or folder into :class:`LoraWeights` (float32, CPU), or raise :class:`LoraFormatError`.
 
     ``config`` overrides the ``adapter_config.json`` found next to the file.
     """
-    plans, meta, header = _prepare(path, limits or ReadLimits(), config)
+    limits = limits or ReadLimits()
+    plans, meta, header, budget = _prepare(path, limits, config)
     wanted = [
         key for p in plans for role, key in p.keys.keys.items() if role in (Role.A, Role.B, Role.MID, Role.MAGNITUDE)
     ]
     tensors = read_tensors(header, wanted)
+    budget.check("reading the factors")
     modules = tuple(_build_module(p, tensors, header.path.name) for p in plans)
+    del tensors
+    _check_magnitudes(modules, header.path.name)
+    budget.check("checking the factors")
     return LoraWeights(modules, meta)
 
 
 def _prepare(
-    path: str | os.PathLike[str], limits: ReadLimits, config: PeftAdapterConfig | None
-) -> tuple[list[_Plan], LoraMetadata, SafetensorsHeader]:
+    path: str | os.PathLike[str], limits: ReadLimits, config: AdapterConfig | None
+) -> tuple[list[_Plan], LoraMetadata, SafetensorsHeader, WorkBudget]:
     file, config_path = locate_lora(path)
+    where = file.name
+    budget = WorkBudget(limits, where)
     if config is None and config_path is not None:
         config = read_adapter_config(config_path, limits)
-    header = read_header(file, limits)
-    where = file.name
+    header = read_header(file, limits, precheck=lambda entries: _count_modules(entries, limits, where))
     groups, _ = group_keys(header.tensors, where)
     _refuse_variants(groups, where)
     low_rank = {stem: g for stem, g in groups.items() if Role.A in g.keys or Role.B in g.keys}
     if not low_rank:
-        sample = ", ".join(sorted(header.tensors)[:3]) or "none"
-        raise LoraFormatError(f"{where}: no LoRA modules found (unknown key layout; first keys: {sample})")
-    warnings = list(header.warnings)
+        raise LoraFormatError(unknown_layout(list(header.tensors), where))
+    configs = _configs(config, header.metadata, where, limits)
+    pairs = sum(c.n_patterns for c in configs.values() if isinstance(c, PeftAdapterConfig)) * len(low_rank)
+    if pairs > limits.max_pattern_pairs:
+        raise LoraFormatError(
+            f"{where}: matching every rank_pattern/alpha_pattern key against every module takes {pairs:,} regex "
+            f"matches, over the limit of {limits.max_pattern_pairs:,}"
+        )
+    budget.check("grouping keys")
+    notes = _Notes()
+    notes.lines += header.warnings
     side = _read_side_tensors(header, low_rank.values())
-    names = _names(low_rank, warnings, where)
-    configs = {"": config} if config is not None else diffusers_component_configs(header.metadata, where, limits)
-    plans = [_plan(group, names[stem], header, side, configs, limits, warnings) for stem, group in low_rank.items()]
+    names = _names(low_rank, header, notes, where)
+    plans = []
+    for stem, group in low_rank.items():
+        name, source = names[stem]
+        spec = _spec(group, name, header, limits, notes)
+        alpha, scale = _scale(group, spec, side, configs, notes)
+        plans.append(_Plan(spec, group, alpha, scale, source))
     plans.sort(key=lambda p: natural_key(p.spec.name))  # the same modules always come in the same order
-    meta = _metadata(file, header, plans, config, warnings)
-    return plans, meta, header
+    budget.check("planning modules")
+    meta = _metadata(file, header, plans, config, notes, limits)
+    return plans, meta, header, budget
+
+
+def _count_modules(keys: Iterable[str], limits: ReadLimits, where: str) -> None:
+    """Refuse a file with more modules than ``limits.max_modules``, counting its A keys before any is validated."""
+    n = count_modules(keys)
+    if n > limits.max_modules:
+        raise LoraFormatError(
+            f"{where}: {n:,} modules, over the limit of {limits.max_modules:,} "
+            "(an SDXL LoRA has about 1,000; raise ReadLimits.max_modules to read it)"
+        )
+
+
+def _configs(
+    config: AdapterConfig | None, metadata: dict[str, str], where: str, limits: ReadLimits
+) -> dict[str, AdapterConfig]:
+    """``{"": adapter_config.json}``, else diffusers' per-component configs (``unet``, ``text_encoder``, …)."""
+    if config is not None:
+        return {"": config}
+    return dict(diffusers_component_configs(metadata, where, limits))
 
 
 def _refuse_variants(groups: dict[str, ModuleKeys], where: str) -> None:
@@ -142,84 +232,83 @@ def _refuse_variants(groups: dict[str, ModuleKeys], where: str) -> None:
 def _read_side_tensors(header: SafetensorsHeader, groups: Iterable[ModuleKeys]) -> dict[str, float]:
     keys = [g.keys[role] for g in groups for role in (Role.ALPHA, Role.SCALE) if role in g.keys]
     for key in keys:
-        if len(header.tensors[key].shape) > 1 or (header.tensors[key].shape and header.tensors[key].shape[0] != 1):
-            raise LoraFormatError(
-                f"{header.path.name}: {key!r} should be a scalar, has shape {header.tensors[key].shape}"
-            )
+        shape = header.tensors[key].shape
+        if len(shape) > 1 or (shape and shape[0] != 1):
+            raise LoraFormatError(f"{header.path.name}: {shown(key)} should be a scalar, has shape {shape}")
     values = read_tensors(header, keys) if keys else {}
     out = {}
     for key, tensor in values.items():
         value = float(tensor.reshape(-1)[0])
-        if not torch.isfinite(tensor).all():
-            raise LoraFormatError(f"{header.path.name}: {key!r} is not finite ({value})")
+        if not torch.isfinite(tensor).all() or abs(value) > _MAX_MAGNITUDE:
+            raise LoraFormatError(f"{header.path.name}: {shown(key)} is {value:g}; it must be finite and below 1e15")
         out[key] = value
     return out
 
 
-def _names(groups: dict[str, ModuleKeys], warnings: list[str], where: str) -> dict[str, tuple[str, str]]:
+def _names(
+    groups: dict[str, ModuleKeys], header: SafetensorsHeader, notes: _Notes, where: str
+) -> dict[str, tuple[str, str]]:
     """``{stem: (canonical name, source)}``; refuses two stems that resolve to one module."""
+    indexed = {}
+    for stem, group in groups.items():
+        if group.naming == "cloneofsimo":
+            a_shape, b_shape = _oriented(group, header, f"{where}: {cloneofsimo.FORMAT} module {shown(stem)}")
+            indexed[stem] = (a_shape[1] if len(a_shape) > 1 else 0, b_shape[0])
+    by_index = cloneofsimo.resolve(indexed, header.metadata, where) if indexed else {}
     out: dict[str, tuple[str, str]] = {}
     seen: dict[str, str] = {}
     unresolved = []
     for stem, group in groups.items():
-        resolved = canonical_name(stem, group.naming)
-        if resolved.name in seen:
-            raise LoraFormatError(f"{where}: {stem!r} and {seen[resolved.name]!r} both name module {resolved.name!r}")
-        seen[resolved.name] = stem
-        if resolved.note:
-            unresolved.append(stem)
-        out[stem] = (resolved.name, f"{group.naming}:{resolved.source}")
+        if stem in by_index:
+            name, source = by_index[stem], "cloneofsimo"
+        else:
+            resolved = canonical_name(stem, group.naming)
+            name, source = resolved.name, resolved.source
+            if resolved.note:
+                unresolved.append(stem)
+        if name in seen:
+            raise LoraFormatError(f"{where}: {shown(stem)} and {shown(seen[name])} both name module {shown(name)}")
+        seen[name] = stem
+        out[stem] = (name, source)
     if unresolved:
-        warnings.append(
+        notes.lines.append(
             f"{len(unresolved)} kohya module name(s) are in no known vocabulary and were kept as written "
-            f"(first: {unresolved[0]!r})"
+            f"(first: {shown(unresolved[0])})"
         )
     return out
 
 
-def _config_for(name: str, configs: dict[str, PeftAdapterConfig]) -> tuple[PeftAdapterConfig | None, str]:
-    """The config governing module ``name`` and the name relative to that config's model."""
-    if "" in configs:
-        return configs[""], name
-    component, _, rest = name.partition(".")
-    if component in configs and component.startswith("text_encoder"):
-        return configs[component], rest
-    for denoiser in ("unet", "transformer"):
-        if denoiser in configs and not name.startswith("text_encoder"):
-            return configs[denoiser], name
-    return None, name
-
-
-def _plan(
-    group: ModuleKeys,
-    resolved: tuple[str, str],
-    header: SafetensorsHeader,
-    side: dict[str, float],
-    configs: dict[str, PeftAdapterConfig],
-    limits: ReadLimits,
-    warnings: list[str],
-) -> _Plan:
-    name, source = resolved
-    spec = _spec(group, name, header, limits, warnings)
-    alpha, scale = _scale(group, spec, side, configs, warnings)
-    return _Plan(spec, replace(group, naming=source), alpha, scale)
-
-
-def _spec(
-    group: ModuleKeys, name: str, header: SafetensorsHeader, limits: ReadLimits, warnings: list[str]
-) -> LayerSpec:
-    where = f"{header.path.name}: module {group.stem!r}"
+def _oriented(group: ModuleKeys, header: SafetensorsHeader, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of A and B in the canonical orientation (mlx-lm stores ``lora_a: (d_in, r)``, ``lora_b: (r, d_out)``)."""
     for role, other in ((Role.A, Role.B), (Role.B, Role.A)):
         if role not in group.keys:
-            raise LoraFormatError(f"{where} has {other.value} ({group.keys[other]!r}) but no {role.value} factor")
+            raise LoraFormatError(f"{where} has {other.value} ({shown(group.keys[other])}) but no {role.value} factor")
+    a_shape = header.tensors[group.keys[Role.A]].shape
+    b_shape = header.tensors[group.keys[Role.B]].shape
+    if group.naming != "mlx":
+        return a_shape, b_shape
+    if len(a_shape) == 3 and len(b_shape) == 3:
+        raise LoraFormatError(
+            f"{where}: mlx-lm LoRASwitchLinear (mixture-of-experts) factors lora_a {a_shape}, lora_b {b_shape} hold "
+            "one LoRA per expert; expert LoRAs are not read yet"
+        )
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        raise LoraFormatError(f"{where}: mlx-lm factors must be 2-D, got lora_a {a_shape} and lora_b {b_shape}")
+    return a_shape[::-1], b_shape[::-1]
+
+
+def _spec(group: ModuleKeys, name: str, header: SafetensorsHeader, limits: ReadLimits, notes: _Notes) -> LayerSpec:
+    """The module's spec in the canonical orientation; checks ranks, shapes and factor dtypes."""
+    fmt = NAMING_FORMATS.get(group.naming, group.naming)
+    where = f"{header.path.name}: {fmt} module {shown(group.stem)}"
     for role in (Role.A, Role.B, Role.MID, Role.MAGNITUDE):
         if role in group.keys and header.tensors[group.keys[role]].dtype not in FLOAT_DTYPES:
             info = header.tensors[group.keys[role]]
             raise LoraFormatError(
-                f"{where}: factor {info.name!r} has integer dtype {info.dtype}; factors must be floats"
+                f"{where}: factor {shown(info.name)} has integer dtype {info.dtype}; factors must be floats"
             )
-    a_shape = header.tensors[group.keys[Role.A]].shape
-    b_shape = header.tensors[group.keys[Role.B]].shape
+    a_shape, b_shape = _oriented(group, header, where)
+    embedding = group.embedding or (group.naming == "mlx" and bool(_MLX_EMBEDDING.search(name)))
     if len(a_shape) < 2 or len(b_shape) < 2:
         raise LoraFormatError(f"{where}: factors must have at least 2 axes, got A {a_shape} and B {b_shape}")
     rank, d_out = a_shape[0], b_shape[0]
@@ -229,21 +318,23 @@ def _spec(
         raise LoraFormatError(f"{where}: B {b_shape} should be (d_out, r, 1, …, 1)")
     if not 1 <= rank <= limits.max_rank:
         raise LoraFormatError(f"{where}: rank {rank} is outside 1..{limits.max_rank}")
-    if group.embedding or len(a_shape) == 2:
+    if min(d_out, *a_shape[1:]) < 1:
+        raise LoraFormatError(f"{where}: empty factors A {a_shape}, B {b_shape}")
+    if embedding or len(a_shape) == 2:
         if len(b_shape) != 2 or len(a_shape) != 2:
             raise LoraFormatError(f"{where}: A {a_shape} and B {b_shape} mix linear and conv shapes")
         if Role.MID in group.keys:
             mid = header.tensors[group.keys[Role.MID]].shape
             raise LoraFormatError(f"{where}: Tucker lora_mid {mid} next to linear factors A {a_shape} (conv only)")
-        kind: ModuleKind = "embedding" if group.embedding else "linear"
-        orig: tuple[int, ...] = (a_shape[1], d_out) if group.embedding else (d_out, a_shape[1])
+        kind: ModuleKind = "embedding" if embedding else "linear"
+        orig: tuple[int, ...] = (a_shape[1], d_out) if embedding else (d_out, a_shape[1])
         spec = LayerSpec(name, d_out, a_shape[1], rank, kind, orig)
     else:
         kernel = _conv_kernel(group, header, a_shape, b_shape, where)
         orig = (d_out, a_shape[1], *kernel)
         spec = LayerSpec(name, d_out, a_shape[1] * _prod(kernel), rank, "conv", orig)
     if rank > min(spec.d_out, spec.d_in):
-        warnings.append(f"module {name}: rank {rank} exceeds min(d_out, d_in) = {min(spec.d_out, spec.d_in)}")
+        notes.module(f"rank {rank} exceeds min(d_out, d_in) = {min(spec.d_out, spec.d_in)}", name)
     return spec
 
 
@@ -270,22 +361,43 @@ def _prod(values: tuple[int, ...]) -> int:
     return out
 
 
+def _config_for(name: str, configs: dict[str, AdapterConfig]) -> tuple[AdapterConfig | None, str]:
+    """The config governing module ``name`` and the name relative to that config's model.
+
+    A diffusers file's metadata configures each component on its own: a text-encoder module never borrows the
+    UNet's ``r`` or ``lora_alpha``.
+    """
+    if "" in configs:
+        return configs[""], name
+    component, _, rest = name.partition(".")
+    if component.startswith("text_encoder"):
+        return configs.get(component), rest
+    for denoiser in ("unet", "transformer"):
+        if denoiser in configs:
+            return configs[denoiser], name
+    return None, name
+
+
 def _scale(
     group: ModuleKeys,
     spec: LayerSpec,
     side: dict[str, float],
-    configs: dict[str, PeftAdapterConfig],
-    warnings: list[str],
+    configs: dict[str, AdapterConfig],
+    notes: _Notes,
 ) -> tuple[float | None, float]:
     """``(alpha, scale)`` by the format's rules (FORMATS.md §10)."""
     rank = spec.rank
     if Role.SCALE in group.keys:  # A1111: an explicit per-module scale overrides alpha / r
         return None, side[group.keys[Role.SCALE]]
+    if group.naming == "cloneofsimo":  # realize_as_lora multiplied up by the layer's scale before saving
+        return None, 1.0
     config, relative = _config_for(spec.name, configs)
-    if config is not None and group.naming == "ab":
+    if group.naming == "mlx":
+        return _mlx_scale(config, rank, notes)
+    if isinstance(config, PeftAdapterConfig) and group.naming in ("ab", "diffusers"):
         configured_rank, _ = config.rank_alpha(relative)
         if configured_rank != rank:
-            warnings.append(f"module {spec.name}: config says r={configured_rank} but the factors have rank {rank}")
+            notes.module(f"the config says r={configured_rank} but the factors have rank {rank}", spec.name)
         return config.scale(relative, rank)
     if Role.ALPHA in group.keys:
         alpha = side[group.keys[Role.ALPHA]]
@@ -294,19 +406,31 @@ def _scale(
     return float(rank), 1.0
 
 
+def _mlx_scale(config: AdapterConfig | None, rank: int, notes: _Notes) -> tuple[float | None, float]:
+    if not isinstance(config, MlxAdapterConfig):
+        notes.lines.append(
+            f"no mlx-lm adapter_config.json: assumed mlx-lm's default scale {_MLX_DEFAULT_SCALE:g} for every module"
+        )
+        return None, _MLX_DEFAULT_SCALE
+    if config.rank != rank:
+        notes.lines.append(f"adapter_config.json says rank {config.rank} but the factors have rank {rank}")
+    return config.alpha, config.scale
+
+
 def _build_module(plan: _Plan, tensors: dict[str, Tensor], file: str) -> LoraModule:
     keys, spec = plan.keys.keys, plan.spec
     a, b = tensors[keys[Role.A]], tensors[keys[Role.B]]
+    if plan.keys.naming == "mlx":  # lora_a: (d_in, r) → A: (r, d_in); lora_b: (r, d_out) → B: (d_out, r)
+        a, b = a.T, b.T
     if Role.MID in keys:  # Tucker: A'[a, c, k…] = Σ_b mid[a, b, k…] · down[b, c]
         a = torch.einsum("ab...,bc->ac...", tensors[keys[Role.MID]], a.reshape(spec.rank, -1))
-    a = a.reshape(spec.rank, spec.d_in)  # (r, d_in)
-    b = b.reshape(spec.d_out, spec.rank)  # (d_out, r)
-    for role, tensor in (("A", a), ("B", b)):
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise LoraFormatError(f"{file}: module {spec.name!r}: factor {role} has {bad} NaN/Inf value(s)")
+    if a.shape != (spec.rank, spec.d_in):
+        a = a.reshape(spec.rank, spec.d_in)  # (r, d_in): conv kernels flattened
+    if b.shape != (spec.d_out, spec.rank):
+        b = b.reshape(spec.d_out, spec.rank)  # (d_out, r)
+    a, b = a.contiguous(), b.contiguous()
     magnitude, axis = _magnitude(plan, tensors, file)
-    return LoraModule(spec, a.contiguous(), b.contiguous(), plan.scale, plan.alpha, magnitude, axis)
+    return LoraModule(spec, a, b, plan.scale, plan.alpha, magnitude, axis)
 
 
 def _magnitude(plan: _Plan, tensors: dict[str, Tensor], file: str) -> tuple[Tensor | None, Any]:
@@ -316,69 +440,84 @@ def _magnitude(plan: _Plan, tensors: dict[str, Tensor], file: str) -> tuple[Tens
     magnitude = tensors[key]
     spec = plan.spec
     if not torch.isfinite(magnitude).all():
-        raise LoraFormatError(f"{file}: module {spec.name!r}: DoRA magnitude has NaN/Inf values")
+        raise LoraFormatError(f"{file}: module {shown(spec.name)}: DoRA magnitude has NaN/Inf values")
     in_channels = spec.orig_shape[1] if spec.kind == "conv" else spec.d_in
     if magnitude.numel() == spec.d_out and magnitude.shape[0] == spec.d_out:
         return magnitude.reshape(-1), "out"
     if magnitude.numel() == in_channels:
         return magnitude.reshape(-1), "in"
     raise LoraFormatError(
-        f"{file}: module {spec.name!r}: DoRA magnitude {tuple(magnitude.shape)} fits neither d_out {spec.d_out} "
+        f"{file}: module {shown(spec.name)}: DoRA magnitude {tuple(magnitude.shape)} fits neither d_out {spec.d_out} "
         f"nor d_in {in_channels}"
     )
 
 
-def _format(plans: list[_Plan], kohya: dict[str, Any]) -> str:
-    lycoris = "lycoris" in str(kohya.get("ss_network_module", "")) or any(Role.MID in p.keys.keys for p in plans)
-    formats = set()
-    for plan in plans:
-        naming, _, source = plan.keys.naming.partition(":")
-        if naming == "kohya" or source == "kohya":
-            formats.add("lycoris" if lycoris else "kohya")
-        elif naming == "diffusers":
-            formats.add("diffusers")
-        else:
-            formats.add({"diffusers": "diffusers-peft", "comfyui": "comfyui"}.get(source, "peft"))
-    if formats == {"diffusers", "diffusers-peft"}:  # diffusers' own converter leaves non-attention keys as lora_A/B
-        return "diffusers"
-    return "+".join(sorted(formats))
+def _chunks(modules: tuple[LoraModule, ...], max_elements: int = 2**24) -> Iterator[list[LoraModule]]:
+    """Modules of one shape, in batches of at most ``max_elements`` factor entries."""
+    buckets: dict[tuple[int, int, int], list[LoraModule]] = {}
+    for m in modules:
+        buckets.setdefault((m.spec.rank, m.spec.d_out, m.spec.d_in), []).append(m)
+    for bucket in buckets.values():
+        size = bucket[0].a.numel() + bucket[0].b.numel()
+        step = max(1, max_elements // size)
+        for start in range(0, len(bucket), step):
+            yield bucket[start : start + step]
 
 
-def _decode_kohya(value: str) -> Any:
-    """kohya stores every value as a string: "None", "True", numbers and JSON structures are decoded."""
-    if value in ("None", "True", "False"):
-        return {"None": None, "True": True, "False": False}[value]
-    if value[:1] in "{[" or value.lstrip("-").replace(".", "", 1).isdigit():
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
+def _check_magnitudes(modules: tuple[LoraModule, ...], file: str) -> None:
+    """Refuse NaN/Inf factors, and updates so large that float32 work on them would overflow.
+
+    Batched over modules of one shape. ``‖s·B A‖_F`` is computed from Grams of the factors divided by their largest
+    entries, so the check itself cannot overflow whatever the file holds.
+    """
+    for chunk in _chunks(modules):
+        a = torch.stack([m.a for m in chunk])  # (N, r, d_in)
+        b = torch.stack([m.b for m in chunk])  # (N, d_out, r)
+        a_max = a.abs().amax((1, 2))  # (N,): NaN propagates, inf stays inf
+        b_max = b.abs().amax((1, 2))
+        scale = torch.tensor([abs(m.scale) for m in chunk], dtype=torch.float64)
+        for i in torch.nonzero(~torch.isfinite(a_max) | ~torch.isfinite(b_max)).flatten().tolist():
+            which, t = ("A", a[i]) if not torch.isfinite(a_max[i]) else ("B", b[i])
+            bad = int((~torch.isfinite(t)).sum())
+            raise LoraFormatError(f"{file}: module {shown(chunk[i].name)}: factor {which} has {bad} NaN/Inf value(s)")
+        a_unit = a / a_max.clamp_min(1e-30)[:, None, None]
+        b_unit = b / b_max.clamp_min(1e-30)[:, None, None]
+        unit = ((b_unit.mT @ b_unit) * (a_unit @ a_unit.mT)).sum((1, 2)).clamp_min(0).sqrt()  # ‖B A‖ / (max|A| max|B|)
+        norm = unit.double() * a_max.double() * b_max.double() * scale
+        too_big = (a_max.double() > _MAX_MAGNITUDE) | (b_max.double() > _MAX_MAGNITUDE) | (norm > _MAX_MAGNITUDE)
+        for i in torch.nonzero(too_big).flatten().tolist():
+            raise LoraFormatError(
+                f"{file}: module {shown(chunk[i].name)}: factor entries up to {max(a_max[i], b_max[i]):.3g} and "
+                f"‖ΔW‖_F = {norm[i]:.3g}: too large for float32 arithmetic (it would overflow); the limit is 1e15"
+            )
 
 
 def _metadata(
     file: Path,
     header: SafetensorsHeader,
     plans: list[_Plan],
-    config: PeftAdapterConfig | None,
-    warnings: list[str],
+    config: AdapterConfig | None,
+    notes: _Notes,
+    limits: ReadLimits,
 ) -> LoraMetadata:
-    kohya = {k: _decode_kohya(v) for k, v in header.metadata.items() if k.startswith("ss_")}
+    warnings = notes.fold()
+    kohya = {k: decode_kohya(k, v, limits, warnings) for k, v in header.metadata.items() if k.startswith("ss_")}
     modelspec = {k.removeprefix("modelspec."): v for k, v in header.metadata.items() if k.startswith("modelspec.")}
     raw_config = dict(config.raw) if config else {}
     family, evidence, family_warnings = detect_family(
         [p.spec for p in plans], kohya, modelspec, raw_config, header.metadata
     )
-    fmt = _format(plans, kohya)
+    namings = {(p.keys.naming, p.source) for p in plans}
+    fmt = format_name(namings, kohya, any(Role.MID in p.keys.keys for p in plans))
     used = {key for p in plans for role, key in p.keys.keys.items() if role is not Role.BIAS}
     skipped = tuple(k for k in header.tensors if k not in used)
-    warnings = warnings + family_warnings
+    warnings += family_warnings
     if "+" in fmt:
         warnings.append(f"modules use more than one naming convention ({fmt})")
     if any(Role.BIAS in p.keys.keys for p in plans):
         warnings.append("lora_B.bias tensors (PEFT lora_bias=True) are a bias update outside ΔW = B A; skipped")
     if skipped:
-        warnings.append(f"{len(skipped)} tensor(s) are not LoRA factors and were skipped (first: {skipped[0]!r})")
+        warnings.append(f"{len(skipped)} tensor(s) are not LoRA factors and were skipped (first: {shown(skipped[0])})")
     if config is not None and (note := config.conversion_warning()):
         warnings.append(note)
     if fmt == "peft" and config is None and not any(Role.ALPHA in p.keys.keys for p in plans):

@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,17 @@ from lol_engine.errors import LoraFormatError
 
 __all__ = [
     "DTYPE_SIZES",
+    "HugeNumber",
     "ReadLimits",
     "SafetensorsHeader",
     "TensorInfo",
+    "WorkBudget",
     "file_sha256",
+    "json_depth",
+    "parse_json",
     "read_header",
     "read_tensors",
+    "shown",
 ]
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
@@ -40,22 +47,122 @@ _REFUSED_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".npy", 
 
 @dataclass(frozen=True)
 class ReadLimits:
-    """Caps applied before any tensor data is read. The defaults suit every public LoRA seen so far."""
+    """The caps and work budget of reading one LoRA; each is checked before the work it bounds.
+
+    The defaults pass every public LoRA seen so far with room to spare (an SDXL LoRA has about 1,000 modules, a full
+    LyCORIS file a few thousand, a Flux rank-128 file about 1.3 GB) and refuse hostile files in about a second.
+    """
 
     max_file_bytes: int = 4 * 2**30  # a Flux LoRA at rank 128 is ~1.3 GB
     max_header_bytes: int = 16 * 2**20  # the safetensors library itself allows 100 MB
     max_tensors: int = 100_000
+    max_modules: int = 20_000  # adapted modules (A/B pairs); SDXL ~1,000, full LyCORIS a few thousand
+    max_name_chars: int = 1024  # one tensor name; real ones are under 200
     max_ndim: int = 5  # Conv3d factors have 5 axes
     max_rank: int = 1024
+    max_json_depth: int = 64  # nesting of the header, adapter_config.json and JSON inside metadata values
+    max_number_digits: int = 32  # longer integers in any JSON are refused (or dropped from informational fields)
     max_metadata_value_chars: int = 2**20  # longer __metadata__ values are dropped with a warning
     max_config_bytes: int = 2**20  # adapter_config.json
     max_pattern_chars: int = 512  # one rank_pattern / alpha_pattern regex
-    pattern_timeout_s: float = 0.05  # time budget of one regex match
+    max_patterns: int = 10_000  # rank_pattern and alpha_pattern keys together
+    max_pattern_pairs: int = 20_000_000  # (patterns) × (modules) regex matches, each linear-time (RE2)
+    max_cpu_seconds: float = 60.0  # CPU time of one read in the reading thread, checked between stages
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if value <= 0:
                 raise ValueError(f"ReadLimits.{name} must be positive, got {value}")
+
+
+class WorkBudget:
+    """The CPU-time budget of one read: :meth:`check` between stages refuses the file once it is spent.
+
+    Counts the reading thread's own CPU time (``time.thread_time``), so other requests running at the same time do
+    not eat into it. The count limits of :class:`ReadLimits` refuse hostile files long before this one should fire;
+    it is the backstop for work no count foresaw.
+    """
+
+    def __init__(self, limits: ReadLimits, where: str) -> None:
+        self.limits = limits
+        self.where = where
+        self._start = time.thread_time()
+
+    def check(self, stage: str) -> None:
+        """Raise :class:`LoraFormatError` if this read has used more CPU than ``limits.max_cpu_seconds``."""
+        used = time.thread_time() - self._start
+        if used > self.limits.max_cpu_seconds:
+            raise LoraFormatError(
+                f"{self.where}: reading it used {used:.3g} s of CPU ({stage}), over the budget of "
+                f"{self.limits.max_cpu_seconds:g} s"
+            )
+
+
+class HugeNumber(float):
+    """An integer with more digits than :attr:`ReadLimits.max_number_digits`, as found in untrusted JSON.
+
+    It is infinite as a float (every numeric check refuses it) and says how long it was in messages. Python itself
+    refuses to parse integers past 4,300 digits, with a message that names no file; this never gets there.
+    """
+
+    digits: int
+
+    def __new__(cls, digits: int) -> HugeNumber:
+        number = super().__new__(cls, math.inf)
+        number.digits = digits
+        return number
+
+    def __repr__(self) -> str:
+        return f"<a number of {self.digits:,} digits>"
+
+    __str__ = __repr__
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr`` of untrusted data for a message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_json(
+    text: str | bytes, what: str, limits: ReadLimits, object_pairs_hook: Any = None, check_depth: bool = True
+) -> Any:
+    """``json.loads`` for untrusted text; every problem is a :class:`LoraFormatError` that names ``what``.
+
+    Nesting is capped at ``limits.max_json_depth`` (deeper input would crash ``json`` or later recursive code),
+    integers longer than ``limits.max_number_digits`` become :class:`HugeNumber` (so the field that holds one can be
+    named when it is refused), and NaN/Infinity literals stay floats for the callers' finiteness checks.
+    """
+
+    def integer(digits: str) -> int | float:
+        n = len(digits) - digits.startswith("-")
+        return int(digits) if n <= limits.max_number_digits else HugeNumber(n)
+
+    try:
+        value = json.loads(text, parse_int=integer, object_pairs_hook=object_pairs_hook)
+    except RecursionError:
+        raise LoraFormatError(f"{what} is nested too deeply (the limit is {limits.max_json_depth} levels)") from None
+    except UnicodeDecodeError as exc:
+        raise LoraFormatError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise LoraFormatError(f"{what} is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if check_depth and json_depth(value, limits.max_json_depth) > limits.max_json_depth:
+        raise LoraFormatError(f"{what} is nested more than {limits.max_json_depth} levels deep")
+    return value
+
+
+def json_depth(value: Any, stop: int | None = None) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), computed without recursion; stops counting past ``stop``."""
+    deepest = 0
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if stop is not None and deepest > stop:
+            break
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 @dataclass(frozen=True)
@@ -78,6 +185,7 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     file_size: int
     warnings: tuple[str, ...] = ()
+    data_start: int = 8  # byte offset of the data buffer: 8 + the header's length
 
 
 def refuse_non_safetensors(path: Path) -> None:
@@ -96,17 +204,22 @@ def refuse_non_safetensors(path: Path) -> None:
         raise LoraFormatError(f"{where}: this is a zip archive (torch.save checkpoint?), not a safetensors file")
 
 
-def read_header(path: str | os.PathLike[str], limits: ReadLimits | None = None) -> SafetensorsHeader:
+def read_header(
+    path: str | os.PathLike[str],
+    limits: ReadLimits | None = None,
+    precheck: Callable[[dict[str, Any]], None] | None = None,
+) -> SafetensorsHeader:
     """Read and validate a safetensors header without reading any tensor data.
 
     Raises :class:`LoraFormatError` naming the problem: wrong kind of file, size limits, truncation, malformed JSON,
-    a dtype outside F32/F16/BF16/F64, a byte range that does not match its shape, overlaps or gaps.
+    a dtype outside F32/F16/BF16/F64, a byte range that does not match its shape, overlaps or gaps. ``precheck`` sees
+    the parsed entries before they are validated one by one (the caller's own cheap counts go there).
     """
     limits = limits or ReadLimits()
     path = Path(path)
     where = path.name
     if not path.is_file():
-        raise LoraFormatError(f"{path}: not a file")
+        raise LoraFormatError(f"{where}: not a file")
     refuse_non_safetensors(path)
     size = path.stat().st_size
     if size < 8:
@@ -116,7 +229,9 @@ def read_header(path: str | os.PathLike[str], limits: ReadLimits | None = None) 
     if size > limits.max_file_bytes:
         raise LoraFormatError(f"{where}: file is {size:,} bytes, over the limit of {limits.max_file_bytes:,}")
     with path.open("rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
+        prefix = fh.read(9)
+        _refuse_non_container(prefix, where)
+        n = int.from_bytes(prefix[:8], "little")
         if n > limits.max_header_bytes:
             raise LoraFormatError(
                 f"{where}: header length {n:,} is over the limit of {limits.max_header_bytes:,} bytes"
@@ -125,15 +240,32 @@ def read_header(path: str | os.PathLike[str], limits: ReadLimits | None = None) 
             raise LoraFormatError(
                 f"{where}: truncated: the header claims {n:,} bytes but the file has {size - 8:,} after it"
             )
+        fh.seek(8)
         raw = fh.read(n)
-    entries, metadata = _parse_json(raw, where)
+    entries, metadata = _parse_header(raw, where, limits)
+    if len(entries) > limits.max_tensors:
+        raise LoraFormatError(f"{where}: {len(entries):,} tensors, over the limit of {limits.max_tensors:,}")
+    if precheck is not None:
+        precheck(entries)
     buffer = size - 8 - n
     tensors = _validate_entries(entries, buffer, where, limits)
     metadata, warnings = _clean_metadata(metadata, where, limits)
-    return SafetensorsHeader(path, tensors, metadata, size, tuple(warnings))
+    return SafetensorsHeader(path, tensors, metadata, size, tuple(warnings), 8 + n)
 
 
-def _parse_json(raw: bytes, where: str) -> tuple[dict[str, Any], Any]:
+def _refuse_non_container(prefix: bytes, where: str) -> None:
+    """A safetensors file is ``[u64 header length]{JSON…``: anything else is named as what it looks like."""
+    if len(prefix) < 9 or prefix[8:9] == b"{":
+        return
+    start = prefix[:8]
+    if all(32 <= c < 127 or c in b"\t\r\n" for c in start):
+        kind = f"it is text (it starts with {start.decode()!r})"
+    else:
+        kind = f"its 9th byte is {prefix[8:9]!r}, not the '{{' that opens a safetensors header"
+    raise LoraFormatError(f"{where}: not a safetensors file: {kind}")
+
+
+def _parse_header(raw: bytes, where: str, limits: ReadLimits) -> tuple[dict[str, Any], Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -142,17 +274,18 @@ def _parse_json(raw: bytes, where: str) -> tuple[dict[str, Any], Any]:
         raise LoraFormatError(f"{where}: header does not start with '{{'; not a safetensors file")
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise LoraFormatError(f"{where}: header names {key!r} twice")
-            out[key] = value
+        out = dict(pairs)
+        if len(out) != len(pairs):  # rare: find the key that came twice
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise LoraFormatError(f"{where}: header names {shown(key)} twice")
+                seen.add(key)
         return out
 
-    try:
-        header = json.loads(text, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as exc:
-        raise LoraFormatError(f"{where}: header is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    # The header's own structure is checked entry by entry below, so its depth is not walked (json still refuses
+    # nesting past the interpreter's recursion limit).
+    header = parse_json(text, f"{where}: header", limits, object_pairs_hook=no_duplicates, check_depth=False)
     if not isinstance(header, dict):
         raise LoraFormatError(f"{where}: header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -160,8 +293,6 @@ def _parse_json(raw: bytes, where: str) -> tuple[dict[str, Any], Any]:
 
 
 def _validate_entries(entries: dict[str, Any], buffer: int, where: str, limits: ReadLimits) -> dict[str, TensorInfo]:
-    if len(entries) > limits.max_tensors:
-        raise LoraFormatError(f"{where}: {len(entries):,} tensors, over the limit of {limits.max_tensors:,}")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in entries.items():
         tensors[name] = _tensor_info(name, entry, buffer, where, limits)
@@ -169,7 +300,7 @@ def _validate_entries(entries: dict[str, Any], buffer: int, where: str, limits: 
     for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
         if info.begin != expected:
             kind = "overlaps the previous tensor" if info.begin < expected else "leaves a gap before it"
-            raise LoraFormatError(f"{where}: tensor {info.name!r} at bytes [{info.begin}, {info.end}) {kind}")
+            raise LoraFormatError(f"{where}: tensor {shown(info.name)} at bytes [{info.begin}, {info.end}) {kind}")
         expected = info.end
     if expected != buffer:
         raise LoraFormatError(f"{where}: tensors cover {expected:,} bytes but the data buffer holds {buffer:,}")
@@ -177,66 +308,109 @@ def _validate_entries(entries: dict[str, Any], buffer: int, where: str, limits: 
 
 
 def _tensor_info(name: str, entry: Any, buffer: int, where: str, limits: ReadLimits) -> TensorInfo:
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise LoraFormatError(f"{where}: header entry {name!r} lacks dtype, shape or data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if len(name) > limits.max_name_chars:
         raise LoraFormatError(
-            f"{where}: tensor {name!r} has dtype {dtype!r}; supported are {', '.join(DTYPE_SIZES)} "
+            f"{where}: a tensor name of {len(name):,} characters ({shown(name, 60)}) is over the limit of "
+            f"{limits.max_name_chars:,}"
+        )
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise LoraFormatError(f"{where}: header entry {shown(name)} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise LoraFormatError(
+            f"{where}: tensor {shown(name)} has dtype {shown(dtype, 40)}; supported are {', '.join(DTYPE_SIZES)} "
             "(quantized and FP8 LoRA factors are not read)"
         )
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise LoraFormatError(f"{where}: tensor {name!r} has a malformed shape {shape!r}")
+        raise LoraFormatError(f"{where}: tensor {shown(name)} has a malformed shape {shown(shape, 60)}")
     if len(shape) > limits.max_ndim:
-        raise LoraFormatError(f"{where}: tensor {name!r} has {len(shape)} axes, over the limit of {limits.max_ndim}")
+        raise LoraFormatError(
+            f"{where}: tensor {shown(name)} has {len(shape)} axes, over the limit of {limits.max_ndim}"
+        )
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         and 0 <= offsets[0] <= offsets[1]
     ):
-        raise LoraFormatError(f"{where}: tensor {name!r} has malformed data_offsets {offsets!r}")
+        raise LoraFormatError(f"{where}: tensor {shown(name)} has malformed data_offsets {shown(offsets, 60)}")
     begin, end = offsets
     if end > buffer:
         raise LoraFormatError(
-            f"{where}: truncated: tensor {name!r} needs bytes up to {end:,} but the data buffer has {buffer:,}"
+            f"{where}: truncated: tensor {shown(name)} needs bytes up to {end:,} but the data buffer has {buffer:,}"
         )
     if math.prod(shape) * DTYPE_SIZES[dtype] != end - begin:
         raise LoraFormatError(
-            f"{where}: tensor {name!r} of shape {shape} and dtype {dtype} needs "
+            f"{where}: tensor {shown(name)} of shape {shape} and dtype {dtype} needs "
             f"{math.prod(shape) * DTYPE_SIZES[dtype]:,} bytes but its data_offsets span {end - begin:,}"
         )
     return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+# __metadata__ keys that decide how the factors are read. Every other key is information: junk in it is dropped with
+# a warning instead of refusing the LoRA.
+SCALE_METADATA = frozenset({"lora_adapter_metadata"})
 
 
 def _clean_metadata(metadata: Any, where: str, limits: ReadLimits) -> tuple[dict[str, str], list[str]]:
     if metadata is None:
         return {}, []
     if not isinstance(metadata, dict):
-        raise LoraFormatError(f"{where}: __metadata__ is not a JSON object")
+        raise LoraFormatError(f"{where}: __metadata__ is not a JSON object of strings")
     out: dict[str, str] = {}
     warnings = []
     for key, value in metadata.items():
+        problem = ""
         if not isinstance(value, str):
-            raise LoraFormatError(f"{where}: __metadata__[{key!r}] is not a string")
-        if len(value) > limits.max_metadata_value_chars:
-            warnings.append(f"metadata value {key!r} ({len(value):,} chars) is over the cap and was dropped")
-            continue
-        out[key] = value
+            problem = f"is not a string (a JSON {type(value).__name__})"
+        elif len(value) > limits.max_metadata_value_chars:
+            problem = f"has {len(value):,} chars, over the cap of {limits.max_metadata_value_chars:,}"
+        if not problem:
+            out[key] = value
+        elif key in SCALE_METADATA:
+            raise LoraFormatError(f"{where}: __metadata__[{shown(key)}] {problem}; it sets the scales")
+        else:
+            warnings.append(f"metadata value {shown(key)} {problem} and was dropped")
     return out, warnings
 
 
-def read_tensors(header: SafetensorsHeader, names: list[str]) -> dict[str, torch.Tensor]:
-    """Read the named tensors of a validated file as float32 (F16/BF16/F64 are converted)."""
-    from safetensors import SafetensorError, safe_open
+_TORCH_DTYPES_BY_NAME = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+}
 
+
+def read_tensors(header: SafetensorsHeader, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read the named tensors of a validated file as float32 (F16/BF16/F64 and integer scalars are converted).
+
+    The byte range of every tensor was checked by :func:`read_header` (in bounds, matching its shape and dtype, no
+    overlaps), so this reads exactly those bytes. The safetensors library is not used here because it refuses files
+    whose ``__metadata__`` holds a non-string value, and such junk in an informational field must not cost the LoRA.
+    """
     out = {}
+    where = header.path.name
     try:
-        with safe_open(str(header.path), framework="pt") as fh:
+        with header.path.open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size != header.file_size:
+                raise LoraFormatError(f"{where}: the file changed while it was being read")
             for name in names:
-                out[name] = fh.get_tensor(name).to(torch.float32)
-    except (SafetensorError, OSError) as exc:  # the file changed under us, or the library disagrees
-        raise LoraFormatError(f"{header.path.name}: safetensors could not read it: {exc}") from None
+                info = header.tensors[name]
+                blob = bytearray(info.end - info.begin)
+                fh.seek(header.data_start + info.begin)
+                if fh.readinto(blob) != len(blob):
+                    raise LoraFormatError(f"{where}: the file changed while it was being read")
+                dtype = _TORCH_DTYPES_BY_NAME[info.dtype]
+                flat = torch.frombuffer(blob, dtype=dtype) if blob else torch.empty(0, dtype=dtype)
+                out[name] = flat.reshape(info.shape).to(torch.float32)  # little-endian, as the format prescribes
+    except OSError as exc:
+        raise LoraFormatError(f"{where}: could not be read ({exc.strerror or type(exc).__name__})") from None
     return out
 
 
