@@ -2,7 +2,11 @@
 
 Hypothesis draws a list of mutations (truncation, bit flips, byte splices, header rewrites: dtypes, shapes, offsets,
 huge declared sizes, key renames, metadata, the length prefix) and applies them to valid seed files of every format;
-failures shrink to a minimal list. CI runs a bounded, derandomised pass; a longer random run is
+failures shrink to a minimal list. A second fuzzer mutates *values* rather than structure: nesting depth (up to 10⁵),
+magnitude (integers up to 5,000 digits, 1e999, NaN, factor entries up to 3e38), length (names and metadata values
+past their caps) and count (metadata keys, duplicated tensors, pattern keys), in the header, in JSON inside metadata
+strings, in the factor bytes and in ``adapter_config.json``. CI runs a bounded, derandomised pass; a longer random
+run is
 
     LOL_FUZZ_EXAMPLES=20000 LOL_FUZZ_RANDOM=1 .venv/bin/python -m pytest tests/test_fuzz_reader.py -q
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -204,6 +209,7 @@ def check(data: bytes, path: Path) -> None:
         return
     report = describe(lora)  # a file that loads must be describable (finite, consistent shapes)
     assert report["n_modules"] == len(lora) > 0
+    json.dumps(report, allow_nan=False)  # and printable as strict JSON (`lol inspect --json`)
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +296,114 @@ def test_hostile_adapter_configs_load_or_raise_lora_format_error(
     except LoraFormatError:
         return
     assert len(describe(lora)["modules"]) == 1
+
+
+# --------------------------------------------------------------------------------------------- value mutations
+def _deep(depth: int, opener: str) -> str:
+    if opener == "[":
+        return "[" * depth + "1" + "]" * depth
+    return '{"k":' * depth + "1" + "}" * depth
+
+
+@st.composite
+def hostile_value(draw: st.DrawFn) -> str:
+    """Raw JSON text of a hostile value: deep, huge, long, many, or non-finite."""
+    kind = draw(st.sampled_from(["deep", "digits", "float", "long", "many", "plain"]))
+    if kind == "deep":
+        return _deep(draw(st.sampled_from([2, 30, 65, 500, 5_000, 100_000])), draw(st.sampled_from(["[", "{"])))
+    if kind == "digits":
+        return draw(st.sampled_from(["-", ""])) + "9" * draw(st.sampled_from([19, 20, 33, 400, 4_301, 5_000]))
+    if kind == "float":
+        return draw(st.sampled_from(["1e999", "-1e999", "NaN", "Infinity", "3e38", "1e-320", "0.0", "-0.0"]))
+    if kind == "long":
+        return json.dumps("x" * draw(st.sampled_from([0, 1_000, 2**20 + 1])))
+    if kind == "many":
+        n = draw(st.sampled_from([100, 10_000]))
+        return "{" + ",".join(f'"k{i}":"{i}"' for i in range(n)) + "}"
+    return json.dumps(draw(_JSON))
+
+
+_VALUE_TARGETS = st.sampled_from(
+    ["dtype", "shape", "offsets", "shape-dim", "metadata-raw", "ss_tag_frequency", "ss_network_dim",
+     "ss_network_args", "lora_adapter_metadata", "modelspec.title", "metadata-count", "name-length", "factor-bytes"]
+)  # fmt: skip
+_FACTOR_VALUES = st.sampled_from([3e38, -3e38, float("inf"), float("nan"), 1e20, 65504.0, 1e-45, -0.0])
+
+
+def apply_value(data: bytes, target: str, value: str, index: int, special: float) -> bytes:
+    """Put ``value`` (raw JSON text) at ``target`` of a valid file; tensor bytes stay where the header says."""
+    parts = _split(data)
+    assert parts is not None
+    header, body = parts
+    names = sorted(k for k in header if k != "__metadata__")
+    name = names[index % len(names)]
+    metadata = dict(header.get("__metadata__") or {})
+    placeholder = '"__FUZZ__"'
+    if target == "factor-bytes":
+        entry = header[name]
+        size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(entry["dtype"])
+        begin = entry["data_offsets"][0]
+        if size is None or entry["data_offsets"][1] - begin < size:
+            return data
+        packed = {4: "<f", 2: "<e", 8: "<d"}[size]
+        if entry["dtype"] == "BF16":
+            blob = struct.pack("<f", special)[2:]
+        else:
+            try:
+                blob = struct.pack(packed, special)
+            except OverflowError:  # 3e38 does not fit fp16: use its infinity
+                blob = struct.pack(packed, math.copysign(math.inf, special))
+        return _join(header, body[:begin] + blob + body[begin + size :])
+    if target in ("dtype", "shape", "offsets"):
+        header[name][{"dtype": "dtype", "shape": "shape", "offsets": "data_offsets"}[target]] = "__FUZZ__"
+    elif target == "shape-dim":
+        header[name]["shape"] = ["__FUZZ__", *header[name]["shape"][1:]]
+    elif target == "metadata-raw":
+        header["__metadata__"] = {**metadata, "ss_output_name": "__FUZZ__"}
+    elif target == "metadata-count":
+        header["__metadata__"] = "__FUZZ__"
+    elif target == "name-length":
+        header["x" * 2000 + name] = header.pop(name)
+        return _join(header, body)
+    else:  # a metadata string whose *content* is the hostile JSON
+        header["__metadata__"] = {**metadata, target: value}
+        return _join(header, body)
+    raw = json.dumps(header).replace(placeholder, value, 1).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+@FUZZ
+@given(
+    seed=st.sampled_from(["kohya", "peft-f16", "peft-bf16", "locon-conv"]),
+    target=_VALUE_TARGETS,
+    value=hostile_value(),
+    index=st.integers(min_value=0, max_value=7),
+    special=_FACTOR_VALUES,
+)
+def test_value_mutations_load_or_raise_lora_format_error(
+    seeds: dict[str, bytes], tmp_path: Path, seed: str, target: str, value: str, index: int, special: float
+) -> None:
+    check(apply_value(seeds[seed], target, value, index, special), tmp_path / "fuzzed.safetensors")
+
+
+@FUZZ
+@given(
+    field=st.sampled_from(["r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "lora_dropout",
+                           "target_modules", "peft_type", "lora_parameters", "fine_tune_type"]),
+    value=hostile_value(),
+    patterns=st.sampled_from([0, 1, 100, 10_001]),
+)  # fmt: skip
+def test_config_value_mutations_load_or_raise_lora_format_error(
+    seeds: dict[str, bytes], tmp_path: Path, field: str, value: str, patterns: int
+) -> None:
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_model.safetensors").write_bytes(seeds["peft-f16"])
+    pattern_text = ",".join(f'"p{i}\\.x|q_proj": 2' for i in range(patterns))
+    text = f'{{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": {{{pattern_text}}}, "{field}": {value}}}'
+    (folder / "adapter_config.json").write_text(text)
+    try:
+        lora = load_lora(folder, limits=LIMITS)
+    except LoraFormatError:
+        return
+    json.dumps(describe(lora), allow_nan=False)
