@@ -15,7 +15,25 @@ from typing import Any
 from lol_engine.errors import LoraFormatError
 from lol_engine.lora.safe_io import ReadLimits, parse_json
 
-__all__ = ["decode_kohya", "format_name", "unknown_layout"]
+__all__ = ["Notes", "decode_kohya", "format_name", "unknown_layout"]
+
+
+class Notes:
+    """Warnings about many modules, folded into one line per kind (a 20,000-module file gives a few lines)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._modules: dict[str, list[str]] = {}
+
+    def module(self, kind: str, name: str) -> None:
+        self._modules.setdefault(kind, []).append(name)
+
+    def fold(self) -> list[str]:
+        out = list(self.lines)
+        for kind, names in self._modules.items():
+            more = f" (and {len(names) - 1:,} more)" if len(names) > 1 else ""
+            out.append(f"module {names[0]}: {kind}{more}")
+        return out
 
 
 def format_name(namings: Iterable[tuple[str, str]], kohya: Mapping[str, Any], has_mid: bool) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,13 @@ from lol_engine.lora import cloneofsimo
 from lol_engine.lora._conventions import ModuleKind
 from lol_engine.lora.config import (
     AdapterConfig,
-    MlxAdapterConfig,
     PeftAdapterConfig,
     diffusers_component_configs,
     read_adapter_config,
 )
 from lol_engine.lora.family import detect_family
 from lol_engine.lora.keys import NAMING_FORMATS, ModuleKeys, Role, canonical_name, count_modules, group_keys
-from lol_engine.lora.metadata import decode_kohya, format_name, unknown_layout
+from lol_engine.lora.metadata import Notes, decode_kohya, format_name, unknown_layout
 from lol_engine.lora.safe_io import (
     FLOAT_DTYPES,
     ReadLimits,
@@ -44,6 +43,7 @@ from lol_engine.lora.safe_io import (
     read_tensors,
     shown,
 )
+from lol_engine.lora.scales import MAX_MAGNITUDE, check_magnitudes, module_scale
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights
 from lol_engine.spec import LayerSpec, LoraSpec, natural_key
 
@@ -55,9 +55,7 @@ _UNREAD_ADAPTERS = {  # adapter files in formats that are never opened, and what
     "pytorch_lora_weights.bin": "a pickle, never loaded (unpickling runs arbitrary code)",
     "adapters.npz": "a NumPy archive (mlx-lm's format before safetensors), not read",
 }
-_MLX_DEFAULT_SCALE = 20.0  # mlx-lm's LoRALinear default and CONFIG_DEFAULTS["lora_parameters"]["scale"]
 _MLX_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|tok_embeddings|word_embeddings)$")
-_MAX_MAGNITUDE = 1e15  # |factor entries|, |scale| and ‖ΔW‖_F; float32 Grams and spectra stay finite below it
 
 
 @dataclass(frozen=True)
@@ -79,24 +77,6 @@ class LoraSummary:
     scales: tuple[float, ...]
     alphas: tuple[float | None, ...]
     meta: LoraMetadata
-
-
-class _Notes:
-    """Warnings about many modules, folded into one line per kind (a 20,000-module file gives a few lines)."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._modules: dict[str, list[str]] = {}
-
-    def module(self, kind: str, name: str) -> None:
-        self._modules.setdefault(kind, []).append(name)
-
-    def fold(self) -> list[str]:
-        out = list(self.lines)
-        for kind, names in self._modules.items():
-            more = f" (and {len(names) - 1:,} more)" if len(names) > 1 else ""
-            out.append(f"module {names[0]}: {kind}{more}")
-        return out
 
 
 def locate_lora(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
@@ -149,7 +129,7 @@ def load_lora(
     budget.check("reading the factors")
     modules = tuple(_build_module(p, tensors, header.path.name) for p in plans)
     del tensors
-    _check_magnitudes(modules, header.path.name)
+    check_magnitudes(modules, header.path.name)
     budget.check("checking the factors")
     return LoraWeights(modules, meta)
 
@@ -176,7 +156,7 @@ def _prepare(
             f"matches, over the limit of {limits.max_pattern_pairs:,}"
         )
     budget.check("grouping keys")
-    notes = _Notes()
+    notes = Notes()
     notes.lines += header.warnings
     side = _read_side_tensors(header, low_rank.values())
     names = _names(low_rank, header, notes, where)
@@ -184,7 +164,7 @@ def _prepare(
     for stem, group in low_rank.items():
         name, source = names[stem]
         spec = _spec(group, name, header, limits, notes)
-        alpha, scale = _scale(group, spec, side, configs, notes)
+        alpha, scale = module_scale(group, spec, side, configs, notes)
         plans.append(_Plan(spec, group, alpha, scale, source))
     plans.sort(key=lambda p: natural_key(p.spec.name))  # the same modules always come in the same order
     budget.check("planning modules")
@@ -239,14 +219,14 @@ def _read_side_tensors(header: SafetensorsHeader, groups: Iterable[ModuleKeys]) 
     out = {}
     for key, tensor in values.items():
         value = float(tensor.reshape(-1)[0])
-        if not torch.isfinite(tensor).all() or abs(value) > _MAX_MAGNITUDE:
+        if not torch.isfinite(tensor).all() or abs(value) > MAX_MAGNITUDE:
             raise LoraFormatError(f"{header.path.name}: {shown(key)} is {value:g}; it must be finite and below 1e15")
         out[key] = value
     return out
 
 
 def _names(
-    groups: dict[str, ModuleKeys], header: SafetensorsHeader, notes: _Notes, where: str
+    groups: dict[str, ModuleKeys], header: SafetensorsHeader, notes: Notes, where: str
 ) -> dict[str, tuple[str, str]]:
     """``{stem: (canonical name, source)}``; refuses two stems that resolve to one module."""
     indexed = {}
@@ -297,7 +277,7 @@ def _oriented(group: ModuleKeys, header: SafetensorsHeader, where: str) -> tuple
     return a_shape[::-1], b_shape[::-1]
 
 
-def _spec(group: ModuleKeys, name: str, header: SafetensorsHeader, limits: ReadLimits, notes: _Notes) -> LayerSpec:
+def _spec(group: ModuleKeys, name: str, header: SafetensorsHeader, limits: ReadLimits, notes: Notes) -> LayerSpec:
     """The module's spec in the canonical orientation; checks ranks, shapes and factor dtypes."""
     fmt = NAMING_FORMATS.get(group.naming, group.naming)
     where = f"{header.path.name}: {fmt} module {shown(group.stem)}"
@@ -361,62 +341,6 @@ def _prod(values: tuple[int, ...]) -> int:
     return out
 
 
-def _config_for(name: str, configs: dict[str, AdapterConfig]) -> tuple[AdapterConfig | None, str]:
-    """The config governing module ``name`` and the name relative to that config's model.
-
-    A diffusers file's metadata configures each component on its own: a text-encoder module never borrows the
-    UNet's ``r`` or ``lora_alpha``.
-    """
-    if "" in configs:
-        return configs[""], name
-    component, _, rest = name.partition(".")
-    if component.startswith("text_encoder"):
-        return configs.get(component), rest
-    for denoiser in ("unet", "transformer"):
-        if denoiser in configs:
-            return configs[denoiser], name
-    return None, name
-
-
-def _scale(
-    group: ModuleKeys,
-    spec: LayerSpec,
-    side: dict[str, float],
-    configs: dict[str, AdapterConfig],
-    notes: _Notes,
-) -> tuple[float | None, float]:
-    """``(alpha, scale)`` by the format's rules (FORMATS.md §10)."""
-    rank = spec.rank
-    if Role.SCALE in group.keys:  # A1111: an explicit per-module scale overrides alpha / r
-        return None, side[group.keys[Role.SCALE]]
-    if group.naming == "cloneofsimo":  # realize_as_lora multiplied up by the layer's scale before saving
-        return None, 1.0
-    config, relative = _config_for(spec.name, configs)
-    if group.naming == "mlx":
-        return _mlx_scale(config, rank, notes)
-    if isinstance(config, PeftAdapterConfig) and group.naming in ("ab", "diffusers"):
-        configured_rank, _ = config.rank_alpha(relative)
-        if configured_rank != rank:
-            notes.module(f"the config says r={configured_rank} but the factors have rank {rank}", spec.name)
-        return config.scale(relative, rank)
-    if Role.ALPHA in group.keys:
-        alpha = side[group.keys[Role.ALPHA]]
-        alpha = float(rank) if alpha == 0 else alpha  # kohya: alpha 0 or missing means alpha = r
-        return alpha, alpha / rank
-    return float(rank), 1.0
-
-
-def _mlx_scale(config: AdapterConfig | None, rank: int, notes: _Notes) -> tuple[float | None, float]:
-    if not isinstance(config, MlxAdapterConfig):
-        notes.lines.append(
-            f"no mlx-lm adapter_config.json: assumed mlx-lm's default scale {_MLX_DEFAULT_SCALE:g} for every module"
-        )
-        return None, _MLX_DEFAULT_SCALE
-    if config.rank != rank:
-        notes.lines.append(f"adapter_config.json says rank {config.rank} but the factors have rank {rank}")
-    return config.alpha, config.scale
-
-
 def _build_module(plan: _Plan, tensors: dict[str, Tensor], file: str) -> LoraModule:
     keys, spec = plan.keys.keys, plan.spec
     a, b = tensors[keys[Role.A]], tensors[keys[Role.B]]
@@ -452,52 +376,12 @@ def _magnitude(plan: _Plan, tensors: dict[str, Tensor], file: str) -> tuple[Tens
     )
 
 
-def _chunks(modules: tuple[LoraModule, ...], max_elements: int = 2**24) -> Iterator[list[LoraModule]]:
-    """Modules of one shape, in batches of at most ``max_elements`` factor entries."""
-    buckets: dict[tuple[int, int, int], list[LoraModule]] = {}
-    for m in modules:
-        buckets.setdefault((m.spec.rank, m.spec.d_out, m.spec.d_in), []).append(m)
-    for bucket in buckets.values():
-        size = bucket[0].a.numel() + bucket[0].b.numel()
-        step = max(1, max_elements // size)
-        for start in range(0, len(bucket), step):
-            yield bucket[start : start + step]
-
-
-def _check_magnitudes(modules: tuple[LoraModule, ...], file: str) -> None:
-    """Refuse NaN/Inf factors, and updates so large that float32 work on them would overflow.
-
-    Batched over modules of one shape. ``‖s·B A‖_F`` is computed from Grams of the factors divided by their largest
-    entries, so the check itself cannot overflow whatever the file holds.
-    """
-    for chunk in _chunks(modules):
-        a = torch.stack([m.a for m in chunk])  # (N, r, d_in)
-        b = torch.stack([m.b for m in chunk])  # (N, d_out, r)
-        a_max = a.abs().amax((1, 2))  # (N,): NaN propagates, inf stays inf
-        b_max = b.abs().amax((1, 2))
-        scale = torch.tensor([abs(m.scale) for m in chunk], dtype=torch.float64)
-        for i in torch.nonzero(~torch.isfinite(a_max) | ~torch.isfinite(b_max)).flatten().tolist():
-            which, t = ("A", a[i]) if not torch.isfinite(a_max[i]) else ("B", b[i])
-            bad = int((~torch.isfinite(t)).sum())
-            raise LoraFormatError(f"{file}: module {shown(chunk[i].name)}: factor {which} has {bad} NaN/Inf value(s)")
-        a_unit = a / a_max.clamp_min(1e-30)[:, None, None]
-        b_unit = b / b_max.clamp_min(1e-30)[:, None, None]
-        unit = ((b_unit.mT @ b_unit) * (a_unit @ a_unit.mT)).sum((1, 2)).clamp_min(0).sqrt()  # ‖B A‖ / (max|A| max|B|)
-        norm = unit.double() * a_max.double() * b_max.double() * scale
-        too_big = (a_max.double() > _MAX_MAGNITUDE) | (b_max.double() > _MAX_MAGNITUDE) | (norm > _MAX_MAGNITUDE)
-        for i in torch.nonzero(too_big).flatten().tolist():
-            raise LoraFormatError(
-                f"{file}: module {shown(chunk[i].name)}: factor entries up to {max(a_max[i], b_max[i]):.3g} and "
-                f"‖ΔW‖_F = {norm[i]:.3g}: too large for float32 arithmetic (it would overflow); the limit is 1e15"
-            )
-
-
 def _metadata(
     file: Path,
     header: SafetensorsHeader,
     plans: list[_Plan],
     config: AdapterConfig | None,
-    notes: _Notes,
+    notes: Notes,
     limits: ReadLimits,
 ) -> LoraMetadata:
     warnings = notes.fold()
