@@ -24,9 +24,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 
-from hostile import cases  # noqa: E402
+import torch  # noqa: E402
+from bench_spectra import Config, sdxl_shapes, write_lora  # noqa: E402
+from hostile import Case, _many_modules, cases  # noqa: E402
+
+
+def controls() -> list[Case]:
+    """Real-sized files that must pass the budget comfortably, read the same way for comparison."""
+
+    def sdxl(folder: Path) -> Path:
+        return write_lora(Config("sdxl-r32", sdxl_shapes(), 32), folder, torch.Generator().manual_seed(0))
+
+    return [
+        Case("control-sdxl-r32", "control: an SDXL kohya LoRA, rank 32 (986 modules)", sdxl, "", loads=True),
+        Case("control-20000-modules", "control: 20,000 rank-4 modules (at the module budget)",
+             lambda f: _many_modules(f / "x.safetensors", 20_000, rank=4, d=64), "", loads=True),
+    ]  # fmt: skip
+
 
 _PROBE = "import sys; from lol_engine.cli import main; sys.exit(main(['inspect', sys.argv[1], '--json']))"
 
@@ -88,7 +104,7 @@ def main() -> None:
     versions.append(("now", ROOT))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in cases():
+        for case in [*cases(), *controls()]:
             if args.only and case.name not in args.only:
                 continue
             folder = Path(tmp) / case.name
