@@ -73,8 +73,11 @@ def _deep(depth: int = DEEP) -> str:
     return "[" * depth + "]" * depth
 
 
-def _many_modules(path: Path, n: int, rank: int = 1, d: int = 8) -> Path:
-    """``n`` PEFT modules of rank ``rank`` with ``d``-wide factors, written directly (fast at any ``n``)."""
+def _many_modules(path: Path, n: int, rank: int = 1, d: int = 8, sparse: bool = False) -> Path:
+    """``n`` PEFT modules of rank ``rank`` with ``d``-wide factors, written directly (fast at any ``n``).
+
+    ``sparse``: the data is a hole in the file (zeros that take no disk), for files refused from the header alone.
+    """
     entries, offset = [], 0
     per = rank * d * 4
     for i in range(n):
@@ -85,6 +88,11 @@ def _many_modules(path: Path, n: int, rank: int = 1, d: int = 8) -> Path:
             )
             offset += per
     raw = ("{" + ",".join(entries) + "}").encode()
+    if sparse:
+        with path.open("wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            fh.truncate(8 + len(raw) + offset)
+        return path
     rng = np.random.default_rng(0)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + rng.standard_normal(offset // 4).astype("<f4").tobytes())
     return path
@@ -171,6 +179,15 @@ def cases() -> list[Case]:
              lambda f: _patterns(f / "peft", 2000, 2000), "", loads=True),
         Case("modules-50000", "a 14 MB file of 50,000 rank-1 modules",
              lambda f: _many_modules(f / "x.safetensors", 50_000), r"50,000 modules"),
+        Case("tucker-expansion", "an 18 MB LyCORIS Tucker file whose lora_mid expands A to 720 GB",
+             lambda f: write_raw(f / "x.safetensors", "", {
+                 "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": np.ones((1, 20000, 1, 1)),
+                 "lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight": np.ones((1, 1, 1500, 3000)),
+                 "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": np.ones((8, 1, 1, 1))}),
+             r"expand to [\d,]+ values"),
+        Case("spectrum-work", "a 1 GB (sparse) file of rank-1,024 factors whose exact spectra would take minutes",
+             lambda f: _many_modules(f / "x.safetensors", 32, rank=1024, d=4096, sparse=True),
+             r"exact spectra .* cost"),
         Case("text-file", "a text file renamed .safetensors",
              lambda f: _text(f / "notes.safetensors"), r"not a safetensors file"),
     ]  # fmt: skip

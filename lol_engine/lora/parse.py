@@ -167,6 +167,7 @@ def _prepare(
         alpha, scale = module_scale(group, spec, side, configs, notes)
         plans.append(_Plan(spec, group, alpha, scale, source))
     plans.sort(key=lambda p: natural_key(p.spec.name))  # the same modules always come in the same order
+    _check_work([p.spec for p in plans], limits, where)
     budget.check("planning modules")
     meta = _metadata(file, header, plans, config, notes, limits)
     return plans, meta, header, budget
@@ -179,6 +180,26 @@ def _count_modules(keys: Iterable[str], limits: ReadLimits, where: str) -> None:
         raise LoraFormatError(
             f"{where}: {n:,} modules, over the limit of {limits.max_modules:,} "
             "(an SDXL LoRA has about 1,000; raise ReadLimits.max_modules to read it)"
+        )
+
+
+def _check_work(specs: list[LayerSpec], limits: ReadLimits, where: str) -> None:
+    """Refuse factors whose canonical form would not fit memory, or whose exact spectra would take minutes.
+
+    Counted from the header before any factor is read: a Tucker ``lora_mid`` expands A to ``r·c·kh·kw`` values, so an
+    18 MB file can ask for hundreds of GB.
+    """
+    values = sum(s.rank * (s.d_in + s.d_out) for s in specs)
+    if values > limits.max_factor_values:
+        raise LoraFormatError(
+            f"{where}: its factors expand to {values:,} values ({values * 4 / 2**30:,.1f} GiB as float32), over the "
+            f"limit of {limits.max_factor_values:,}"
+        )
+    work = sum(float(s.rank) ** 2 * (s.d_in + s.d_out) for s in specs)
+    if work > limits.max_spectrum_work:
+        raise LoraFormatError(
+            f"{where}: exact spectra of its modules cost {work:.3g} operations (Σ r²·(d_in + d_out)), over the "
+            f"limit of {limits.max_spectrum_work:.3g}"
         )
 
 
