@@ -67,7 +67,7 @@ class ReadLimits:
     max_pattern_chars: int = 512  # one rank_pattern / alpha_pattern regex
     max_patterns: int = 10_000  # rank_pattern and alpha_pattern keys together
     max_pattern_pairs: int = 20_000_000  # (patterns) × (modules) regex matches, each linear-time (RE2)
-    max_factor_values: int = 1_500_000_000  # Σ r·(d_in + d_out) of the canonical factors (a Flux r128 file: ~0.65e9)
+    max_factor_values: int = 1_500_000_000  # Σ r·(d_in + d_out) of the canonical factors (full Flux r128: 0.6e9)
     max_spectrum_work: float = 2e11  # Σ r²·(d_in + d_out): the cost of exact spectra (Flux r128: ~0.8e11)
     max_cpu_seconds: float = 60.0  # CPU time of one read in the reading thread, checked between stages
 
