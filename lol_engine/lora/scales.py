@@ -106,7 +106,9 @@ def check_magnitudes(modules: tuple[LoraModule, ...], file: str) -> None:
         a_max = a.abs().amax((1, 2))  # (N,): NaN propagates, inf stays inf
         b_max = b.abs().amax((1, 2))
         scale = torch.tensor([abs(m.scale) for m in chunk], dtype=torch.float64)
-        for i in torch.nonzero(~torch.isfinite(a_max) | ~torch.isfinite(b_max)).flatten().tolist():
+        non_finite = torch.nonzero(~torch.isfinite(a_max) | ~torch.isfinite(b_max)).flatten().tolist()
+        if non_finite:
+            i = non_finite[0]
             which, t = ("A", a[i]) if not torch.isfinite(a_max[i]) else ("B", b[i])
             bad = int((~torch.isfinite(t)).sum())
             raise LoraFormatError(f"{file}: module {shown(chunk[i].name)}: factor {which} has {bad} NaN/Inf value(s)")
@@ -115,7 +117,8 @@ def check_magnitudes(modules: tuple[LoraModule, ...], file: str) -> None:
         unit = ((b_unit.mT @ b_unit) * (a_unit @ a_unit.mT)).sum((1, 2)).clamp_min(0).sqrt()  # ‖B A‖ / (max|A| max|B|)
         norm = unit.double() * a_max.double() * b_max.double() * scale
         too_big = (a_max.double() > MAX_MAGNITUDE) | (b_max.double() > MAX_MAGNITUDE) | (norm > MAX_MAGNITUDE)
-        for i in torch.nonzero(too_big).flatten().tolist():
+        if too_big.any():
+            i = int(torch.nonzero(too_big)[0])
             raise LoraFormatError(
                 f"{file}: module {shown(chunk[i].name)}: factor entries up to {max(a_max[i], b_max[i]):.3g} and "
                 f"‖ΔW‖_F = {norm[i]:.3g}: too large for float32 arithmetic (it would overflow); the limit is 1e15"
