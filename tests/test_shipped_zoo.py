@@ -232,6 +232,7 @@ print(torch.backends.cpu.get_cpu_capability())
 """
 
 
+@pytest.mark.slow  # two subprocesses that import torch and peft: 10 to 30 s
 def test_digits_rebuild_under_another_cpu_capability(tmp_path: Path) -> None:
     """Two rebuilds under ``ATEN_CPU_CAPABILITY=default`` (every CPU has it; the suite's machines use AVX2 or
     AVX-512): bit-identical to each other, within the tolerances of the shipped LoRAs and base."""
