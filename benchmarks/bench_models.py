@@ -243,7 +243,7 @@ def ship(trained: dict, results: dict, models: list[str], out: Path) -> None:
         extra = {"zoo": f"data/zoo/{zoo}", "result": {k: result[k] for k in ("val", "test")}}
         folder = save_predictor(out / f"{zoo}-{label}", model, task, best, True, extra)
         if zoo not in loaded:
-            loaded[zoo] = load_zoo(extra["zoo"])
+            loaded[zoo] = load_zoo(ROOT / extra["zoo"])  # recorded relative to the repository, not the cwd
         cal = calibrate_folder(folder, loaded[zoo])  # split-conformal ranges the app shows
         console.print(f"shipped {zoo}-{label}: {best} (90% range test coverage {cal['test_coverage']:.2f})")
 

@@ -14,7 +14,10 @@ __all__ = ["Recipe", "ZooSettings"]
 
 @dataclass(frozen=True)
 class ZooSettings:
-    """Everything that decides a zoo's content. Two builds with equal settings and thread count give equal zoos."""
+    """Everything that decides a zoo's content. Two builds with equal settings on one machine give equal zoos.
+
+    On another CPU (other float kernels) the files differ within tolerances; see ``tests/test_shipped_zoo.py``.
+    """
 
     n: int | None = field(default=None, metadata={"help": "number of LoRAs; None = the recipe's default"})
     seed: int = field(default=0, metadata={"help": "the zoo seed; every LoRA derives its own from (seed, index)"})

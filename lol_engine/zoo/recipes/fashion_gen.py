@@ -118,17 +118,21 @@ def _train_judge(judge: nn.Linear, x: Tensor, y: Tensor) -> None:
                batch=256, lr=3e-3, generator=gen, weight_decay=1e-4)  # fmt: skip
 
 
-def _identities(base_dir: Path, x: Tensor, y: np.ndarray, pool: np.ndarray, toy: bool) -> list[dict[str, Any]]:
+def _identities(
+    base_dir: Path, x: Tensor, y: np.ndarray, pool: np.ndarray, settings: ZooSettings
+) -> list[dict[str, Any]]:
     path = base_dir / "identities.json"
     if path.exists():
         return json.loads(path.read_text())
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     out = []
     for c in range(10):
         members = pool[y[pool] == c]
-        k = 4 if toy else 20
-        assignment = KMeans(n_clusters=k, n_init=3, random_state=c).fit_predict(x[members].numpy())
+        k = 4 if settings.toy else 20
+        with threadpool_limits(settings.threads):  # k-means sums per thread: its last bits follow the thread count
+            assignment = KMeans(n_clusters=k, n_init=3, random_state=c).fit_predict(x[members].numpy())
         for cluster in range(k):
             images = members[assignment == cluster]
             if len(images) >= N_IMAGES:
@@ -183,7 +187,7 @@ class FashionGenRecipe(Recipe):
             judge_path, lambda: nn.Linear(784, 10), lambda j: _train_judge(j, x[judge_idx], judge_y)
         )
         thresholds = {k: float(v.median()) for k, v in image_attributes(x[base_idx]).items()}
-        identities = _identities(base_dir, x, labels, pool, settings.toy)
+        identities = _identities(base_dir, x, labels, pool, settings)
         return FashionContext(base, name, state_sha256(base), judge, identities, x, thresholds)
 
     def sample(
