@@ -9,6 +9,7 @@ Bad input exits with status 2 and one line ``error: <what is wrong>`` on stderr.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Sequence
@@ -238,8 +239,16 @@ def _zoo_report(zoo: str, as_json: bool) -> int:
     return 0
 
 
+def _tolerant_streams() -> None:
+    """Characters the terminal's encoding lacks (``‖ΔW‖`` in a Latin-1 locale) print as ``?`` instead of crashing."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="replace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lol`` console script; returns the exit status."""
+    _tolerant_streams()
     args = _parser().parse_args(argv)
     if args.command == "zoo":
         return _zoo(args)

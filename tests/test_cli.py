@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -102,6 +103,20 @@ def test_errors_are_one_line_with_status_2(
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_a_terminal_without_utf8_gets_output_not_a_crash(kohya_file: Path, json_flag: list[str]) -> None:
+    """A Latin-1 locale cannot encode ``‖ΔW‖``: the table and the error line still print, with ``?`` for it."""
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    lol = [sys.executable, "-m", "lol_engine.cli"]
+    good = subprocess.run([*lol, "inspect", str(kohya_file), *json_flag], capture_output=True, env=env, timeout=120)
+    assert good.returncode == 0, good.stderr.decode("latin-1")
+    assert b"kohya" in good.stdout
+    bad = kohya_file.parent / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    refused = subprocess.run([*lol, "inspect", str(bad), *json_flag], capture_output=True, env=env, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.startswith(b"error: ") and refused.stderr.count(b"\n") == 1
 
 
 def test_console_script_runs(kohya_file: Path) -> None:

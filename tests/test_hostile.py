@@ -101,7 +101,7 @@ def test_byte_and_name_budgets(tmp_path: Path) -> None:
 def test_factor_value_and_spectrum_budgets_are_counts(tmp_path: Path) -> None:
     path = save(tmp_path / "x.safetensors", peft(Q, rank=4, d_in=16, d_out=12))  # r(d_in + d_out) = 112, r²(…) = 448
     assert len(load_lora(path, limits=ReadLimits(max_factor_values=112, max_spectrum_work=448))) == 1
-    with pytest.raises(LoraFormatError, match="expand to 112 values .* over the limit of 111"):
+    with pytest.raises(LoraFormatError, match=r"expand to 112 values .* over the limit of 111"):
         load_lora(path, limits=ReadLimits(max_factor_values=111))
     with pytest.raises(LoraFormatError, match=r"cost 448 operations .* over the limit of 447"):
         load_lora(path, limits=ReadLimits(max_spectrum_work=447))
