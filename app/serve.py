@@ -68,7 +68,7 @@ def launched(
     folder and held uploads are deleted.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from app.uploads import held_root
+    from app.uploads import UploadLedger, held_root
     from app.web import launch_options, max_upload_bytes
 
     cap = max_upload_bytes()
@@ -79,7 +79,8 @@ def launched(
             from lol_engine.maps import warm_up
 
             threading.Thread(target=warm_up, name="umap-warm-up-start", daemon=True).start()  # refits skip the JIT
-            demo = build_demo(explorer, max_upload=cap)
+            ledger = UploadLedger()
+            demo = build_demo(explorer, max_upload=cap, ledger=ledger)
             demo.queue(default_concurrency_limit=8, max_size=256)
             try:
                 demo.launch(
@@ -89,7 +90,7 @@ def launched(
                     ssr_mode=False,
                     prevent_thread_lock=True,
                     quiet=quiet,
-                    **launch_options(cap),
+                    **launch_options(cap, ledger),
                 )  # fmt: skip
                 yield demo
             finally:

@@ -5,7 +5,7 @@ page (plain text without server paths, see :func:`handlers.public_message`). Upl
 folder when their event returns (``app/uploads.py``); an analysed one waits, outside it, for *Add to collection*. The
 map is a ``gr.HTML`` rendering plotly.js (served from the plotly package at ``app.web.PLOTLY_URL``, no network): its
 click and lasso handlers send the LoRA ids back with ``trigger(...)`` (plain ``gr.Plot`` sends no such events,
-PLATFORM.md §1.5). Launch it with ``demo.launch(**app.web.launch_options(cap))``.
+PLATFORM.md §1.5). Launch it with ``demo.launch(**app.web.launch_options(cap, ledger))``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pandas as pd
 
 from app import handlers
 from app.handlers import MODULE_COLUMNS, NEIGHBOUR_COLUMNS, PREDICTION_COLUMNS, Filters
-from app.uploads import UploadHold, discard, held_root
+from app.uploads import UploadHold, UploadLedger, discard, held_root
 from app.web import PLOTLY_URL, max_upload_bytes
 from lol_engine import LoraFormatError, ReadLimits
 from lol_engine.errors import StoreError
@@ -114,7 +114,7 @@ def _filters(search: str, collections: list[str], families: list[str], formats: 
     return Filters(search or "", tuple(collections or ()), tuple(families or ()), tuple(formats or ()))
 
 
-def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold) -> None:
+def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger: UploadLedger) -> None:
     with gr.Tab("Upload & predict", id="upload"):
         gr.Markdown(
             "Drop a LoRA `.safetensors` (PEFT, kohya/A1111/ComfyUI, diffusers or LyCORIS LoCon), optionally with its "
@@ -156,7 +156,7 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold) -> Non
                 result = handlers.analyse_upload(explorer, paths, repo_id, limits=limits)
                 kept = hold.keep(paths) if paths else None
             finally:
-                discard(paths, uploads)
+                discard(paths, uploads, ledger)
             return result.card, result.predictions, result.spectrum, result.neighbours, result.modules, "", kept
 
         @_guard
@@ -164,7 +164,7 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold) -> Non
             try:  # the files given, else the upload analysed last, else the repo id
                 message = handlers.add_upload(explorer, paths or hold.files(token) or None, repo_id, limits)
             finally:
-                discard(paths, uploads)
+                discard(paths, uploads, ledger)
             hold.release(token)  # only once added: a failed add can be retried
             return message, None
 
@@ -317,7 +317,7 @@ def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
                  api_name="compare")  # fmt: skip
 
 
-def _inspect_tab(limits: ReadLimits) -> None:
+def _inspect_tab(limits: ReadLimits, ledger: UploadLedger) -> None:
     with gr.Tab("Inspect only", id="inspect"):
         gr.Markdown("Parse and describe a LoRA file without predictions or neighbours (the `lol inspect` report).")
         files = gr.File(file_count="multiple", file_types=[".safetensors", ".json"], type="filepath", label="LoRA")
@@ -332,7 +332,7 @@ def _inspect_tab(limits: ReadLimits) -> None:
             try:
                 result = handlers.inspect_upload(paths, limits)
             finally:
-                discard(paths, files.GRADIO_CACHE)
+                discard(paths, files.GRADIO_CACHE, ledger)
             return result.summary, result.rows, json.loads(json.dumps(result.report, default=str))
 
         button.click(inspect, files, [summary, table, report], api_name="inspect").then(
@@ -340,15 +340,17 @@ def _inspect_tab(limits: ReadLimits) -> None:
         )
 
 
-def build_demo(explorer: Explorer, max_upload: int | None = None) -> gr.Blocks:
+def build_demo(explorer: Explorer, max_upload: int | None = None, ledger: UploadLedger | None = None) -> gr.Blocks:
     """Build the app around an opened :class:`Explorer`; nothing is read until a page loads or an event runs.
 
     ``max_upload``: the per-file cap in bytes (default: ``LOL_MAX_UPLOAD``, see :mod:`app.web`), applied by the
-    reader too; launch with ``app.web.launch_options`` of the same cap. Analysed uploads wait in
+    reader too. ``ledger``: the one given to ``app.web.launch_options`` (with the same cap) to launch the demo;
+    without it, uploads that several sessions share may go before all of them used it. Analysed uploads wait in
     ``<uploads>/.held`` (:func:`app.uploads.held_root`).
     """
     limits = ReadLimits(max_file_bytes=max_upload or max_upload_bytes())
     hold = UploadHold(held_root(explorer.uploads_dir))
+    ledger = ledger or UploadLedger()
     with gr.Blocks(title="LoL Explorer", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# 🧭 LoL Explorer\nWhat is in a LoRA, read from its weights alone: GL(r)-invariant encoders predict "
@@ -356,11 +358,11 @@ def build_demo(explorer: Explorer, max_upload: int | None = None) -> gr.Blocks:
         )
         header = gr.Markdown(elem_id="collection-status")
         with gr.Tabs():
-            _upload_tab(explorer, limits, hold)
+            _upload_tab(explorer, limits, hold, ledger)
             _explore_tab(explorer, demo)
             _collection_tab(explorer, demo)
             _compare_tab(explorer, demo)
-            _inspect_tab(limits)
+            _inspect_tab(limits, ledger)
 
         def status() -> str:
             n = explorer.store.count()

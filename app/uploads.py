@@ -2,8 +2,13 @@
 
 Gradio writes every upload to ``<temp folder>/<hash>/<name>`` and serves anything there to whoever asks for that path,
 until its hourly clean-up. So every event that receives uploads calls :func:`discard` on them when it returns,
-whether it succeeded or refused them. An upload that was analysed is first moved into an :class:`UploadHold`
-(a private folder outside Gradio's reach), where *Add to collection* finds it without the page sending it again.
+whether it succeeded or refused them. An upload that was analysed is first linked (or copied) into an
+:class:`UploadHold` (a private folder outside Gradio's reach), where *Add to collection* finds it without the page
+sending it again.
+
+Gradio names the ``<hash>`` folder after the content, so equal files uploaded by two sessions share one path. An
+:class:`UploadLedger`, fed by the server as uploads are answered (:class:`app.web.UploadGuard`), counts the uploads
+still waiting for their event on each path; :func:`discard` deletes a file when the last of them is done.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["UploadHold", "discard", "held_root"]
+__all__ = ["UploadHold", "UploadLedger", "discard", "held_root"]
 
 _TOKEN = re.compile(r"^[0-9a-f]{32}$")
 
@@ -26,17 +31,51 @@ def _inside(path: Path, root: Path) -> bool:
     return path != root and path.is_relative_to(root)
 
 
-def discard(paths: Iterable[str | os.PathLike[str]] | str | None, root: str | os.PathLike[str]) -> None:
+class UploadLedger:
+    """Uploads answered by the server and not yet used by an event, per file (one path can wait for several).
+
+    Waits older than ``ttl_s`` (Gradio's own clean-up age: such files are gone anyway) are forgotten, so an upload
+    that never reached an event keeps a file alive at most that long.
+    """
+
+    def __init__(self, ttl_s: float = 3600.0) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._waits: dict[str, list[float]] = {}
+
+    def note(self, paths: Iterable[str]) -> None:
+        """The server answered an upload with these paths: each now waits for one event."""
+        now = time.monotonic()
+        with self._lock:
+            for path in paths:
+                self._waits.setdefault(os.path.realpath(path), []).append(now)
+
+    def done(self, path: str | os.PathLike[str]) -> bool:
+        """One wait on ``path`` is over; whether none is left, so that the file may go."""
+        key = os.path.realpath(path)
+        now = time.monotonic()
+        with self._lock:
+            waits = [t for t in self._waits.pop(key, []) if now - t <= self.ttl_s][1:]
+            if waits:
+                self._waits[key] = waits
+        return not waits
+
+
+def discard(
+    paths: Iterable[str | os.PathLike[str]] | str | None, root: str | os.PathLike[str],
+    ledger: UploadLedger | None = None,
+) -> None:  # fmt: skip
     """Delete uploaded files and their per-upload folders, if they lie under Gradio's upload folder ``root``.
 
-    Anything elsewhere (a Hub download, a file of the test suite) is left alone; files already gone are skipped.
+    With a ``ledger``, a file another upload still waits on stays (its own event discards it). Anything outside
+    ``root`` (a Hub download, a file of the test suite) is left alone; files already gone are skipped.
     """
     if not paths:
         return
     base = Path(os.path.realpath(root))
     for raw in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         path = Path(os.path.realpath(raw))
-        if not _inside(path, base):
+        if not _inside(path, base) or (ledger is not None and not ledger.done(path)):
             continue
         path.unlink(missing_ok=True)
         folder = path.parent
@@ -54,7 +93,7 @@ def held_root(uploads_dir: str | os.PathLike[str]) -> Path:
 
 
 class UploadHold:
-    """Analysed uploads kept for *Add to collection*: moved out of Gradio's folder into ``root/<token>/``.
+    """Analysed uploads kept for *Add to collection*: hard-linked (else copied) into ``root/<token>/``.
 
     ``root`` is created private (mode 0700). Each :meth:`keep` returns a random token (kept server-side, in the
     session's ``gr.State``); :meth:`release` deletes a held upload. At most ``max_held`` uploads are held, none
@@ -69,14 +108,21 @@ class UploadHold:
         self._kept: dict[str, float] = {}  # token -> time kept
 
     def keep(self, paths: Iterable[str | os.PathLike[str]]) -> str:
-        """Move ``paths`` into a new held folder (same file names); returns its token."""
+        """Link or copy ``paths`` into a new held folder (same file names); returns its token.
+
+        The originals stay: :func:`discard` them (a hard link shares no name with Gradio's folder, only the bytes).
+        """
         token = secrets.token_hex(16)
         folder = self.root / token
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.mkdir(mode=0o700)
         try:
             for path in paths:
-                shutil.move(os.fspath(path), folder / Path(path).name)
+                target = folder / Path(path).name
+                try:
+                    os.link(path, target)
+                except OSError:  # another file system, or no hard links there
+                    shutil.copyfile(path, target)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

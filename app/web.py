@@ -4,15 +4,18 @@
   2³⁰ bytes) is given to Gradio (``launch(max_file_size=…)``, checked per file as the body streams in, and in the
   browser before sending) and to the reader (:class:`lol_engine.ReadLimits` ``max_file_bytes``), so both agree.
 - **Early refusal.** Gradio's own check fires only once a cap's worth of the body has arrived and been written to its
-  temp folder. :class:`BodyLimit` answers ``413`` from the request's ``Content-Length`` before reading any of the body;
-  a body without one (chunked) still meets Gradio's streaming check.
+  temp folder. :class:`UploadGuard` answers ``413`` from the request's ``Content-Length`` before reading any of the
+  body; a body without one (chunked) still meets Gradio's streaming check. It also tells the
+  :class:`app.uploads.UploadLedger` which files each accepted upload left, so that one shared by two sessions stays
+  until both used it.
 - **plotly.js** is served at :data:`PLOTLY_URL` (a fixed, relative URL), so no page names a server folder.
 
-:func:`launch_options` gathers these for ``demo.launch(**launch_options(cap))``.
+:func:`launch_options` gathers these for ``demo.launch(**launch_options(cap, ledger))``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -21,7 +24,9 @@ from typing import Any
 
 import plotly
 
-__all__ = ["DEFAULT_MAX_UPLOAD", "PLOTLY_JS", "PLOTLY_URL", "BodyLimit", "launch_options", "max_upload_bytes",
+from app.uploads import UploadLedger
+
+__all__ = ["DEFAULT_MAX_UPLOAD", "PLOTLY_JS", "PLOTLY_URL", "UploadGuard", "launch_options", "max_upload_bytes",
            "parse_size"]  # fmt: skip
 
 DEFAULT_MAX_UPLOAD = "1.5gb"
@@ -66,17 +71,18 @@ def _shown(size: int) -> str:
     return f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
 
 
-class BodyLimit:
-    """ASGI middleware: answer 413 to a request whose declared ``Content-Length`` is over its limit, unread.
+class UploadGuard:
+    """ASGI middleware: refuse an oversize body unread (413), and note the files of accepted uploads in ``ledger``.
 
     Uploads (``…/gradio_api/upload``) may carry ``max_upload`` bytes of file plus :data:`UPLOAD_SLACK`; any other
     request :data:`OTHER_BODY_LIMIT`. The reply comes before any of the body is read, and the server then closes the
     connection instead of draining it.
     """
 
-    def __init__(self, app: ASGIApp, max_upload: int) -> None:
+    def __init__(self, app: ASGIApp, max_upload: int, ledger: UploadLedger | None = None) -> None:
         self.app = app
         self.max_upload = max_upload
+        self.ledger = ledger
 
     @staticmethod
     def is_upload(path: str) -> bool:
@@ -87,6 +93,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = self.is_upload(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:
@@ -94,12 +101,35 @@ class BodyLimit:
             except ValueError:
                 await _reply(send, 400, "invalid Content-Length")
                 return
-            upload = self.is_upload(scope["path"])
             if size > (self.max_upload + UPLOAD_SLACK if upload else OTHER_BODY_LIMIT):
                 what, limit = ("upload", self.max_upload) if upload else ("request", OTHER_BODY_LIMIT)
                 await _reply(send, 413, f"{what} too large: {_shown(size)}; this server accepts up to {_shown(limit)}")
                 return
+        if upload and self.ledger is not None:
+            send = _noting(send, self.ledger)
         await self.app(scope, receive, send)
+
+
+def _noting(send: Send, ledger: UploadLedger) -> Send:
+    """``send``, also noting in ``ledger`` the paths of a successful upload reply (a JSON list of paths)."""
+    status, body = 0, bytearray()
+
+    async def wrapped(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body" and status == 200 and len(body) < 2**20:
+            body.extend(message.get("body", b""))
+            if not message.get("more_body", False):
+                try:
+                    paths = json.loads(bytes(body))
+                except ValueError:
+                    paths = None
+                if isinstance(paths, list):
+                    ledger.note([p for p in paths if isinstance(p, str)])
+        await send(message)
+
+    return wrapped
 
 
 async def _reply(send: Send, status: int, text: str) -> None:
@@ -116,15 +146,16 @@ def _plotly_js(request: Any) -> Any:
     return FileResponse(PLOTLY_JS, media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"})
 
 
-def launch_options(max_upload: int) -> dict[str, Any]:
-    """``demo.launch`` keywords for the cap, :class:`BodyLimit` and the plotly.js route."""
+def launch_options(max_upload: int, ledger: UploadLedger | None = None) -> dict[str, Any]:
+    """``demo.launch`` keywords for the cap, :class:`UploadGuard` (noting uploads in ``ledger``, the one given to
+    ``build_demo``) and the plotly.js route."""
     from starlette.middleware import Middleware
     from starlette.routing import Route
 
     return {
         "max_file_size": max_upload,
         "app_kwargs": {
-            "middleware": [Middleware(BodyLimit, max_upload=max_upload)],
+            "middleware": [Middleware(UploadGuard, max_upload=max_upload, ledger=ledger)],
             "routes": [Route("/" + PLOTLY_URL, _plotly_js, methods=["GET", "HEAD"])],
         },
     }

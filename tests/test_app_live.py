@@ -27,6 +27,7 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file
 
 from app.ui import build_demo
+from app.uploads import UploadLedger
 from app.web import launch_options
 from lol_engine.explorer import Explorer
 
@@ -62,10 +63,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explorer]:
 
 @pytest.fixture(scope="module")
 def app_url(live: Explorer, gradio_temp: Path) -> Iterator[str]:
-    demo = build_demo(live, max_upload=CAP)
+    ledger = UploadLedger()
+    demo = build_demo(live, max_upload=CAP, ledger=ledger)
     demo.queue(default_concurrency_limit=8)
     demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-                **launch_options(CAP))  # fmt: skip
+                **launch_options(CAP, ledger))  # fmt: skip
     try:
         yield demo.local_url
     finally:
@@ -203,14 +205,15 @@ def test_api_compare_and_collection(client: Client, live: Explorer) -> None:
     assert [row[-1] for row in client.predict(ids[0][:12], [], api_name="/collection")["data"]] == [ids[0]]
 
 
-def test_concurrent_uploads_all_answer(app_url: str) -> None:
+@pytest.mark.parametrize("same_file", [False, True], ids=["different-files", "one-file"])
+def test_concurrent_uploads_all_answer(app_url: str, gradio_temp: Path, same_file: bool) -> None:
     results: dict[int, Any] = {}
 
     def upload(i: int) -> None:
         c = Client(app_url, verbose=False)
+        lora = DIGITS[300 if same_file else 300 + i] / "adapter_model.safetensors"  # equal bytes: one Gradio path
         try:
-            results[i] = c.predict([handle_file(str(DIGITS[300 + i] / "adapter_model.safetensors"))], "",
-                                   api_name="/analyse")  # fmt: skip
+            results[i] = c.predict([handle_file(str(lora))], "", api_name="/analyse")
         except Exception as exc:  # pragma: no cover - reported by the assertion below
             results[i] = exc
         finally:
@@ -225,6 +228,7 @@ def test_concurrent_uploads_all_answer(app_url: str) -> None:
     for i, result in results.items():
         assert not isinstance(result, Exception), result
         assert "4 of 7 fit" in result[0] and len(result[1]["data"]) == 4, i  # one row per predictor
+    assert left_in(gradio_temp) == []
 
 
 def _sync_playwright() -> Any:

@@ -15,8 +15,8 @@ from collection import ZOOS
 pytest.importorskip("plotly")
 
 from app.handlers import public_message
-from app.uploads import UploadHold, discard, held_root
-from app.web import DEFAULT_MAX_UPLOAD, UPLOAD_SLACK, BodyLimit, max_upload_bytes, parse_size
+from app.uploads import UploadHold, UploadLedger, discard, held_root
+from app.web import DEFAULT_MAX_UPLOAD, UPLOAD_SLACK, UploadGuard, max_upload_bytes, parse_size
 
 DIGIT = ZOOS / "digits" / "loras" / "00011" / "adapter_model.safetensors"
 
@@ -80,16 +80,34 @@ def test_discard_follows_no_link_out_of_the_upload_root(tmp_path: Path) -> None:
     assert victim.read_bytes() == b"keep"
 
 
+def test_a_file_two_uploads_share_goes_when_both_events_are_done(tmp_path: Path) -> None:
+    root = tmp_path / "gradio"
+    shared, alone, unseen = _upload(root, "same.safetensors"), _upload(root, "a.safetensors"), _upload(root, "b.json")
+    ledger = UploadLedger()
+    ledger.note([str(shared), str(alone)])
+    ledger.note([str(shared)])  # a second session uploaded equal bytes: Gradio gave it the same path
+    discard([str(shared), str(alone), str(unseen)], root, ledger)
+    assert shared.exists() and not alone.exists() and not unseen.exists()  # unseen: no wait noted, goes at once
+    discard([str(shared)], root, ledger)
+    assert not shared.exists() and list(root.iterdir()) == []
+    stale = UploadLedger(ttl_s=0.0)  # an upload that never reached an event is forgotten after Gradio's age
+    again = _upload(root, "same.safetensors")
+    stale.note([str(again), str(again)])
+    discard([str(again)], root, stale)
+    assert not again.exists()
+
+
 # ------------------------------------------------------------------------------------------------------- UploadHold
-def test_a_held_upload_leaves_the_upload_folder_and_comes_back_once(tmp_path: Path) -> None:
+def test_a_held_upload_is_out_of_the_upload_folder_and_comes_back_once(tmp_path: Path) -> None:
     root = tmp_path / "gradio"
     lora, config = _upload(root, "mine.safetensors"), _upload(root, "adapter_config.json", b"{}")
     hold = UploadHold(held_root(tmp_path / "uploads"))
     token = hold.keep([lora, config])
-    assert not lora.exists() and not config.exists()
+    discard([lora, config], root)
+    assert list(root.iterdir()) == []
     files = hold.files(token)
     assert [Path(f).name for f in files] == ["adapter_config.json", "mine.safetensors"]
-    assert all(not Path(f).is_relative_to(root) for f in files)
+    assert Path(files[1]).read_bytes() == b"x" * 10 and not Path(files[1]).is_relative_to(root)
     assert stat.S_IMODE(os.stat(hold.root).st_mode) == 0o700
     hold.release(token)
     assert hold.files(token) == [] and not (hold.root / token).exists()
@@ -116,7 +134,7 @@ def test_unknown_or_forged_tokens_give_nothing(tmp_path: Path, token: str | None
     assert outside.is_dir()
 
 
-# ----------------------------------------------------------------------------------------------- the cap, BodyLimit
+# --------------------------------------------------------------------------------------------- the cap, UploadGuard
 def test_the_upload_cap_defaults_to_one_and_a_half_gigabytes() -> None:
     assert DEFAULT_MAX_UPLOAD == "1.5gb"
     assert max_upload_bytes({}) == 3 * 2**29 > 1.3e9  # a Flux LoRA at rank 128 is ~1.3 GB
@@ -127,13 +145,18 @@ def test_the_upload_cap_defaults_to_one_and_a_half_gigabytes() -> None:
             parse_size(bad)
 
 
-def _call(limit: BodyLimit, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[list[dict[str, Any]], bool]:
+def _call(
+    limit: UploadGuard, path: str, headers: list[tuple[bytes, bytes]], reply: bytes = b"[]"
+) -> tuple[list[dict[str, Any]], bool]:
     """Run the middleware on one request; (what it sent, whether the app behind it ran). The body is never given."""
     sent: list[dict[str, Any]] = []
     ran = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         ran.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": reply[:5], "more_body": True})
+        await send({"type": "http.response.body", "body": reply[5:]})
 
     async def receive() -> dict[str, Any]:
         raise AssertionError("the body was read")
@@ -147,20 +170,30 @@ def _call(limit: BodyLimit, path: str, headers: list[tuple[bytes, bytes]]) -> tu
     return sent, bool(ran)
 
 
-def test_body_limit_answers_413_from_content_length_without_reading_the_body() -> None:
-    limit = BodyLimit(None, max_upload=10 * 2**20)  # type: ignore[arg-type]
+def test_the_guard_answers_413_from_content_length_without_reading_the_body() -> None:
+    limit = UploadGuard(None, max_upload=10 * 2**20)  # type: ignore[arg-type]
     upload = "/gradio_api/upload"
     sent, ran = _call(limit, upload, [(b"content-length", str(10 * 2**20 + UPLOAD_SLACK + 1).encode())])
     assert not ran and sent[0]["status"] == 413
     assert sent[1]["body"] == b"upload too large: 12.0 MB; this server accepts up to 10.0 MB"
     sent, ran = _call(limit, upload, [(b"content-length", str(10 * 2**20 + UPLOAD_SLACK).encode())])
-    assert ran and not sent  # at the limit: Gradio's own per-file check still applies as the body streams
+    assert ran and sent[0]["status"] == 200  # at the limit: Gradio's own per-file check applies as the body streams
     sent, ran = _call(limit, "/gradio_api/queue/join", [(b"content-length", str(65 * 2**20).encode())])
     assert not ran and sent[0]["status"] == 413
     sent, ran = _call(limit, upload, [(b"content-length", b"12abc")])
     assert not ran and sent[0]["status"] == 400
     sent, ran = _call(limit, upload, [(b"transfer-encoding", b"chunked")])
-    assert ran and not sent  # no length declared: Gradio's streaming check
+    assert ran and sent[0]["status"] == 200  # no length declared: Gradio's streaming check
+
+
+def test_the_guard_notes_the_files_of_accepted_uploads(tmp_path: Path) -> None:
+    ledger = UploadLedger()
+    guard = UploadGuard(None, max_upload=2**20, ledger=ledger)  # type: ignore[arg-type]
+    shared = _upload(tmp_path, "same.safetensors")
+    for _ in range(2):
+        _call(guard, "/gradio_api/upload", [(b"content-length", b"100")], f'["{shared}"]'.encode())
+    _call(guard, "/gradio_api/queue/join", [], f'["{shared}"]'.encode())  # not an upload: not noted
+    assert not ledger.done(shared) and ledger.done(shared)
 
 
 # -------------------------------------------------------------------------------------------------- the app's reader
