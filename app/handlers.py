@@ -43,6 +43,7 @@ __all__ = [
     "map_options",
     "neighbours_frame",
     "predictions_frame",
+    "public_message",
     "spectrum_figure",
 ]
 
@@ -60,6 +61,9 @@ class InspectResult:
 
 def _pick_files(paths: Sequence[str]) -> tuple[Path, Path | None]:
     files = [Path(p) for p in paths if p]
+    gone = [p.name for p in files if not p.is_file()]
+    if gone:  # analysed, added or expired: uploads do not stay on the server
+        raise LoraFormatError(f"{gone[0]} is no longer on the server; upload it again")
     lora = [p for p in files if p.suffix.lower() == ".safetensors"]
     configs = [p for p in files if p.name.endswith(".json")]
     others = [p.name for p in files if p not in lora and p not in configs]
@@ -109,6 +113,8 @@ NEIGHBOUR_COLUMNS = ["name", "collection", "similarity", "by", "id"]
 COMPARE_COLUMNS = ["module", "ΔW cosine", "‖ΔW‖_F first", "‖ΔW‖_F second"]
 _TABLE_COLUMNS = ["name", "zoo", "format", "base_family", "rank", "modules", "size_kb", "dtype", "added", "id"]
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+# An absolute POSIX or Windows path of two or more parts (not "owner/name" or "1/2": no word character before it).
+_SERVER_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"`<>|:]+)+[/\\]([^\s/\\'\"`<>|:]+)")
 
 
 def _plain(text: object, limit: int) -> str:
@@ -121,6 +127,19 @@ def _plain(text: object, limit: int) -> str:
 def escape(text: object, limit: int = 200) -> str:
     """Untrusted text made inert for Markdown: shortened, one line, HTML-escaped, Markdown punctuation escaped."""
     return _MD_SPECIAL.sub(r"\\\1", html.escape(_plain(text, limit), quote=False))
+
+
+def public_message(text: object, limit: int = 500) -> str:
+    """An error message for the page and the API: one line, server paths cut to their last part, no markup.
+
+    Gradio shows errors as sanitised HTML (not Markdown), and API clients get the text as it is: so nothing is
+    backslash-escaped, and ``<`` / ``>`` become ``‹`` / ``›`` so that no tag or link can form.
+
+    >>> public_message("/srv/app/.cache/lol.duckdb: the write failed (<b>disk</b>)")
+    'lol.duckdb: the write failed (‹b›disk‹/b›)'
+    """
+    plain = _SERVER_PATH.sub(r"\1", _plain(text, limit))
+    return plain.replace("<", "‹").replace(">", "›")
 
 
 def escape_html(text: object, limit: int = 200) -> str:
@@ -196,14 +215,15 @@ def _upload_files(paths: Sequence[str] | str | None, repo_id: str | None) -> tup
 
 
 def analyse_upload(
-    explorer: Explorer, paths: Sequence[str] | str | None, repo_id: str | None = None, k: int = 10
-) -> UploadResult:
+    explorer: Explorer, paths: Sequence[str] | str | None, repo_id: str | None = None, k: int = 10,
+    limits: ReadLimits | None = None,
+) -> UploadResult:  # fmt: skip
     """Read an upload (or a Hub repo), predict with every matching predictor and find its nearest stored LoRAs.
 
     Stores nothing. Raises :class:`LoraFormatError` naming the problem for anything that is not a readable LoRA.
     """
     file, config, name = _upload_files(paths, repo_id)
-    analysis = explorer.analyse(file, config)
+    analysis = explorer.analyse(file, config, limits)
     stored = explorer.store.get(analysis.sha256)
     neighbours = explorer.neighbours(analysis.lora, k=k, exclude=analysis.sha256)
     report = analysis.report
@@ -213,10 +233,12 @@ def analyse_upload(
                         neighbours_frame(neighbours), modules, analysis)  # fmt: skip
 
 
-def add_upload(explorer: Explorer, paths: Sequence[str] | str | None, repo_id: str | None = None) -> str:
+def add_upload(
+    explorer: Explorer, paths: Sequence[str] | str | None, repo_id: str | None = None, limits: ReadLimits | None = None
+) -> str:
     """Add an upload to the collection (re-read from its files; nothing is trusted from the browser)."""
     file, config, name = _upload_files(paths, repo_id)
-    analysis = explorer.analyse(file, config)
+    analysis = explorer.analyse(file, config, limits)
     existed = explorer.store.get(analysis.sha256) is not None
     lora_id = explorer.add(analysis, name=name)
     stored = explorer.store.get(lora_id)

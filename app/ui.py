@@ -1,14 +1,19 @@
 """The Gradio UI: ``build_demo(explorer)`` returns a ``gr.Blocks`` and does no I/O; one function per tab.
 
 Every event calls a plain function of ``app/handlers.py`` and turns :class:`LoraFormatError` into a message in the
-page. The map is a ``gr.HTML`` rendering plotly.js (served from the plotly package, no network): its click and lasso
-handlers send the LoRA ids back with ``trigger(...)`` (plain ``gr.Plot`` sends no such events, PLATFORM.md §1.5).
+page (plain text without server paths, see :func:`handlers.public_message`). Uploads are deleted from Gradio's temp
+folder when their event returns (``app/uploads.py``); an analysed one waits, outside it, for *Add to collection*. The
+map is a ``gr.HTML`` rendering plotly.js (served from the plotly package at ``app.web.PLOTLY_URL``, no network): its
+click and lasso handlers send the LoRA ids back with ``trigger(...)`` (plain ``gr.Plot`` sends no such events,
+PLATFORM.md §1.5). Launch it with ``demo.launch(**app.web.launch_options(cap, ledger))``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
+import secrets
 import shutil
 import tempfile
 import time
@@ -18,17 +23,18 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-import plotly
 
 from app import handlers
 from app.handlers import MODULE_COLUMNS, NEIGHBOUR_COLUMNS, PREDICTION_COLUMNS, Filters
-from lol_engine import LoraFormatError
+from app.uploads import UploadHold, UploadLedger, discard, held_root
+from app.web import PLOTLY_URL, max_upload_bytes
+from lol_engine import LoraFormatError, ReadLimits
 from lol_engine.errors import StoreError
 from lol_engine.explorer import Explorer
 
-__all__ = ["PLOTLY_JS", "build_demo"]
+__all__ = ["build_demo"]
 
-PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+_log = logging.getLogger(__name__)
 
 _MAP_JS = """
 const render = () => {
@@ -77,9 +83,14 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (LoraFormatError, StoreError, KeyError, ValueError, OSError) as exc:
+        except OSError as exc:  # the server's fault (full disk, permissions): its reason, never its paths
+            ref = secrets.token_hex(4)
+            _log.exception("error %s in %s", ref, getattr(fn, "__name__", "an event"))
+            reason = exc.strerror or type(exc).__name__
+            raise gr.Error(f"the server could not do this ({reason}; error {ref})", print_exception=False) from None
+        except (LoraFormatError, StoreError, KeyError, ValueError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise gr.Error(handlers.escape(message, 500), print_exception=False) from None
+            raise gr.Error(handlers.public_message(message), print_exception=False) from None
 
     return wrapper
 
@@ -95,18 +106,22 @@ def _export(frame: pd.DataFrame, fmt: str) -> str:
     return str(handlers.export_frame(frame, fmt, folder))
 
 
+def _nothing() -> None:
+    """Clears a component (a file box whose upload was deleted)."""
+
+
 def _filters(search: str, collections: list[str], families: list[str], formats: list[str]) -> Filters:
     return Filters(search or "", tuple(collections or ()), tuple(families or ()), tuple(formats or ()))
 
 
-def _upload_tab(explorer: Explorer) -> None:
+def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger: UploadLedger) -> None:
     with gr.Tab("Upload & predict", id="upload"):
         gr.Markdown(
             "Drop a LoRA `.safetensors` (PEFT, kohya/A1111/ComfyUI, diffusers or LyCORIS LoCon), optionally with its "
             "`adapter_config.json`, or give a Hugging Face repo id. Nothing is run and nothing is unpickled. "
             "Predictions come from every shipped predictor trained on the LoRA's base and module layout; ranges are "
             "split-conformal (calibrated on held-out LoRAs of the predictor's zoo). The upload is only stored when "
-            "you press *Add to collection*."
+            f"you press *Add to collection* (within {hold.ttl_s / 60:.0f} minutes of *Analyse*; else it is deleted)."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -130,20 +145,36 @@ def _upload_tab(explorer: Explorer) -> None:
                                   elem_id="upload-neighbours", max_height=360)  # fmt: skip
         with gr.Accordion("Modules", open=False):
             modules = gr.Dataframe(headers=MODULE_COLUMNS, interactive=False, max_height=420, show_search="search")
+        held = gr.State(None, time_to_live=hold.ttl_s, delete_callback=hold.release)  # this session's analysed upload
+        uploads = files.GRADIO_CACHE  # Gradio's upload folder: what it holds is served to whoever knows the path
 
         @_guard
         @_gpu
-        def on_analyse(paths: list[str] | None, repo_id: str) -> tuple[Any, ...]:
-            result = handlers.analyse_upload(explorer, paths, repo_id)
-            return result.card, result.predictions, result.spectrum, result.neighbours, result.modules, ""
+        def on_analyse(paths: list[str] | None, repo_id: str, token: str | None) -> tuple[Any, ...]:
+            hold.release(token)
+            try:
+                result = handlers.analyse_upload(explorer, paths, repo_id, limits=limits)
+                kept = hold.keep(paths) if paths else None
+            finally:
+                discard(paths, uploads, ledger)
+            return result.card, result.predictions, result.spectrum, result.neighbours, result.modules, "", kept
 
         @_guard
-        def on_add(paths: list[str] | None, repo_id: str) -> str:
-            return handlers.add_upload(explorer, paths, repo_id)
+        def on_add(paths: list[str] | None, repo_id: str, token: str | None) -> tuple[str, None]:
+            try:  # the files given, else the upload analysed last, else the repo id
+                message = handlers.add_upload(explorer, paths or hold.files(token) or None, repo_id, limits)
+            finally:
+                discard(paths, uploads, ledger)
+            hold.release(token)  # only once added: a failed add can be retried
+            return message, None
 
-        analyse.click(on_analyse, [files, repo], [card, predictions, spectrum, neighbours, modules, added],
-                      api_name="analyse", concurrency_id="cpu", concurrency_limit=4)  # fmt: skip
-        add.click(on_add, [files, repo], added, api_name="add", concurrency_id="write", concurrency_limit=1)
+        outputs = [card, predictions, spectrum, neighbours, modules, added, held]
+        analysed = analyse.click(on_analyse, [files, repo, held], outputs, api_name="analyse", concurrency_id="cpu",
+                                 concurrency_limit=4)  # fmt: skip
+        stored = add.click(on_add, [files, repo, held], [added, held], api_name="add", concurrency_id="write",
+                           concurrency_limit=1)  # fmt: skip
+        for event in (analysed, stored):  # the upload is no longer on the server: the file box shows nothing
+            event.then(_nothing, None, files, api_visibility="private")
 
 
 def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
@@ -159,7 +190,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
             formats = gr.CheckboxGroup(label="Format", choices=[])
         status = gr.Markdown(elem_id="map-status")
         plot = gr.HTML(value="", html_template="<div class='lol-map' style='width:100%;min-height:560px'></div>",
-                       js_on_load=_MAP_JS, head=f'<script src="/gradio_api/file={PLOTLY_JS}"></script>',
+                       js_on_load=_MAP_JS, head=f'<script src="{PLOTLY_URL}"></script>',
                        elem_id="lol-map", min_height=560)  # fmt: skip
         with gr.Row():
             with gr.Column():
@@ -286,7 +317,7 @@ def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
                  api_name="compare")  # fmt: skip
 
 
-def _inspect_tab() -> None:
+def _inspect_tab(limits: ReadLimits, ledger: UploadLedger) -> None:
     with gr.Tab("Inspect only", id="inspect"):
         gr.Markdown("Parse and describe a LoRA file without predictions or neighbours (the `lol inspect` report).")
         files = gr.File(file_count="multiple", file_types=[".safetensors", ".json"], type="filepath", label="LoRA")
@@ -298,15 +329,28 @@ def _inspect_tab() -> None:
 
         @_guard
         def inspect(paths: list[str] | None) -> tuple[str, Any, dict[str, Any]]:
-            result = handlers.inspect_upload(paths)
+            try:
+                result = handlers.inspect_upload(paths, limits)
+            finally:
+                discard(paths, files.GRADIO_CACHE, ledger)
             return result.summary, result.rows, json.loads(json.dumps(result.report, default=str))
 
-        button.click(inspect, files, [summary, table, report], api_name="inspect")
+        button.click(inspect, files, [summary, table, report], api_name="inspect").then(
+            _nothing, None, files, api_visibility="private"
+        )
 
 
-def build_demo(explorer: Explorer) -> gr.Blocks:
-    """Build the app around an opened :class:`Explorer`; nothing is read until a page loads or an event runs."""
-    gr.set_static_paths([str(PLOTLY_JS)])
+def build_demo(explorer: Explorer, max_upload: int | None = None, ledger: UploadLedger | None = None) -> gr.Blocks:
+    """Build the app around an opened :class:`Explorer`; nothing is read until a page loads or an event runs.
+
+    ``max_upload``: the per-file cap in bytes (default: ``LOL_MAX_UPLOAD``, see :mod:`app.web`), applied by the
+    reader too. ``ledger``: the one given to ``app.web.launch_options`` (with the same cap) to launch the demo;
+    without it, uploads that several sessions share may go before all of them used it. Analysed uploads wait in
+    ``<uploads>/.held`` (:func:`app.uploads.held_root`).
+    """
+    limits = ReadLimits(max_file_bytes=max_upload or max_upload_bytes())
+    hold = UploadHold(held_root(explorer.uploads_dir))
+    ledger = ledger or UploadLedger()
     with gr.Blocks(title="LoL Explorer", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# 🧭 LoL Explorer\nWhat is in a LoRA, read from its weights alone: GL(r)-invariant encoders predict "
@@ -314,11 +358,11 @@ def build_demo(explorer: Explorer) -> gr.Blocks:
         )
         header = gr.Markdown(elem_id="collection-status")
         with gr.Tabs():
-            _upload_tab(explorer)
+            _upload_tab(explorer, limits, hold, ledger)
             _explore_tab(explorer, demo)
             _collection_tab(explorer, demo)
             _compare_tab(explorer, demo)
-            _inspect_tab()
+            _inspect_tab(limits, ledger)
 
         def status() -> str:
             n = explorer.store.count()

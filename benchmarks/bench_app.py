@@ -76,10 +76,14 @@ def latency(explorer: object, files: dict[str, Path], runs: dict[str, int]) -> l
 
     from app import handlers
     from app.ui import build_demo
+    from app.uploads import UploadLedger
+    from app.web import launch_options, max_upload_bytes
 
-    demo = build_demo(explorer)  # type: ignore[arg-type]
+    ledger = UploadLedger()
+    demo = build_demo(explorer, ledger=ledger)  # type: ignore[arg-type]
     demo.queue(default_concurrency_limit=8)
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                **launch_options(max_upload_bytes(), ledger))  # fmt: skip
     client = Client(demo.local_url, verbose=False)
     rows = []
     try:

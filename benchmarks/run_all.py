@@ -224,13 +224,17 @@ def app_latency(quick: bool) -> list[Row]:
     from gradio_client import Client, handle_file
 
     from app.ui import build_demo
+    from app.uploads import UploadLedger
+    from app.web import launch_options, max_upload_bytes
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         explorer = make_collection(Path(tmp))
-        demo = build_demo(explorer)
+        ledger = UploadLedger()  # the clients upload one file: Gradio keeps it at one path until all are done
+        demo = build_demo(explorer, ledger=ledger)
         demo.queue(default_concurrency_limit=8)
-        demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False)
+        demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                    **launch_options(max_upload_bytes(), ledger))  # fmt: skip
         file = ROOT / "data" / "zoo" / "digits" / "loras" / "00011" / "adapter_model.safetensors"
         try:
             baseline = None

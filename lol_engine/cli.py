@@ -1,7 +1,7 @@
 """The ``lol`` command line.
 
 ``lol inspect PATH [--json]`` reads a LoRA file or PEFT folder and reports on it; ``lol zoo list`` and
-``lol zoo build NAME --out DIR`` make zoos of real LoRAs.
+``lol zoo build NAME --out DIR`` make zoos of real LoRAs; ``lol export [--db FILE] OUT`` backs up a collection.
 
 Bad input exits with status 2 and one line ``error: <what is wrong>`` on stderr.
 """
@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
     serve.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     serve.add_argument("--host", default=None, help="address to bind (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    export = commands.add_parser("export", help="back up a collection (database and uploads) to a new folder")
+    export.add_argument("out", help="a new folder: it receives lol.duckdb and uploads/ (usable as LOL_DATA_DIR)")
+    export.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
     return parser
 
 
@@ -105,6 +108,34 @@ def _serve(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from lol_engine.store import LoraStore, default_db_path
+
+    db = Path(args.db) if args.db else default_db_path()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"error: {out} is not empty; export into a new folder", file=sys.stderr)
+        return 2
+    if not db.is_file():
+        print(f"error: {db}: no collection there", file=sys.stderr)
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with LoraStore(db) as store:  # the app must be stopped: one process per database file
+            store.backup(out / "lol.duckdb")
+            n = store.count()
+        uploads = db.parent / "uploads"
+        if uploads.is_dir():  # stored uploads; dot folders are staging and held uploads
+            shutil.copytree(uploads, out / "uploads", ignore=shutil.ignore_patterns(".*"))
+    except (StoreError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{n} LoRA(s) exported to {out} (restore: stop the app, copy its contents into the data folder)")
     return 0
 
 
@@ -262,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _calibrate(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "export":
+        return _export(args)
     try:
         limits = ReadLimits(max_file_bytes=int(args.max_file_mb * 2**20))
         report = describe(load_lora(args.path, limits=limits))

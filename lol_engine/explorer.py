@@ -131,6 +131,8 @@ class Explorer:
         if missing:
             self.fit_maps(missing, progress=progress)
             done = True
+        if done:
+            self.store.checkpoint()
         return done
 
     def encoders(self) -> list[str]:
@@ -158,6 +160,7 @@ class Explorer:
                         self._maps[name] = (fitted, ids, x)
                 seconds[name] = time.perf_counter() - start
                 bar.advance(task)
+        self.store.checkpoint()
         return seconds
 
     # ---------------------------------------------------------------- one LoRA
@@ -220,6 +223,7 @@ class Explorer:
             raise
         self._changed()
         self._place(lora_id, analysis.embeddings)
+        self.store.checkpoint()  # the new rows are in lol.duckdb itself, not only in its .wal
         return lora_id
 
     def _place(self, lora_id: str, embeddings: Mapping[str, np.ndarray]) -> None:
@@ -249,7 +253,10 @@ class Explorer:
         stored = self.store.get(lora_id)
         if stored is None:
             raise KeyError(f"no LoRA {lora_id!r} in the collection")
-        lora = load_lora(stored.source)
+        source = Path(stored.source)
+        if not source.exists() and (self.uploads_dir / lora_id).is_dir():
+            source = self.uploads_dir / lora_id  # a restored or moved collection: its uploads lie beside its database
+        lora = load_lora(source)
         with self._lock:
             self._cache[lora_id] = lora
             self._cache_bytes += _factor_bytes(lora)

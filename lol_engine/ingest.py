@@ -125,7 +125,7 @@ def ingest(
 
     LoRAs are written ``batch`` at a time, each batch one transaction (all of it or none); a file that cannot be read
     is refused on its own. A database failure (:class:`~lol_engine.errors.StoreError`) stops the ingest: the batches
-    before it are stored, the failing one is not.
+    before it are stored, the failing one is not. The store is checkpointed at the end.
     """
     from rich.progress import Progress
 
@@ -171,4 +171,5 @@ def ingest(
             bar.advance(task)
         if pending:
             flush()
+    store.checkpoint()
     return report

@@ -4,6 +4,11 @@ The only module that imports duckdb. One :class:`LoraStore` per process owns one
 own cursor, so many reader threads can share it (PLATFORM.md §2.4: one writer process, cursors per thread). Every
 ingest is one transaction: a LoRA and everything attached to it land together or not at all. The sha256 of the file is
 the LoRA's identity, so ingesting the same file twice stores one LoRA.
+
+Committed writes first land in DuckDB's write-ahead log (``lol.duckdb.wal``) beside the file.
+:meth:`LoraStore.checkpoint` moves them into the file itself (the explorer calls it after every add and ingest, and
+:meth:`LoraStore.close` does), so that ``lol.duckdb`` alone is the whole collection; :meth:`LoraStore.backup` writes
+such a copy while the store is open.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,11 +143,59 @@ class LoraStore:
         except (OSError, duckdb.Error) as exc:
             raise StoreError(_open_problem(self.path, exc)) from None
         self._write_lock = threading.Lock()  # one writer at a time inside the process; readers never wait
-        self._migrate()
+        self._closed = False
+        try:
+            self._migrate()
+        except BaseException:
+            self._con.close()  # the file's lock goes with it
+            raise
+
+    def checkpoint(self) -> None:
+        """Write everything committed into the database file itself (DuckDB's ``CHECKPOINT``; the ``.wal`` goes)."""
+        import duckdb
+
+        with self._write_lock, self._cursor() as cur:
+            try:
+                cur.execute("CHECKPOINT")
+            except duckdb.Error as exc:
+                raise StoreError(
+                    f"{self.path}: the checkpoint failed; what was committed stays in its .wal ({_reason(exc)})"
+                ) from None
 
     def close(self) -> None:
-        """Close the connection."""
-        self._con.close()
+        """Checkpoint (after any write in progress) and close the connection; closing twice is harmless."""
+        import duckdb
+
+        if self._closed:
+            return
+        with self._write_lock:
+            self._closed = True
+            with suppress(duckdb.Error):  # DuckDB checkpoints on close as well; closing must not fail here
+                self._con.execute("CHECKPOINT")
+            self._con.close()
+
+    def backup(self, target: str | os.PathLike[str]) -> None:
+        """Write a complete, checkpointed copy of the collection to the new database file ``target``.
+
+        Writes in this process wait until the copy is done; ``target`` must not exist.
+        """
+        import duckdb
+
+        path = Path(target)
+        if path.exists():
+            raise StoreError(f"{path} exists already; back up into a new file")
+        with self._write_lock, self._cursor() as cur:
+            source = cur.execute("SELECT current_database()").fetchone()[0]
+            quoted = str(path).replace("'", "''")
+            try:
+                cur.execute(f"ATTACH '{quoted}' AS lol_backup")
+                try:
+                    cur.execute(f'COPY FROM DATABASE "{source}" TO lol_backup')
+                finally:
+                    cur.execute("DETACH lol_backup")
+            except duckdb.Error as exc:
+                path.unlink(missing_ok=True)
+                raise StoreError(f"{path}: the backup failed ({_reason(exc)})") from None
 
     def __enter__(self) -> LoraStore:
         return self
@@ -184,8 +237,10 @@ class LoraStore:
             row = cur.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = int(row[0]) if row else SCHEMA_VERSION
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path}: schema version {version} is newer than this lol-explorer ({SCHEMA_VERSION})"
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this lol-explorer ({SCHEMA_VERSION}): "
+                    "it was written by a later release; upgrade lol-explorer to open it, or point --db / "
+                    "LOL_DATA_DIR at another collection"
                 )
             while version < SCHEMA_VERSION:
                 for statement in _MIGRATIONS[version]:

@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import socket
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file
 
 from app.ui import build_demo
+from app.uploads import UploadLedger
+from app.web import launch_options
 from lol_engine.explorer import Explorer
 
 pytestmark = pytest.mark.slow
@@ -30,6 +36,21 @@ pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("LOL_CHROMIUM", "/usr/bin/chromium")
 DIGITS = sorted((ZOOS / "digits" / "loras").iterdir())
 FASHION = sorted((ZOOS / "fashion-gen" / "loras").iterdir())
+CAP = 5 * 2**20  # this app's upload cap
+
+
+@pytest.fixture(scope="module")
+def gradio_temp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This module's own Gradio temp folder (``GRADIO_TEMP_DIR``), so that what uploads leave there can be seen."""
+    folder = tmp_path_factory.mktemp("gradio-temp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(folder))
+        yield folder
+
+
+def left_in(folder: Path) -> list[str]:
+    """Files with content under ``folder`` (Gradio's gr.File leaves a 0-byte ``tmp*`` stub at every event)."""
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and p.stat().st_size)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +62,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explorer]:
 
 
 @pytest.fixture(scope="module")
-def app_url(live: Explorer) -> Iterator[str]:
-    demo = build_demo(live)
+def app_url(live: Explorer, gradio_temp: Path) -> Iterator[str]:
+    ledger = UploadLedger()
+    demo = build_demo(live, max_upload=CAP, ledger=ledger)
     demo.queue(default_concurrency_limit=8)
     demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-                max_file_size="5mb")  # fmt: skip
+                **launch_options(CAP, ledger))  # fmt: skip
     try:
         yield demo.local_url
     finally:
@@ -97,6 +119,64 @@ def test_api_add_bad_input_and_status(client: Client, live: Explorer, tmp_path: 
     assert f"**{before + 1}** LoRAs" in client.predict(api_name="/status")  # still serving
 
 
+def test_an_oversize_upload_is_refused_before_its_body_is_sent(app_url: str, gradio_temp: Path) -> None:
+    host, port = app_url.split("//")[1].rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+                     f"boundary=b\r\nContent-Length: {CAP + 3 * 2**20}\r\n\r\n".encode())  # fmt: skip
+        start = time.perf_counter()
+        reply = sock.recv(4096).decode()  # not one byte of the body was sent
+    assert reply.startswith("HTTP/1.1 413") and "upload too large" in reply, reply
+    assert time.perf_counter() - start < 5
+    assert left_in(gradio_temp) == []
+
+
+def test_uploads_leave_nothing_in_gradios_folder_and_add_after_analyse_works(
+    app_url: str, live: Explorer, gradio_temp: Path, tmp_path: Path
+) -> None:
+    client = Client(app_url, verbose=False)
+    upload = tmp_path / "kept.safetensors"
+    shutil.copyfile(DIGITS[220] / "adapter_model.safetensors", upload)
+    try:
+        assert "kept" in client.predict([handle_file(str(upload))], "", api_name="/analyse")[0]
+        assert left_in(gradio_temp) == []  # analysed: moved out at once, held for Add
+        before = live.store.count()
+        assert "Added **kept**" in client.predict([], "", api_name="/add")  # no re-upload: the analysed one
+        assert live.store.count() == before + 1 and left_in(gradio_temp) == []
+        with pytest.raises(Exception, match="no file uploaded"):  # held uploads are used once
+            client.predict([], "", api_name="/add")
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(pickle.dumps({"x": 1}))
+        for endpoint in ("/analyse", "/add"):
+            with pytest.raises(Exception, match="pickle"):
+                client.predict([handle_file(str(bad))], "", api_name=endpoint)
+        with pytest.raises(Exception, match="pickle"):
+            client.predict([handle_file(str(bad))], api_name="/inspect")
+        client.predict([handle_file(str(upload))], api_name="/inspect")
+        assert left_in(gradio_temp) == []  # refused, added or inspected: nothing stays
+    finally:
+        client.close()
+
+
+def test_no_server_path_in_the_page_or_in_api_messages(
+    app_url: str, client: Client, live: Explorer, gradio_temp: Path, tmp_path: Path
+) -> None:
+    folders = {sys.prefix, str(Path(__file__).resolve().parent.parent), str(live.data_dir), str(gradio_temp)}
+    for url in (app_url, app_url + "config"):
+        with urllib.request.urlopen(url, timeout=30) as response:
+            page = response.read().decode()
+        assert not [f for f in folders if f in page], url
+    with urllib.request.urlopen(app_url + "lol-assets/plotly.min.js", timeout=30) as response:
+        assert "plotly.js" in response.read(300).decode()
+    empty = tmp_path / "empty_file.safetensors"
+    empty.write_bytes(b"")
+    for path, name in ((empty, "empty_file.safetensors"), (DIGITS[0] / "adapter_config.json", ".safetensors")):
+        with pytest.raises(Exception, match=name) as refused:
+            client.predict([handle_file(str(path))], "", api_name="/analyse")
+        message = str(getattr(refused.value, "message", refused.value))
+        assert "\\" not in message and "/" not in message, message  # plain text: no escapes, no paths
+
+
 def test_api_reports_a_failing_database_and_keeps_serving(
     client: Client, live: Explorer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,14 +205,15 @@ def test_api_compare_and_collection(client: Client, live: Explorer) -> None:
     assert [row[-1] for row in client.predict(ids[0][:12], [], api_name="/collection")["data"]] == [ids[0]]
 
 
-def test_concurrent_uploads_all_answer(app_url: str) -> None:
+@pytest.mark.parametrize("same_file", [False, True], ids=["different-files", "one-file"])
+def test_concurrent_uploads_all_answer(app_url: str, gradio_temp: Path, same_file: bool) -> None:
     results: dict[int, Any] = {}
 
     def upload(i: int) -> None:
         c = Client(app_url, verbose=False)
+        lora = DIGITS[300 if same_file else 300 + i] / "adapter_model.safetensors"  # equal bytes: one Gradio path
         try:
-            results[i] = c.predict([handle_file(str(DIGITS[300 + i] / "adapter_model.safetensors"))], "",
-                                   api_name="/analyse")  # fmt: skip
+            results[i] = c.predict([handle_file(str(lora))], "", api_name="/analyse")
         except Exception as exc:  # pragma: no cover - reported by the assertion below
             results[i] = exc
         finally:
@@ -147,6 +228,7 @@ def test_concurrent_uploads_all_answer(app_url: str) -> None:
     for i, result in results.items():
         assert not isinstance(result, Exception), result
         assert "4 of 7 fit" in result[0] and len(result[1]["data"]) == 4, i  # one row per predictor
+    assert left_in(gradio_temp) == []
 
 
 def _sync_playwright() -> Any:
@@ -187,6 +269,10 @@ def test_browser_upload_predict_map_click_and_lasso(app_url: str, tmp_path: Path
         assert "ΔW cosine" in page.inner_text("#upload-neighbours")
         page.wait_for_selector("#spectrum .js-plotly-plot", timeout=30_000)
         page.screenshot(path=str(shots / "upload.png"), full_page=True)
+
+        # add the analysed upload (it left Gradio's folder at once; the page does not send it again)
+        page.click("#add-button")
+        page.wait_for_function("document.querySelector('#add-status')?.innerText.includes('Added')", timeout=60_000)
 
         # the map: plotly.js served by the app itself, points carry ids
         page.get_by_role("tab", name="Explore").click()

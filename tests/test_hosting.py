@@ -71,17 +71,20 @@ def test_lol_serve_opens_an_existing_collection(tmp_path: Path) -> None:
     pytest.importorskip("gradio")
     from conftest import make_collection
 
-    from app.serve import serve
+    from app.serve import launched
 
     explorer = make_collection(tmp_path)
     db = explorer.store.path
     explorer.close()
-    demo = serve(db=db, port=None, host="127.0.0.1", block=False)
-    try:
+    with launched(db=db, port=None, host="127.0.0.1", quiet=True) as demo:
         with urllib.request.urlopen(demo.local_url, timeout=30) as response:
             assert response.status == 200
-    finally:
-        demo.close()
+        with urllib.request.urlopen(demo.local_url + "config", timeout=30) as response:
+            assert "lol-assets/plotly.min.js" in response.read().decode()  # the map's script, by a path-free URL
+        with urllib.request.urlopen(demo.local_url + "lol-assets/plotly.min.js", timeout=30) as response:
+            assert response.status == 200 and response.read(200).lstrip().startswith(b"/**")
+    with pytest.raises(OSError, match="refused"):  # closed on leaving the block
+        urllib.request.urlopen(demo.local_url, timeout=5)
 
 
 def test_lol_serve_is_a_command() -> None:

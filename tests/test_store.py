@@ -11,6 +11,7 @@ import pytest
 duckdb = pytest.importorskip("duckdb")
 
 from lol_engine import load_lora  # noqa: E402
+from lol_engine.errors import StoreError  # noqa: E402
 from lol_engine.fingerprint import fingerprint  # noqa: E402
 from lol_engine.store import SCHEMA_VERSION, LoraStore  # noqa: E402
 
@@ -103,8 +104,41 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     con = duckdb.connect(str(path))
     con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(RuntimeError, match="schema version 99 is newer"):
+    with pytest.raises(StoreError, match=r"schema version 99 is newer .* upgrade lol-explorer"):
         LoraStore(path)
+    duckdb.connect(str(path)).close()  # the refused open let go of the file
+
+
+def test_checkpoint_and_close_leave_everything_in_the_file(tmp_path: Path, loras) -> None:
+    path = tmp_path / "db.duckdb"
+    wal = tmp_path / "db.duckdb.wal"
+    store = LoraStore(path)
+    store.add(loras[0])
+    assert wal.exists()  # committed, but only in the write-ahead log
+    store.checkpoint()
+    assert not wal.exists()
+    store.add(loras[1])
+    store.close()
+    store.close()  # twice is harmless
+    assert not wal.exists()
+    with LoraStore(path) as reopened:
+        assert reopened.count() == 2
+
+
+def test_backup_is_a_complete_copy_of_an_open_store(tmp_path: Path, loras) -> None:
+    with LoraStore(tmp_path / "db.duckdb") as store:
+        store.add(loras[0], labels={"acc_own": 0.5}, embeddings={"fp": fingerprint(loras[0]).numpy()})
+        store.add(loras[1])  # still only in the .wal
+        store.backup(tmp_path / "copy.duckdb")
+        with pytest.raises(StoreError, match="exists already"):
+            store.backup(tmp_path / "copy.duckdb")
+        store.add(loras[2])  # after the backup: not in it
+    assert not (tmp_path / "copy.duckdb.wal").exists()
+    with LoraStore(tmp_path / "copy.duckdb") as copy:
+        assert sorted(s.id for s in copy.all()) == sorted(lora.meta.sha256 for lora in loras[:2])
+        assert copy.labels(loras[0].meta.sha256) == {"acc_own": 0.5}
+        assert copy.embeddings("fp")[0] == [loras[0].meta.sha256]
+        assert copy.schema_version == SCHEMA_VERSION
 
 
 _KILLED_INGEST = """

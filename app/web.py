@@ -1,0 +1,161 @@
+"""What the app's web server adds to Gradio: the upload cap, early refusal of oversize bodies, a path-free script URL.
+
+- **The cap.** ``LOL_MAX_UPLOAD`` (default ``1.5gb``: a Flux LoRA at rank 128 is ~1.3 GB; units are Gradio's, 1 gb =
+  2³⁰ bytes) is given to Gradio (``launch(max_file_size=…)``, checked per file as the body streams in, and in the
+  browser before sending) and to the reader (:class:`lol_engine.ReadLimits` ``max_file_bytes``), so both agree.
+- **Early refusal.** Gradio's own check fires only once a cap's worth of the body has arrived and been written to its
+  temp folder. :class:`UploadGuard` answers ``413`` from the request's ``Content-Length`` before reading any of the
+  body; a body without one (chunked) still meets Gradio's streaming check. It also tells the
+  :class:`app.uploads.UploadLedger` which files each accepted upload left, so that one shared by two sessions stays
+  until both used it.
+- **plotly.js** is served at :data:`PLOTLY_URL` (a fixed, relative URL), so no page names a server folder.
+
+:func:`launch_options` gathers these for ``demo.launch(**launch_options(cap, ledger))``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import plotly
+
+from app.uploads import UploadLedger
+
+__all__ = ["DEFAULT_MAX_UPLOAD", "PLOTLY_JS", "PLOTLY_URL", "UploadGuard", "launch_options", "max_upload_bytes",
+           "parse_size"]  # fmt: skip
+
+DEFAULT_MAX_UPLOAD = "1.5gb"
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+PLOTLY_URL = "lol-assets/plotly.min.js"  # relative: also right behind a proxy that serves the app under a prefix
+UPLOAD_SLACK = 2 * 2**20  # multipart framing and an adapter_config.json (≤ 1 MiB) beside the LoRA
+OTHER_BODY_LIMIT = 64 * 2**20  # every other request: JSON of events (a table sent back for export is a few MB)
+_UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb)?\s*$", re.IGNORECASE)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``"1.5gb"``, ``"200mb"``, ``"512kb"`` or ``"1048576"`` (units as Gradio's: 1 kb = 1024 bytes).
+
+    >>> parse_size("1.5gb"), parse_size("200 MB"), parse_size(7)
+    (1610612736, 209715200, 7)
+    """
+    if isinstance(text, int):
+        size = text
+    else:
+        match = _SIZE.match(text)
+        if match is None:
+            raise ValueError(f"not a size: {text!r} (e.g. 1.5gb, 200mb)")
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+    if size <= 0:
+        raise ValueError(f"a size must be positive, got {text!r}")
+    return size
+
+
+def max_upload_bytes(environ: Mapping[str, str] = os.environ) -> int:
+    """The per-file upload cap: ``LOL_MAX_UPLOAD`` (e.g. ``200mb``), else :data:`DEFAULT_MAX_UPLOAD`."""
+    return parse_size(environ.get("LOL_MAX_UPLOAD") or DEFAULT_MAX_UPLOAD)
+
+
+def _shown(size: int) -> str:
+    return f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+
+
+class UploadGuard:
+    """ASGI middleware: refuse an oversize body unread (413), and note the files of accepted uploads in ``ledger``.
+
+    Uploads (``…/gradio_api/upload``) may carry ``max_upload`` bytes of file plus :data:`UPLOAD_SLACK`; any other
+    request :data:`OTHER_BODY_LIMIT`. The reply comes before any of the body is read, and the server then closes the
+    connection instead of draining it.
+    """
+
+    def __init__(self, app: ASGIApp, max_upload: int, ledger: UploadLedger | None = None) -> None:
+        self.app = app
+        self.max_upload = max_upload
+        self.ledger = ledger
+
+    @staticmethod
+    def is_upload(path: str) -> bool:
+        """Whether a request path is Gradio's upload route."""
+        return path.rstrip("/").endswith("/gradio_api/upload")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = self.is_upload(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await _reply(send, 400, "invalid Content-Length")
+                return
+            if size > (self.max_upload + UPLOAD_SLACK if upload else OTHER_BODY_LIMIT):
+                what, limit = ("upload", self.max_upload) if upload else ("request", OTHER_BODY_LIMIT)
+                await _reply(send, 413, f"{what} too large: {_shown(size)}; this server accepts up to {_shown(limit)}")
+                return
+        if upload and self.ledger is not None:
+            send = _noting(send, self.ledger)
+        await self.app(scope, receive, send)
+
+
+def _noting(send: Send, ledger: UploadLedger) -> Send:
+    """``send``, also noting in ``ledger`` the paths of a successful upload reply (a JSON list of paths)."""
+    status, body = 0, bytearray()
+
+    async def wrapped(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body" and status == 200 and len(body) < 2**20:
+            body.extend(message.get("body", b""))
+            if not message.get("more_body", False):
+                try:
+                    paths = json.loads(bytes(body))
+                except ValueError:
+                    paths = None
+                if isinstance(paths, list):
+                    ledger.note([p for p in paths if isinstance(p, str)])
+        await send(message)
+
+    return wrapped
+
+
+async def _reply(send: Send, status: int, text: str) -> None:
+    body = text.encode()
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]  # fmt: skip
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _plotly_js(request: Any) -> Any:
+    from starlette.responses import FileResponse
+
+    return FileResponse(PLOTLY_JS, media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"})
+
+
+def launch_options(max_upload: int, ledger: UploadLedger | None = None) -> dict[str, Any]:
+    """``demo.launch`` keywords for the cap, :class:`UploadGuard` (noting uploads in ``ledger``, the one given to
+    ``build_demo``) and the plotly.js route."""
+    from starlette.middleware import Middleware
+    from starlette.routing import Route
+
+    return {
+        "max_file_size": max_upload,
+        "app_kwargs": {
+            "middleware": [Middleware(UploadGuard, max_upload=max_upload, ledger=ledger)],
+            "routes": [Route("/" + PLOTLY_URL, _plotly_js, methods=["GET", "HEAD"])],
+        },
+    }
