@@ -168,3 +168,38 @@ def test_pattern_table_matches_peft(patterns: list[str], names: list[str]) -> No
         key = get_pattern_key(valid, name)
         expected = valid.index(key) + 1 if key in valid else None
         assert table.lookup(name) == expected, (valid, name)
+
+
+# ------------------------------------------------------------------------------------------------------ in the app
+@pytest.fixture(scope="module")
+def app_explorer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """An empty collection with the shipped predictors: what an upload meets in the app."""
+    pytest.importorskip("duckdb")
+    pytest.importorskip("plotly")
+    from lol_engine.explorer import Explorer
+
+    explorer = Explorer.open(tmp_path_factory.mktemp("app") / "lol.duckdb")
+    yield explorer
+    explorer.close()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_app_answers_hostile_uploads_in_one_plain_line_and_stores_nothing(
+    tmp_path: Path, case: Case, app_explorer
+) -> None:  # type: ignore[no-untyped-def]
+    from app import handlers
+
+    target = case.make(tmp_path)
+    files = sorted(str(p) for p in (target.iterdir() if target.is_dir() else [target]))
+    stored = app_explorer.store.count()
+    if case.loads:
+        assert handlers.analyse_upload(app_explorer, files).card
+        return
+    for action in (handlers.analyse_upload, handlers.add_upload):
+        with pytest.raises(LoraFormatError) as info:
+            action(app_explorer, files)
+        shown = handlers.public_message(str(info.value))  # what the page and the API show
+        assert re.search(case.expect, shown) and "\n" not in shown and "\\" not in shown
+        assert str(tmp_path) not in shown
+    assert app_explorer.store.count() == stored
+    assert not app_explorer.uploads_dir.exists() or not any(app_explorer.uploads_dir.iterdir())
