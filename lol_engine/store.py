@@ -13,6 +13,7 @@ such a copy while the store is open.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import threading
@@ -85,7 +86,7 @@ class StoredLora:
     dtype: str
     metadata: dict[str, Any]
     zoo: str | None
-    added_at: Any = None  # datetime of the first ingest
+    added_at: Any = None  # datetime (UTC, naive) of the first ingest
 
 
 def _check_id(lora: LoraWeights) -> str:
@@ -106,7 +107,13 @@ def _lora_row(lora: LoraWeights, name: str | None, zoo: str | None) -> list[Any]
     default_name = source.parent.name if folder_file else source.stem
     return [meta.sha256, name or default_name, meta.source, meta.format, meta.base_family, json.dumps(spec),
             len(lora), min(ranks), max(ranks), meta.size_bytes, meta.dtype, json.dumps(metadata, default=str),
-            zoo]  # fmt: skip
+            zoo, _utc_now()]  # fmt: skip
+
+
+def _utc_now() -> datetime.datetime:
+    """Now in UTC (naive, as the column stores it): "oldest first" must not follow the adder's time zone, which
+    DuckDB's ``current_timestamp`` default would."""
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 def _reason(exc: BaseException) -> str:
@@ -296,7 +303,7 @@ class LoraStore:
             placeholders = ", ".join(["(" + ", ".join("?" * len(lora_rows[0])) + ")"] * len(lora_rows))
             cur.execute(
                 "INSERT INTO loras (id, name, source, format, base_family, spec_json, n_modules, rank_min, rank_max, "
-                f"size_bytes, dtype, metadata_json, zoo) VALUES {placeholders} ON CONFLICT DO NOTHING",
+                f"size_bytes, dtype, metadata_json, zoo, added_at) VALUES {placeholders} ON CONFLICT DO NOTHING",
                 [v for row in lora_rows for v in row],
             )
             _insert_many(cur, "labels", label_rows)

@@ -186,3 +186,24 @@ def test_a_killed_ingest_leaves_only_complete_loras(tmp_path: Path) -> None:
 
         report = ingest([str(zoo)], store, {}, progress=False)  # a rerun completes the collection
         assert not report.refused and store.count() == 6
+
+
+def test_added_at_is_utc_whatever_the_local_time_zone(tmp_path: Path) -> None:
+    """Under UTC+14 a local timestamp would sort a LoRA added now after one added 13 hours from now elsewhere."""
+    import datetime
+    import os
+    import subprocess
+    import sys
+
+    lora = ZOO / "00003"
+    script = (
+        "import sys; from lol_engine import load_lora; from lol_engine.store import LoraStore\n"
+        "with LoraStore(sys.argv[1]) as s: print(s.get(s.add(load_lora(sys.argv[2]))).added_at.isoformat())"
+    )
+    env = {**os.environ, "TZ": "Pacific/Kiritimati"}
+    before = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lol.duckdb"), str(lora)],
+                         capture_output=True, text=True, env=env, timeout=120, check=True)  # fmt: skip
+    after = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    added = datetime.datetime.fromisoformat(out.stdout.strip())
+    assert before - datetime.timedelta(seconds=1) <= added <= after + datetime.timedelta(seconds=1)
