@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,12 @@ def test_benchmark_suite_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     kinds = {row[0] for row in rows}
     assert kinds == {"spectra", "neighbours", "LoL vs evaluation", "ingest", "maps", "app"}
     assert all(row[4].rstrip("×").replace(",", "").replace(".", "").isdigit() or "the" in row[4] for row in rows)
+
+
+def test_bench_hostile_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_hostile.py"))
+    out = tmp_path / "hostile.md"
+    monkeypatch.setattr(sys, "argv", ["bench_hostile.py", "--only", "text-file", "dtype-list", "--write", str(out)])
+    module["main"]()
+    table = out.read_text()
+    assert "| a text file renamed .safetensors |" in table and table.count("exit 2: error:") == 2
