@@ -129,10 +129,8 @@ class Explorer:
             done = True
         missing = [name for name in self.encoders() if name not in self.store.maps()]
         if missing:
-            self.fit_maps(missing, progress=progress)
+            self.fit_maps(missing, progress=progress)  # ingest and fit_maps each checkpoint when done
             done = True
-        if done:
-            self.store.checkpoint()
         return done
 
     def encoders(self) -> list[str]:
