@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lol_engine.errors import BadRequestError
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.spec import LayerSpec, LoraSpec
 
 __all__ = ["LoraBatch", "SpecMismatchError", "check_compatible"]
 
 
-class SpecMismatchError(ValueError):
+class SpecMismatchError(BadRequestError):
     """A LoRA's modules do not match what a predictor expects; the message says which are missing or differ."""
 
 

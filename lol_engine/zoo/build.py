@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lol_engine.errors import BadRequestError
 from lol_engine.zoo.manifest import write_manifest
 from lol_engine.zoo.recipe import Recipe, ZooSettings
 from lol_engine.zoo.registry import get_recipe
@@ -35,7 +36,7 @@ __all__ = ["SPLITS", "ZooMismatchError", "build_zoo", "lora_seed", "split_of"]
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
 
-class ZooMismatchError(RuntimeError):
+class ZooMismatchError(BadRequestError, RuntimeError):
     """The output folder holds a zoo built with other settings."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lol_engine.errors import NotFoundError
+
 __all__ = ["DataSourceError", "NounSynset", "fashion_mnist", "wordnet_nouns"]
 
 FASHION_CLASSES = (
@@ -80,7 +82,7 @@ LEXNAMES = (
 )
 
 
-class DataSourceError(FileNotFoundError):
+class DataSourceError(NotFoundError, FileNotFoundError):
     """A dataset the recipe needs is not installed; the message says how to get it."""
 
 
