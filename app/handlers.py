@@ -2,7 +2,8 @@
 
 Uploads are hostile until parsed: only ``.safetensors`` and ``adapter_config.json`` are accepted, sizes are bounded
 by :class:`lol_engine.ReadLimits` (the server also caps uploads with ``launch(max_file_size=…)``), and every refusal
-comes back as a :class:`LoraFormatError` whose message names the problem.
+comes back as a :class:`~lol_engine.errors.LolError` whose message names the problem (a bad file, a bad request, or
+something not found). Every function here talks to the collection through :class:`lol_engine.explorer.Explorer` only.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import html
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,14 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-from lol_engine import LoraFormatError, ReadLimits, load_lora
+from lol_engine import ReadLimits, load_lora
+from lol_engine.encoders import map_title
+from lol_engine.errors import BadRequestError, NotFoundError
+from lol_engine.estimate import Estimate
 from lol_engine.explorer import Analysis, Explorer, Neighbour
-from lol_engine.ingest import FINGERPRINT, LOL_PREFIX, REPO_ID, fetch_repo
+from lol_engine.hub import fetch_repo
 from lol_engine.lora.config import read_adapter_config
+from lol_engine.lora.locate import locate_lora
 from lol_engine.report import describe
 
 __all__ = [
@@ -63,26 +68,26 @@ def _pick_files(paths: Sequence[str]) -> tuple[Path, Path | None]:
     files = [Path(p) for p in paths if p]
     gone = [p.name for p in files if not p.is_file()]
     if gone:  # analysed, added or expired: uploads do not stay on the server
-        raise LoraFormatError(f"{gone[0]} is no longer on the server; upload it again")
+        raise NotFoundError(f"{gone[0]} is no longer on the server; upload it again")
     lora = [p for p in files if p.suffix.lower() == ".safetensors"]
     configs = [p for p in files if p.name.endswith(".json")]
     others = [p.name for p in files if p not in lora and p not in configs]
     if others:
-        raise LoraFormatError(f"{others[0]}: only .safetensors files and adapter_config.json are accepted")
+        raise BadRequestError(f"{others[0]}: only .safetensors files and adapter_config.json are accepted")
     if len(lora) != 1:
-        raise LoraFormatError(f"upload exactly one .safetensors file (got {len(lora)})")
+        raise BadRequestError(f"upload exactly one .safetensors file (got {len(lora)})")
     if len(configs) > 1:
-        raise LoraFormatError("upload at most one adapter_config.json")
+        raise BadRequestError("upload at most one adapter_config.json")
     return lora[0], (configs[0] if configs else None)
 
 
 def inspect_upload(paths: Sequence[str] | str | None, limits: ReadLimits | None = None) -> InspectResult:
     """Read an uploaded LoRA (plus an optional ``adapter_config.json``) and describe it.
 
-    Raises :class:`LoraFormatError` for anything that is not a readable LoRA.
+    Raises :class:`~lol_engine.errors.LoraFormatError` for anything that is not a readable LoRA.
     """
     if not paths:
-        raise LoraFormatError("no file uploaded")
+        raise BadRequestError("no file uploaded")
     file, config_path = _pick_files([paths] if isinstance(paths, str) else paths)
     limits = limits or ReadLimits()
     config = read_adapter_config(config_path, limits) if config_path else None
@@ -108,7 +113,15 @@ def _summary(report: dict[str, Any], name: str) -> str:
 # Everything below takes an :class:`lol_engine.explorer.Explorer`. Tables are pandas DataFrames and plots plotly
 # figures (both gradio dependencies or app extras); text from files (names, metadata) is always escaped.
 
-PREDICTION_COLUMNS = ["predictor", "target", "prediction", "probability", "calibrated range", "held-out skill"]
+PREDICTION_COLUMNS = [
+    "predictor",
+    "target",
+    "prediction",
+    "probability",
+    "calibrated range",
+    "held-out skill",
+    "in its training set",
+]
 NEIGHBOUR_COLUMNS = ["name", "collection", "similarity", "by", "id"]
 COMPARE_COLUMNS = ["module", "ΔW cosine", "‖ΔW‖_F first", "‖ΔW‖_F second"]
 _TABLE_COLUMNS = ["name", "zoo", "format", "base_family", "rank", "modules", "size_kb", "dtype", "added", "id"]
@@ -196,56 +209,48 @@ def _upload_files(paths: Sequence[str] | str | None, repo_id: str | None) -> tup
         file, config = _pick_files([paths] if isinstance(paths, str) else paths)
         return file, config, file.stem
     if not repo_id:
-        raise LoraFormatError("no file uploaded and no repo id given")
-    if not REPO_ID.match(repo_id) or len(repo_id) > 96:
-        raise LoraFormatError(f"{repo_id[:100]!r} is not a Hugging Face repo id (owner/name)")
-    try:
-        folder = fetch_repo(repo_id)
-    except Exception as exc:  # network, offline mode, missing repo: all become one clear message
-        raise LoraFormatError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(exc).__name__}") from None
-    files = sorted(folder.rglob("*.safetensors"))
-    preferred = [f for f in files if f.name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")]
-    if not files:
-        raise LoraFormatError(f"{repo_id} has no .safetensors file")
-    if len(files) > 1 and not preferred:
-        raise LoraFormatError(f"{repo_id} has {len(files)} .safetensors files; upload the one you mean")
-    file = (preferred or files)[0]
-    config = file.parent / "adapter_config.json"
-    return file, (config if config.is_file() else None), repo_id
+        raise BadRequestError("no file uploaded and no repo id given")
+    found = locate_lora(fetch_repo(repo_id))  # the snapshot is a folder like any other
+    return found.weights, found.config, repo_id
 
 
 def analyse_upload(
-    explorer: Explorer, paths: Sequence[str] | str | None, repo_id: str | None = None, k: int = 10,
+    explorer: Explorer,
+    paths: Sequence[str] | str | None,
+    repo_id: str | None = None,
+    k: int = 10,
     limits: ReadLimits | None = None,
-) -> UploadResult:  # fmt: skip
+) -> UploadResult:
     """Read an upload (or a Hub repo), predict with every matching predictor and find its nearest stored LoRAs.
 
-    Stores nothing. Raises :class:`LoraFormatError` naming the problem for anything that is not a readable LoRA.
+    Stores nothing (the analysis is kept for :func:`add_upload`). Raises a :class:`~lol_engine.errors.LolError`
+    naming the problem for anything that is not a readable LoRA.
     """
     file, config, name = _upload_files(paths, repo_id)
     analysis = explorer.analyse(file, config, limits)
-    stored = explorer.store.get(analysis.sha256)
+    stored = explorer.find(analysis.sha256)
     neighbours = explorer.neighbours(analysis.lora, k=k, exclude=analysis.sha256)
     report = analysis.report
-    card = _card(report, name, stored.name if stored else None, analysis, explorer)
-    modules = inspect_rows(report)
-    return UploadResult(card, predictions_frame(explorer, analysis), spectrum_figure(report),
-                        neighbours_frame(neighbours), modules, analysis)  # fmt: skip
+    card = _card(report, name, stored.name if stored else None, analysis, len(explorer.predictors))
+    return UploadResult(
+        card,
+        predictions_frame(analysis.estimates.values()),
+        spectrum_figure(report),
+        neighbours_frame(neighbours),
+        inspect_rows(report),
+        analysis,
+    )
 
 
 def add_upload(
     explorer: Explorer, paths: Sequence[str] | str | None, repo_id: str | None = None, limits: ReadLimits | None = None
 ) -> str:
-    """Add an upload to the collection (re-read from its files; nothing is trusted from the browser)."""
+    """Add an upload to the collection: its bytes are checked again, its analysis (same bytes) is reused."""
     file, config, name = _upload_files(paths, repo_id)
-    analysis = explorer.analyse(file, config, limits)
-    existed = explorer.store.get(analysis.sha256) is not None
-    lora_id = explorer.add(analysis, name=name)
-    stored = explorer.store.get(lora_id)
-    shown = escape(stored.name if stored else name)
-    if existed:
-        return f"**{shown}** is already in the collection (id `{lora_id[:12]}`)."
-    return f"Added **{shown}** to the collection (id `{lora_id[:12]}`); it is on the maps now."
+    result = explorer.add(file, config, name=name, limits=limits)
+    if result.existed:
+        return f"**{escape(result.name)}** is already in the collection (id `{result.id[:12]}`)."
+    return f"Added **{escape(result.name)}** to the collection (id `{result.id[:12]}`); it is on the maps now."
 
 
 def inspect_rows(report: dict[str, Any]) -> list[list[Any]]:
@@ -256,12 +261,24 @@ def inspect_rows(report: dict[str, Any]) -> list[list[Any]]:
         energy = sum(s * s for s in sigma)
         top = sigma[0] ** 2 / energy if energy > 0 else 0.0
         alpha = "" if m["alpha"] is None else round(m["alpha"], 4)
-        rows.append([m["name"], m["kind"], m["rank"], alpha, round(m["scale"], 4), m["d_out"], m["d_in"],
-                     round(m["delta_fro_norm"], 5), round(sigma[0], 5), round(top, 3)])  # fmt: skip
+        rows.append(
+            [
+                m["name"],
+                m["kind"],
+                m["rank"],
+                alpha,
+                round(m["scale"], 4),
+                m["d_out"],
+                m["d_in"],
+                round(m["delta_fro_norm"], 5),
+                round(sigma[0], 5),
+                round(top, 3),
+            ]
+        )
     return rows
 
 
-def _card(report: dict[str, Any], name: str, stored_as: str | None, analysis: Analysis, explorer: Explorer) -> str:
+def _card(report: dict[str, Any], name: str, stored_as: str | None, analysis: Analysis, n_predictors: int) -> str:
     ranks = report["ranks"]
     scales = sorted({round(m["scale"], 4) for m in report["modules"]})
     training = {k: v for k, v in report["kohya_metadata"].items() if k.startswith("ss_")}
@@ -283,7 +300,7 @@ def _card(report: dict[str, Any], name: str, stored_as: str | None, analysis: An
         lines.append(f"**modelspec:** {shown}")
     matched = len(analysis.estimates)
     lines.append(
-        f"**predictors:** {matched} of {len(explorer.predictors)} fit this LoRA"
+        f"**predictors:** {matched} of {n_predictors} fit this LoRA"
         + ("" if matched else " (none was trained on this base and module layout)")
         + f" · analysed in {analysis.seconds * 1000:.0f} ms"
     )
@@ -293,49 +310,21 @@ def _card(report: dict[str, Any], name: str, stored_as: str | None, analysis: An
     return "\n\n".join(lines)
 
 
-def _skill(config: dict[str, Any]) -> str:
-    test = config.get("result", {}).get("test", {})
-    for key, label in (("r2", "R²"), ("auc", "AUC"), ("accuracy", "accuracy")):
-        if key in test and test[key] == test[key]:
-            return f"test {label} {test[key]:.2f}"
-    return ""
-
-
-def predictions_frame(explorer: Explorer, analysis: Analysis) -> pd.DataFrame:
-    """One row per predicted target, with the calibrated interval (regression) or label set (classification)."""
+def predictions_frame(estimates: Iterable[Estimate]) -> pd.DataFrame:
+    """One row per estimate (a multilabel one: the positions predicted 1), with its calibrated range and skill."""
     rows = []
-    for name, items in analysis.estimates.items():
-        predictor = explorer.predictors[name]
-        skill = _skill(predictor.config)
-        if predictor.task.kind == "multilabel":  # one row: the positions predicted 1, and how sure the sets are
-            rows.append([name, predictor.task.label, *_multilabel(items), skill])
-            continue
-        for e in items:
-            if e.interval is not None:
-                shown = f"[{e.interval[0]:.3g}, {e.interval[1]:.3g}]"
-            elif e.choices is not None:
-                shown = "{" + ", ".join(e.choices) + "}" if e.choices else "∅"
-            else:
-                shown = ""
-            if shown and e.coverage is not None:
-                shown += f" @{e.coverage:.0%}"
+    for e in estimates:
+        if e.kind == "multilabel":
+            probs = list(e.probabilities.values())
+            ones = [i for i, p in enumerate(probs) if p >= 0.5]
+            value = f"1 at {ones}" if ones else "all 0"
+            probability = f"{sum(probs[i] for i in ones) / len(ones):.3f}" if ones else ""
+        else:
             value = f"{e.value:.4g}" if isinstance(e.value, float) else str(e.value)
             probability = "" if e.probability is None else f"{e.probability:.3f}"
-            rows.append([name, e.target, value, probability, shown, skill])
+        seen = "yes: a memory, not an estimate" if e.in_sample else ""
+        rows.append([e.predictor, e.label, value, probability, e.range_text(), str(e.skill or ""), seen])
     return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
-
-
-def _multilabel(items: Sequence[Any]) -> tuple[str, str, str]:
-    """(positions predicted 1, mean probability of those, how many positions the calibrated sets pin down)."""
-    ones = [i for i, e in enumerate(items) if e.value == "1"]
-    mean = sum(items[i].probability for i in ones) / len(ones) if ones else None
-    if items and items[0].choices is not None:
-        sure_1 = sum(e.choices == ("1",) for e in items)
-        sure_0 = sum(e.choices == ("0",) for e in items)
-        shown = f"{sure_1} sure 1 · {sure_0} sure 0 · {len(items) - sure_1 - sure_0} unsure @{items[0].coverage:.0%}"
-    else:
-        shown = ""
-    return f"1 at {ones}" if ones else "all 0", "" if mean is None else f"{mean:.3f}", shown
 
 
 def spectrum_figure(report: dict[str, Any], max_curves: int = 8) -> go.Figure:
@@ -377,7 +366,7 @@ def neighbours_frame(neighbours: Sequence[Neighbour]) -> pd.DataFrame:
 
 def map_options(explorer: Explorer) -> tuple[list[tuple[str, str]], list[str], dict[str, list[str]]]:
     """``(maps as (label, encoder), colour-by columns, {filter: choices})`` for the Explore tab's controls."""
-    maps = [(_map_label(e), e) for e in explorer.encoders() if e in explorer.store.maps()]
+    maps = [(map_title(e), e) for e in explorer.maps()]
     records = explorer.records()
     columns: list[str] = ["zoo", "base_family", "format", "rank"]
     for row in records:
@@ -386,16 +375,13 @@ def map_options(explorer: Explorer) -> tuple[list[tuple[str, str]], list[str], d
     return maps, columns, choices
 
 
-def _map_label(encoder: str) -> str:
-    if encoder == FINGERPRINT:
-        return "fingerprint (every LoRA, any base)"
-    return f"LoL encoder of {encoder.removeprefix(LOL_PREFIX)}"
-
-
 def map_figure(
-    explorer: Explorer, encoder: str, color_by: str = "zoo", filters: Filters | None = None,
+    explorer: Explorer,
+    encoder: str,
+    color_by: str = "zoo",
+    filters: Filters | None = None,
     highlight: Sequence[str] = (),
-) -> tuple[go.Figure, int]:  # fmt: skip
+) -> tuple[go.Figure, int]:
     """The 2-D map of ``encoder``'s stored coordinates, coloured by a column, filtered; returns it and its size.
 
     Each point carries its LoRA id in ``customdata`` (the page's click and lasso handlers send those back).
@@ -415,22 +401,41 @@ def map_figure(
 
     numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if values and len(numeric) == len(values) and len(set(numeric)) > 12:
-        fig.add_trace(go.Scatter(
-            x=xy[keep, 0], y=xy[keep, 1], mode="markers", customdata=[[r["id"]] for r in rows],
-            text=[text(r, v) for r, v in zip(rows, values, strict=True)], hovertemplate=hover, name=color_by,
-            marker={"color": values, "colorscale": "Viridis", "size": 6, "showscale": True,
-                    "colorbar": {"title": {"text": escape_html(color_by, 30)}}},
-        ))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=xy[keep, 0],
+                y=xy[keep, 1],
+                mode="markers",
+                customdata=[[r["id"]] for r in rows],
+                text=[text(r, v) for r, v in zip(rows, values, strict=True)],
+                hovertemplate=hover,
+                name=color_by,
+                marker={
+                    "color": values,
+                    "colorscale": "Viridis",
+                    "size": 6,
+                    "showscale": True,
+                    "colorbar": {"title": {"text": escape_html(color_by, 30)}},
+                },
+            )
+        )
     else:
         groups: dict[str, list[int]] = {}
         for j, v in enumerate(values):
             groups.setdefault("—" if v is None else str(v), []).append(j)
         for group, members in sorted(groups.items(), key=lambda kv: _natural(kv[0])):
-            fig.add_trace(go.Scatter(
-                x=xy[[keep[j] for j in members], 0], y=xy[[keep[j] for j in members], 1], mode="markers",
-                customdata=[[rows[j]["id"]] for j in members], name=escape_html(group, 40), marker={"size": 6},
-                text=[text(rows[j], values[j]) for j in members], hovertemplate=hover,
-            ))  # fmt: skip
+            fig.add_trace(
+                go.Scatter(
+                    x=xy[[keep[j] for j in members], 0],
+                    y=xy[[keep[j] for j in members], 1],
+                    mode="markers",
+                    customdata=[[rows[j]["id"]] for j in members],
+                    name=escape_html(group, 40),
+                    marker={"size": 6},
+                    text=[text(rows[j], values[j]) for j in members],
+                    hovertemplate=hover,
+                )
+            )
     marked = [i for i, lora_id in enumerate(ids) if lora_id in set(highlight)]
     if marked:
         fig.add_trace(
@@ -445,9 +450,16 @@ def map_figure(
             )
         )
     axis = {"showticklabels": False, "zeroline": False}
-    fig.update_layout(dragmode="lasso", height=560, margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                      title=escape_html(_map_label(encoder)), legend={"itemsizing": "constant"}, xaxis=axis,
-                      yaxis=axis, uirevision=encoder)  # fmt: skip
+    fig.update_layout(
+        dragmode="lasso",
+        height=560,
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        title=escape_html(map_title(encoder)),
+        legend={"itemsizing": "constant"},
+        xaxis=axis,
+        yaxis=axis,
+        uirevision=encoder,
+    )
     return fig, len(rows)
 
 
@@ -463,11 +475,8 @@ def lora_card(explorer: Explorer, lora_id: str, k: int = 10, by: str | None = No
 
     ``by``: ``None`` for exact ΔW cosine, else an encoder name (cosine of that encoder's embeddings).
     """
-    stored = explorer.store.get(lora_id)
-    if stored is None:
-        raise LoraFormatError(f"no LoRA {escape(lora_id, 70)} in the collection")
-    labels = explorer.store.labels(lora_id)
-    record = next((r for r in explorer.records() if r["id"] == lora_id), {})
+    stored = explorer.get(lora_id)
+    labels = explorer.labels(lora_id)
     lines = [
         f"### {escape(stored.name)}",
         f"**collection** {escape(stored.zoo or 'uploads')} · **format** {code(stored.format)} · "
@@ -478,13 +487,13 @@ def lora_card(explorer: Explorer, lora_id: str, k: int = 10, by: str | None = No
     ]
     if labels:
         lines.append("**labels:** " + ", ".join(f"{escape(k)} = {escape(_short(v), 80)}" for k, v in labels.items()))
-    preds = [f"{escape(k.removeprefix('pred:'))} = {escape(v)}" for k, v in record.items() if k.startswith("pred:")]
+    preds = [
+        f"{escape(name)} = {escape(e.summary)}" + (" (in its training set)" if e.in_sample else "")
+        for name, e in explorer.estimates(lora_id).items()
+    ]
     if preds:
         lines.append("**predicted:** " + ", ".join(preds))
-    if by:
-        neighbours = explorer.neighbours_by_embedding(lora_id, by, k=k)
-    else:
-        neighbours = explorer.neighbours(explorer.weights(lora_id), k=k, exclude=lora_id)
+    neighbours = explorer.neighbours_of(lora_id, k=k, by=by or None)
     return "\n\n".join(lines), neighbours_frame(neighbours)
 
 
@@ -514,9 +523,9 @@ def collection_frame(
 def export_frame(frame: pd.DataFrame, fmt: str, folder: str | os.PathLike[str]) -> Path:
     """Write a table as ``lol-selection.csv`` or ``.parquet`` in a fresh folder under ``folder``; returns the path."""
     if fmt not in ("csv", "parquet"):
-        raise ValueError(f"unknown export format {fmt!r} (csv or parquet)")
+        raise BadRequestError(f"unknown export format {fmt!r} (csv or parquet)")
     if frame is None or len(frame) == 0:
-        raise LoraFormatError("nothing to export: the selection is empty")
+        raise BadRequestError("nothing to export: the selection is empty")
     out = Path(tempfile.mkdtemp(prefix="export-", dir=folder)) / f"lol-selection.{fmt}"
     if fmt == "csv":
         frame.to_csv(out, index=False)
@@ -533,10 +542,8 @@ def lora_choices(explorer: Explorer) -> list[tuple[str, str]]:
 def compare_loras(explorer: Explorer, first: str, second: str) -> tuple[str, go.Figure, pd.DataFrame]:
     """Two stored LoRAs side by side: overall and per-module ΔW cosine, with norms."""
     if not first or not second:
-        raise LoraFormatError("pick two LoRAs to compare")
-    a, b = explorer.store.get(first), explorer.store.get(second)
-    if a is None or b is None:
-        raise LoraFormatError("both LoRAs must be in the collection")
+        raise BadRequestError("pick two LoRAs to compare")
+    a, b = explorer.get(first), explorer.get(second)
     overall, rows = explorer.compare(first, second)
     head = (
         f"**{escape(a.name)}** ({escape(a.zoo or 'uploads')}) vs **{escape(b.name)}** ({escape(b.zoo or 'uploads')})"
@@ -550,6 +557,10 @@ def compare_loras(explorer: Explorer, first: str, second: str) -> tuple[str, go.
     text = f"{head}\n\n**ΔW cosine over {len(rows)} shared modules:** {overall:.4f}"
     frame = pd.DataFrame([[n, round(c, 4), round(x, 5), round(y, 5)] for n, c, x, y in rows], columns=COMPARE_COLUMNS)
     fig = go.Figure(go.Bar(x=[escape_html(n) for n, *_ in rows], y=[c for _, c, *_ in rows], marker_color="#4c72b0"))
-    fig.update_layout(title="Per-module ΔW cosine", yaxis={"range": [-1, 1], "title": "cosine"}, height=340,
-                      margin={"l": 50, "r": 10, "t": 40, "b": 80})  # fmt: skip
+    fig.update_layout(
+        title="Per-module ΔW cosine",
+        yaxis={"range": [-1, 1], "title": "cosine"},
+        height=340,
+        margin={"l": 50, "r": 10, "t": 40, "b": 80},
+    )
     return text, fig, frame

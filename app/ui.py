@@ -1,11 +1,12 @@
 """The Gradio UI: ``build_demo(explorer)`` returns a ``gr.Blocks`` and does no I/O; one function per tab.
 
-Every event calls a plain function of ``app/handlers.py`` and turns :class:`LoraFormatError` into a message in the
-page (plain text without server paths, see :func:`handlers.public_message`). Uploads are deleted from Gradio's temp
-folder when their event returns (``app/uploads.py``); an analysed one waits, outside it, for *Add to collection*. The
-map is a ``gr.HTML`` rendering plotly.js (served from the plotly package at ``app.web.PLOTLY_URL``, no network): its
-click and lasso handlers send the LoRA ids back with ``trigger(...)`` (plain ``gr.Plot`` sends no such events,
-PLATFORM.md §1.5). Launch it with ``demo.launch(**app.web.launch_options(cap, ledger))``.
+Every event calls a plain function of ``app/handlers.py`` through :func:`_guard`, which turns a
+:class:`~lol_engine.errors.LolError` into a message in the page (plain text without server paths, see
+:func:`handlers.public_message`) and anything else into an internal error with a logged id. Uploads are deleted from
+Gradio's temp folder when their event returns (``app/uploads.py``); an analysed one waits, outside it, for *Add to
+collection*. The map is a ``gr.HTML`` rendering plotly.js (served from the plotly package at ``app.web.PLOTLY_URL``,
+no network): its click and lasso handlers send the LoRA ids back with ``trigger(...)`` (plain ``gr.Plot`` sends no
+such events). Launch it with ``demo.launch(**app.web.launch_options(cap, ledger))``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from app import handlers
 from app.handlers import MODULE_COLUMNS, NEIGHBOUR_COLUMNS, PREDICTION_COLUMNS, Filters
 from app.uploads import UploadHold, UploadLedger, discard, held_root
 from app.web import PLOTLY_URL, max_upload_bytes
-from lol_engine import LoraFormatError, ReadLimits
-from lol_engine.errors import StoreError
+from lol_engine import ReadLimits
+from lol_engine.errors import BadRequestError, LolError
 from lol_engine.explorer import Explorer
 
 __all__ = ["build_demo"]
@@ -77,22 +78,37 @@ def _gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Show refusals (bad uploads, empty selections) as an error message in the page; the app keeps serving."""
+    """Turn what an event raises into a message in the page; the app keeps serving.
+
+    A :class:`~lol_engine.errors.LolError` (a bad file, a bad request, something not found, the store) is shown as it
+    is, server paths cut. Anything else is the server's fault or a bug: it is logged with a short id, and the page
+    shows an internal error with that id (and, for an ``OSError``, its reason), never a traceback or a path.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except OSError as exc:  # the server's fault (full disk, permissions): its reason, never its paths
+        except gr.Error:
+            raise
+        except LolError as exc:
+            raise gr.Error(handlers.public_message(exc), print_exception=False) from None
+        except Exception as exc:
             ref = secrets.token_hex(4)
             _log.exception("error %s in %s", ref, getattr(fn, "__name__", "an event"))
-            reason = exc.strerror or type(exc).__name__
-            raise gr.Error(f"the server could not do this ({reason}; error {ref})", print_exception=False) from None
-        except (LoraFormatError, StoreError, KeyError, ValueError) as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise gr.Error(handlers.public_message(message), print_exception=False) from None
+            reason = f"{exc.strerror or type(exc).__name__}; " if isinstance(exc, OSError) else ""
+            message = f"the server could not do this ({reason}internal error {ref})"
+            raise gr.Error(message, print_exception=False) from None
 
     return wrapper
+
+
+def _event_value(evt: gr.EventData, key: str, default: Any) -> Any:
+    """A value the page's script sent with its event (``trigger(name, {key: value})``), else ``default``."""
+    try:
+        return getattr(evt, key)
+    except (AttributeError, TypeError):  # no such key, or no data at all
+        return default
 
 
 @_guard
@@ -138,11 +154,21 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
                 added = gr.Markdown(elem_id="add-status")
             with gr.Column(scale=2):
                 card = gr.Markdown(elem_id="upload-card")
-                predictions = gr.Dataframe(headers=PREDICTION_COLUMNS, interactive=False, label="Predicted scores",
-                                           elem_id="predictions", max_height=360)  # fmt: skip
+                predictions = gr.Dataframe(
+                    headers=PREDICTION_COLUMNS,
+                    interactive=False,
+                    label="Predicted scores",
+                    elem_id="predictions",
+                    max_height=360,
+                )
         spectrum = gr.Plot(label="Spectrum", elem_id="spectrum")
-        neighbours = gr.Dataframe(headers=NEIGHBOUR_COLUMNS, interactive=False, label="Most similar LoRAs",
-                                  elem_id="upload-neighbours", max_height=360)  # fmt: skip
+        neighbours = gr.Dataframe(
+            headers=NEIGHBOUR_COLUMNS,
+            interactive=False,
+            label="Most similar LoRAs",
+            elem_id="upload-neighbours",
+            max_height=360,
+        )
         with gr.Accordion("Modules", open=False):
             modules = gr.Dataframe(headers=MODULE_COLUMNS, interactive=False, max_height=420, show_search="search")
         held = gr.State(None, time_to_live=hold.ttl_s, delete_callback=hold.release)  # this session's analysed upload
@@ -169,10 +195,12 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
             return message, None
 
         outputs = [card, predictions, spectrum, neighbours, modules, added, held]
-        analysed = analyse.click(on_analyse, [files, repo, held], outputs, api_name="analyse", concurrency_id="cpu",
-                                 concurrency_limit=4)  # fmt: skip
-        stored = add.click(on_add, [files, repo, held], [added, held], api_name="add", concurrency_id="write",
-                           concurrency_limit=1)  # fmt: skip
+        analysed = analyse.click(
+            on_analyse, [files, repo, held], outputs, api_name="analyse", concurrency_id="cpu", concurrency_limit=4
+        )
+        stored = add.click(
+            on_add, [files, repo, held], [added, held], api_name="add", concurrency_id="write", concurrency_limit=1
+        )
         for event in (analysed, stored):  # the upload is no longer on the server: the file box shows nothing
             event.then(_nothing, None, files, api_visibility="private")
 
@@ -189,18 +217,29 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
             families = gr.CheckboxGroup(label="Base family", choices=[])
             formats = gr.CheckboxGroup(label="Format", choices=[])
         status = gr.Markdown(elem_id="map-status")
-        plot = gr.HTML(value="", html_template="<div class='lol-map' style='width:100%;min-height:560px'></div>",
-                       js_on_load=_MAP_JS, head=f'<script src="{PLOTLY_URL}"></script>',
-                       elem_id="lol-map", min_height=560)  # fmt: skip
+        plot = gr.HTML(
+            value="",
+            html_template="<div class='lol-map' style='width:100%;min-height:560px'></div>",
+            js_on_load=_MAP_JS,
+            head=f'<script src="{PLOTLY_URL}"></script>',
+            elem_id="lol-map",
+            min_height=560,
+        )
         with gr.Row():
             with gr.Column():
                 by = gr.Radio(["ΔW cosine", "this map's embedding"], value="ΔW cosine", label="Neighbours by")
                 card = gr.Markdown("Click a point to see its card and neighbours.", elem_id="map-card")
-                neighbours = gr.Dataframe(headers=NEIGHBOUR_COLUMNS, interactive=False, label="Neighbours",
-                                          elem_id="map-neighbours", max_height=320)  # fmt: skip
+                neighbours = gr.Dataframe(
+                    headers=NEIGHBOUR_COLUMNS,
+                    interactive=False,
+                    label="Neighbours",
+                    elem_id="map-neighbours",
+                    max_height=320,
+                )
             with gr.Column():
-                selected = gr.Dataframe(interactive=False, label="Lasso / box selection", elem_id="map-selection",
-                                        max_height=320)  # fmt: skip
+                selected = gr.Dataframe(
+                    interactive=False, label="Lasso / box selection", elem_id="map-selection", max_height=320
+                )
                 with gr.Row():
                     csv = gr.Button("Export selection as CSV")
                     parquet = gr.Button("Export selection as Parquet")
@@ -210,20 +249,30 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
         inputs = [map_choice, color, search, collections, families, formats, selected_ids]
 
         @_guard
-        def draw(encoder: str | None, color_by: str | None, text: str, zs: list[str], fs: list[str],
-                 fmts: list[str], highlight: list[str]) -> tuple[str, str]:  # fmt: skip
+        def draw(
+            encoder: str | None,
+            color_by: str | None,
+            text: str,
+            zs: list[str],
+            fs: list[str],
+            fmts: list[str],
+            highlight: list[str],
+        ) -> tuple[str, str]:
             if not encoder:
                 return "", "No map yet: the collection is empty."
-            fig, n = handlers.map_figure(explorer, encoder, color_by or "zoo", _filters(text, zs, fs, fmts),
-                                         highlight)  # fmt: skip
+            fig, n = handlers.map_figure(explorer, encoder, color_by or "zoo", _filters(text, zs, fs, fmts), highlight)
             return fig.to_json(), f"{n} LoRAs on the map · colour: {handlers.code(color_by or 'zoo')}"
 
         def controls() -> tuple[Any, ...]:
             maps, columns, choices = handlers.map_options(explorer)
             first = maps[0][1] if maps else None
-            return (gr.update(choices=maps, value=first), gr.update(choices=columns, value="zoo"),
-                    gr.update(choices=choices["zoo"]), gr.update(choices=choices["base_family"]),
-                    gr.update(choices=choices["format"]))  # fmt: skip
+            return (
+                gr.update(choices=maps, value=first),
+                gr.update(choices=columns, value="zoo"),
+                gr.update(choices=choices["zoo"]),
+                gr.update(choices=choices["base_family"]),
+                gr.update(choices=choices["format"]),
+            )
 
         demo.load(controls, None, [map_choice, color, collections, families, formats], api_name="map_controls").then(
             draw, inputs, [plot, status], api_visibility="private"
@@ -234,7 +283,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
 
         @_guard
         def on_click(encoder: str | None, mode: str, evt: gr.EventData) -> tuple[str, str, pd.DataFrame]:
-            lora_id = str(evt._data.get("id", "")) if isinstance(evt._data, dict) else ""
+            lora_id = str(_event_value(evt, "id", ""))
             return (lora_id, *card_of(lora_id, encoder, mode))
 
         @_guard
@@ -248,7 +297,8 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
         by.change(card_of, [picked, map_choice, by], [card, neighbours], api_visibility="private")
 
         def on_select(evt: gr.EventData) -> tuple[list[str], pd.DataFrame]:
-            raw = evt._data.get("ids", []) if isinstance(evt._data, dict) else []
+            raw = _event_value(evt, "ids", [])
+            raw = raw if isinstance(raw, list) else []
             ids = [str(i) for i in raw if isinstance(i, str)][:10_000]
             return ids, handlers.collection_frame(explorer, ids=ids)
 
@@ -260,7 +310,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
         @_guard
         def on_refit(encoder: str | None) -> str:
             if not encoder:
-                raise ValueError("no map to refit")
+                raise BadRequestError("no map to refit")
             seconds = explorer.fit_maps([encoder])[encoder]
             return f"Refitted in {seconds:.1f} s."
 
@@ -275,8 +325,13 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks) -> None:
             search = gr.Textbox(label="Search name or id", scale=2)
             collections = gr.CheckboxGroup(label="Collection", choices=[], scale=2)
             refresh = gr.Button("Refresh", scale=1)
-        table = gr.Dataframe(interactive=False, max_height=600, show_search="filter", elem_id="collection-table",
-                             buttons=["copy", "fullscreen"])  # fmt: skip
+        table = gr.Dataframe(
+            interactive=False,
+            max_height=600,
+            show_search="filter",
+            elem_id="collection-table",
+            buttons=["copy", "fullscreen"],
+        )
         with gr.Row():
             csv = gr.Button("Export table as CSV")
             parquet = gr.Button("Export table as Parquet")
@@ -313,8 +368,12 @@ def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
             return gr.update(choices=options), gr.update(choices=options)
 
         demo.load(choices, None, [first, second], api_visibility="private")
-        go.click(_guard(functools.partial(handlers.compare_loras, explorer)), [first, second], [text, plot, table],
-                 api_name="compare")  # fmt: skip
+        go.click(
+            _guard(functools.partial(handlers.compare_loras, explorer)),
+            [first, second],
+            [text, plot, table],
+            api_name="compare",
+        )
 
 
 def _inspect_tab(limits: ReadLimits, ledger: UploadLedger) -> None:
@@ -365,9 +424,9 @@ def build_demo(explorer: Explorer, max_upload: int | None = None, ledger: Upload
             _inspect_tab(limits, ledger)
 
         def status() -> str:
-            n = explorer.store.count()
-            return (f"**{n}** LoRAs in the collection · **{len(explorer.predictors)}** predictors · "
-                    f"maps: {', '.join(handlers.escape(m) for m in explorer.store.maps()) or 'none'}")  # fmt: skip
+            maps = ", ".join(handlers.escape(m) for m in explorer.maps()) or "none"
+            n, k = explorer.count(), len(explorer.predictors)
+            return f"**{n}** LoRAs in the collection · **{k}** predictors · maps: {maps}"
 
         demo.load(status, None, header, api_name="status")
     return demo

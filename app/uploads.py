@@ -62,9 +62,10 @@ class UploadLedger:
 
 
 def discard(
-    paths: Iterable[str | os.PathLike[str]] | str | None, root: str | os.PathLike[str],
+    paths: Iterable[str | os.PathLike[str]] | str | None,
+    root: str | os.PathLike[str],
     ledger: UploadLedger | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Delete uploaded files and their per-upload folders, if they lie under Gradio's upload folder ``root``.
 
     With a ``ledger``, a file another upload still waits on stays (its own event discards it). Anything outside

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lol_engine.errors import LoraFormatError, StoreError
+from lol_engine.errors import LolError, LoraFormatError, StoreError
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import ReadLimits
 from lol_engine.report import describe
@@ -140,13 +140,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from lol_engine.ingest import ingest, shipped_predictors
+    from lol_engine.encoders import encoders_for, load_predictors
+    from lol_engine.ingest import ingest
     from lol_engine.store import LoraStore
 
-    predictors = shipped_predictors(args.predictors)
+    encoders = encoders_for(load_predictors(args.predictors))
     try:
         with LoraStore(args.db) as store:
-            report = ingest(args.paths, store, predictors)
+            report = ingest(args.paths, store, encoders)
             print(f"{len(report.ids)} ingested; {store.count()} LoRA(s) in the store {store.path}")
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -188,25 +189,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from lol_engine.nn.batch import SpecMismatchError
     from lol_engine.train import load_predictor
 
     try:
         predictor = load_predictor(args.model)
-        prediction = predictor.predict(load_lora(args.path))
-    except (LoraFormatError, SpecMismatchError, OSError, KeyError, ValueError) as exc:
+        estimate = predictor.predict(load_lora(args.path))
+    except (LolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(
-            json.dumps(
-                {"model": predictor.config["model"], "task": predictor.task.label, "prediction": prediction}, indent=2
-            )
-        )
+        print(json.dumps({"model": predictor.config["model"], **estimate.to_json()}, indent=2))
+        return 0
+    if estimate.kind in ("categorical", "multilabel"):
+        shown = ", ".join(f"{k}: {v:.3f}" for k, v in estimate.probabilities.items())
     else:
-        value = prediction[predictor.task.label]
-        shown = value if not isinstance(value, dict) else ", ".join(f"{k}: {v:.3f}" for k, v in value.items())
-        print(f"{predictor.task.label} ({predictor.config['model']}): {shown}")
+        shown = f"{estimate.value:.4g}" if isinstance(estimate.value, float) else str(estimate.value)
+        shown += "" if estimate.probability is None else f" (p = {estimate.probability:.3f})"
+    extra = [text for text in (estimate.range_text(), "in its training set" if estimate.in_sample else "") if text]
+    print(f"{estimate.label} ({predictor.config['model']}): {shown}" + (f"  [{'; '.join(extra)}]" if extra else ""))
     return 0
 
 

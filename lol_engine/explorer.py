@@ -1,14 +1,19 @@
-"""The explorer service behind the app: a store, the shipped predictors, 2-D maps and a cache of loaded LoRAs.
+"""The explorer: the one façade the app talks to (a store, the predictors as encoders, 2-D maps, LoRA caches).
 
-Every app action is a method here or a function in ``app/handlers.py``; none needs gradio. Thread-safe: the app calls
-it from many request threads at once (the store hands each call its own cursor; the caches below take a lock).
+Every app action is a method here (or a function of ``app/handlers.py`` calling methods here); none needs gradio, and
+the app never reaches past this class to the store. Thread-safe: the app calls it from many request threads at once
+(the store hands each call its own cursor; the caches below take a lock).
 
-- :meth:`Explorer.analyse` reads an upload and computes everything shown about it, storing nothing;
-  :meth:`Explorer.add` stores an analysed upload (a copy of its files under ``<data dir>/uploads/<sha256>/``) and
-  places it on every map it belongs to.
+- :meth:`Explorer.open` builds it (no side effect); :meth:`Explorer.start` is the explicit start-up step: it removes
+  staging folders of adds that were killed midway, resolves estimates stored by an older release, and fills an empty
+  collection with the default zoos and fits missing maps.
+- :meth:`Explorer.analyse` reads an (untrusted) upload and computes everything shown about it, storing nothing; the
+  analysis is kept (keyed by the file's sha256 and its config's) so that :meth:`Explorer.add` of the same bytes
+  parses nothing again and runs no predictor again. ``add`` copies the files under ``<data dir>/uploads/<sha256>/``
+  and stores the LoRA with its estimates and embeddings in one transaction, then places it on every map.
 - Neighbours are exact: ΔW cosine over shared modules (:mod:`lol_engine.similarity`) against every stored LoRA that
-  shares a module with the query (LoRAs sharing none fall back to the fingerprint's cosine), or, for stored LoRAs,
-  the cosine of any encoder's embeddings (:meth:`Explorer.neighbours_by_embedding`).
+  shares a module with the query (LoRAs sharing none fall back to the fingerprint's cosine), or the cosine of any
+  encoder's embeddings (:meth:`Explorer.neighbours_by_embedding`).
 - Maps: one per encoder (``fingerprint`` over everything, ``lol:<predictor>`` over the LoRAs that fit it), fitted with
   :func:`lol_engine.maps.fit_map` and stored. A new LoRA is placed with the fitted reducer's ``transform`` when the map
   was fitted in this process, else at the similarity-weighted mean of its 10 nearest fitted neighbours' coordinates
@@ -17,6 +22,7 @@ it from many request threads at once (the store hands each call its own cursor; 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -24,27 +30,34 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lol_engine.errors import LoraFormatError
-from lol_engine.ingest import FINGERPRINT, encode, ingest, shipped_predictors
+from lol_engine.encoders import FINGERPRINT, Encoder, encode, encoders_for, load_predictors
+from lol_engine.errors import LoraFormatError, NotFoundError
+from lol_engine.estimate import Estimate
+from lol_engine.ingest import IngestReport, ingest
 from lol_engine.lora.config import read_adapter_config
-from lol_engine.lora.parse import load_lora, locate_lora
-from lol_engine.lora.safe_io import ReadLimits
+from lol_engine.lora.locate import display_name, locate_lora
+from lol_engine.lora.parse import load_lora
+from lol_engine.lora.safe_io import ReadLimits, file_sha256
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.report import describe
 from lol_engine.similarity import cosine_to_many, module_cosines
-from lol_engine.train.calibrate import Estimate, estimates_from
 
-__all__ = ["DEFAULT_ZOOS", "Analysis", "Explorer", "Neighbour"]
+if TYPE_CHECKING:
+    from lol_engine.maps import EmbeddingMap
+    from lol_engine.settings import Settings
+    from lol_engine.store import LoraStore, StoredLora
+    from lol_engine.train.checkpoint import Predictor
 
-_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ZOOS = (_ROOT / "data" / "zoo" / "digits", _ROOT / "data" / "zoo" / "fashion-gen")
+__all__ = ["AddResult", "Analysis", "Explorer", "Neighbour", "neighbour_placement"]
+
 _CACHE_BYTES = 512 * 2**20  # factors kept in memory for neighbour search
+_ANALYSES = 8  # analysed uploads kept for their add (fewer when they hold more than _CACHE_BYTES of factors)
 
 
 @dataclass
@@ -53,10 +66,9 @@ class Analysis:
 
     lora: LoraWeights
     report: dict[str, Any]
-    estimates: dict[str, list[Estimate]]  # per matching predictor
-    predictions: dict[str, dict[str, float]]
-    embeddings: dict[str, np.ndarray]
-    files: tuple[Path, ...]  # the LoRA file and, if given, its adapter_config.json
+    estimates: dict[str, Estimate]  # per predictor that fits the LoRA
+    embeddings: dict[str, np.ndarray]  # per encoder that accepts it
+    config_digest: str  # sha256 of the adapter_config.json read with it ("" without one)
     seconds: float
 
     @property
@@ -64,10 +76,24 @@ class Analysis:
         """The LoRA file's sha256, its identity in the store."""
         return str(self.lora.meta.sha256)
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the analysis: the bytes of the LoRA file and of its config."""
+        return self.sha256, self.config_digest
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What :meth:`Explorer.add` did: the LoRA's id and stored name, and whether it was stored before."""
+
+    id: str
+    name: str
+    existed: bool
+
 
 @dataclass(frozen=True)
 class Neighbour:
-    """A stored LoRA close to a query: ``by`` is ``"ΔW cosine"`` or ``"fingerprint cosine"``."""
+    """A stored LoRA close to a query; ``by``: ``"ΔW cosine"``, ``"fingerprint cosine"`` or ``"<encoder> cosine"``."""
 
     id: str
     name: str
@@ -80,63 +106,154 @@ def _factor_bytes(lora: LoraWeights) -> int:
     return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in lora)
 
 
-class Explorer:
-    """A collection with its predictors and maps. Build it with :meth:`open`."""
+def _config_digest(config: Path | None) -> str:
+    return "" if config is None else hashlib.sha256(config.read_bytes()).hexdigest()
 
-    def __init__(self, store: Any, predictors: Mapping[str, Any], data_dir: str | os.PathLike[str]) -> None:
+
+class Explorer:
+    """A collection with its predictors and maps. Build it with :meth:`open`, then call :meth:`start` once."""
+
+    def __init__(
+        self, store: LoraStore, predictors: Mapping[str, Predictor], data_dir: str | os.PathLike[str]
+    ) -> None:
         self.store = store
         self.predictors = dict(predictors)
+        self.encoders: list[Encoder] = encoders_for(self.predictors)
         self.data_dir = Path(data_dir)
         self.uploads_dir = self.data_dir / "uploads"
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, LoraWeights] = OrderedDict()
         self._cache_bytes = 0
-        self._maps: dict[
-            str, tuple[Any, list[str], np.ndarray]
-        ] = {}  # encoder -> (EmbeddingMap, ids, x), this process
+        self._analyses: OrderedDict[tuple[str, str], Analysis] = OrderedDict()
+        self._maps: dict[str, tuple[EmbeddingMap, list[str], np.ndarray]] = {}  # fitted in this process
         self._records: list[dict[str, Any]] | None = None
-        self._stored: list[Any] | None = None  # store.all(), cached until the collection changes
-        if self.uploads_dir.is_dir():  # staging folders of adds that were killed midway (one writer process)
-            for stale in self.uploads_dir.glob(".*"):
-                shutil.rmtree(stale, ignore_errors=True)
+        self._stored: list[StoredLora] | None = None  # store.all(), cached until the collection changes
 
     @classmethod
     def open(
-        cls, db: str | os.PathLike[str] | None = None, predictors_dir: str | os.PathLike[str] | None = None
+        cls,
+        db: str | os.PathLike[str] | None = None,
+        predictors_dir: str | os.PathLike[str] | None = None,
+        settings: Settings | None = None,
     ) -> Explorer:
-        """Open (or create) the store ``db`` (default ``$LOL_DATA_DIR/lol.duckdb``) with the shipped predictors."""
-        from lol_engine.store import LoraStore, default_db_path
+        """Open (or create) the store ``db`` (default: the settings' ``db_path``) with the shipped predictors.
 
-        path = Path(db) if db is not None else default_db_path()
-        store = LoraStore(path)
-        predictors = shipped_predictors(predictors_dir)
-        device = os.environ.get("LOL_DEVICE") or _auto_device()
+        Nothing else happens: call :meth:`start` before serving.
+        """
+        from lol_engine.settings import settings as current_settings
+        from lol_engine.store import LoraStore
+
+        config = settings or current_settings()
+        path = Path(db) if db is not None else config.db_path
+        predictors = load_predictors(predictors_dir)
+        device = config.device or _auto_device()
         for predictor in predictors.values():
             predictor.to(device)
-        return cls(store, predictors, path.parent)
+        return cls(LoraStore(path), predictors, path.parent)
 
     def close(self) -> None:
-        """Close the store."""
+        """Close the store (checkpointed)."""
         self.store.close()
 
-    # ---------------------------------------------------------------- collection set-up
-    def ensure_default(self, zoos: Iterable[str | os.PathLike[str]] = DEFAULT_ZOOS, progress: bool = True) -> bool:
-        """Ingest ``zoos`` into an empty store and fit its maps; returns whether anything was done."""
+    @property
+    def db_path(self) -> str:
+        """Where the collection's database is (``:memory:`` for a test store)."""
+        return self.store.path
+
+    # ---------------------------------------------------------------- start-up
+    def start(self, zoos: Iterable[str | os.PathLike[str]] | None = None, progress: bool = True) -> bool:
+        """The start-up step of one writer process; returns whether the collection changed.
+
+        Removes staging folders of adds killed midway, resolves estimates stored by schema version 1 with the
+        predictors at hand, and (:meth:`ensure_default`) fills an empty collection with ``zoos`` (default: the
+        settings' default zoos) and fits every missing map.
+        """
+        if self.uploads_dir.is_dir():
+            for stale in self.uploads_dir.glob(".*"):  # staging folders, and uploads an earlier run held
+                shutil.rmtree(stale, ignore_errors=True)
+        resolved = self._resolve_raw_estimates()
+        return self.ensure_default(zoos, progress=progress) or resolved > 0
+
+    def _resolve_raw_estimates(self) -> int:
+        """Turn version-1 rows (bare numbers) into estimates for the predictors still present; returns how many."""
+        from lol_engine.train.calibrate import estimate_from
+
+        rows = []
+        for lora_id, name, raw in self.store.raw_estimates():
+            predictor = self.predictors.get(name)
+            if predictor is None:
+                continue  # kept as it is: resolved when that predictor is back
+            task = predictor.task
+            names = (task.label,) if task.kind in ("regression", "binary") else task.names
+            if set(names) != set(raw):
+                continue
+            decoded = [raw[n] for n in names]
+            rows.append((lora_id, estimate_from(predictor, decoded, in_sample=predictor.has_seen_file(lora_id))))
+        if rows:
+            self.store.set_estimates(rows)
+            self._changed()
+        return len(rows)
+
+    def ensure_default(self, zoos: Iterable[str | os.PathLike[str]] | None = None, progress: bool = True) -> bool:
+        """Ingest ``zoos`` into an empty store and fit its missing maps; returns whether anything was done."""
         done = False
         if self.store.count() == 0:
-            ingest([str(Path(z).resolve()) for z in zoos], self.store, self.predictors, progress=progress)
-            self._changed()
-            done = True
-        missing = [name for name in self.encoders() if name not in self.store.maps()]
+            if zoos is None:
+                from lol_engine.settings import settings
+
+                zoos = settings().default_zoos
+            paths = [str(Path(z).resolve()) for z in zoos]
+            if paths:
+                self.ingest(paths, progress=progress)
+                done = True
+        missing = [name for name in self._embedded() if name not in self.store.maps()]
         if missing:
             self.fit_maps(missing, progress=progress)  # ingest and fit_maps each checkpoint when done
             done = True
         return done
 
-    def encoders(self) -> list[str]:
+    def ingest(self, paths: Iterable[str], progress: bool = True) -> IngestReport:
+        """Add every LoRA named by ``paths`` (files, folders, zoos, Hub repo ids) with this explorer's encoders."""
+        report = ingest(paths, self.store, self.encoders, progress=progress)
+        self._changed()
+        return report
+
+    # ---------------------------------------------------------------- what the collection holds
+    def count(self) -> int:
+        """How many LoRAs are stored."""
+        return self.store.count()
+
+    def get(self, lora_id: str) -> StoredLora:
+        """A stored LoRA; :class:`NotFoundError` if it is not in the collection."""
+        stored = self.find(lora_id)
+        if stored is None:
+            raise NotFoundError(f"no LoRA {lora_id[:70]!r} in the collection")
+        return stored
+
+    def find(self, lora_id: str) -> StoredLora | None:
+        """A stored LoRA, or None."""
+        return self.store.get(lora_id)
+
+    def labels(self, lora_id: str) -> dict[str, Any]:
+        """The labels stored for a LoRA."""
+        return self.store.labels(lora_id)
+
+    def estimates(self, lora_id: str) -> dict[str, Estimate]:
+        """The estimates stored for a LoRA, per predictor."""
+        return self.store.estimates(lora_id)
+
+    def _embedded(self) -> list[str]:
         """Encoders with at least one stored embedding: ``fingerprint`` first, then ``lol:<predictor>``."""
-        names = list(self.store.encoders())
-        return sorted(names, key=lambda n: (n != FINGERPRINT, n))
+        return sorted(self.store.encoders(), key=lambda n: (n != FINGERPRINT, n))
+
+    def maps(self) -> list[str]:
+        """Encoders with a stored map, ``fingerprint`` first."""
+        stored = self.store.maps()
+        return [name for name in self._embedded() if name in stored]
+
+    def map_points(self, encoder: str) -> tuple[list[str], np.ndarray]:
+        """Ids and coordinates of the stored map of ``encoder``."""
+        return self.store.projection(encoder)
 
     def fit_maps(self, encoders: Sequence[str] | None = None, progress: bool = False) -> dict[str, float]:
         """(Re)fit the map of each encoder over all LoRAs embedded by it; returns seconds per map."""
@@ -145,17 +262,19 @@ class Explorer:
         from lol_engine.maps import fit_map
 
         seconds = {}
-        names = list(encoders) if encoders is not None else self.encoders()
+        names = list(encoders) if encoders is not None else self._embedded()
+        unknown = [name for name in names if name not in self.store.encoders()]
+        if unknown:
+            raise NotFoundError(f"no LoRA is embedded by {unknown[0]!r}: no map to fit")
         with Progress(disable=not progress) as bar:
             task = bar.add_task("maps", total=len(names))
             for name in names:
                 start = time.perf_counter()
                 ids, x = self.store.embeddings(name)
-                fitted = fit_map(x) if len(ids) else None
-                if fitted is not None:
-                    self.store.set_projection(name, ids, fitted.coords)
-                    with self._lock:
-                        self._maps[name] = (fitted, ids, x)
+                fitted = fit_map(x)
+                self.store.set_projection(name, ids, fitted.coords)
+                with self._lock:
+                    self._maps[name] = (fitted, ids, x)
                 seconds[name] = time.perf_counter() - start
                 bar.advance(task)
         self.store.checkpoint()
@@ -163,66 +282,105 @@ class Explorer:
 
     # ---------------------------------------------------------------- one LoRA
     def analyse(
-        self, lora_file: str | os.PathLike[str], config_file: str | os.PathLike[str] | None = None,
+        self,
+        lora_file: str | os.PathLike[str],
+        config_file: str | os.PathLike[str] | None = None,
         limits: ReadLimits | None = None,
-    ) -> Analysis:  # fmt: skip
-        """Read an (untrusted) LoRA file or PEFT folder: its report, predictions and embeddings. Stores nothing.
+    ) -> Analysis:
+        """Read an (untrusted) LoRA file or folder: its report, estimates and embeddings. Stores nothing.
 
-        ``config_file`` is an ``adapter_config.json`` uploaded separately (a folder's own config is found by itself).
+        ``config_file`` is an ``adapter_config.json`` given separately (a folder's own config is found by itself).
         """
         start = time.perf_counter()
         limits = limits or ReadLimits()
-        if config_file is None:
-            lora_file, config_file = locate_lora(lora_file)  # a file, or a PEFT folder with its config
-        config = read_adapter_config(Path(config_file), limits) if config_file else None
-        lora = load_lora(lora_file, limits=limits, config=config)
-        report = describe(lora)
-        predictions, embeddings = encode(lora, self.predictors)
-        per_predictor: dict[str, list[Estimate]] = {}
-        for name, targets in predictions.items():  # ranges from the outputs encode() computed: no second forward
-            task = self.predictors[name].task
-            raw = targets[task.label] if task.kind in ("regression", "binary") else targets
-            per_predictor[name] = estimates_from(self.predictors[name], raw)
-        files = (Path(lora_file),) + ((Path(config_file),) if config_file else ())
-        return Analysis(lora, report, per_predictor, predictions, embeddings, files, time.perf_counter() - start)
+        weights, config_path = Path(lora_file), None if config_file is None else Path(config_file)
+        if config_path is None:
+            found = locate_lora(weights)  # a file, or a folder with its config
+            weights, config_path = found.weights, found.config
+        config = read_adapter_config(config_path, limits) if config_path else None
+        lora = load_lora(weights, limits=limits, config=config)
+        encoded = encode(lora, self.encoders)
+        analysis = Analysis(
+            lora,
+            describe(lora),
+            encoded.estimates,
+            encoded.embeddings,
+            _config_digest(config_path),
+            time.perf_counter() - start,
+        )
+        self._keep(analysis)
+        return analysis
 
-    def add(self, analysis: Analysis, name: str | None = None) -> str:
-        """Store an analysed upload: its files are copied under ``uploads/<sha256>/`` first, then one transaction.
+    def _keep(self, analysis: Analysis) -> None:
+        with self._lock:
+            self._analyses[analysis.key] = analysis
+            self._analyses.move_to_end(analysis.key)
+            while len(self._analyses) > 1 and (
+                len(self._analyses) > _ANALYSES
+                or sum(_factor_bytes(a.lora) for a in self._analyses.values()) > _CACHE_BYTES
+            ):
+                self._analyses.popitem(last=False)
 
-        Adding a LoRA that is already stored changes nothing and returns its id.
+    def _analysed(self, key: tuple[str, str]) -> Analysis | None:
+        with self._lock:
+            return self._analyses.get(key)
+
+    def add(
+        self,
+        lora_file: str | os.PathLike[str],
+        config_file: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        limits: ReadLimits | None = None,
+    ) -> AddResult:
+        """Store a LoRA file (and its config): copied under ``uploads/<sha256>/`` first, then one transaction.
+
+        An analysis of the same bytes (:meth:`analyse`, kept by sha256) is reused: nothing is parsed or predicted
+        again. Adding a LoRA that is already stored changes nothing.
         """
-        lora_id = analysis.sha256
-        if self.store.get(lora_id) is not None:
-            return lora_id
-        folder = self.uploads_dir / lora_id
-        created = False
-        if not folder.is_dir():
-            self.uploads_dir.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{lora_id[:12]}-", dir=self.uploads_dir))
-            try:
-                shutil.copyfile(analysis.files[0], staging / "adapter_model.safetensors")
-                if len(analysis.files) > 1:
-                    shutil.copyfile(analysis.files[1], staging / "adapter_config.json")
-                os.replace(staging, folder)  # atomic: a folder is complete or absent
-                created = True
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)
-                if not folder.is_dir():
-                    raise
+        weights, config = Path(lora_file), None if config_file is None else Path(config_file)
+        if config is None:
+            found = locate_lora(weights)
+            weights, config = found.weights, found.config
+        lora_id = file_sha256(weights)
+        stored = self.find(lora_id)
+        if stored is not None:
+            return AddResult(lora_id, stored.name, existed=True)
+        analysis = self._analysed((lora_id, _config_digest(config))) or self.analyse(weights, config, limits)
+        folder = self._copy_in(analysis.sha256, weights, config)
+        display = name or display_name(analysis.lora.meta.source)
         try:
-            stored = load_lora(folder, limits=ReadLimits())
-            if stored.meta.sha256 != lora_id:
-                raise LoraFormatError(f"stored copy of {lora_id[:12]} does not match the upload")
-            display = name or Path(analysis.lora.meta.source).stem
-            self.store.add(stored, name=display, embeddings=analysis.embeddings, predictions=analysis.predictions)
+            copy = folder / "adapter_model.safetensors"
+            lora = replace(analysis.lora, meta=replace(analysis.lora.meta, source=str(copy)))
+            self.store.add(lora, name=display, embeddings=analysis.embeddings, estimates=analysis.estimates)
         except BaseException:
-            if created:  # nothing half-written: the copy goes with the failed add
-                shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)  # nothing half-written: the copy goes with the failed add
             raise
         self._changed()
+        self._cached(lora_id, lora)
         self._place(lora_id, analysis.embeddings)
         self.store.checkpoint()  # the new rows are in lol.duckdb itself, not only in its .wal
-        return lora_id
+        with self._lock:
+            self._analyses.pop(analysis.key, None)
+        return AddResult(lora_id, display, existed=False)
+
+    def _copy_in(self, lora_id: str, weights: Path, config: Path | None) -> Path:
+        """Copy the files into a fresh ``uploads/<sha256>/`` (atomically: complete or absent); checks the copy."""
+        folder = self.uploads_dir / lora_id
+        if folder.is_dir():  # left by an add whose store write failed after the copy: replaced
+            shutil.rmtree(folder, ignore_errors=True)
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{lora_id[:12]}-", dir=self.uploads_dir))
+        try:
+            shutil.copyfile(weights, staging / "adapter_model.safetensors")
+            if config is not None:
+                shutil.copyfile(config, staging / "adapter_config.json")
+            if file_sha256(staging / "adapter_model.safetensors") != lora_id:
+                raise LoraFormatError(f"{weights.name} changed while it was being added; add it again")
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return folder
 
     def _place(self, lora_id: str, embeddings: Mapping[str, np.ndarray]) -> None:
         """Put a new LoRA on every stored map of an encoder that embedded it (no refit)."""
@@ -248,45 +406,57 @@ class Explorer:
             if lora_id in self._cache:
                 self._cache.move_to_end(lora_id)
                 return self._cache[lora_id]
-        stored = self.store.get(lora_id)
-        if stored is None:
-            raise KeyError(f"no LoRA {lora_id!r} in the collection")
+        stored = self.get(lora_id)
         source = Path(stored.source)
         if not source.exists() and (self.uploads_dir / lora_id).is_dir():
             source = self.uploads_dir / lora_id  # a restored or moved collection: its uploads lie beside its database
         lora = load_lora(source)
+        self._cached(lora_id, lora)
+        return lora
+
+    def _cached(self, lora_id: str, lora: LoraWeights) -> None:
         with self._lock:
+            if lora_id in self._cache:
+                return
             self._cache[lora_id] = lora
             self._cache_bytes += _factor_bytes(lora)
             while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= _factor_bytes(old)
-        return lora
 
     def neighbours(self, lora: LoraWeights, k: int = 10, exclude: str | None = None) -> list[Neighbour]:
         """The ``k`` stored LoRAs most similar to ``lora``: exact ΔW cosine if any share a module, else fingerprint."""
         names = {m.name for m in lora}
-        records = {r["id"]: r for r in self.records()}
         candidates = [s for s in self._all() if s.id != exclude and names & {m["name"] for m in s.spec}]
         if candidates:
             loras = [self.weights(s.id) for s in candidates]
             sims = cosine_to_many(lora, loras)
             order = [i for i in np.argsort(-np.nan_to_num(sims, nan=-2.0), kind="stable") if not np.isnan(sims[i])]
-            return [Neighbour(candidates[i].id, candidates[i].name, candidates[i].zoo, float(sims[i]), "ΔW cosine")
-                    for i in order[:k]]  # fmt: skip
+            return [
+                Neighbour(candidates[i].id, candidates[i].name, candidates[i].zoo, float(sims[i]), "ΔW cosine")
+                for i in order[:k]
+            ]
         from lol_engine.fingerprint import fingerprint
 
         hits = self.store.nearest(FINGERPRINT, fingerprint(lora).numpy(), k=k, exclude=exclude)
-        return [Neighbour(i, records[i]["name"], records[i]["zoo"], s, "fingerprint cosine") for i, s in hits]
+        return self._neighbours(hits, "fingerprint cosine")
+
+    def neighbours_of(self, lora_id: str, k: int = 10, by: str | None = None) -> list[Neighbour]:
+        """A stored LoRA's neighbours: by exact ΔW cosine (``by=None``) or by the cosine of encoder ``by``."""
+        if by is None:
+            return self.neighbours(self.weights(lora_id), k=k, exclude=lora_id)
+        return self.neighbours_by_embedding(lora_id, by, k=k)
 
     def neighbours_by_embedding(self, lora_id: str, encoder: str, k: int = 10) -> list[Neighbour]:
         """The ``k`` stored LoRAs nearest to a stored one by cosine of their ``encoder`` embeddings (exact scan)."""
         vector = self.store.embedding(lora_id, encoder)
         if vector is None:
-            raise KeyError(f"LoRA {lora_id[:12]} has no {encoder} embedding")
-        records = {r["id"]: r for r in self.records()}
-        hits = self.store.nearest(encoder, vector, k=k, exclude=lora_id)
-        return [Neighbour(i, records[i]["name"], records[i]["zoo"], s, f"{encoder} cosine") for i, s in hits]
+            raise NotFoundError(f"LoRA {lora_id[:12]} has no {encoder} embedding")
+        return self._neighbours(self.store.nearest(encoder, vector, k=k, exclude=lora_id), f"{encoder} cosine")
+
+    def _neighbours(self, hits: Sequence[tuple[str, float]], by: str) -> list[Neighbour]:
+        stored = {s.id: s for s in self._all()}
+        return [Neighbour(i, stored[i].name, stored[i].zoo, s, by) for i, s in hits if i in stored]
 
     def compare(self, first: str, second: str) -> tuple[float | None, list[tuple[str, float, float, float]]]:
         """Overall ΔW cosine over shared modules (None if none) and per-module rows of :func:`module_cosines`."""
@@ -302,7 +472,7 @@ class Explorer:
             self._records = None
             self._stored = None
 
-    def _all(self) -> list[Any]:
+    def _all(self) -> list[StoredLora]:
         with self._lock:
             if self._stored is not None:
                 return self._stored
@@ -314,40 +484,36 @@ class Explorer:
     def records(self) -> list[dict[str, Any]]:
         """One flat dict per stored LoRA: its columns, ``label:<name>`` and ``pred:<predictor>`` summaries.
 
-        List-valued labels become their sum (e.g. the number of classes); categorical predictions the most likely
-        class, binary ones the probability, multilabel ones the number of entries with probability ≥ ½.
+        List-valued labels become their sum (e.g. the number of classes); estimates their
+        :attr:`~lol_engine.estimate.Estimate.summary` (a number, p(1), a class, or how many entries are 1).
         """
         with self._lock:
             if self._records is not None:
                 return self._records
         labels = self.store.all_labels()
-        predictions = self.store.all_predictions()
+        estimates = self.store.all_estimates()
         out = []
         for s in self._all():
-            row: dict[str, Any] = {"id": s.id, "name": s.name, "zoo": s.zoo or "uploads", "format": s.format,
-                                   "base_family": s.base_family, "rank": s.rank_max, "modules": s.n_modules,
-                                   "size_kb": round(s.size_bytes / 1024, 1), "dtype": s.dtype,
-                                   "added": str(s.added_at)[:19]}  # fmt: skip
+            row: dict[str, Any] = {
+                "id": s.id,
+                "name": s.name,
+                "zoo": s.zoo or "uploads",
+                "format": s.format,
+                "base_family": s.base_family,
+                "rank": s.rank_max,
+                "modules": s.n_modules,
+                "size_kb": round(s.size_bytes / 1024, 1),
+                "dtype": s.dtype,
+                "added": str(s.added_at)[:19],
+            }
             for key, value in sorted(labels.get(s.id, {}).items()):
                 row[f"label:{key}"] = sum(value) if isinstance(value, list) else value
-            for predictor, targets in sorted(predictions.get(s.id, {}).items()):
-                row[f"pred:{predictor}"] = self._summary(predictor, targets)
+            for predictor, estimate in sorted(estimates.get(s.id, {}).items()):
+                row[f"pred:{predictor}"] = estimate.summary
             out.append(row)
         with self._lock:
             self._records = out
         return out
-
-    def _summary(self, predictor: str, targets: Mapping[str, float]) -> float | str:
-        kind = self.predictors[predictor].task.kind if predictor in self.predictors else "regression"
-        if kind == "categorical":
-            return max(targets, key=lambda t: targets[t])
-        if kind == "multilabel":
-            return int(sum(v >= 0.5 for v in targets.values()))
-        return round(float(next(iter(targets.values()))), 4)
-
-    def map_points(self, encoder: str) -> tuple[list[str], np.ndarray]:
-        """Ids and coordinates of the stored map of ``encoder``."""
-        return self.store.projection(encoder)
 
 
 def neighbour_placement(x: np.ndarray, coords: np.ndarray, vector: np.ndarray, k: int = 10) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The LoRA store: a DuckDB database of LoRAs, labels, embeddings, predictions and map coordinates.
+"""The LoRA store: a DuckDB database of LoRAs, labels, embeddings, estimates and map coordinates.
 
 The only module that imports duckdb. One :class:`LoraStore` per process owns one connection; every call works on its
 own cursor, so many reader threads can share it (PLATFORM.md §2.4: one writer process, cursors per thread). Every
@@ -19,18 +19,20 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lol_engine.errors import StoreError
+from lol_engine.estimate import Estimate
+from lol_engine.lora.locate import display_name
 from lol_engine.lora.weights import LoraWeights
 
-__all__ = ["SCHEMA_VERSION", "LoraStore", "StoredLora"]
+__all__ = ["SCHEMA_VERSION", "LoraStore", "NewLora", "StoredLora"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta(key VARCHAR PRIMARY KEY, value VARCHAR)",
     """CREATE TABLE IF NOT EXISTS loras(
@@ -40,13 +42,22 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS labels(lora_id VARCHAR, name VARCHAR, value_json VARCHAR, PRIMARY KEY(lora_id, name))",
     """CREATE TABLE IF NOT EXISTS embeddings(
         lora_id VARCHAR, encoder VARCHAR, dim INTEGER, v FLOAT[], PRIMARY KEY(lora_id, encoder))""",
-    """CREATE TABLE IF NOT EXISTS predictions(
-        lora_id VARCHAR, predictor VARCHAR, target VARCHAR, value DOUBLE, PRIMARY KEY(lora_id, predictor, target))""",
+    """CREATE TABLE IF NOT EXISTS estimates(
+        lora_id VARCHAR, predictor VARCHAR, estimate_json VARCHAR, PRIMARY KEY(lora_id, predictor))""",
     """CREATE TABLE IF NOT EXISTS projections(
         lora_id VARCHAR, map VARCHAR, x DOUBLE, y DOUBLE, PRIMARY KEY(lora_id, map))""",
 )
-# Migrations from version v to v + 1, applied in order when an older database is opened.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+# Migrations from version v to v + 1, applied in order (in the opening transaction) when an older database is opened.
+# 1 → 2: predictions were bare numbers per target; they become estimates. The store cannot know a task's kind, so a
+# version-1 row is kept as ``{"raw": {target: value}}`` until the explorer, which has the predictors, resolves it
+# (:meth:`LoraStore.raw_estimates`, :meth:`lol_engine.explorer.Explorer.start`).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """INSERT INTO estimates SELECT lora_id, predictor, to_json({'raw': map(list(target), list(value))})::VARCHAR
+           FROM predictions GROUP BY lora_id, predictor""",
+        "DROP TABLE predictions",
+    ),
+}
 
 
 def _insert_many(cur: Any, table: str, rows: list[list[Any]]) -> None:
@@ -65,8 +76,34 @@ _LORA_COLUMNS = (
 
 
 def _stored(row: Sequence[Any]) -> StoredLora:
-    return StoredLora(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8], row[9],
-                      row[10], json.loads(row[11]), row[12], row[13])  # fmt: skip
+    return StoredLora(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        json.loads(row[5]),
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+        row[10],
+        json.loads(row[11]),
+        row[12],
+        row[13],
+    )
+
+
+@dataclass(frozen=True)
+class NewLora:
+    """A LoRA to store with everything known about it (:meth:`LoraStore.add_many`)."""
+
+    lora: LoraWeights
+    name: str | None = None
+    zoo: str | None = None
+    labels: Mapping[str, Any] = field(default_factory=dict)
+    embeddings: Mapping[str, np.ndarray] = field(default_factory=dict)
+    estimates: Mapping[str, Estimate] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,6 +126,10 @@ class StoredLora:
     added_at: Any = None  # datetime (UTC, naive) of the first ingest
 
 
+def _estimate_json(estimate: Estimate) -> str:
+    return json.dumps(estimate.to_json(), allow_nan=False)
+
+
 def _check_id(lora: LoraWeights) -> str:
     if not lora.meta.sha256:
         raise ValueError("the LoRA has no sha256: store LoRAs read from files with load_lora")
@@ -96,18 +137,30 @@ def _check_id(lora: LoraWeights) -> str:
 
 
 def _lora_row(lora: LoraWeights, name: str | None, zoo: str | None) -> list[Any]:
-    """The ``loras`` row of a LoRA (default name: the file stem, or the folder of a PEFT/diffusers file)."""
+    """The ``loras`` row of a LoRA (default name: :func:`~lol_engine.lora.locate.display_name` of its file)."""
     meta = lora.meta
-    spec = [{"name": m.name, "kind": m.spec.kind, "d_out": m.spec.d_out, "d_in": m.spec.d_in, "rank": m.spec.rank}
-            for m in lora]  # fmt: skip
+    spec = [
+        {"name": m.name, "kind": m.spec.kind, "d_out": m.spec.d_out, "d_in": m.spec.d_in, "rank": m.spec.rank}
+        for m in lora
+    ]
     ranks = [m.spec.rank for m in lora]
     metadata = {"kohya": dict(meta.kohya), "modelspec": dict(meta.modelspec), "warnings": list(meta.warnings)}
-    source = Path(meta.source)
-    folder_file = source.name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
-    default_name = source.parent.name if folder_file else source.stem
-    return [meta.sha256, name or default_name, meta.source, meta.format, meta.base_family, json.dumps(spec),
-            len(lora), min(ranks), max(ranks), meta.size_bytes, meta.dtype, json.dumps(metadata, default=str),
-            zoo, _utc_now()]  # fmt: skip
+    return [
+        meta.sha256,
+        name or display_name(meta.source),
+        meta.source,
+        meta.format,
+        meta.base_family,
+        json.dumps(spec),
+        len(lora),
+        min(ranks),
+        max(ranks),
+        meta.size_bytes,
+        meta.dtype,
+        json.dumps(metadata, default=str),
+        zoo,
+        _utc_now(),
+    ]
 
 
 def _utc_now() -> datetime.datetime:
@@ -269,34 +322,32 @@ class LoraStore:
         zoo: str | None = None,
         labels: Mapping[str, Any] | None = None,
         embeddings: Mapping[str, np.ndarray] | None = None,
-        predictions: Mapping[str, Mapping[str, float]] | None = None,
+        estimates: Mapping[str, Estimate] | None = None,
     ) -> str:
         """Ingest one LoRA with what is known about it, in one transaction; returns its id (the file's sha256).
 
         Ingesting a LoRA that is already stored adds nothing to ``loras`` but updates the attached rows.
         """
-        entry = {"name": name, "zoo": zoo, "labels": labels, "embeddings": embeddings, "predictions": predictions}
-        return self.add_many([(lora, entry)])[0]
+        item = NewLora(lora, name, zoo, labels or {}, embeddings or {}, estimates or {})
+        return self.add_many([item])[0]
 
-    def add_many(self, items: Sequence[tuple[LoraWeights, Mapping[str, Any]]]) -> list[str]:
-        """:meth:`add` for many LoRAs in one transaction (all or none): ``[(lora, {name, zoo, labels, …})]``.
+    def add_many(self, items: Sequence[NewLora]) -> list[str]:
+        """:meth:`add` for many LoRAs in one transaction (all or none).
 
         Everything is validated before the transaction starts, so only a database failure can abort it. One
         multi-row statement per table instead of one per LoRA: bulk ingests run several times faster.
         """
-        lora_rows, label_rows, embedding_rows, prediction_rows = [], [], [], []
-        for lora, entry in items:
-            lora_id = _check_id(lora)
-            lora_rows.append(_lora_row(lora, entry.get("name"), entry.get("zoo")))
-            label_rows += [[lora_id, key, json.dumps(value)] for key, value in (entry.get("labels") or {}).items()]
-            for encoder, vector in (entry.get("embeddings") or {}).items():
+        lora_rows, label_rows, embedding_rows, estimate_rows = [], [], [], []
+        for item in items:
+            lora_id = _check_id(item.lora)
+            lora_rows.append(_lora_row(item.lora, item.name, item.zoo))
+            label_rows += [[lora_id, key, json.dumps(value)] for key, value in item.labels.items()]
+            for encoder, vector in item.embeddings.items():
                 v = np.asarray(vector, dtype=np.float32).reshape(-1)
                 if not np.isfinite(v).all():
                     raise ValueError(f"embedding {encoder!r} has non-finite values")
                 embedding_rows.append([lora_id, encoder, len(v), v.tolist()])
-            prediction_rows += [[lora_id, predictor, target, float(value)]
-                                for predictor, targets in (entry.get("predictions") or {}).items()
-                                for target, value in targets.items()]  # fmt: skip
+            estimate_rows += [[lora_id, name, _estimate_json(e)] for name, e in item.estimates.items()]
         if not lora_rows:
             return []
         with self._transaction() as cur:
@@ -308,8 +359,13 @@ class LoraStore:
             )
             _insert_many(cur, "labels", label_rows)
             _insert_many(cur, "embeddings", embedding_rows)
-            _insert_many(cur, "predictions", prediction_rows)
+            _insert_many(cur, "estimates", estimate_rows)
         return [row[0] for row in lora_rows]
+
+    def set_estimates(self, rows: Sequence[tuple[str, Estimate]]) -> None:
+        """Store (or replace) ``(lora id, estimate)`` rows in one transaction."""
+        with self._transaction() as cur:
+            _insert_many(cur, "estimates", [[i, e.predictor, _estimate_json(e)] for i, e in rows])
 
     def set_projection(self, name: str, ids: Sequence[str], xy: np.ndarray) -> None:
         """Store 2-D map coordinates ``xy: (len(ids), 2)`` under map ``name`` (replacing earlier ones)."""
@@ -356,14 +412,25 @@ class LoraStore:
                 out.setdefault(lora_id, {})[name] = json.loads(value)
         return out
 
-    def all_predictions(self) -> dict[str, dict[str, dict[str, float]]]:
-        """``{lora id: {predictor: {target: value}}}`` for every LoRA with predictions."""
-        out: dict[str, dict[str, dict[str, float]]] = {}
+    def all_estimates(self) -> dict[str, dict[str, Estimate]]:
+        """``{lora id: {predictor: estimate}}`` for every LoRA with estimates (rows still raw are left out)."""
+        out: dict[str, dict[str, Estimate]] = {}
         with self._cursor() as cur:
-            rows = cur.execute("SELECT lora_id, predictor, target, value FROM predictions").fetchall()
-        for lora_id, predictor, target, value in rows:
-            out.setdefault(lora_id, {}).setdefault(predictor, {})[target] = value
+            rows = cur.execute("SELECT lora_id, predictor, estimate_json FROM estimates").fetchall()
+        for lora_id, predictor, text in rows:
+            data = json.loads(text)
+            if "raw" not in data:
+                out.setdefault(lora_id, {})[predictor] = Estimate.from_json(data)
         return out
+
+    def raw_estimates(self) -> list[tuple[str, str, dict[str, float]]]:
+        """``(lora id, predictor, {target: value})`` of every estimate still in version 1's bare form."""
+        with self._cursor() as cur:
+            rows = cur.execute(
+                "SELECT lora_id, predictor, estimate_json FROM estimates WHERE estimate_json LIKE '{\"raw\":%' "
+                "ORDER BY lora_id, predictor"
+            ).fetchall()
+        return [(i, p, {str(k): float(v) for k, v in json.loads(t)["raw"].items()}) for i, p, t in rows]
 
     def encoders(self) -> dict[str, int]:
         """``{encoder: number of LoRAs embedded}``."""
@@ -403,16 +470,14 @@ class LoraStore:
             ).fetchall()
         return {name: json.loads(value) for name, value in rows}
 
-    def predictions(self, lora_id: str) -> dict[str, dict[str, float]]:
-        """``{predictor: {target: value}}`` stored for a LoRA."""
-        out: dict[str, dict[str, float]] = {}
+    def estimates(self, lora_id: str) -> dict[str, Estimate]:
+        """``{predictor: estimate}`` stored for a LoRA (rows still raw are left out)."""
         with self._cursor() as cur:
-            for predictor, target, value in cur.execute(
-                "SELECT predictor, target, value FROM predictions WHERE lora_id = ? ORDER BY predictor, target",
-                [lora_id],
-            ).fetchall():
-                out.setdefault(predictor, {})[target] = value
-        return out
+            rows = cur.execute(
+                "SELECT predictor, estimate_json FROM estimates WHERE lora_id = ? ORDER BY predictor", [lora_id]
+            ).fetchall()
+        parsed = [(predictor, json.loads(text)) for predictor, text in rows]
+        return {predictor: Estimate.from_json(data) for predictor, data in parsed if "raw" not in data}
 
     def embeddings(self, encoder: str) -> tuple[list[str], np.ndarray]:
         """Ids (sorted) and the ``(n, dim)`` matrix of one encoder's embeddings."""

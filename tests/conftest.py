@@ -34,7 +34,7 @@ def make_collection(root):  # type: ignore[no-untyped-def]
 
     zoos = [mini_zoo(root / "zoos", "digits", 40), mini_zoo(root / "zoos", "fashion-gen", 30)]
     explorer = Explorer.open(root / "data" / "lol.duckdb")
-    explorer.ensure_default(zoos, progress=False)
+    explorer.start(zoos, progress=False)
     return explorer
 
 

@@ -16,9 +16,9 @@ pytest.importorskip("plotly")
 
 from app import handlers
 from app.handlers import MODULE_COLUMNS, Filters, inspect_upload
-from lol_engine import LoraFormatError
+from lol_engine.encoders import FINGERPRINT
+from lol_engine.errors import BadRequestError, LolError, LoraFormatError, NotFoundError
 from lol_engine.explorer import Explorer
-from lol_engine.ingest import FINGERPRINT
 
 DIGIT = ZOOS / "digits" / "loras" / "00011"
 FASHION = ZOOS / "fashion-gen" / "loras" / "00005"
@@ -62,7 +62,7 @@ def test_inspect_upload_refuses_bad_selections(tmp_path: Path, names: list[str],
     for name in names:
         (tmp_path / name).write_bytes(b"{}")
         paths.append(str(tmp_path / name))
-    with pytest.raises(LoraFormatError, match=message):
+    with pytest.raises(BadRequestError, match=message):  # the request is wrong, not a file
         inspect_upload(paths)
 
 
@@ -74,10 +74,10 @@ def test_inspect_upload_refuses_a_pickle(tmp_path: Path) -> None:
 
 
 def test_analyse_upload_predicts_with_calibrated_ranges(collection: Explorer) -> None:
-    before = collection.store.count()
+    before = collection.count()
     result = handlers.analyse_upload(collection, [str(FASHION / "adapter_model.safetensors"),
                                                   str(FASHION / "adapter_config.json")])  # fmt: skip
-    assert collection.store.count() == before  # analysing stores nothing
+    assert collection.count() == before  # analysing stores nothing
     frame = result.predictions
     assert list(frame.columns) == handlers.PREDICTION_COLUMNS
     assert set(frame["predictor"]) == {"fashion-gen-bold", "fashion-gen-class", "fashion-gen-quality"}
@@ -109,32 +109,32 @@ def test_upload_names_and_metadata_are_escaped(collection: Explorer, tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("content", "name", "message"),
+    ("content", "name", "message", "kind"),
     [
-        (pickle.dumps({"a": 1}), "x.safetensors", "pickle"),
-        (b"not a lora", "x.safetensors", "safetensors"),
-        (b"{}", "x.bin", "only .safetensors"),
+        (pickle.dumps({"a": 1}), "x.safetensors", "pickle", LoraFormatError),
+        (b"not a lora", "x.safetensors", "safetensors", LoraFormatError),
+        (b"{}", "x.bin", "only .safetensors", BadRequestError),
     ],
 )
 def test_bad_uploads_are_refused_and_nothing_is_stored(
-    collection: Explorer, tmp_path: Path, content: bytes, name: str, message: str
+    collection: Explorer, tmp_path: Path, content: bytes, name: str, message: str, kind: type[LolError]
 ) -> None:
     path = tmp_path / name
     path.write_bytes(content)
-    before = collection.store.count()
-    with pytest.raises(LoraFormatError, match=message):
+    before = collection.count()
+    with pytest.raises(kind, match=message):
         handlers.analyse_upload(collection, [str(path)])
-    with pytest.raises(LoraFormatError, match=message):
+    with pytest.raises(kind, match=message):
         handlers.add_upload(collection, [str(path)])
-    assert collection.store.count() == before
+    assert collection.count() == before
 
 
 def test_repo_ids_are_checked_and_offline_fetches_fail_cleanly(collection: Explorer) -> None:
-    with pytest.raises(LoraFormatError, match="not a Hugging Face repo id"):
+    with pytest.raises(BadRequestError, match="not a Hugging Face repo id"):
         handlers.analyse_upload(collection, None, "../../etc/passwd")
-    with pytest.raises(LoraFormatError, match="could not fetch nobody/missing"):
+    with pytest.raises(NotFoundError, match="could not fetch nobody/missing"):
         handlers.analyse_upload(collection, None, "nobody/missing")  # HF_HUB_OFFLINE=1 and not cached
-    with pytest.raises(LoraFormatError, match="no file uploaded"):
+    with pytest.raises(BadRequestError, match="no file uploaded"):
         handlers.analyse_upload(collection, None, "")
 
 
@@ -168,7 +168,7 @@ def test_lora_card_and_neighbours(collection: Explorer) -> None:
     _, by_map = handlers.lora_card(collection, lora_id, by="lol:digits-classes")
     assert len(by_map) == 10 and set(by_map["by"]) == {"lol:digits-classes cosine"}
     assert list(by_map["similarity"]) == sorted(by_map["similarity"], reverse=True)
-    with pytest.raises(LoraFormatError, match="no LoRA"):
+    with pytest.raises(NotFoundError, match="no LoRA '<script>' in the collection"):
         handlers.lora_card(collection, "<script>")
 
 
@@ -182,9 +182,9 @@ def test_collection_table_and_exports(collection: Explorer, tmp_path: Path) -> N
     assert pd.read_parquet(parquet)["label:quality"].tolist() == pytest.approx(frame["label:quality"].tolist())
     chosen = list(frame["id"][:3])
     assert list(handlers.collection_frame(collection, ids=chosen)["id"]) == chosen
-    with pytest.raises(LoraFormatError, match="empty"):
+    with pytest.raises(BadRequestError, match="empty"):
         handlers.export_frame(frame.iloc[:0], "csv", tmp_path)
-    with pytest.raises(ValueError, match="unknown export format"):
+    with pytest.raises(BadRequestError, match="unknown export format"):
         handlers.export_frame(frame, "xlsx", tmp_path)
 
 
@@ -197,19 +197,21 @@ def test_compare_loras(collection: Explorer) -> None:
     fashion = next(v for label, v in options if " · fashion-gen · " in label)
     text, _, frame = handlers.compare_loras(collection, digits[0], fashion)
     assert "share no module" in text and len(frame) == 0
-    with pytest.raises(LoraFormatError, match="pick two"):
+    with pytest.raises(BadRequestError, match="pick two"):
         handlers.compare_loras(collection, digits[0], None)
+    with pytest.raises(NotFoundError, match="no LoRA 'nope' in the collection"):
+        handlers.compare_loras(collection, digits[0], "nope")
 
 
 def test_build_demo_does_not_launch(collection: Explorer) -> None:
     gr = pytest.importorskip("gradio")
     from app.ui import build_demo
 
-    before = collection.store.count()
+    before = collection.count()
     demo = build_demo(collection)
     assert isinstance(demo, gr.Blocks)
     assert not getattr(demo, "is_running", False)
-    assert collection.store.count() == before
+    assert collection.count() == before
 
 
 def test_inspect_summary_escapes_the_file_name(tmp_path: Path) -> None:

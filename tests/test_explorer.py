@@ -16,13 +16,13 @@ pytest.importorskip("duckdb")
 from collection import ZOOS, mini_zoo
 
 from lol_engine import LoraFormatError, load_lora
-from lol_engine.explorer import Explorer, neighbour_placement
-from lol_engine.ingest import FINGERPRINT, shipped_predictors
+from lol_engine.encoders import FINGERPRINT, encoders_for, load_predictors
+from lol_engine.explorer import AddResult, Explorer, neighbour_placement
 from lol_engine.similarity import cosine_to_many, module_cosines
 from lol_engine.spec import LayerSpec, LoraSpec
 from lol_engine.symmetry import act_gl, lora_cosine, random_gl_like
 from lol_engine.testing import assert_gl_invariant, assert_gl_sensitive, random_lora
-from lol_engine.train.calibrate import conformal_quantile, estimates, nonconformity
+from lol_engine.train.calibrate import conformal_quantile, nonconformity
 from lol_engine.train.tasks import Task
 
 DIGITS = sorted((ZOOS / "digits" / "loras").iterdir())
@@ -70,7 +70,7 @@ def test_module_cosines_against_dense(gen: torch.Generator) -> None:
 
 # ------------------------------------------------------------------------------------------------ LoL embeddings
 def test_lol_embedding_is_invariant_and_consistent_with_prediction() -> None:
-    predictor = shipped_predictors()["fashion-gen-quality"]  # spectral GL-net: GL(r)-invariant
+    predictor = load_predictors()["fashion-gen-quality"]  # spectral GL-net: GL(r)-invariant
     lora = load_lora(FASHION[0])
     prediction, vector = predictor.predict_and_embed(lora)
     assert prediction == predictor.predict(lora)
@@ -94,12 +94,15 @@ def test_conformal_quantile() -> None:
 
 def test_nonconformity_by_task_kind() -> None:
     reg = Task("q", "regression", 1, ("q",))
-    np.testing.assert_allclose(nonconformity(reg, torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0]),
-                                             torch.ones(2, dtype=torch.bool)), [0.5, 1.0])  # fmt: skip
+    np.testing.assert_allclose(
+        nonconformity(reg, torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0]), torch.ones(2, dtype=torch.bool)),
+        [0.5, 1.0],
+    )
     cat = Task("c", "categorical", 3, ("a", "b", "c"))
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    np.testing.assert_allclose(nonconformity(cat, probs, torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool)),
-                               [0.3, 0.9], atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        nonconformity(cat, probs, torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool)), [0.3, 0.9], atol=1e-6
+    )
     multi = Task("m", "multilabel", 2, ("m[0]", "m[1]"))
     p = torch.tensor([[0.9, 0.4]])
     mask = torch.tensor([[True, False]])
@@ -107,26 +110,36 @@ def test_nonconformity_by_task_kind() -> None:
 
 
 def test_shipped_predictors_are_calibrated_and_their_ranges_hold() -> None:
-    predictors = shipped_predictors()
+    predictors = load_predictors()
     for name, predictor in predictors.items():
         cal = predictor.config["calibration"]
         assert cal["coverage"] == 0.9 and cal["n"] > 50, name
         assert cal["test_coverage"] > 0.75, name  # ~100 test LoRAs: 0.9 nominal, sampling noise ±0.06
     quality = predictors["fashion-gen-quality"]
     lora = load_lora(FASHION[3])
-    (row,) = estimates(quality, lora)
+    row = quality.predict(lora)
     q = quality.config["calibration"]["q"]
+    assert row.kind == "regression" and row.predictor == "fashion-gen-quality" and row.coverage == 0.9
     assert row.interval == pytest.approx((row.value - q, row.value + q))
-    (cls,) = estimates(predictors["fashion-gen-class"], lora)
-    assert cls.choices is not None and (not cls.choices or cls.choices[0] == cls.value)
-    bits = estimates(predictors["digits-classes"], load_lora(DIGITS[0]))
-    assert len(bits) == 10 and all(set(b.choices or ()) <= {"0", "1"} for b in bits)
+    assert row.skill is not None and row.skill.metric == "R²"
+    classifier = predictors["fashion-gen-class"]
+    cls = classifier.predict(lora)
+    assert cls.kind == "categorical" and cls.sets is not None
+    chosen = cls.sets["class"]
+    assert not chosen or chosen[0] == cls.value
+    q = classifier.config["calibration"]["q"]
+    assert set(chosen) == {k for k, p in cls.probabilities.items() if 1 - p <= q}
+    assert cls.probability == max(cls.probabilities.values()) and sum(cls.probabilities.values()) == pytest.approx(1)
+    bits = predictors["digits-classes"].predict(load_lora(DIGITS[0]))
+    assert bits.kind == "multilabel" and len(bits.probabilities) == 10 and bits.sets is not None
+    assert all(set(s) <= {"0", "1"} for s in bits.sets.values())
+    assert bits.value == tuple(n for n, p in bits.probabilities.items() if p >= 0.5)
 
 
 def test_analysis_ranges_equal_a_fresh_prediction(collection: Explorer) -> None:
     analysis = collection.analyse(DIGITS[7])
-    for name, rows in analysis.estimates.items():
-        assert rows == estimates(collection.predictors[name], analysis.lora), name
+    for name, estimate in analysis.estimates.items():
+        assert estimate == collection.predictors[name].predict(analysis.lora), name
 
 
 def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,8 +161,8 @@ def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.Cap
 
 # ------------------------------------------------------------------------------------------------ the service
 def test_collection_has_labels_predictions_embeddings_and_maps(collection: Explorer) -> None:
-    assert collection.store.count() == 70
-    encoders = collection.encoders()
+    assert collection.count() == 70
+    encoders = collection.maps()
     assert encoders[0] == FINGERPRINT and len(encoders) == 8  # fingerprint + 7 shipped predictors
     maps = collection.store.maps()
     assert maps[FINGERPRINT] == 70 and maps["lol:digits-classes"] == 40 and maps["lol:fashion-gen-quality"] == 30
@@ -192,7 +205,7 @@ def test_neighbour_placement() -> None:
 def fresh(tmp_path: Path) -> Explorer:
     """A small explorer of its own (tests below change the collection)."""
     explorer = Explorer.open(tmp_path / "data" / "lol.duckdb")
-    explorer.ensure_default([mini_zoo(tmp_path / "zoos", "digits", 8)], progress=False)
+    explorer.start([mini_zoo(tmp_path / "zoos", "digits", 8)], progress=False)
     yield explorer
     explorer.close()
 
@@ -202,18 +215,22 @@ def test_analyse_stores_nothing_and_add_is_idempotent(fresh: Explorer, tmp_path:
     upload.parent.mkdir()
     shutil.copyfile(DIGITS[20] / "adapter_model.safetensors", upload)
     before = fresh.store.count()
-    analysis = fresh.analyse(upload, DIGITS[20] / "adapter_config.json")
+    config = DIGITS[20] / "adapter_config.json"
+    analysis = fresh.analyse(upload, config)
     assert fresh.store.count() == before and not fresh.uploads_dir.exists()
     assert set(analysis.estimates) == {"digits-acc_own", "digits-classes", "digits-n_classes", "digits-probe_member"}
-    lora_id = fresh.add(analysis, name="my lora")
-    assert fresh.add(analysis) == lora_id and fresh.store.count() == before + 1
+    added = fresh.add(upload, config, name="my lora")
+    lora_id = added.id
+    assert added == AddResult(lora_id, "my lora", existed=False) and lora_id == analysis.sha256
+    assert fresh.add(upload, config) == AddResult(lora_id, "my lora", existed=True)
+    assert fresh.store.count() == before + 1
     assert sorted(p.name for p in (fresh.uploads_dir / lora_id).iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]  # fmt: skip
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert not [p for p in fresh.uploads_dir.iterdir() if p.name.startswith(".")]  # no staging left
-    assert fresh.store.get(lora_id).name == "my lora"
-    assert fresh.store.predictions(lora_id)["digits-acc_own"]["acc_own"] == pytest.approx(
-        analysis.predictions["digits-acc_own"]["acc_own"]
-    )
+    assert fresh.get(lora_id).name == "my lora"
+    assert fresh.estimates(lora_id) == analysis.estimates  # stored as analysed, through JSON and back
     for encoder, n in fresh.store.maps().items():  # placed on every map of an encoder that embedded it
         assert n == before + 1, encoder
     assert fresh.weights(lora_id).meta.sha256 == lora_id
@@ -228,7 +245,7 @@ def test_placement_survives_a_restart(fresh: Explorer, tmp_path: Path) -> None:
         assert reopened.store.maps() == maps_before and reopened.store.count() == 8
         assert not reopened.ensure_default([mini_zoo(tmp_path / "again", "digits", 8)], progress=False)
         analysis = reopened.analyse(DIGITS[30])  # no fitted reducer in this process: neighbour placement
-        reopened.add(analysis)
+        reopened.add(DIGITS[30])
         assert all(n == 9 for n in reopened.store.maps().values())
         ids, xy = reopened.map_points(FINGERPRINT)
         assert np.isfinite(xy).all() and analysis.sha256 in ids
@@ -237,13 +254,19 @@ def test_placement_survives_a_restart(fresh: Explorer, tmp_path: Path) -> None:
     fresh.store = reopened.store  # the fixture's teardown closes it again (harmless)
 
 
-def test_a_failed_add_stores_nothing(fresh: Explorer, tmp_path: Path) -> None:
+def test_a_failed_add_stores_nothing(fresh: Explorer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     upload = tmp_path / "x.safetensors"
     shutil.copyfile(DIGITS[21] / "adapter_model.safetensors", upload)
     analysis = fresh.analyse(upload)
-    upload.write_bytes(upload.read_bytes()[:-8] + b"\0" * 8)  # the file changes between analyse and add
-    with pytest.raises(LoraFormatError, match="does not match"):
-        fresh.add(analysis)
+    copy = shutil.copyfile
+
+    def changing(source: Path, target: Path) -> None:  # the file changes while it is being copied in
+        copy(source, target)
+        Path(target).write_bytes(Path(target).read_bytes()[:-8] + b"\0" * 8)
+
+    monkeypatch.setattr("lol_engine.explorer.shutil.copyfile", changing)
+    with pytest.raises(LoraFormatError, match="changed while it was being added"):
+        fresh.add(upload)
     assert fresh.store.get(analysis.sha256) is None and fresh.store.count() == 8
     assert not (fresh.uploads_dir / analysis.sha256).exists()  # the copy went with the failed add
 
@@ -254,7 +277,7 @@ def test_concurrent_adds_lose_nothing(fresh: Explorer) -> None:
 
     def add(i: int) -> None:
         try:
-            fresh.add(analyses[i], name=f"upload-{i}")
+            fresh.add(DIGITS[40 + i], name=f"upload-{i}")
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -279,16 +302,20 @@ def test_compare(collection: Explorer) -> None:
 
 
 def test_batched_encoding_matches_one_at_a_time() -> None:
-    from lol_engine.ingest import encode, encode_many
+    from lol_engine.encoders import encode, encode_many
 
-    predictors = shipped_predictors()
+    encoders = encoders_for(load_predictors())
     loras = [load_lora(p) for p in (*DIGITS[:3], *FASHION[:3])]
-    batched = encode_many(loras, predictors)
-    for lora, (predictions, embeddings) in zip(loras, batched, strict=True):
-        single_predictions, single_embeddings = encode(lora, predictors)
-        assert predictions.keys() == single_predictions.keys() and embeddings.keys() == single_embeddings.keys()
-        for name in embeddings:
-            np.testing.assert_allclose(embeddings[name], single_embeddings[name], rtol=1e-4, atol=1e-5)
-        for name, targets in predictions.items():
-            for target, value in targets.items():
-                assert value == pytest.approx(single_predictions[name][target], rel=1e-4, abs=1e-5)
+    batched = encode_many(loras, encoders)
+    for lora, encoded in zip(loras, batched, strict=True):
+        single = encode(lora, encoders)
+        assert encoded.estimates.keys() == single.estimates.keys()
+        assert encoded.embeddings.keys() == single.embeddings.keys()
+        for name in encoded.embeddings:
+            np.testing.assert_allclose(encoded.embeddings[name], single.embeddings[name], rtol=1e-4, atol=1e-5)
+        for name, estimate in encoded.estimates.items():
+            one = single.estimates[name]
+            assert (estimate.kind, estimate.label, estimate.in_sample) == (one.kind, one.label, one.in_sample)
+            assert estimate.probabilities == pytest.approx(one.probabilities, rel=1e-4, abs=1e-5)
+            if estimate.kind == "regression":
+                assert estimate.value == pytest.approx(one.value, rel=1e-4, abs=1e-5)

@@ -61,6 +61,7 @@ _FULL_DISK = """
 import resource, signal, sys
 sys.path[:0] = [sys.argv[3]]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
+from lol_engine.encoders import FingerprintEncoder
 from lol_engine.errors import StoreError
 from lol_engine.ingest import ingest
 from lol_engine.store import LoraStore
@@ -69,7 +70,7 @@ store = LoraStore(sys.argv[1])
 store.count()
 resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
 try:
-    ingest([sys.argv[2]], store, {}, progress=False)
+    ingest([sys.argv[2]], store, [FingerprintEncoder()], progress=False)
 except StoreError as exc:
     print("STORE-ERROR", exc)
 """
@@ -91,9 +92,10 @@ def test_a_full_disk_stops_the_ingest_cleanly(tmp_path: Path) -> None:
                 "'fingerprint') OR id NOT IN (SELECT lora_id FROM labels)"
             ).fetchone()[0]
         assert missing == 0
+        from lol_engine.encoders import FingerprintEncoder
         from lol_engine.ingest import ingest
 
-        ingest([str(zoo)], store, {}, progress=False)
+        ingest([str(zoo)], store, [FingerprintEncoder()], progress=False)
         assert store.count() == 400
 
 

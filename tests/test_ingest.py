@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("duckdb")
 
 from lol_engine.cli import main
-from lol_engine.ingest import ingest, shipped_predictors
+from lol_engine.encoders import FingerprintEncoder, load_predictors
+from lol_engine.ingest import ingest
 from lol_engine.store import LoraStore
 from lol_engine.zoo import ZooSettings, build_zoo
 
@@ -34,9 +35,10 @@ def test_ingest_zoo_with_labels_predictions_and_fingerprints(small_zoo: Path, tm
         lora_id = report.ids[0]
         assert store.get(lora_id).zoo == "digits-small"
         assert {"classes", "acc_own", "probe_member"} <= set(store.labels(lora_id))
-        predictions = store.predictions(lora_id)
-        assert {"digits-classes", "digits-acc_own"} <= set(predictions)
-        assert not any(name.startswith("fashion-gen") for name in predictions)  # spec does not fit: not predicted
+        estimates = store.estimates(lora_id)
+        assert {"digits-classes", "digits-acc_own"} <= set(estimates)
+        assert estimates["digits-acc_own"].kind == "regression" and estimates["digits-classes"].kind == "multilabel"
+        assert not any(name.startswith("fashion-gen") for name in estimates)  # spec does not fit: not predicted
         ids, matrix = store.embeddings("fingerprint")
         assert len(ids) == 6 and matrix.shape[1] > 50
         assert ingest([str(small_zoo)], store, progress=False).ids == report.ids  # idempotent
@@ -44,7 +46,7 @@ def test_ingest_zoo_with_labels_predictions_and_fingerprints(small_zoo: Path, tm
 
 
 def test_shipped_predictors_load() -> None:
-    predictors = shipped_predictors()
+    predictors = load_predictors()
     assert {"digits-classes", "fashion-gen-quality"} <= set(predictors)
 
 
@@ -60,7 +62,7 @@ def test_hub_repo_from_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     with LoraStore(":memory:") as store:
-        report = ingest(["someone/style-lora"], store, predictors={}, progress=False, cache_dir=str(tmp_path / "hub"))
+        report = ingest(["someone/style-lora"], store, encoders=[FingerprintEncoder()], progress=False, cache_dir=str(tmp_path / "hub"))
         assert len(report.ids) == 1 and store.get(report.ids[0]).format == "peft"
 
 

@@ -11,7 +11,9 @@ import pytest
 duckdb = pytest.importorskip("duckdb")
 
 from lol_engine import load_lora  # noqa: E402
+from lol_engine.encoders import FingerprintEncoder  # noqa: E402
 from lol_engine.errors import StoreError  # noqa: E402
+from lol_engine.estimate import Estimate  # noqa: E402
 from lol_engine.fingerprint import fingerprint  # noqa: E402
 from lol_engine.store import SCHEMA_VERSION, LoraStore  # noqa: E402
 
@@ -25,7 +27,8 @@ def loras():
 
 def test_ingest_is_idempotent_and_keeps_what_is_attached(tmp_path: Path, loras) -> None:
     with LoraStore(tmp_path / "db.duckdb") as store:
-        first = store.add(loras[0], zoo="digits", labels={"acc_own": 0.9}, predictions={"gl_net": {"acc_own": 0.8}})
+        estimate = Estimate("gl_net", "acc_own", "regression", 0.8, interval=(0.7, 0.9), coverage=0.9)
+        first = store.add(loras[0], zoo="digits", labels={"acc_own": 0.9}, estimates={"gl_net": estimate})
         again = store.add(loras[0], zoo="digits", labels={"acc_own": 0.9})
         assert first == again == loras[0].meta.sha256
         assert store.count() == 1
@@ -33,7 +36,7 @@ def test_ingest_is_idempotent_and_keeps_what_is_attached(tmp_path: Path, loras) 
         assert stored.name == "00000" and stored.format == "peft" and stored.base_family == "digits-mlp"
         assert stored.rank_min == stored.rank_max == 4 and [m["name"] for m in stored.spec] == ["fc1", "fc2"]
         assert store.labels(first) == {"acc_own": 0.9}
-        assert store.predictions(first) == {"gl_net": {"acc_own": 0.8}}
+        assert store.estimates(first) == {"gl_net": estimate}
         assert store.schema_version == SCHEMA_VERSION
     with LoraStore(tmp_path / "db.duckdb") as reopened:  # restarting keeps the collection
         assert reopened.count() == 1 and reopened.get(first).zoo == "digits"
@@ -144,6 +147,7 @@ def test_backup_is_a_complete_copy_of_an_open_store(tmp_path: Path, loras) -> No
 _KILLED_INGEST = """
 import os, signal, sys
 import lol_engine.store as store_module
+from lol_engine.encoders import FingerprintEncoder
 from lol_engine.ingest import ingest
 from lol_engine.store import LoraStore
 
@@ -157,7 +161,7 @@ def dying_insert(cur, table, rows):
     insert_many(cur, table, rows)
 
 store_module._insert_many = dying_insert
-ingest([sys.argv[2]], LoraStore(sys.argv[1]), {}, progress=False, batch=2)
+ingest([sys.argv[2]], LoraStore(sys.argv[1]), [FingerprintEncoder()], progress=False, batch=2)
 """
 
 
@@ -184,7 +188,7 @@ def test_a_killed_ingest_leaves_only_complete_loras(tmp_path: Path) -> None:
                 assert orphans.fetchone()[0] == 0, table
         from lol_engine.ingest import ingest
 
-        report = ingest([str(zoo)], store, {}, progress=False)  # a rerun completes the collection
+        report = ingest([str(zoo)], store, [FingerprintEncoder()], progress=False)  # a rerun completes the collection
         assert not report.refused and store.count() == 6
 
 

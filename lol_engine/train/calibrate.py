@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
+from lol_engine.estimate import Estimate, Kind
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.train.tasks import Task
 
-__all__ = ["Estimate", "calibrate", "calibrate_folder", "conformal_quantile", "estimates", "estimates_from",
-           "nonconformity"]  # fmt: skip
+if TYPE_CHECKING:
+    from lol_engine.train.checkpoint import Predictor
+    from lol_engine.train.loop import LoadedZoo
+
+__all__ = ["calibrate", "calibrate_folder", "conformal_quantile", "estimate", "estimate_from", "nonconformity"]
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
@@ -66,7 +69,7 @@ def _size(task: Task, decoded: torch.Tensor, mask: torch.Tensor, q: float) -> fl
 
 
 def calibrate(
-    predictor: Any, zoo: Any, coverage: float = 0.9, split: str = "val", check: str | None = "test"
+    predictor: Predictor, zoo: LoadedZoo, coverage: float = 0.9, split: str = "val", check: str | None = "test"
 ) -> dict[str, Any]:
     """Calibrate ``predictor`` (:class:`~lol_engine.train.checkpoint.Predictor`) on ``zoo``'s ``split``.
 
@@ -86,8 +89,14 @@ def calibrate(
     pred, data = decoded(split)
     scores = nonconformity(task, pred, data.y, data.mask)
     q = conformal_quantile(scores, coverage)
-    out: dict[str, Any] = {"method": "split conformal", "coverage": coverage, "split": split, "n": len(data),
-                           "n_scores": int(scores.size), "q": q}  # fmt: skip
+    out: dict[str, Any] = {
+        "method": "split conformal",
+        "coverage": coverage,
+        "split": split,
+        "n": len(data),
+        "n_scores": int(scores.size),
+        "q": q,
+    }
     if check is not None:
         pred, data = decoded(check)
         out[f"{check}_coverage"] = float(_covered(task, pred, data.y, data.mask, q).mean())
@@ -95,7 +104,7 @@ def calibrate(
     return out
 
 
-def calibrate_folder(folder: str | Path, zoo: Any, coverage: float = 0.9) -> dict[str, Any]:
+def calibrate_folder(folder: str | Path, zoo: LoadedZoo, coverage: float = 0.9) -> dict[str, Any]:
     """Calibrate the predictor saved in ``folder`` on ``zoo`` (a loaded zoo) and record it in its ``config.json``."""
     from lol_engine.train.checkpoint import load_predictor
 
@@ -107,49 +116,49 @@ def calibrate_folder(folder: str | Path, zoo: Any, coverage: float = 0.9) -> dic
     return result
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """One predicted target: its value (a number, a probability, or a class), and the calibrated range if known.
-
-    ``interval`` is set for regression; ``choices`` (the conformal label set) for classification. ``coverage`` is the
-    nominal coverage of that range, ``None`` when the predictor was never calibrated.
-    """
-
-    target: str
-    kind: str
-    value: float | str
-    probability: float | None
-    interval: tuple[float, float] | None
-    choices: tuple[str, ...] | None
-    coverage: float | None
-
-
-def estimates(predictor: Any, lora: LoraWeights) -> list[Estimate]:
-    """The predictor's output for one LoRA as :class:`Estimate` rows, with calibrated ranges when available.
+def estimate(predictor: Predictor, lora: LoraWeights) -> Estimate:
+    """The predictor's estimate for one LoRA, with its calibrated range when available.
 
     Raises :class:`~lol_engine.nn.batch.SpecMismatchError` when the LoRA does not fit the predictor.
     """
-    return estimates_from(predictor, predictor.predict(lora)[predictor.task.label])
+    return predictor.predict(lora)
 
 
-def estimates_from(predictor: Any, raw: Any) -> list[Estimate]:
-    """:func:`estimates` from an output already computed: a number, or ``{name: probability}``."""
+def estimate_from(predictor: Predictor, decoded: Any, in_sample: bool = False) -> Estimate:
+    """The :class:`Estimate` of one LoRA's decoded output (:meth:`Task.decode`'s row: a number or a vector)."""
     task: Task = predictor.task
     cal = predictor.config.get("calibration")
     q = float(cal["q"]) if cal else None
-    coverage = float(cal["coverage"]) if cal else None
+    values = torch.as_tensor(decoded, dtype=torch.float64).reshape(-1).tolist()
+    value: float | str | tuple[str, ...]
+    probs: dict[str, float] = {}
+    interval: tuple[float, float] | None = None
+    sets: dict[str, tuple[str, ...]] | None = None
     if task.kind == "regression":
-        value = float(raw)
-        interval = (value - q, value + q) if q is not None else None
-        return [Estimate(task.label, task.kind, value, None, interval, None, coverage)]
-    if task.kind == "categorical":
-        probs = dict(raw)
-        best = max(probs, key=lambda k: probs[k])
-        choices = tuple(k for k, p in sorted(probs.items(), key=lambda kv: -kv[1]) if q is not None and 1 - p <= q)
-        return [Estimate(task.label, task.kind, best, probs[best], None, choices if q is not None else None, coverage)]
-    probs = {task.label: float(raw)} if task.kind == "binary" else dict(raw)
-    rows = []
-    for name, p in probs.items():
-        bits = None if q is None else tuple(v for v, pv in (("1", p), ("0", 1 - p)) if 1 - pv <= q)
-        rows.append(Estimate(name, task.kind, "1" if p >= 0.5 else "0", p, None, bits, coverage))
-    return rows
+        value = number = values[0]
+        interval = (number - q, number + q) if q is not None else None
+    elif task.kind == "categorical":
+        probs = dict(zip(task.names, values, strict=True))
+        value = max(probs, key=lambda k: probs[k])
+        if q is not None:
+            sets = {task.label: tuple(k for k, p in sorted(probs.items(), key=lambda kv: -kv[1]) if 1 - p <= q)}
+    else:
+        probs = dict(zip((task.label,) if task.kind == "binary" else task.names, values, strict=True))
+        if q is not None:
+            sets = {n: tuple(v for v, pv in (("1", p), ("0", 1 - p)) if 1 - pv <= q) for n, p in probs.items()}
+        if task.kind == "binary":
+            value = "1" if values[0] >= 0.5 else "0"
+        else:
+            value = tuple(n for n, p in probs.items() if p >= 0.5)
+    return Estimate(
+        predictor=predictor.name,
+        label=task.label,
+        kind=cast(Kind, task.kind),
+        value=value,
+        probabilities=probs,
+        interval=interval,
+        sets=sets,
+        coverage=float(cal["coverage"]) if cal else None,
+        skill=predictor.skill,
+        in_sample=in_sample,
+    )

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lol_engine.estimate import Estimate, Skill
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.nn.batch import LoraBatch, SpecMismatchError, check_compatible
 from lol_engine.nn.models import LoLModel, ModelConfig, build_model
 from lol_engine.spec import LayerSpec, LoraSpec
 from lol_engine.train.tasks import Task
 
-__all__ = ["Predictor", "load_predictor", "save_predictor"]
+if TYPE_CHECKING:
+    from lol_engine.train.loop import LoadedZoo
+
+__all__ = ["Predictor", "delta_digest", "load_predictor", "save_predictor", "seen_digests"]
 
 
 def save_predictor(
@@ -45,21 +51,33 @@ def save_predictor(
         }
         for s in model.spec.layers
     ]
-    config = {"model": model_name, "model_config": model.config.to_dict(), "spec": spec, "task": task.to_dict(),
-              "fold_scale": fold_scale, **(extra or {})}  # fmt: skip
+    config = {
+        "model": model_name,
+        "model_config": model.config.to_dict(),
+        "spec": spec,
+        "task": task.to_dict(),
+        "fold_scale": fold_scale,
+        **(extra or {}),
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
 @dataclass
 class Predictor:
-    """A trained model with its task: ``predict(lora)`` gives labels in their own units."""
+    """A trained model with its task: :meth:`predict` gives an :class:`~lol_engine.estimate.Estimate` per LoRA.
+
+    ``name`` is its folder's name. ``config`` is its ``config.json``: the model, spec and task, the held-out
+    ``result``, the ``calibration`` and ``seen``, the digests of the LoRAs it learned from (:meth:`has_seen`).
+    """
 
     model: LoLModel
     task: Task
     fold_scale: bool
     config: dict[str, Any]
+    name: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _seen: tuple[frozenset[str], frozenset[str]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def _last_layer(self) -> torch.nn.Linear:
@@ -73,13 +91,18 @@ class Predictor:
         """Length of :meth:`embed`'s vector: the width of the model's head before its last layer."""
         return int(self._last_layer.in_features)
 
+    @property
+    def skill(self) -> Skill | None:
+        """The held-out score recorded when it was trained."""
+        return Skill.from_result(self.config.get("result"))
+
     def to(self, device: str | torch.device) -> Predictor:
         """Move the model to a device (a GPU, say); inputs follow it, outputs come back on the CPU."""
         self.model.to(device)
         return self
 
-    def predict(self, lora: LoraWeights) -> dict[str, Any]:
-        """Predictions for one LoRA; raises :class:`SpecMismatchError` naming modules that are missing or differ."""
+    def predict(self, lora: LoraWeights) -> Estimate:
+        """The estimate for one LoRA; raises :class:`SpecMismatchError` naming modules that are missing or differ."""
         return self.predict_and_embed(lora)[0]
 
     def embed(self, lora: LoraWeights) -> torch.Tensor:
@@ -89,7 +112,7 @@ class Predictor:
         """
         return self.predict_and_embed(lora)[1]
 
-    def predict_and_embed(self, lora: LoraWeights) -> tuple[dict[str, Any], torch.Tensor]:
+    def predict_and_embed(self, lora: LoraWeights) -> tuple[Estimate, torch.Tensor]:
         """:meth:`predict` and :meth:`embed` from one forward pass."""
         return self.predict_and_embed_many([lora])[0]
 
@@ -101,9 +124,31 @@ class Predictor:
             return False
         return True
 
+    def has_seen(self, lora: LoraWeights) -> bool:
+        """Whether ``lora`` was among the LoRAs this predictor learned from (training and early-stopping splits).
+
+        True when its file's sha256 is recorded, or its exact ΔW is (:func:`delta_digest`: the same factors saved in
+        another container or with other metadata). False for predictors that recorded nothing.
+        """
+        if self.has_seen_file(lora.meta.sha256):
+            return True
+        return bool(self._digests()[1]) and delta_digest(lora) in self._digests()[1]
+
+    def has_seen_file(self, sha256: str) -> bool:
+        """Whether a LoRA file with this sha256 was among the LoRAs this predictor learned from."""
+        return bool(sha256) and sha256 in self._digests()[0]
+
+    def _digests(self) -> tuple[frozenset[str], frozenset[str]]:
+        if self._seen is None:
+            seen = self.config.get("seen") or {}
+            self._seen = (frozenset(seen.get("sha256", ())), frozenset(seen.get("delta", ())))
+        return self._seen
+
     @torch.no_grad()
-    def predict_and_embed_many(self, loras: Sequence[LoraWeights]) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    def predict_and_embed_many(self, loras: Sequence[LoraWeights]) -> list[tuple[Estimate, torch.Tensor]]:
         """:meth:`predict_and_embed` for many LoRAs in one batched forward (each must fit, else SpecMismatchError)."""
+        from lol_engine.train.calibrate import estimate_from
+
         for lora in loras:
             check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
         device = next(self.model.parameters()).device
@@ -115,14 +160,42 @@ class Predictor:
                 logits = self.model.eval()(batch)
             finally:
                 hook.remove()
-        logits, hidden = logits.cpu(), captured[0].cpu()
-        return [(self._decode(logits[i : i + 1]), hidden[i]) for i in range(len(loras))]
+        decoded, hidden = self.task.decode(logits.cpu()), captured[0].cpu()
+        return [
+            (estimate_from(self, decoded[i], in_sample=self.has_seen(lora)), hidden[i]) for i, lora in enumerate(loras)
+        ]
 
-    def _decode(self, logits: torch.Tensor) -> dict[str, Any]:
-        out = self.task.decode(logits)[0]
-        if self.task.kind in ("regression", "binary"):
-            return {self.task.label: float(out)}
-        return {self.task.label: {name: float(p) for name, p in zip(self.task.names, out.tolist(), strict=True)}}
+
+_DIGESTS: weakref.WeakKeyDictionary[LoraWeights, str] = weakref.WeakKeyDictionary()  # one product per LoRA
+
+
+def delta_digest(lora: LoraWeights) -> str:
+    """sha256 of the LoRA's ΔW = scale·B·A per module (float64 product, stored as float32, modules by name).
+
+    Equal for the same factors in any container (PEFT or kohya keys, other metadata, another dtype that holds the
+    values exactly); two trainings never collide. Costs one d_out × d_in product per module.
+    """
+    known = _DIGESTS.get(lora)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    for module in sorted(lora, key=lambda m: m.name):
+        delta = module.scale * (module.b.to(torch.float64) @ module.a.to(torch.float64))
+        digest.update(module.name.encode() + b"\0" + str(tuple(delta.shape)).encode())
+        digest.update(delta.to(torch.float32).contiguous().cpu().numpy().tobytes())
+    _DIGESTS[lora] = digest.hexdigest()
+    return _DIGESTS[lora]
+
+
+def seen_digests(zoo: LoadedZoo, splits: Sequence[str] = ("train", "val")) -> dict[str, Any]:
+    """The ``seen`` entry of a predictor trained on ``zoo``: file sha256 and :func:`delta_digest` of every LoRA in
+    ``splits`` (the weights' training split and the split that chose the epoch and calibrated the ranges)."""
+    rows = [int(i) for split in splits for i in zoo.split(split)]
+    return {
+        "splits": list(splits),
+        "sha256": sorted(str(zoo.loras[i].meta.sha256) for i in rows),
+        "delta": sorted(delta_digest(zoo.loras[i]) for i in rows),
+    }
 
 
 def load_predictor(folder: str | Path) -> Predictor:
@@ -140,4 +213,4 @@ def load_predictor(folder: str | Path) -> Predictor:
     task = Task.from_dict(config["task"])
     model = build_model(config["model"], spec, task.out_dim, ModelConfig(**config["model_config"]))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return Predictor(model.eval(), task, bool(config["fold_scale"]), config)
+    return Predictor(model.eval(), task, bool(config["fold_scale"]), config, name=folder.name)
