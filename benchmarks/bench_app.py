@@ -44,25 +44,25 @@ def percentile(values: list[float], q: float) -> float:
 
 def setup_collection(folder: Path, tiny: bool) -> tuple[object, dict[str, float]]:
     """A fresh collection of the default zoo (or a 70-LoRA slice with ``tiny``), timed step by step."""
-    from lol_engine.explorer import DEFAULT_ZOOS, Explorer
-    from lol_engine.ingest import ingest
+    from lol_engine.explorer import Explorer
+    from lol_engine.settings import settings
 
     explorer = Explorer.open(folder / "lol.duckdb")
-    zoos = [str(z) for z in DEFAULT_ZOOS]
+    zoos = [str(z) for z in settings().default_zoos]
     if tiny:
         sys.path.insert(0, str(ROOT / "tests"))
         from collection import mini_zoo
 
         zoos = [str(mini_zoo(folder / "zoos", "digits", 40)), str(mini_zoo(folder / "zoos", "fashion-gen", 30))]
     start = time.perf_counter()
-    ingest(zoos, explorer.store, explorer.predictors, progress=True)
-    timings = {"ingest": time.perf_counter() - start, "n": float(explorer.store.count())}
+    explorer.ingest(zoos, progress=True)
+    timings = {"ingest": time.perf_counter() - start, "n": float(explorer.count())}
     start = time.perf_counter()
     import umap  # noqa: F401  (import cost shown apart from the fits)
 
     timings["import umap"] = time.perf_counter() - start
-    encoders = explorer.encoders()
-    per_map = explorer.fit_maps(encoders, progress=True)
+    per_map = explorer.fit_maps(progress=True)  # every encoder with embeddings, fingerprint first
+    encoders = list(per_map)
     timings["first map (with JIT)"] = per_map[encoders[0]]
     timings["other maps"] = sum(per_map[e] for e in encoders[1:])
     timings["refit of the first map (JIT warm)"] = explorer.fit_maps(encoders[:1])[encoders[0]]
@@ -82,8 +82,13 @@ def latency(explorer: object, files: dict[str, Path], runs: dict[str, int]) -> l
     ledger = UploadLedger()
     demo = build_demo(explorer, ledger=ledger)  # type: ignore[arg-type]
     demo.queue(default_concurrency_limit=8)
-    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False,
-                **launch_options(max_upload_bytes(), ledger))  # fmt: skip
+    demo.launch(
+        server_name="127.0.0.1",
+        prevent_thread_lock=True,
+        quiet=True,
+        ssr_mode=False,
+        **launch_options(max_upload_bytes(), ledger),
+    )
     client = Client(demo.local_url, verbose=False)
     rows = []
     try:
@@ -100,8 +105,16 @@ def latency(explorer: object, files: dict[str, Path], runs: dict[str, int]) -> l
                 client.predict([handle_file(str(path))], "", api_name="/analyse")
                 remote.append(time.perf_counter() - start)
             size = path.stat().st_size / 2**20
-            rows.append([name, f"{size:.2f}", str(runs[name]), f"{percentile(remote, 50):.3f}",
-                         f"{percentile(remote, 95):.3f}", f"{statistics.median(local):.3f}"])  # fmt: skip
+            rows.append(
+                [
+                    name,
+                    f"{size:.2f}",
+                    str(runs[name]),
+                    f"{percentile(remote, 50):.3f}",
+                    f"{percentile(remote, 95):.3f}",
+                    f"{statistics.median(local):.3f}",
+                ]
+            )
     finally:
         client.close()
         demo.close()

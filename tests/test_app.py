@@ -75,8 +75,9 @@ def test_inspect_upload_refuses_a_pickle(tmp_path: Path) -> None:
 
 def test_analyse_upload_predicts_with_calibrated_ranges(collection: Explorer) -> None:
     before = collection.count()
-    result = handlers.analyse_upload(collection, [str(FASHION / "adapter_model.safetensors"),
-                                                  str(FASHION / "adapter_config.json")])  # fmt: skip
+    result = handlers.analyse_upload(
+        collection, [str(FASHION / "adapter_model.safetensors"), str(FASHION / "adapter_config.json")]
+    )
     assert collection.count() == before  # analysing stores nothing
     frame = result.predictions
     assert list(frame.columns) == handlers.PREDICTION_COLUMNS
@@ -219,3 +220,36 @@ def test_inspect_summary_escapes_the_file_name(tmp_path: Path) -> None:
     path = save(tmp_path / f"{HOSTILE.replace('/', '_')}.safetensors", kohya(stem))
     summary = inspect_upload([str(path)]).summary
     assert "<img" not in summary and "&lt;img" in summary
+
+
+def test_events_show_user_errors_and_hide_bugs_behind_an_id(caplog: pytest.LogCaptureFixture) -> None:
+    """One error tree: every LolError kind reaches the page as its message; anything else is logged with an id."""
+    gr = pytest.importorskip("gradio")
+    from app.ui import _guard
+    from lol_engine.errors import StoreError
+
+    def raising(exc: BaseException):
+        @_guard
+        def event() -> None:
+            raise exc
+
+        return event
+
+    for exc in (
+        LoraFormatError("/srv/app/x.safetensors: not a LoRA"),
+        BadRequestError("pick two LoRAs to compare"),
+        NotFoundError("no LoRA 'abc' in the collection"),
+        StoreError("/srv/data/lol.duckdb: the write failed"),
+    ):
+        with pytest.raises(gr.Error) as info:
+            raising(exc)()
+        assert info.value.message == handlers.public_message(str(exc)) and "/srv" not in info.value.message
+    assert str(NotFoundError("no LoRA 'abc'")) == "no LoRA 'abc'"  # a KeyError, printed without quotes
+    for bug in (KeyError("fc1"), ValueError("shapes (3,) and (4,) not aligned"), RuntimeError("boom")):
+        with caplog.at_level("ERROR", logger="app.ui"), pytest.raises(gr.Error) as info:
+            raising(bug)()
+        ref = info.value.message.rsplit("internal error ", 1)[-1].rstrip(")")
+        assert len(ref) == 8 and str(bug) not in info.value.message  # no internals in the page...
+        assert any(ref in r.getMessage() and r.exc_info for r in caplog.records)  # ...but in the log, with its id
+    with pytest.raises(gr.Error, match=r"No space left on device; internal error"):
+        raising(OSError(28, "No space left on device", "/srv/data/lol.duckdb"))()

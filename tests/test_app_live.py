@@ -66,8 +66,14 @@ def app_url(live: Explorer, gradio_temp: Path) -> Iterator[str]:
     ledger = UploadLedger()
     demo = build_demo(live, max_upload=CAP, ledger=ledger)
     demo.queue(default_concurrency_limit=8)
-    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-                **launch_options(CAP, ledger))  # fmt: skip
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=None,
+        prevent_thread_lock=True,
+        quiet=True,
+        ssr_mode=False,
+        **launch_options(CAP, ledger),
+    )
     try:
         yield demo.local_url
     finally:
@@ -87,8 +93,10 @@ def test_api_lists_every_action(client: Client) -> None:
 
 
 def test_api_upload_predict_and_neighbours(client: Client) -> None:
-    files = [handle_file(str(FASHION[40] / "adapter_model.safetensors")),
-             handle_file(str(FASHION[40] / "adapter_config.json"))]  # fmt: skip
+    files = [
+        handle_file(str(FASHION[40] / "adapter_model.safetensors")),
+        handle_file(str(FASHION[40] / "adapter_config.json")),
+    ]
     card, predictions, spectrum, neighbours, modules, _ = client.predict(files, "", api_name="/analyse")
     assert "fashion" in card and "3 of 7 fit" in card
     rows = {row[0]: row for row in predictions["data"]}
@@ -122,8 +130,10 @@ def test_api_add_bad_input_and_status(client: Client, live: Explorer, tmp_path: 
 def test_an_oversize_upload_is_refused_before_its_body_is_sent(app_url: str, gradio_temp: Path) -> None:
     host, port = app_url.split("//")[1].rstrip("/").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
-                     f"boundary=b\r\nContent-Length: {CAP + 3 * 2**20}\r\n\r\n".encode())  # fmt: skip
+        sock.sendall(
+            f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+            f"boundary=b\r\nContent-Length: {CAP + 3 * 2**20}\r\n\r\n".encode()
+        )
         start = time.perf_counter()
         reply = sock.recv(4096).decode()  # not one byte of the body was sent
     assert reply.startswith("HTTP/1.1 413") and "upload too large" in reply, reply
@@ -250,8 +260,9 @@ def test_browser_upload_predict_map_click_and_lasso(app_url: str, tmp_path: Path
     shots = Path(os.environ.get("LOL_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage",
-                                                                    "--disable-gpu"])  # fmt: skip
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))

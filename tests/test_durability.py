@@ -100,8 +100,9 @@ def test_a_newer_collection_stops_lol_serve_and_the_space_in_one_line(
     assert signal.getsignal(signal.SIGTERM) == before
 
     env = {**os.environ, "LOL_DATA_DIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(ROOT / "space_app.py")], env=env, capture_output=True, text=True,
-                            timeout=300, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "space_app.py")], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "is newer" in lines[0], lines

@@ -15,6 +15,7 @@ pytest.importorskip("duckdb")
 
 from collection import ZOOS, mini_zoo
 
+import lol_engine.explorer as explorer_module
 from lol_engine import LoraFormatError, load_lora
 from lol_engine.encoders import FINGERPRINT, encoders_for, load_predictors
 from lol_engine.explorer import AddResult, Explorer, neighbour_placement
@@ -319,3 +320,40 @@ def test_batched_encoding_matches_one_at_a_time() -> None:
             assert estimate.probabilities == pytest.approx(one.probabilities, rel=1e-4, abs=1e-5)
             if estimate.kind == "regression":
                 assert estimate.value == pytest.approx(one.value, rel=1e-4, abs=1e-5)
+
+
+def test_analyse_then_add_parses_once_and_predicts_once(
+    fresh: Explorer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's Analyse then Add: the upload is parsed once and each fitting predictor runs one forward."""
+    pytest.importorskip("gradio")
+    from app import handlers
+    from lol_engine.train.checkpoint import Predictor
+
+    upload = tmp_path / "up" / "mine.safetensors"
+    upload.parent.mkdir()
+    shutil.copyfile(DIGITS[25] / "adapter_model.safetensors", upload)
+    config = tmp_path / "up" / "adapter_config.json"
+    shutil.copyfile(DIGITS[25] / "adapter_config.json", config)
+    parsed: list[str] = []
+    forwards: list[str] = []
+    real_load, real_forward = explorer_module.load_lora, Predictor.predict_and_embed_many
+
+    def counting_load(path, **kwargs):
+        parsed.append(str(path))
+        return real_load(path, **kwargs)
+
+    def counting_forward(self, loras):
+        forwards.append(self.name)
+        return real_forward(self, loras)
+
+    monkeypatch.setattr(explorer_module, "load_lora", counting_load)
+    monkeypatch.setattr(Predictor, "predict_and_embed_many", counting_forward)
+    result = handlers.analyse_upload(fresh, [str(upload), str(config)])
+    message = handlers.add_upload(fresh, [str(upload), str(config)])
+    assert message.startswith("Added **mine**")
+    assert parsed.count(str(upload)) == 1  # the others are stored LoRAs read for neighbours, never the upload
+    assert not [p for p in parsed if str(fresh.uploads_dir) in p]  # nor its stored copy
+    fitting = sorted(result.analysis.estimates)
+    assert len(fitting) == 4 and sorted(forwards) == fitting  # one forward per fitting predictor, none on add
+    assert fresh.estimates(result.analysis.sha256) == result.analysis.estimates

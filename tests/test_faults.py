@@ -79,8 +79,13 @@ except StoreError as exc:
 def test_a_full_disk_stops_the_ingest_cleanly(tmp_path: Path) -> None:
     zoo = mini_zoo(tmp_path / "zoos", "digits", 400)
     db = tmp_path / "lol.duckdb"
-    result = subprocess.run([sys.executable, "-c", _FULL_DISK, str(db), str(zoo), str(ROOT)],
-                            capture_output=True, text=True, check=False, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(db), str(zoo), str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert "STORE-ERROR" in result.stdout, result.stdout[-1000:] + result.stderr[-2000:]
     assert "nothing of it was stored" in result.stdout and "File too large" in result.stdout
     with LoraStore(db) as store:  # reopened without the limit: only whole LoRAs, and they can be completed
@@ -101,14 +106,35 @@ def test_a_full_disk_stops_the_ingest_cleanly(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ the upload path
 UPLOAD_PATH_MODULES = [
-    "lol_engine/lora/safe_io.py", "lol_engine/lora/parse.py", "lol_engine/lora/keys.py", "lol_engine/lora/config.py",
-    "lol_engine/lora/family.py", "lol_engine/lora/weights.py", "lol_engine/report.py", "lol_engine/fingerprint.py",
-    "lol_engine/symmetry.py", "lol_engine/similarity.py", "lol_engine/explorer.py", "lol_engine/ingest.py",
-    "lol_engine/store.py", "lol_engine/train/checkpoint.py", "lol_engine/train/calibrate.py", "app/handlers.py",
-    "app/ui.py", "app/serve.py",
-]  # fmt: skip
-_FORBIDDEN = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("torch", "load"), ("np", "load"),
-              ("numpy", "load"), ("joblib", "load"), ("dill", "load")}  # fmt: skip
+    "lol_engine/lora/safe_io.py",
+    "lol_engine/lora/parse.py",
+    "lol_engine/lora/keys.py",
+    "lol_engine/lora/config.py",
+    "lol_engine/lora/family.py",
+    "lol_engine/lora/weights.py",
+    "lol_engine/report.py",
+    "lol_engine/fingerprint.py",
+    "lol_engine/symmetry.py",
+    "lol_engine/similarity.py",
+    "lol_engine/explorer.py",
+    "lol_engine/ingest.py",
+    "lol_engine/store.py",
+    "lol_engine/train/checkpoint.py",
+    "lol_engine/train/calibrate.py",
+    "app/handlers.py",
+    "app/ui.py",
+    "app/serve.py",
+]
+_FORBIDDEN = {
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("pickle", "Unpickler"),
+    ("torch", "load"),
+    ("np", "load"),
+    ("numpy", "load"),
+    ("joblib", "load"),
+    ("dill", "load"),
+}
 
 
 def test_the_upload_path_never_names_pickle_eval_or_torch_load() -> None:
@@ -179,7 +205,10 @@ def test_stale_staging_and_exports_are_cleaned(tmp_path: Path, monkeypatch: pyte
     stale = tmp_path / "data" / "uploads" / ".abc123-killed"
     stale.mkdir(parents=True)
     (stale / "adapter_model.safetensors").write_bytes(b"partial")
-    Explorer.open(tmp_path / "data" / "lol.duckdb").close()  # a restart removes what a killed add left
+    explorer = Explorer.open(tmp_path / "data" / "lol.duckdb")
+    assert stale.exists()  # opening has no side effect
+    explorer.start(zoos=[], progress=False)  # the start-up step removes what a killed add left
+    explorer.close()
     assert not stale.exists()
 
     pytest.importorskip("gradio")

@@ -140,8 +140,28 @@ from hypothesis import strategies as st  # noqa: E402
 
 _PARTS = ["model", "layers", "0", "1", "12", "self_attn", "q_proj", "v_proj", "mlp", "down_proj", "lora"]
 _NAMES = st.lists(st.sampled_from(_PARTS), min_size=1, max_size=5).map(".".join)
-_PATTERN_BITS = st.sampled_from(["q_proj", "v_proj", r"\.", ".", ".*", r"\d+", "layers", "(q|v)_proj", "[0-9]",
-                                 "mlp", "_", "proj", "+", "?", "self_attn", "(", ")", "|"])  # fmt: skip
+_PATTERN_BITS = st.sampled_from(
+    [
+        "q_proj",
+        "v_proj",
+        r"\.",
+        ".",
+        ".*",
+        r"\d+",
+        "layers",
+        "(q|v)_proj",
+        "[0-9]",
+        "mlp",
+        "_",
+        "proj",
+        "+",
+        "?",
+        "self_attn",
+        "(",
+        ")",
+        "|",
+    ]
+)
 _PATTERNS = st.lists(_PATTERN_BITS, min_size=1, max_size=6).map("".join)
 
 
@@ -160,8 +180,9 @@ def test_pattern_table_matches_peft(patterns: list[str], names: list[str]) -> No
         except re.error:
             pass
     try:
-        table = config_module.PatternTable.parse({p: i + 1 for i, p in enumerate(valid)}, "rank_pattern", "cfg",
-                                                 ReadLimits())  # fmt: skip
+        table = config_module.PatternTable.parse(
+            {p: i + 1 for i, p in enumerate(valid)}, "rank_pattern", "cfg", ReadLimits()
+        )
     except LoraFormatError:
         return  # a key only Python's re accepts (none of these bits builds one, but the contract allows it)
     for name in names:

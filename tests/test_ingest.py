@@ -62,7 +62,13 @@ def test_hub_repo_from_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     with LoraStore(":memory:") as store:
-        report = ingest(["someone/style-lora"], store, encoders=[FingerprintEncoder()], progress=False, cache_dir=str(tmp_path / "hub"))
+        report = ingest(
+            ["someone/style-lora"],
+            store,
+            encoders=[FingerprintEncoder()],
+            progress=False,
+            cache_dir=str(tmp_path / "hub"),
+        )
         assert len(report.ids) == 1 and store.get(report.ids[0]).format == "peft"
 
 

@@ -206,8 +206,14 @@ def test_added_at_is_utc_whatever_the_local_time_zone(tmp_path: Path) -> None:
     )
     env = {**os.environ, "TZ": "Pacific/Kiritimati"}
     before = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lol.duckdb"), str(lora)],
-                         capture_output=True, text=True, env=env, timeout=120, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "lol.duckdb"), str(lora)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
     after = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     added = datetime.datetime.fromisoformat(out.stdout.strip())
     assert before - datetime.timedelta(seconds=1) <= added <= after + datetime.timedelta(seconds=1)
