@@ -161,6 +161,7 @@ def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lol_engine.train import TrainConfig, load_zoo, save_predictor, train_on_zoo
+    from lol_engine.train.checkpoint import seen_digests
 
     try:
         zoo = load_zoo(args.zoo)
@@ -182,7 +183,7 @@ def _train(args: argparse.Namespace) -> int:
             task,
             args.model,
             not args.no_fold_scale,
-            {"zoo": str(args.zoo), "result": {k: result[k] for k in ("val", "test")}},
+            {"zoo": str(args.zoo), "result": {k: result[k] for k in ("val", "test")}, "seen": seen_digests(zoo)},
         )
         print(f"predictor: {args.out}")
     return 0

@@ -158,6 +158,11 @@ def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.Cap
     n_val = pq.read_table(zoo / "manifest.parquet").column("split").to_pylist().count("val")
     assert cal["coverage"] == 0.8 and cal["n"] == n_val > 5 and math.isfinite(cal["q"])
     assert 0.0 <= cal["test_coverage"] <= 1.0 and "test coverage" in capsys.readouterr().out
+    seen = json.loads((folder / "config.json").read_text())["seen"]
+    splits = pq.read_table(zoo / "manifest.parquet").to_pylist()
+    learned = {load_lora(zoo / r["path"]).meta.sha256 for r in splits if r["split"] in ("train", "val")}
+    assert seen["splits"] == ["train", "val"] and set(seen["sha256"]) == learned
+    assert len(seen["delta"]) == len(learned) == len(set(seen["delta"]))
 
 
 # ------------------------------------------------------------------------------------------------ the service

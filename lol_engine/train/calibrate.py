@@ -105,13 +105,18 @@ def calibrate(
 
 
 def calibrate_folder(folder: str | Path, zoo: LoadedZoo, coverage: float = 0.9) -> dict[str, Any]:
-    """Calibrate the predictor saved in ``folder`` on ``zoo`` (a loaded zoo) and record it in its ``config.json``."""
-    from lol_engine.train.checkpoint import load_predictor
+    """Calibrate the predictor saved in ``folder`` on ``zoo`` (a loaded zoo) and record it in its ``config.json``.
+
+    Also records ``seen`` (:func:`~lol_engine.train.checkpoint.seen_digests`): the LoRAs of ``zoo`` that its weights
+    and its calibration learned from, so that their estimates are flagged in-sample.
+    """
+    from lol_engine.train.checkpoint import load_predictor, seen_digests
 
     result = calibrate(load_predictor(folder), zoo, coverage=coverage)
     config_path = Path(folder) / "config.json"
     config = json.loads(config_path.read_text())
     config["calibration"] = result
+    config["seen"] = seen_digests(zoo)
     config_path.write_text(json.dumps(config, indent=2))
     return result
 
