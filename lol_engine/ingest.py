@@ -28,7 +28,7 @@ FINGERPRINT = "fingerprint"  # encoder name of the architecture-agnostic invaria
 LOL_PREFIX = "lol:"  # encoder name prefix of a shipped predictor's LoL embedding
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DEFAULT_PREDICTORS = Path(__file__).resolve().parent.parent / "data" / "predictors"
+DEFAULT_PREDICTORS = Path(__file__).resolve().parent / "predictors"
 
 
 @dataclass

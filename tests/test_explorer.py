@@ -135,7 +135,7 @@ def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.Cap
     from lol_engine.cli import main
 
     folder = tmp_path / "predictor"
-    shutil.copytree(ZOOS.parent / "predictors" / "digits-acc_own", folder)
+    shutil.copytree(ZOOS.parent.parent / "lol_engine" / "predictors" / "digits-acc_own", folder)
     zoo = mini_zoo(tmp_path / "zoos", "digits", 200)
     assert main(["calibrate", str(folder), "--zoo", str(zoo), "--coverage", "0.8"]) == 0
     cal = json.loads((folder / "config.json").read_text())["calibration"]
