@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def main() -> None:
-    """Serve until SIGTERM/SIGINT; a collection that cannot be opened exits with status 2 and one ``error:`` line."""
-    from app.serve import serve
-    from lol_engine.errors import StoreError
+    """Serve until SIGTERM/SIGINT; a bad setting or a collection that cannot be opened exits with status 2 and one
+    ``error:`` line."""
+    from app.serve import main as serve
 
-    try:
-        serve()
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(serve())
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Start the app: open the collection (ingesting the default zoo and fitting its maps on first run), then launch.
 
-``lol serve``, ``make run``, ``space_app.py`` and the Docker image all come here. Settings (environment):
-``LOL_DATA_DIR`` (where ``lol.duckdb`` and stored uploads live), ``LOL_MAX_UPLOAD`` (per-file upload cap, e.g.
-``200mb``; default ``1.5gb``, see :mod:`app.web`), ``LOL_DEVICE`` (``cpu``/``cuda``; default: CUDA when available),
-and Gradio's own ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` / ``GRADIO_TEMP_DIR``.
+The app owns its entry point, :func:`main`: ``lol serve`` reaches it lazily, and ``make run``, ``python -m app``,
+``space_app.py`` and the Docker image all come here. Settings come from the environment, read and checked once by
+:mod:`lol_engine.settings` (``LOL_DATA_DIR``, ``LOL_ZOO_DIR``, ``LOL_MAX_UPLOAD``, ``LOL_DEVICE`` and Gradio's own
+``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` / ``GRADIO_TEMP_DIR``); a bad value stops the start with one
+``error:`` line naming the variable (exit status 2).
 
 :func:`serve` runs until SIGTERM or SIGINT and then stops cleanly: the server closes, the collection is checkpointed
 and closed (nothing is left only in DuckDB's ``.wal``), and the app's own Gradio temp folder (a private folder made
@@ -12,28 +13,43 @@ for this run, under ``GRADIO_TEMP_DIR`` or the system temp folder) and held uplo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["launched", "open_explorer", "serve"]
+from lol_engine.errors import LolError
+from lol_engine.settings import HOW_TO_GET_ZOOS, settings
+
+__all__ = ["APP_PACKAGES", "launched", "main", "open_explorer", "serve"]
+
+APP_PACKAGES = ("gradio", "plotly", "pandas", "pyarrow")  # the `app` extra of pyproject.toml
 
 
 def open_explorer(db: str | os.PathLike[str] | None = None, progress: bool = True) -> Any:
-    """The :class:`~lol_engine.explorer.Explorer` over ``db``, with the default zoo ingested if it was empty."""
+    """The :class:`~lol_engine.explorer.Explorer` over ``db``, with the default zoos ingested if it was empty.
+
+    The default zoos are those :mod:`lol_engine.settings` finds (``LOL_ZOO_DIR``, ``$LOL_DATA_DIR/zoo`` or the
+    checkout's ``data/zoo``); with none, an empty collection opens and the terminal says how to get them.
+    """
     from lol_engine.explorer import Explorer
 
+    zoos = settings().default_zoos
     explorer = Explorer.open(db)
     try:
-        if explorer.store.count() == 0:
-            print(f"First run: ingesting the default zoo into {explorer.store.path} and fitting its maps (~30 s)…")
-        explorer.ensure_default(progress=progress)
+        if explorer.count() == 0 and zoos:
+            print(f"First run: ingesting the default zoo into {explorer.db_path} and fitting its maps (~30 s)…")
+        elif explorer.count() == 0:
+            print(f"The collection {explorer.db_path} is empty and no default zoo was found: {HOW_TO_GET_ZOOS}.")
+        explorer.start(zoos, progress=progress)
     except BaseException:
         explorer.close()
         raise
@@ -41,10 +57,11 @@ def open_explorer(db: str | os.PathLike[str] | None = None, progress: bool = Tru
 
 
 @contextmanager
-def _private_gradio_temp() -> Iterator[str]:
-    """A fresh mode-0700 ``GRADIO_TEMP_DIR`` for this run (inside the configured one, if any); removed after."""
+def _private_gradio_temp(parent: Path | None) -> Iterator[str]:
+    """A fresh mode-0700 ``GRADIO_TEMP_DIR`` for this run, inside ``parent`` (default: the system temp folder);
+    removed after."""
     before = os.environ.get("GRADIO_TEMP_DIR")
-    parent = before or tempfile.gettempdir()
+    parent = parent or Path(tempfile.gettempdir())
     os.makedirs(parent, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="lol-explorer-", dir=parent)
     os.environ["GRADIO_TEMP_DIR"] = folder
@@ -69,12 +86,14 @@ def launched(
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from app.uploads import UploadLedger, held_root
-    from app.web import launch_options, max_upload_bytes
+    from app.web import launch_options
 
-    cap = max_upload_bytes()
+    config = settings()  # a bad setting fails first, before anything is opened
+    config.resolved_device()  # and so does a device torch does not see
+    cap = config.max_upload
     explorer = open_explorer(db)  # before gradio's import: a bad database fails fast
     try:
-        with _private_gradio_temp():
+        with _private_gradio_temp(config.temp_dir):
             from app.ui import build_demo
             from lol_engine.maps import warm_up
 
@@ -84,14 +103,13 @@ def launched(
             demo.queue(default_concurrency_limit=8, max_size=256)
             try:
                 demo.launch(
-                    server_name=host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                    server_port=port or (int(os.environ["GRADIO_SERVER_PORT"])
-                                         if os.environ.get("GRADIO_SERVER_PORT") else None),
+                    server_name=host or config.host,
+                    server_port=port or config.port,
                     ssr_mode=False,
                     prevent_thread_lock=True,
                     quiet=quiet,
                     **launch_options(cap, ledger),
-                )  # fmt: skip
+                )
                 yield demo
             finally:
                 demo.close(verbose=False)
@@ -121,3 +139,19 @@ def serve(db: str | os.PathLike[str] | None = None, port: int | None = None, hos
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def main(db: str | os.PathLike[str] | None = None, port: int | None = None, host: str | None = None) -> int:
+    """Serve (see :func:`serve`) and return the exit status: 2, with one ``error:`` line on stderr, when the app
+    extra is not installed, a setting is bad or the collection cannot be opened."""
+    missing = [name for name in APP_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: the app needs {', '.join(missing)}: install the app extra, "
+              "pip install 'lol-explorer[app]'", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        serve(db=db, port=port, host=host)
+    except LolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

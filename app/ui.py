@@ -32,6 +32,7 @@ from app.web import PLOTLY_URL, max_upload_bytes
 from lol_engine import ReadLimits
 from lol_engine.errors import BadRequestError, LolError
 from lol_engine.explorer import Explorer
+from lol_engine.settings import HOW_TO_GET_ZOOS
 
 __all__ = ["build_demo"]
 
@@ -426,7 +427,8 @@ def build_demo(explorer: Explorer, max_upload: int | None = None, ledger: Upload
         def status() -> str:
             maps = ", ".join(handlers.escape(m) for m in explorer.maps()) or "none"
             n, k = explorer.count(), len(explorer.predictors)
-            return f"**{n}** LoRAs in the collection · **{k}** predictors · maps: {maps}"
+            text = f"**{n}** LoRAs in the collection · **{k}** predictors · maps: {maps}"
+            return text if n else f"{text}\n\nThe collection is empty: {HOW_TO_GET_ZOOS}, or upload a LoRA below."
 
         demo.load(status, None, header, api_name="status")
     return demo

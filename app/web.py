@@ -1,8 +1,9 @@
 """What the app's web server adds to Gradio: the upload cap, early refusal of oversize bodies, a path-free script URL.
 
-- **The cap.** ``LOL_MAX_UPLOAD`` (default ``1.5gb``: a Flux LoRA at rank 128 is ~1.3 GB; units are Gradio's, 1 gb =
-  2³⁰ bytes) is given to Gradio (``launch(max_file_size=…)``, checked per file as the body streams in, and in the
-  browser before sending) and to the reader (:class:`lol_engine.ReadLimits` ``max_file_bytes``), so both agree.
+- **The cap.** ``LOL_MAX_UPLOAD`` (read by :mod:`lol_engine.settings`; default ``1.5gb``: a Flux LoRA at rank 128
+  is ~1.3 GB; units are Gradio's, 1 gb = 2³⁰ bytes) is given to Gradio (``launch(max_file_size=…)``, checked per
+  file as the body streams in, and in the browser before sending) and to the reader (:class:`lol_engine.ReadLimits`
+  ``max_file_bytes``), so both agree.
 - **Early refusal.** Gradio's own check fires only once a cap's worth of the body has arrived and been written to its
   temp folder. :class:`UploadGuard` answers ``413`` from the request's ``Content-Length`` before reading any of the
   body; a body without one (chunked) still meets Gradio's streaming check. It also tells the
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -25,17 +25,15 @@ from typing import Any
 import plotly
 
 from app.uploads import UploadLedger
+from lol_engine.settings import DEFAULT_MAX_UPLOAD, Settings, parse_size
 
 __all__ = ["DEFAULT_MAX_UPLOAD", "PLOTLY_JS", "PLOTLY_URL", "UploadGuard", "launch_options", "max_upload_bytes",
            "parse_size"]  # fmt: skip
 
-DEFAULT_MAX_UPLOAD = "1.5gb"
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 PLOTLY_URL = "lol-assets/plotly.min.js"  # relative: also right behind a proxy that serves the app under a prefix
 UPLOAD_SLACK = 2 * 2**20  # multipart framing and an adapter_config.json (≤ 1 MiB) beside the LoRA
 OTHER_BODY_LIMIT = 64 * 2**20  # every other request: JSON of events (a table sent back for export is a few MB)
-_UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb)?\s*$", re.IGNORECASE)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -44,27 +42,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes in ``"1.5gb"``, ``"200mb"``, ``"512kb"`` or ``"1048576"`` (units as Gradio's: 1 kb = 1024 bytes).
-
-    >>> parse_size("1.5gb"), parse_size("200 MB"), parse_size(7)
-    (1610612736, 209715200, 7)
-    """
-    if isinstance(text, int):
-        size = text
-    else:
-        match = _SIZE.match(text)
-        if match is None:
-            raise ValueError(f"not a size: {text!r} (e.g. 1.5gb, 200mb)")
-        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
-    if size <= 0:
-        raise ValueError(f"a size must be positive, got {text!r}")
-    return size
-
-
 def max_upload_bytes(environ: Mapping[str, str] = os.environ) -> int:
-    """The per-file upload cap: ``LOL_MAX_UPLOAD`` (e.g. ``200mb``), else :data:`DEFAULT_MAX_UPLOAD`."""
-    return parse_size(environ.get("LOL_MAX_UPLOAD") or DEFAULT_MAX_UPLOAD)
+    """The per-file upload cap: ``LOL_MAX_UPLOAD`` (e.g. ``200mb``), else :data:`DEFAULT_MAX_UPLOAD` (see
+    :mod:`lol_engine.settings`); a bad value is a :class:`~lol_engine.errors.BadRequestError` naming the variable."""
+    return Settings.from_env(environ).max_upload
 
 
 def _shown(size: int) -> str:

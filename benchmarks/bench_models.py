@@ -2,7 +2,7 @@
 
     python benchmarks/bench_models.py                    # the default run (~15 min on 2 cores)
     python benchmarks/bench_models.py --full             # longer training
-    python benchmarks/bench_models.py --ship data/predictors   # also save the best small predictor per task
+    python benchmarks/bench_models.py --ship lol_engine/predictors   # also save the best small predictor per task
 
 Besides the main table it measures rank generalization (train on the rank-4 zoo, test on digits zoos built at
 ranks 1-16), cross-base generalization (test on a digits zoo whose base had continued pretraining), and the speed of

@@ -1,7 +1,9 @@
 """The ``lol`` command line.
 
 ``lol inspect PATH [--json]`` reads a LoRA file or PEFT folder and reports on it; ``lol zoo list`` and
-``lol zoo build NAME --out DIR`` make zoos of real LoRAs; ``lol export [--db FILE] OUT`` backs up a collection.
+``lol zoo build NAME --out DIR`` make zoos of real LoRAs; ``lol export [--db FILE] OUT`` backs up a collection;
+``lol info [--json]`` shows the settings, the data found and the package versions; ``lol serve`` starts the app
+(:func:`app.serve.main`, imported only then).
 
 Bad input exits with status 2 and one line ``error: <what is wrong>`` on stderr.
 """
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lol_engine.errors import LolError, LoraFormatError, StoreError
+from lol_engine.errors import BadRequestError, LolError, LoraFormatError, StoreError
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import ReadLimits
 from lol_engine.report import describe
@@ -66,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", help="add LoRAs (files, folders, zoos, Hub repo ids) to the store")
     ingest.add_argument("paths", nargs="+", help="LoRA files, PEFT folders, zoo folders or Hugging Face repo ids")
     ingest.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
-    ingest.add_argument("--predictors", default=None, help="predictor folders to apply (default: data/predictors)")
+    ingest.add_argument("--predictors", default=None, help="a folder of predictor folders (default: the shipped ones)")
     calibrate = commands.add_parser("calibrate", help="split-conformal calibration of predictors on their zoo")
     calibrate.add_argument("predictors", nargs="+", help="predictor folders (config.json is updated in place)")
     calibrate.add_argument("--zoo", default=None, help="zoo folder (default: the zoo recorded in config.json)")
@@ -78,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="back up a collection (database and uploads) to a new folder")
     export.add_argument("out", help="a new folder: it receives lol.duckdb and uploads/ (usable as LOL_DATA_DIR)")
     export.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
+    info = commands.add_parser("info", help="settings, data folder, shipped predictors, default zoos, versions")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -101,22 +105,58 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from app.serve import serve
+    try:  # the app owns its entry point; the engine never imports it otherwise
+        from app.serve import main as serve_app
+    except ModuleNotFoundError as exc:
+        print(f"error: the app is not installed ({exc}): install lol-explorer with its app extra, "
+              "pip install 'lol-explorer[app]'", file=sys.stderr)  # fmt: skip
+        return 2
+    return serve_app(db=args.db, port=args.port, host=args.host)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from lol_engine.settings import info_report, settings
 
     try:
-        serve(db=args.db, port=args.port, host=args.host)
-    except StoreError as exc:
+        report = info_report(settings())
+    except BadRequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    collection = report["collection"]
+    size = (f"{collection['loras']} LoRA(s), {collection['bytes']:,} bytes" if collection["exists"]
+            else "not created yet")  # fmt: skip
+    zoos = ", ".join(report["default_zoos"]) or f"none found; {report['how_to_get_zoos']}"
+    lines = [
+        f"lol-explorer {report['version']}",
+        f"data folder   {report['data_dir']['path']} ({report['data_dir']['source']})",
+        f"collection    {collection['path']}: {collection.get('error', size)}",
+        f"zoo folder    {report['zoo_dir']['path']} ({report['zoo_dir']['source']})",
+        f"default zoos  {zoos}",
+        f"device        {report['device']['resolved']} (LOL_DEVICE: {report['device']['setting'] or 'automatic'})",
+        f"upload cap    {report['max_upload']:,} bytes",
+        f"predictors    {report['predictors_dir']}",
+        *(f"  {p['name']:22s} base {p['base']:12s} {p['task']} ({p['kind']}, {p['model']})"
+          for p in report["predictors"]),
+        "versions      " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+    ]  # fmt: skip
+    print("\n".join(lines))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     import shutil
 
-    from lol_engine.store import LoraStore, default_db_path
+    from lol_engine.settings import settings
+    from lol_engine.store import LoraStore
 
-    db = Path(args.db) if args.db else default_db_path()
+    try:
+        db = Path(args.db) if args.db else settings().db_path
+    except BadRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         print(f"error: {out} is not empty; export into a new folder", file=sys.stderr)
@@ -296,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "info":
+        return _info(args)
     try:
         limits = ReadLimits(max_file_bytes=int(args.max_file_mb * 2**20))
         report = describe(load_lora(args.path, limits=limits))

@@ -146,7 +146,7 @@ class Explorer:
         config = settings or current_settings()
         path = Path(db) if db is not None else config.db_path
         predictors = load_predictors(predictors_dir)
-        device = config.device or _auto_device()
+        device = config.resolved_device()
         for predictor in predictors.values():
             predictor.to(device)
         return cls(LoraStore(path), predictors, path.parent)
@@ -529,9 +529,3 @@ def neighbour_placement(x: np.ndarray, coords: np.ndarray, vector: np.ndarray, k
     top = np.argsort(-sims, kind="stable")[: min(k, len(sims))]
     weights = np.clip(sims[top], 0.0, None) + 1e-9
     return (coords[top] * weights[:, None]).sum(0) / weights.sum()
-
-
-def _auto_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

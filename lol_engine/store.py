@@ -183,19 +183,18 @@ def _open_problem(path: str, exc: BaseException) -> str:
     return f"{path}: cannot open the collection database ({text})"
 
 
-def default_db_path() -> Path:
-    """``$LOL_DATA_DIR/lol.duckdb``, else ``~/.cache/lol-explorer/lol.duckdb``."""
-    root = Path(os.environ.get("LOL_DATA_DIR", Path.home() / ".cache" / "lol-explorer"))
-    return root / "lol.duckdb"
-
-
 class LoraStore:
-    """A DuckDB-backed collection. ``path=":memory:"`` for tests; a file path otherwise (its folder is created)."""
+    """A DuckDB-backed collection at ``path`` (default: the settings' ``db_path``, ``$LOL_DATA_DIR/lol.duckdb``);
+    ``":memory:"`` for tests; a file's folder is created."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         import duckdb
 
-        self.path = str(path) if path is not None else str(default_db_path())
+        if path is None:
+            from lol_engine.settings import settings
+
+            path = settings().db_path
+        self.path = str(path)
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)

@@ -130,3 +130,85 @@ def test_console_script_runs(kohya_file: Path) -> None:
         [str(lol), "inspect", str(kohya_file.parent / "nope")], capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+
+
+# ------------------------------------------------------------------------------------------------ lol info
+SHIPPED = {"digits-acc_own", "digits-classes", "digits-n_classes", "digits-probe_member", "fashion-gen-bold",
+           "fashion-gen-class", "fashion-gen-quality"}  # fmt: skip
+
+
+def test_info_reports_settings_data_and_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LOL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LOL_DEVICE", "cpu")
+    monkeypatch.delenv("LOL_ZOO_DIR", raising=False)
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["data_dir"] == {"path": str(tmp_path / "data"), "source": "LOL_DATA_DIR"}
+    assert info["collection"] == {"path": str(tmp_path / "data" / "lol.duckdb"), "exists": False}
+    assert {p["name"] for p in info["predictors"]} == SHIPPED
+    assert {"name": "fashion-gen-quality", "base": "fashion-gen", "task": "quality", "kind": "regression",
+            "model": "spectral_glnet"} in info["predictors"]  # fmt: skip
+    assert info["zoo_dir"]["source"] == "checkout" and len(info["default_zoos"]) == 2
+    assert info["device"] == {"setting": "cpu", "resolved": "cpu"}
+    assert set(info["versions"]) == {"python", "lol-explorer", "torch", "safetensors", "numpy", "duckdb", "gradio"}
+    assert "not installed" not in info["versions"].values()  # the dev environment has them all
+
+    assert main(["info"]) == 0  # the readable form
+    text = capsys.readouterr().out
+    assert "not created yet" in text and "fashion-gen-quality" in text and "(LOL_DATA_DIR)" in text
+
+
+def test_info_counts_the_collection_or_says_why_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lol_engine.store import LoraStore
+
+    monkeypatch.setenv("LOL_DATA_DIR", str(tmp_path))
+    LoraStore(tmp_path / "lol.duckdb").close()
+    assert main(["info", "--json"]) == 0
+    collection = json.loads(capsys.readouterr().out)["collection"]
+    assert collection["exists"] and collection["loras"] == 0 and collection["bytes"] > 0
+    (tmp_path / "lol.duckdb").write_bytes(b"not a database" * 100)
+    assert main(["info", "--json"]) == 0
+    collection = json.loads(capsys.readouterr().out)["collection"]
+    assert "loras" not in collection and "not a DuckDB database" in collection["error"]
+
+
+@pytest.mark.parametrize(("variable", "value"), [("LOL_MAX_UPLOAD", "banana"), ("LOL_DEVICE", "nonsense")])
+@pytest.mark.parametrize("command", [["info"], ["serve"], ["export", "out"]])
+def test_a_bad_setting_is_one_error_line_with_status_2(
+    variable: str,
+    value: str,
+    command: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv(variable, value)
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {variable}={value!r} is not a"), err
+    assert not (tmp_path / "data").exists()  # refused before anything was opened
+
+
+def test_serve_without_the_app_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "app.serve", None)  # `import app.serve` raises ModuleNotFoundError
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.strip().endswith("pip install 'lol-explorer[app]'")
+    monkeypatch.delitem(sys.modules, "app.serve")
+
+    import importlib.util
+
+    from app import serve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert serve.main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: the app needs gradio: install the app extra, pip install 'lol-explorer[app]'"]

@@ -149,7 +149,7 @@ def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.Cap
     from lol_engine.cli import main
 
     folder = tmp_path / "predictor"
-    shutil.copytree(ZOOS.parent / "predictors" / "digits-acc_own", folder)
+    shutil.copytree(ZOOS.parent.parent / "lol_engine" / "predictors" / "digits-acc_own", folder)
     zoo = mini_zoo(tmp_path / "zoos", "digits", 200)
     assert main(["calibrate", str(folder), "--zoo", str(zoo), "--coverage", "0.8"]) == 0
     cal = json.loads((folder / "config.json").read_text())["calibration"]
@@ -362,3 +362,18 @@ def test_analyse_then_add_parses_once_and_predicts_once(
     fitting = sorted(result.analysis.estimates)
     assert len(fitting) == 4 and sorted(forwards) == fitting  # one forward per fitting predictor, none on add
     assert fresh.estimates(result.analysis.sha256) == result.analysis.estimates
+
+
+def test_shipped_predictors_flag_the_loras_they_learned_from() -> None:
+    """Every shipped predictor records its zoo's train and val LoRAs: those are in-sample, test LoRAs are not."""
+    import pyarrow.parquet as pq
+
+    predictors = load_predictors()
+    rows = pq.read_table(ZOOS / "digits" / "manifest.parquet").to_pylist()
+    by_split = {split: next(r for r in rows if r["split"] == split) for split in ("train", "val", "test")}
+    for split, row in by_split.items():
+        estimate = predictors["digits-acc_own"].predict(load_lora(ZOOS / "digits" / row["path"]))
+        assert estimate.in_sample == (split != "test"), split
+    for name, predictor in predictors.items():
+        seen = predictor.config["seen"]
+        assert seen["splits"] == ["train", "val"] and len(seen["sha256"]) == len(seen["delta"]) > 500, name

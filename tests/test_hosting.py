@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -37,7 +39,13 @@ def test_dockerfile_runs_the_app_as_non_root_on_7860_with_the_default_zoo() -> N
     assert all(k != "USER" or v.strip() not in ("root", "0") for k, v in steps[user_at:])
     assert ("EXPOSE", "7860") in steps
     env = " ".join(v for k, v in steps if k == "ENV")
-    for variable in ("GRADIO_SERVER_NAME=0.0.0.0", "GRADIO_SERVER_PORT=7860", "NUMBA_CACHE_DIR=", "LOL_DATA_DIR="):
+    for variable in (
+        "GRADIO_SERVER_NAME=0.0.0.0",
+        "GRADIO_SERVER_PORT=7860",
+        "NUMBA_CACHE_DIR=",
+        "LOL_DATA_DIR=",
+        "LOL_ZOO_DIR=/home/user/app/data/zoo",
+    ):
         assert variable in env, variable
     assert steps[-1] == ("CMD", '["python", "space_app.py"]')
     assert any(k == "RUN" and "open_explorer" in v for k, v in steps)  # the default zoo is ingested at build
@@ -92,3 +100,34 @@ def test_lol_serve_is_a_command() -> None:
 
     args = _parser().parse_args(["serve", "--db", "x.duckdb", "--port", "7999"])
     assert (args.command, args.db, args.port) == ("serve", "x.duckdb", 7999)
+
+
+@pytest.mark.slow
+def test_with_no_default_zoo_the_app_starts_empty_and_says_how_to_get_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("gradio")
+    from app.serve import launched
+
+    (tmp_path / "no-zoos").mkdir()
+    monkeypatch.setenv("LOL_ZOO_DIR", str(tmp_path / "no-zoos"))
+    monkeypatch.setenv("LOL_DATA_DIR", str(tmp_path / "data"))
+    from gradio_client import Client
+
+    with launched(port=None, host="127.0.0.1", quiet=True) as demo, urllib.request.urlopen(demo.local_url) as page:
+        assert page.status == 200
+        status = Client(demo.local_url, verbose=False).predict(api_name="/status")
+        assert status.startswith("**0** LoRAs") and "The collection is empty" in status and "lol zoo build" in status
+    out = capsys.readouterr().out
+    assert "is empty and no default zoo was found" in out and "LOL_ZOO_DIR=<checkout>/data/zoo" in out
+    assert "lol zoo build" in out
+
+
+@pytest.mark.parametrize(("variable", "value"), [("LOL_MAX_UPLOAD", "banana"), ("GRADIO_SERVER_PORT", "http")])
+def test_make_run_refuses_a_bad_setting_with_one_error_line(variable: str, value: str, tmp_path: Path) -> None:
+    env = {**os.environ, variable: value, "LOL_DATA_DIR": str(tmp_path / "data"), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(ROOT / "space_app.py")], env=env, capture_output=True, text=True,
+                            timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(f"error: {variable}=")
+    assert not (tmp_path / "data").exists()

@@ -4,19 +4,21 @@
   or ``$LOL_FASHION_MNIST_DIR``.
 * WordNet 3.0 nouns: Debian package ``wordnet-base`` (WordNet 3.0 licence, Princeton University), in
   ``/usr/share/wordnet`` or ``$LOL_WORDNET_DIR``.
+
+The folders come from :mod:`lol_engine.settings`.
 * scikit-learn's digits ship inside the scikit-learn wheel.
 """
 
 from __future__ import annotations
 
 import gzip
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lol_engine.errors import NotFoundError
+from lol_engine.settings import settings
 
 __all__ = ["DataSourceError", "NounSynset", "fashion_mnist", "wordnet_nouns"]
 
@@ -86,8 +88,7 @@ class DataSourceError(NotFoundError, FileNotFoundError):
     """A dataset the recipe needs is not installed; the message says how to get it."""
 
 
-def _locate(env: str, default: str, package: str, files: tuple[str, ...]) -> Path:
-    folder = Path(os.environ.get(env, default))
+def _locate(env: str, folder: Path, package: str, files: tuple[str, ...]) -> Path:
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise DataSourceError(
@@ -112,7 +113,7 @@ def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 (N, 28, 28), labels uint8 (N,))`` of Fashion-MNIST's ``train`` (60k) or ``test`` (10k)."""
     prefix = {"train": "train", "test": "t10k"}[split]
     files = (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
-    folder = _locate("LOL_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist", "dataset-fashion-mnist", files)
+    folder = _locate("LOL_FASHION_MNIST_DIR", settings().fashion_mnist_dir, "dataset-fashion-mnist", files)
     return _read_idx(folder / files[0], 2051, 3), _read_idx(folder / files[1], 2049, 1)
 
 
@@ -126,7 +127,7 @@ class NounSynset:
 
 def wordnet_nouns() -> list[NounSynset]:
     """Every noun synset of WordNet 3.0 (82,115), from ``data.noun`` (read as latin-1)."""
-    folder = _locate("LOL_WORDNET_DIR", "/usr/share/wordnet", "wordnet-base", ("data.noun",))
+    folder = _locate("LOL_WORDNET_DIR", settings().wordnet_dir, "wordnet-base", ("data.noun",))
     out = []
     for line in (folder / "data.noun").read_text(encoding="latin-1").splitlines():
         if line.startswith("  ") or " | " not in line:
