@@ -1,7 +1,7 @@
 """The LoRA store: a DuckDB database of LoRAs, labels, embeddings, estimates and map coordinates.
 
 The only module that imports duckdb. One :class:`LoraStore` per process owns one connection; every call works on its
-own cursor, so many reader threads can share it (PLATFORM.md §2.4: one writer process, cursors per thread). Every
+own cursor, so many reader threads can share it (one writer process per database file, a cursor per thread). Every
 ingest is one transaction: a LoRA and everything attached to it land together or not at all. The sha256 of the file is
 the LoRA's identity, so ingesting the same file twice stores one LoRA.
 
