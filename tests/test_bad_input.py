@@ -290,5 +290,5 @@ def test_missing_path_and_ambiguous_folder(tmp_path: Path) -> None:
         load_lora(tmp_path / "nope.safetensors")
     save(tmp_path / "one.safetensors", peft(Q))
     save(tmp_path / "two.safetensors", peft(Q))
-    with pytest.raises(LoraFormatError, match=r"holds 2 .safetensors files"):
+    with pytest.raises(LoraFormatError, match=r"has 2 \.safetensors files; name the one you mean"):
         load_lora(tmp_path)

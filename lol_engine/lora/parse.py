@@ -1,9 +1,10 @@
 """``load_lora`` and ``inspect_lora``: any supported LoRA file or adapter folder to the canonical form.
 
-Pipeline: locate the file (and ``adapter_config.json``) → validate the header (:mod:`safe_io`) → group keys into
-modules (:mod:`keys`) → count budgets → canonical names → shapes in the canonical orientation → scales → read factors
-→ magnitude checks. Format quirks (mlx-lm's transposed factors, cloneofsimo's index-named modules, every scale rule)
-end here: what comes out is always ``A: (r, d_in)``, ``B: (d_out, r)``, ``ΔW = scale · B A``.
+Pipeline: locate the file and its ``adapter_config.json`` (:mod:`locate`) → validate the header (:mod:`safe_io`) →
+group keys into modules (:mod:`keys`) → count budgets → canonical names → shapes in the canonical orientation →
+scales → read factors → magnitude checks. Format quirks (mlx-lm's transposed factors, cloneofsimo's index-named
+modules, every scale rule) end here: what comes out is always ``A: (r, d_in)``, ``B: (d_out, r)``,
+``ΔW = scale · B A``.
 
 Work is bounded before it is done (:class:`ReadLimits`): tensors, modules, pattern matches and the reading thread's
 CPU time; per-module checks run batched over modules of one shape.
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lol_engine.errors import LoraFormatError
-from lol_engine.lora import cloneofsimo
+from lol_engine.lora import cloneofsimo, locate
 from lol_engine.lora._conventions import ModuleKind
 from lol_engine.lora.config import (
     AdapterConfig,
@@ -47,14 +48,8 @@ from lol_engine.lora.scales import MAX_MAGNITUDE, check_magnitudes, module_scale
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights
 from lol_engine.spec import LayerSpec, LoraSpec, natural_key
 
-__all__ = ["LoraSummary", "inspect_lora", "load_lora", "locate_lora"]
+__all__ = ["LoraSummary", "inspect_lora", "load_lora"]
 
-_ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapters.safetensors")
-_UNREAD_ADAPTERS = {  # adapter files in formats that are never opened, and what they are
-    "adapter_model.bin": "a pickle, never loaded (unpickling runs arbitrary code)",
-    "pytorch_lora_weights.bin": "a pickle, never loaded (unpickling runs arbitrary code)",
-    "adapters.npz": "a NumPy archive (mlx-lm's format before safetensors), not read",
-}
 _MLX_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|tok_embeddings|word_embeddings)$")
 
 
@@ -80,27 +75,10 @@ class LoraSummary:
 
 
 def locate_lora(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
-    """Resolve a file or an adapter folder to ``(safetensors file, adapter_config.json or None)``.
-
-    Folders: PEFT (``adapter_model.safetensors``), diffusers (``pytorch_lora_weights.safetensors``), mlx-lm
-    (``adapters.safetensors``, beside its numbered checkpoints), or a folder with exactly one ``.safetensors``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise LoraFormatError(f"{path.name}: no such file or folder")
-    if path.is_dir():
-        found = [path / name for name in _ADAPTER_FILES if (path / name).is_file()]
-        if not found:
-            found = sorted(path.glob("*.safetensors"))
-        if not found:
-            unread = [name for name in _UNREAD_ADAPTERS if (path / name).exists()]
-            hint = f"; {unread[0]} is {_UNREAD_ADAPTERS[unread[0]]}" if unread else ""
-            raise LoraFormatError(f"{path.name}: folder holds no .safetensors adapter{hint}")
-        if len(found) > 1 and found[0].name not in _ADAPTER_FILES:
-            raise LoraFormatError(f"{path.name}: folder holds {len(found)} .safetensors files; name the one to read")
-        path = found[0]
-    config = path.parent / "adapter_config.json"
-    return path, (config if config.is_file() else None)
+    """Transitional: ``(weights, config)`` of :func:`lol_engine.lora.locate.locate_lora` for callers that still unpack
+    a pair. New code uses :func:`lol_engine.lora.locate.locate_lora` and its :class:`LoraLocation`."""
+    found = locate.locate_lora(path)
+    return found.weights, found.config
 
 
 def inspect_lora(
@@ -137,11 +115,12 @@ def load_lora(
 def _prepare(
     path: str | os.PathLike[str], limits: ReadLimits, config: AdapterConfig | None
 ) -> tuple[list[_Plan], LoraMetadata, SafetensorsHeader, WorkBudget]:
-    file, config_path = locate_lora(path)
+    found = locate.locate_lora(path)
+    file = found.weights
     where = file.name
     budget = WorkBudget(limits, where)
-    if config is None and config_path is not None:
-        config = read_adapter_config(config_path, limits)
+    if config is None and found.config is not None:
+        config = read_adapter_config(found.config, limits)
     header = read_header(file, limits, precheck=lambda entries: _count_modules(entries, limits, where))
     groups, _ = group_keys(header.tensors, where)
     _refuse_variants(groups, where)

@@ -1,0 +1,127 @@
+"""Which file is the LoRA: one answer for a file, an adapter folder, a Hub snapshot or a folder tree.
+
+Known adapter files name their folder's one LoRA: PEFT's ``adapter_model.safetensors``, diffusers'
+``pytorch_lora_weights.safetensors`` and mlx-lm's ``adapters.safetensors`` (beside its numbered checkpoints).
+Any other ``.safetensors`` file is a LoRA of its own. Pickled adapters (``adapter_model.bin``) and mlx-lm's old
+``adapters.npz`` are never opened; a folder holding only those is refused with what they are.
+
+Nothing here opens a file: it only looks at names. The readers in :mod:`lol_engine.lora.parse` check the bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lol_engine.errors import LoraFormatError
+
+__all__ = ["LoraLocation", "display_name", "find_loras", "locate_lora"]
+
+_ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapters.safetensors")
+"""File names that stand for their folder's one LoRA, in order of preference."""
+
+_PICKLE = "a pickle, never loaded (unpickling runs arbitrary code)"
+_UNREAD_ADAPTERS = {  # adapter files in formats that are never opened, and what they are
+    "adapter_model.bin": _PICKLE,
+    "pytorch_lora_weights.bin": _PICKLE,
+    "adapters.npz": "a NumPy archive (mlx-lm's format before safetensors), not read",
+}
+_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LoraLocation:
+    """One LoRA on disk: the file to read, its ``adapter_config.json`` and the name to show for it."""
+
+    weights: Path  # the .safetensors file to read
+    config: Path | None  # the adapter_config.json beside it (PEFT, mlx-lm), if there is one
+    name: str  # display name: the folder's name for a known adapter file, else the file stem
+
+
+def display_name(weights: str | os.PathLike[str]) -> str:
+    """The name to show for a LoRA file: its folder's name for a known adapter file, else the file's stem.
+
+    >>> display_name("runs/digits-r4/adapter_model.safetensors"), display_name("loras/pixel_art.safetensors")
+    ('digits-r4', 'pixel_art')
+    """
+    path = Path(weights)
+    if path.name in _ADAPTER_FILES:
+        folder = Path(os.path.abspath(path)).parent.name  # abspath, not resolve: Hub snapshot files are symlinks
+        if folder:
+            return folder
+    return path.stem
+
+
+def locate_lora(path: str | os.PathLike[str]) -> LoraLocation:
+    """The LoRA named by ``path``: a file, or a folder holding one LoRA.
+
+    In a folder, a known adapter file wins; else the folder's one ``.safetensors`` file; else, when the folder has
+    none at its top, the one LoRA in its subfolders (a Hub snapshot). Raises :class:`LoraFormatError` for a missing
+    path, a folder without a ``.safetensors`` adapter (naming a pickled or ``.npz`` adapter found instead), and a
+    folder with several candidates.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoraFormatError(f"{path.name}: no such file or folder")
+    if not path.is_dir():
+        return _location(path)
+    known = _known_adapter(path)
+    if known is not None:
+        return _location(known)
+    files = sorted(f for f in path.glob("*.safetensors") if f.is_file())
+    found = [_location(f) for f in files] if files else find_loras(path)
+    if len(found) > 1:
+        raise LoraFormatError(f"{path.name}: folder has {len(found)} .safetensors files; name the one you mean")
+    if not found:
+        raise LoraFormatError(f"{path.name}: folder holds no .safetensors adapter{_unread_hint(path)}")
+    return found[0]
+
+
+def find_loras(root: str | os.PathLike[str]) -> list[LoraLocation]:
+    """Every LoRA under ``root``, sorted by path (the same list whatever order the disk lists files in).
+
+    A folder holding a known adapter file (PEFT, diffusers, mlx-lm) is one LoRA, read from that file; its other
+    ``.safetensors`` files (mlx-lm's numbered checkpoints) are not counted. Every other ``.safetensors`` file is one
+    LoRA. ``root`` may also be a single file. Raises :class:`LoraFormatError` if ``root`` does not exist.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise LoraFormatError(f"{root.name}: no such file or folder")
+    if not root.is_dir():
+        return [_location(root)]
+    out: list[LoraLocation] = []
+    known: dict[Path, Path | None] = {}  # folder -> its known adapter file, looked up once per folder
+    for file in root.rglob("*.safetensors"):
+        if not file.is_file():
+            continue
+        folder = file.parent
+        if folder not in known:
+            known[folder] = _known_adapter(folder)
+        if known[folder] in (None, file):
+            out.append(_location(file))
+    return sorted(out, key=lambda loc: loc.weights)
+
+
+def _known_adapter(folder: Path) -> Path | None:
+    """The folder's known adapter file, the first of :data:`_ADAPTER_FILES` present; ``None`` if it has none."""
+    return next((folder / name for name in _ADAPTER_FILES if (folder / name).is_file()), None)
+
+
+def _location(weights: Path) -> LoraLocation:
+    """A LoRA file with the ``adapter_config.json`` beside it (whatever the file's name: mlx-lm's numbered
+    checkpoints take their scale from the folder's config) and its display name."""
+    config = weights.parent / _CONFIG
+    return LoraLocation(weights, config if config.is_file() else None, display_name(weights))
+
+
+def _unread_hint(folder: Path) -> str:
+    """``"; adapter_model.bin is a pickle, …"`` for the first never-read adapter file under ``folder``, else ``""``."""
+    for name, what in _UNREAD_ADAPTERS.items():
+        if (folder / name).exists():
+            return f"; {name} is {what}"
+    for name, what in _UNREAD_ADAPTERS.items():
+        nested = sorted(folder.rglob(name))
+        if nested:
+            return f"; {nested[0].relative_to(folder)} is {what}"
+    return ""
