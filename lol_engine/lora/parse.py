@@ -24,7 +24,6 @@ from torch import Tensor
 
 from lol_engine.errors import LoraFormatError
 from lol_engine.lora import cloneofsimo, locate
-from lol_engine.lora._conventions import ModuleKind
 from lol_engine.lora.config import (
     AdapterConfig,
     PeftAdapterConfig,
@@ -46,7 +45,7 @@ from lol_engine.lora.safe_io import (
 )
 from lol_engine.lora.scales import MAX_MAGNITUDE, check_magnitudes, module_scale
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights
-from lol_engine.spec import LayerSpec, LoraSpec, natural_key
+from lol_engine.spec import LayerSpec, LoraSpec, ModuleKind, natural_key
 
 __all__ = ["LoraSummary", "inspect_lora", "load_lora"]
 
