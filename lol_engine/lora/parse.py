@@ -12,6 +12,7 @@ CPU time; per-module checks run batched over modules of one shape.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -31,7 +32,16 @@ from lol_engine.lora.config import (
     read_adapter_config,
 )
 from lol_engine.lora.family import detect_family
-from lol_engine.lora.keys import NAMING_FORMATS, ModuleKeys, Role, canonical_name, count_modules, group_keys
+from lol_engine.lora.keys import (
+    NAMING_FORMATS,
+    ModuleKeys,
+    NameOrigin,
+    ResolvedName,
+    Role,
+    canonical_name,
+    count_modules,
+    group_keys,
+)
 from lol_engine.lora.metadata import Notes, decode_kohya, format_name, unknown_layout
 from lol_engine.lora.safe_io import (
     FLOAT_DTYPES,
@@ -60,7 +70,7 @@ class _Plan:
     keys: ModuleKeys
     alpha: float | None
     scale: float
-    source: str  # where the canonical name came from: peft, kohya, diffusers, comfyui, cloneofsimo, plain
+    origin: NameOrigin  # where the canonical name came from
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,10 +150,10 @@ def _prepare(
     names = _names(low_rank, header, notes, where)
     plans = []
     for stem, group in low_rank.items():
-        name, source = names[stem]
-        spec = _spec(group, name, header, limits, notes)
+        resolved = names[stem]
+        spec = _spec(group, resolved.name, header, limits, notes)
         alpha, scale = module_scale(group, spec, side, configs, notes)
-        plans.append(_Plan(spec, group, alpha, scale, source))
+        plans.append(_Plan(spec, group, alpha, scale, NameOrigin(group.naming, resolved.source)))
     plans.sort(key=lambda p: natural_key(p.spec.name))  # the same modules always come in the same order
     _check_work([p.spec for p in plans], limits, where)
     budget.check("planning modules")
@@ -226,29 +236,29 @@ def _read_side_tensors(header: SafetensorsHeader, groups: Iterable[ModuleKeys]) 
 
 def _names(
     groups: dict[str, ModuleKeys], header: SafetensorsHeader, notes: Notes, where: str
-) -> dict[str, tuple[str, str]]:
-    """``{stem: (canonical name, source)}``; refuses two stems that resolve to one module."""
+) -> dict[str, ResolvedName]:
+    """``{stem: canonical name and its source}``; refuses two stems that resolve to one module."""
     indexed = {}
     for stem, group in groups.items():
         if group.naming == "cloneofsimo":
             a_shape, b_shape = _oriented(group, header, f"{where}: {cloneofsimo.FORMAT} module {shown(stem)}")
             indexed[stem] = (a_shape[1] if len(a_shape) > 1 else 0, b_shape[0])
     by_index = cloneofsimo.resolve(indexed, header.metadata, where) if indexed else {}
-    out: dict[str, tuple[str, str]] = {}
+    out: dict[str, ResolvedName] = {}
     seen: dict[str, str] = {}
     unresolved = []
     for stem, group in groups.items():
         if stem in by_index:
-            name, source = by_index[stem], "cloneofsimo"
+            resolved = ResolvedName(by_index[stem], "cloneofsimo")
         else:
             resolved = canonical_name(stem, group.naming)
-            name, source = resolved.name, resolved.source
             if resolved.note:
                 unresolved.append(stem)
+        name = resolved.name
         if name in seen:
             raise LoraFormatError(f"{where}: {shown(stem)} and {shown(seen[name])} both name module {shown(name)}")
         seen[name] = stem
-        out[stem] = (name, source)
+        out[stem] = resolved
     if unresolved:
         notes.lines.append(
             f"{len(unresolved)} kohya module name(s) are in no known vocabulary and were kept as written "
@@ -311,7 +321,7 @@ def _spec(group: ModuleKeys, name: str, header: SafetensorsHeader, limits: ReadL
     else:
         kernel = _conv_kernel(group, header, a_shape, b_shape, where)
         orig = (d_out, a_shape[1], *kernel)
-        spec = LayerSpec(name, d_out, a_shape[1] * _prod(kernel), rank, "conv", orig)
+        spec = LayerSpec(name, d_out, a_shape[1] * math.prod(kernel), rank, "conv", orig)
     if rank > min(spec.d_out, spec.d_in):
         notes.module(f"rank {rank} exceeds min(d_out, d_in) = {min(spec.d_out, spec.d_in)}", name)
     return spec
@@ -331,13 +341,6 @@ def _conv_kernel(
             f"{where}: Tucker lora_mid {mid} does not fit down {a_shape} (expected ({rank}, {rank}, k…))"
         )
     return mid[2:]
-
-
-def _prod(values: tuple[int, ...]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _build_module(plan: _Plan, tensors: dict[str, Tensor], file: str) -> LoraModule:
@@ -390,8 +393,7 @@ def _metadata(
     family, evidence, family_warnings = detect_family(
         [p.spec for p in plans], kohya, modelspec, raw_config, header.metadata
     )
-    namings = {(p.keys.naming, p.source) for p in plans}
-    fmt = format_name(namings, kohya, any(Role.MID in p.keys.keys for p in plans))
+    fmt = format_name({p.origin for p in plans}, kohya, any(Role.MID in p.keys.keys for p in plans))
     used = {key for p in plans for role, key in p.keys.keys.items() if role is not Role.BIAS}
     skipped = tuple(k for k in header.tensors if k not in used)
     warnings += family_warnings
