@@ -86,7 +86,7 @@ def test_shipped_zoo_is_complete_and_intact(name: str, n: int) -> None:
 @pytest.mark.parametrize("name", ZOOS)
 def test_every_shipped_choice_follows_from_the_seed(name: str, tmp_path: Path) -> None:
     """Seeds, splits and hyperparameters of all shipped LoRAs, drawn again without training: exact on any machine."""
-    from lol_engine.zoo.build import lora_seed, split_of
+    from lol_engine.zoo.recipe import lora_seed, split_of
 
     if name == "fashion-gen":
         _need_fashion_mnist()
