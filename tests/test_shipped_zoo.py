@@ -1,8 +1,8 @@
 """The default zoo in data/: complete, intact, loadable, and reproducible from its recorded command.
 
-What "reproducible" can mean (STYLE.md §8.16). Float kernels are chosen per instruction set (torch's
-``ATEN_CPU_CAPABILITY``, MKL's own dispatch), so on another CPU training rounds differently, and training amplifies
-the difference. Hence two levels:
+What "reproducible" can mean: exact bytes within one machine, tolerances across machines. Float kernels are chosen per
+instruction set (torch's ``ATEN_CPU_CAPABILITY``, MKL's own dispatch), so on another CPU training rounds differently,
+and training amplifies the difference. Hence two levels:
 
 * one machine, one CPU capability, seed and thread count: rebuilds are bit-identical (``test_zoo_digits`` checks
   builds, :func:`test_digits_rebuild_under_another_cpu_capability` two rebuilds of the shipped LoRAs);
