@@ -95,11 +95,13 @@ def decode_kohya(key: str, value: str, limits: ReadLimits, warnings: list[str]) 
 
 # Files that are safetensors but no LoRA, recognised by their keys.
 _NOT_LORA = (
-    (re.compile(r"^(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner)\."),
-     "a full Stable Diffusion checkpoint"),
+    (
+        re.compile(r"^(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner)\."),
+        "a full Stable Diffusion checkpoint",
+    ),
     (re.compile(r"^(emb_params|string_to_param|clip_l|clip_g|<[^>]+>)$"), "a textual-inversion embedding"),
     (re.compile(r"^(model\.)?(layers|h|blocks)\.\d+\..*\.(weight|bias)$"), "a full model's weights"),
-)  # fmt: skip
+)
 
 
 def unknown_layout(keys: list[str], where: str) -> str:

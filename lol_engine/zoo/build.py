@@ -44,8 +44,13 @@ def _versions() -> dict[str, str]:
 
     import lol_engine
 
-    return {"lol_engine": lol_engine.__version__, "torch": torch.__version__, "peft": peft.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}  # fmt: skip
+    return {
+        "lol_engine": lol_engine.__version__,
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _zoo_record(recipe: Recipe, settings: ZooSettings, n: int) -> dict[str, Any]:

@@ -94,8 +94,14 @@ class Recipe(ABC):
     def provenance(self, context: Any, seed: int, base_family: str) -> dict[str, object]:
         """What every zoo LoRA records in its safetensors ``__metadata__`` (as ``lol.*`` keys)."""
         name, sha = self.base_identity(context)
-        return {"zoo": self.name, "recipe_version": self.version, "seed": seed, "base": name, "base_sha256": sha,
-                "base_family": base_family}  # fmt: skip
+        return {
+            "zoo": self.name,
+            "recipe_version": self.version,
+            "seed": seed,
+            "base": name,
+            "base_sha256": sha,
+            "base_family": base_family,
+        }
 
     @abstractmethod
     def sample(self, context: Any, index: int, rng: np.random.Generator, settings: ZooSettings) -> dict[str, Any]:
