@@ -1,4 +1,8 @@
-"""Entry file of the app and the Hugging Face Space (not ``app.py``: see PLATFORM.md 4.7). Settings: app/serve.py."""
+"""Entry file of the app and the Hugging Face Space. Settings: app/serve.py.
+
+Not ``app.py``: beside the ``app/`` package, ``import app`` would always find the package, and mypy would
+report two modules named ``app``.
+"""
 
 from __future__ import annotations
 

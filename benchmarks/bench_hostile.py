@@ -40,9 +40,14 @@ def controls() -> list[Case]:
 
     return [
         Case("control-sdxl-r32", "control: an SDXL kohya LoRA, rank 32 (986 modules)", sdxl, "", loads=True),
-        Case("control-20000-modules", "control: 20,000 rank-4 modules (at the module budget)",
-             lambda f: _many_modules(f / "x.safetensors", 20_000, rank=4, d=64), "", loads=True),
-    ]  # fmt: skip
+        Case(
+            "control-20000-modules",
+            "control: 20,000 rank-4 modules (at the module budget)",
+            lambda f: _many_modules(f / "x.safetensors", 20_000, rank=4, d=64),
+            "",
+            loads=True,
+        ),
+    ]
 
 
 # The child reports its own peak (VmHWM starts afresh at exec; ru_maxrss would carry the parent's size over the fork).
@@ -133,8 +138,11 @@ def main() -> None:
             runs = [read_with(code, target, args.timeout) for _, code in versions]
             rows.append((case, size, runs))
             for (label, _), run in zip(versions, runs, strict=True):
-                print(f"{case.name:36s} {label:6s} {run.status:18s} {run.seconds:8.2f} s {run.peak_mb:8.0f} MB  "
-                      f"{run.line}", flush=True)  # fmt: skip
+                print(
+                    f"{case.name:36s} {label:6s} {run.status:18s} {run.seconds:8.2f} s {run.peak_mb:8.0f} MB  "
+                    f"{run.line}",
+                    flush=True,
+                )
     header = "| input | size |" + "".join(f" {label}: result | {label}: time, peak memory |" for label, _ in versions)
     lines = [header, "|---|---:|" + "---|---:|" * len(versions)]
     for case, size, runs in rows:

@@ -124,8 +124,14 @@ def send_upload(port: int, size: int, timeout: float = 600.0) -> dict[str, objec
     sock.close()
     status = reply.split(b"\r\n", 1)[0].decode(errors="replace")
     text = reply.split(b"\r\n\r\n", 1)[1].decode(errors="replace") if b"\r\n\r\n" in reply else ""
-    return {"seconds_to_answer": round(answered, 3), "body_bytes": length, "body_bytes_sent": sent,
-            "status": status, "answer": text[:300], "send_error": error}  # fmt: skip
+    return {
+        "seconds_to_answer": round(answered, 3),
+        "body_bytes": length,
+        "body_bytes_sent": sent,
+        "status": status,
+        "answer": text[:300],
+        "send_error": error,
+    }
 
 
 def _length(reply: bytes) -> int:
@@ -141,8 +147,11 @@ def analyse(port: int, server_path: str) -> tuple[float, str]:
     start = time.perf_counter()
     upload = {"path": server_path, "orig_name": "big.safetensors", "meta": {"_type": "gradio.FileData"}}
     payload = {"data": [[upload], ""]}
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/call/analyse", json.dumps(payload).encode(),
-                                 {"Content-Type": "application/json"})  # fmt: skip
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/gradio_api/call/analyse",
+        json.dumps(payload).encode(),
+        {"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=60) as response:
         event_id = json.loads(response.read())["event_id"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/call/analyse/{event_id}", timeout=600) as r:
@@ -158,17 +167,32 @@ def main() -> None:
     size = int(args.gb * 1e9)
     tmp = Path(tempfile.mkdtemp(prefix="lol-bench-upload-"))
     gtemp, data = tmp / "gradio-temp", tmp / "data"
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(gtemp), "LOL_DATA_DIR": str(data), "GRADIO_ANALYTICS_ENABLED": "False",
-           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GRADIO_TEMP_DIR": str(gtemp),
+        "LOL_DATA_DIR": str(data),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+    }
     cli = [sys.executable, "-m", "lol_engine.cli"]
     result: dict[str, object] = {"upload_bytes": size}
     server = None
     try:
-        subprocess.run([*cli, "ingest", str(LORA), "--db", str(data / "lol.duckdb")], env=env, check=True,
-                       capture_output=True, cwd=ROOT)  # fmt: skip
+        subprocess.run(
+            [*cli, "ingest", str(LORA), "--db", str(data / "lol.duckdb")],
+            env=env,
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
         port = _free_port()
-        server = subprocess.Popen([*cli, "serve", "--db", str(data / "lol.duckdb"), "--port", str(port)], env=env,
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        server = subprocess.Popen(
+            [*cli, "serve", "--db", str(data / "lol.duckdb"), "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 300
         while True:
             try:

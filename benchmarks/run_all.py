@@ -57,9 +57,11 @@ def _fmt(seconds: float) -> str:
 
 def spectra(folder: Path, quick: bool) -> list[Row]:
     div, r = (16, 8) if quick else (1, 32)
-    configs = {f"SD 1.5 kohya r{r}": Config("sd15", sd15_shapes(div), r),
-               f"SDXL kohya r{r}": Config("sdxl", sdxl_shapes(div), r),
-               f"7B q/k/v/o PEFT r{r // 2}": Config("llm7b", llm7b_shapes(div), r // 2)}  # fmt: skip
+    configs = {
+        f"SD 1.5 kohya r{r}": Config("sd15", sd15_shapes(div), r),
+        f"SDXL kohya r{r}": Config("sdxl", sdxl_shapes(div), r),
+        f"7B q/k/v/o PEFT r{r // 2}": Config("llm7b", llm7b_shapes(div), r // 2),
+    }
     rows = []
     gen = torch.Generator().manual_seed(0)
     for label, config in configs.items():
@@ -69,8 +71,16 @@ def spectra(folder: Path, quick: bool) -> list[Row]:
         dense_s, err = dense_time(lora, 1, 1)
         size = f"{len(lora)} modules, {path.stat().st_size / 2**20:.0f} MiB"
         note = f"read {_fmt(read_s)} = {read_s / qr_s:.1f}× QR; max rel err {err:.0e}"
-        rows.append(["spectra", f"{label} ({size})", f"QR {_fmt(qr_s)}", f"dense SVD {_fmt(dense_s)}",
-                     f"{dense_s / qr_s:,.0f}×", note])  # fmt: skip
+        rows.append(
+            [
+                "spectra",
+                f"{label} ({size})",
+                f"QR {_fmt(qr_s)}",
+                f"dense SVD {_fmt(dense_s)}",
+                f"{dense_s / qr_s:,.0f}×",
+                note,
+            ]
+        )
     return rows
 
 
@@ -89,8 +99,10 @@ def neighbours(quick: bool) -> list[Row]:
             x = rng.normal(size=(n, 100)).astype(np.float32)
             with store._transaction() as cur:  # bulk-load synthetic 100-d fingerprints for the n-LoRA collection
                 cur.execute("DELETE FROM embeddings")
-                cur.executemany("INSERT INTO embeddings VALUES (?, 'fp', 100, ?)",
-                                [[f"{i:07d}", v.tolist()] for i, v in enumerate(x)])  # fmt: skip
+                cur.executemany(
+                    "INSERT INTO embeddings VALUES (?, 'fp', 100, ?)",
+                    [[f"{i:07d}", v.tolist()] for i, v in enumerate(x)],
+                )
             done += n
             query = rng.normal(size=100).astype(np.float32)
             duck_s, hits = timed(lambda q=query: store.nearest("fp", q, k=10), 3)
@@ -102,8 +114,16 @@ def neighbours(quick: bool) -> list[Row]:
             numpy_s, top = timed(brute, 3)
             assert [int(h[0]) for h in hits] == [int(t) for t in top]
             case = f"fingerprint cosine, {n:,} LoRAs (DuckDB exact scan)"
-            rows.append(["neighbours", case, f"DuckDB {_fmt(duck_s)}", f"NumPy {_fmt(numpy_s)}",
-                         f"{numpy_s / duck_s:.2f}×", "same top-10"])  # fmt: skip
+            rows.append(
+                [
+                    "neighbours",
+                    case,
+                    f"DuckDB {_fmt(duck_s)}",
+                    f"NumPy {_fmt(numpy_s)}",
+                    f"{numpy_s / duck_s:.2f}×",
+                    "same top-10",
+                ]
+            )
     spec = LoraSpec((LayerSpec("fc1", 128, 64, 4), LayerSpec("fc2", 128, 128, 4)))  # the digits zoo's layout
     gen = torch.Generator().manual_seed(0)
     for n in (1000,) if quick else (1000, 10_000):
@@ -119,8 +139,16 @@ def neighbours(quick: bool) -> list[Row]:
         dense_s, want = timed(dense, 1)
         assert np.allclose(sims, want, atol=1e-4)
         case = f"exact ΔW cosine, {n:,} digits-layout LoRAs"
-        rows.append(["neighbours", case, f"factors {_fmt(ours_s)}", f"dense ΔW + NumPy {_fmt(dense_s)}",
-                     f"{dense_s / ours_s:.1f}×", "same cosines (1e-4)"])  # fmt: skip
+        rows.append(
+            [
+                "neighbours",
+                case,
+                f"factors {_fmt(ours_s)}",
+                f"dense ΔW + NumPy {_fmt(dense_s)}",
+                f"{dense_s / ours_s:.1f}×",
+                "same cosines (1e-4)",
+            ]
+        )
     return rows
 
 
@@ -148,8 +176,16 @@ def prediction_vs_evaluation(quick: bool) -> list[Row]:
         f"one at a time: {_fmt(single_s)} = {eval_s / single_s:.1f}×; evaluation recorded at build time. This toy "
         "base (a small VAE + linear judge) makes evaluation cheap: the paper's > 50,000× is 660 SD UNet passes"
     )
-    return [["LoL vs evaluation", f"fashion-gen quality of {len(loras)} LoRAs", f"LoL batched {_fmt(batch_s)}",
-             f"standard evaluation {_fmt(eval_s)}", f"{eval_s / batch_s:,.1f}×", note]]  # fmt: skip
+    return [
+        [
+            "LoL vs evaluation",
+            f"fashion-gen quality of {len(loras)} LoRAs",
+            f"LoL batched {_fmt(batch_s)}",
+            f"standard evaluation {_fmt(eval_s)}",
+            f"{eval_s / batch_s:,.1f}×",
+            note,
+        ]
+    ]
 
 
 def _memory_bandwidth() -> float:
@@ -181,12 +217,18 @@ def ingest_throughput(quick: bool) -> list[Row]:
         profile.disable()
         seconds = time.perf_counter() - start
         store.close()
-        size = sum((ROOT / "data" / "zoo" / "fashion-gen" / "loras" / f"{i:05d}" / "adapter_model.safetensors")
-                   .stat().st_size for i in range(n))  # fmt: skip
+        size = sum(
+            (ROOT / "data" / "zoo" / "fashion-gen" / "loras" / f"{i:05d}" / "adapter_model.safetensors").stat().st_size
+            for i in range(n)
+        )
     assert len(report.ids) == n
     stats = pstats.Stats(profile)
-    parts = {"read + parse": "parse.py:84(load_lora)", "encode (fingerprint + predictors)": "encode_many",
-             "of which fingerprint": "fingerprint.py", "store": "store.py"}  # fmt: skip
+    parts = {
+        "read + parse": "lora/parse.py",  # the largest cumulative time of a function in the file: load_lora
+        "encode (fingerprint + predictors)": "encode_many",
+        "of which fingerprint": "fingerprint.py",
+        "store": "store.py",
+    }
     shares = []
     total = stats.total_tt  # type: ignore[attr-defined]
     for label, key in parts.items():
@@ -194,12 +236,25 @@ def ingest_throughput(quick: bool) -> list[Row]:
         shares.append(f"{label} {cum / total:.0%}")
     shares[-1] += " (cumulative shares of the profiled time)"
     floor = size / _memory_bandwidth()
-    fix = ["ingest", f"the same {n:,} LoRAs: batches of 64 vs one at a time", f"batched {_fmt(seconds)}",
-           f"one at a time {_fmt(one_by_one)}", f"{one_by_one / seconds:.1f}×",
-           "one transaction and one multi-row insert per batch; one forward per predictor per batch"]  # fmt: skip
-    return [fix, ["ingest", f"{n:,} fashion-gen PEFT LoRAs ({size / 2**20:.1f} MiB) with 7 predictors",
-             f"{n / seconds:.0f} LoRAs/s ({_fmt(seconds)})", f"floor {_fmt(floor)} (bytes / memcpy bandwidth)",
-             f"{seconds / floor:,.0f}× the floor", "; ".join(shares)]]  # fmt: skip
+    fix = [
+        "ingest",
+        f"the same {n:,} LoRAs: batches of 64 vs one at a time",
+        f"batched {_fmt(seconds)}",
+        f"one at a time {_fmt(one_by_one)}",
+        f"{one_by_one / seconds:.1f}×",
+        "one transaction and one multi-row insert per batch; one forward per predictor per batch",
+    ]
+    return [
+        fix,
+        [
+            "ingest",
+            f"{n:,} fashion-gen PEFT LoRAs ({size / 2**20:.1f} MiB) with 7 predictors",
+            f"{n / seconds:.0f} LoRAs/s ({_fmt(seconds)})",
+            f"floor {_fmt(floor)} (bytes / memcpy bandwidth)",
+            f"{seconds / floor:,.0f}× the floor",
+            "; ".join(shares),
+        ],
+    ]
 
 
 def maps(quick: bool) -> list[Row]:
@@ -214,8 +269,16 @@ def maps(quick: bool) -> list[Row]:
         fit_s, fitted = timed(lambda x=x: fit_map(x), 1)
         fitted.place(x[:2])  # first transform compiles
         place_s, _ = timed(lambda fitted=fitted, x=x: fitted.place(x[:1] + 0.01), 3)
-        rows.append(["maps", f"UMAP of {n:,} points (100-d, 10 clusters)", f"place one {_fmt(place_s)}",
-                     f"refit {_fmt(fit_s)}", f"{fit_s / place_s:,.0f}×", "transform; the map stays"])  # fmt: skip
+        rows.append(
+            [
+                "maps",
+                f"UMAP of {n:,} points (100-d, 10 clusters)",
+                f"place one {_fmt(place_s)}",
+                f"refit {_fmt(fit_s)}",
+                f"{fit_s / place_s:,.0f}×",
+                "transform; the map stays",
+            ]
+        )
     return rows
 
 
@@ -233,8 +296,13 @@ def app_latency(quick: bool) -> list[Row]:
         ledger = UploadLedger()  # the clients upload one file: Gradio keeps it at one path until all are done
         demo = build_demo(explorer, ledger=ledger)
         demo.queue(default_concurrency_limit=8)
-        demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False,
-                    **launch_options(max_upload_bytes(), ledger))  # fmt: skip
+        demo.launch(
+            server_name="127.0.0.1",
+            prevent_thread_lock=True,
+            quiet=True,
+            ssr_mode=False,
+            **launch_options(max_upload_bytes(), ledger),
+        )
         file = ROOT / "data" / "zoo" / "digits" / "loras" / "00011" / "adapter_model.safetensors"
         try:
             baseline = None
@@ -264,9 +332,16 @@ def app_latency(quick: bool) -> list[Row]:
                 p50 = statistics.median(latencies)
                 p95 = sorted(latencies)[max(0, round(0.95 * len(latencies)) - 1)]
                 baseline = baseline or p50
-                rows.append(["app", f"upload → prediction, {clients} concurrent client(s), small LoRA",
-                             f"p50 {_fmt(p50)}", f"p95 {_fmt(p95)}", f"{p50 / baseline:.1f}× the 1-client p50",
-                             f"{len(latencies) / wall:.1f} requests/s"])  # fmt: skip
+                rows.append(
+                    [
+                        "app",
+                        f"upload → prediction, {clients} concurrent client(s), small LoRA",
+                        f"p50 {_fmt(p50)}",
+                        f"p95 {_fmt(p95)}",
+                        f"{p50 / baseline:.1f}× the 1-client p50",
+                        f"{len(latencies) / wall:.1f} requests/s",
+                    ]
+                )
         finally:
             demo.close()
             explorer.close()
@@ -308,11 +383,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
         table.add_row(*row)
     console.print(table)
     if not args.quick and wanted is None:
-        lines = ["# Benchmarks (generated by `make bench` = `python benchmarks/run_all.py`)", "",
-                 f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; the whole run "
-                 f"took {total:.0f} s. Every ratio compares two ways of doing the same thing in this run.", "",
-                 "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-                 *["| " + " | ".join(row) + " |" for row in rows], ""]  # fmt: skip
+        lines = [
+            "# Benchmarks (generated by `make bench` = `python benchmarks/run_all.py`)",
+            "",
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; the whole run "
+            f"took {total:.0f} s. Every ratio compares two ways of doing the same thing in this run.",
+            "",
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+            *["| " + " | ".join(row) + " |" for row in rows],
+            "",
+        ]
         Path(args.out).write_text("\n".join(lines))
         console.print(f"wrote {args.out}")
     return rows

@@ -1,6 +1,6 @@
 """2-D maps of LoRA embeddings: UMAP (the only module that imports umap), with a PCA fallback for tiny collections.
 
-Rules from PLATFORM.md §3: rows are L2-normalised (Euclidean distance then orders like cosine distance); n < 4 → PCA
+Rules: rows are L2-normalised (Euclidean distance then orders like cosine distance); n < 4 → PCA
 (UMAP fails for n = 2, 3); 4 ≤ n < 30 → UMAP with ``init="pca"`` and ``n_neighbors = min(15, n − 1)``; otherwise
 UMAP defaults. A fitted map places new points with ``transform`` without moving the old ones. UMAP's first fit in a
 process pays ~20 s of JIT compilation: :func:`warm_up` pays it in a background thread, off the request path.

@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from math import prod
+from typing import Final, Literal
 
-from lol_engine.lora._conventions import KINDS, ModuleKind
+__all__ = ["KINDS", "LayerSpec", "LoraSpec", "ModuleKind", "natural_key"]
 
-__all__ = ["LayerSpec", "LoraSpec", "natural_key"]
+ModuleKind = Literal["linear", "conv", "embedding"]
+"""How a module's ΔW is shaped: a linear weight, a flattened conv kernel, or an embedding table (transposed)."""
+KINDS: Final[tuple[ModuleKind, ...]] = ("linear", "conv", "embedding")
 
 
 @dataclass(frozen=True)

@@ -96,11 +96,25 @@ GOOD_DATA = bytes(16)
         ({"t": {"dtype": "F32", "shape": [1, 1, 1, 1, 1, 1], "data_offsets": [0, 4]}}, bytes(4), None, "6 axes"),
     ],
     ids=[
-        "empty-header", "header-longer-than-file", "bad-json", "not-utf8", "not-an-object", "truncated-data",
-        "fp8-dtype", "shape-bytes-mismatch", "negative-dim", "missing-fields", "reversed-offsets", "overlap", "gap",
-        "trailing-bytes", "duplicate-key", "non-string-metadata", "too-many-axes",
+        "empty-header",
+        "header-longer-than-file",
+        "bad-json",
+        "not-utf8",
+        "not-an-object",
+        "truncated-data",
+        "fp8-dtype",
+        "shape-bytes-mismatch",
+        "negative-dim",
+        "missing-fields",
+        "reversed-offsets",
+        "overlap",
+        "gap",
+        "trailing-bytes",
+        "duplicate-key",
+        "non-string-metadata",
+        "too-many-axes",
     ],
-)  # fmt: skip
+)
 def test_malformed_containers(tmp_path: Path, header, data: bytes, length, message: str) -> None:
     path = raw_file(tmp_path / "bad.safetensors", header, data, length)
     with pytest.raises(LoraFormatError, match=message) as info:
@@ -290,5 +304,5 @@ def test_missing_path_and_ambiguous_folder(tmp_path: Path) -> None:
         load_lora(tmp_path / "nope.safetensors")
     save(tmp_path / "one.safetensors", peft(Q))
     save(tmp_path / "two.safetensors", peft(Q))
-    with pytest.raises(LoraFormatError, match=r"holds 2 .safetensors files"):
+    with pytest.raises(LoraFormatError, match=r"has 2 \.safetensors files; name the one you mean"):
         load_lora(tmp_path)

@@ -22,11 +22,16 @@ from lol_engine.lora import cloneofsimo  # noqa: E402
 
 UNET_TARGETS = ["GEGLU", "CrossAttention", "Attention"]  # lora_diffusion's UNET_DEFAULT_TARGET_REPLACE
 SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "attention_head_dim": 8,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
     "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-}  # fmt: skip
+}
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 
 
@@ -49,7 +54,7 @@ def sd15_order() -> dict[str, list[tuple[str, int, int]]]:
     te = [
         (f"text_encoder.text_model.{n.removeprefix('text_model.')}", i, o)
         for n, i, o in _find_modules(text, {"CLIPAttention"})
-    ]  # fmt: skip  (transformers 5 drops text_model.)
+    ]  # transformers 5 drops text_model.
     return {"unet": _find_modules(unet, set(UNET_TARGETS)), "text_encoder": te}
 
 

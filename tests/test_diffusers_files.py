@@ -105,19 +105,34 @@ def pipeline_parts():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(1)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
-    unet_config = peft.LoraConfig(r=UNET_R, lora_alpha=UNET_ALPHA, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                  init_lora_weights=False)  # fmt: skip
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    unet_config = peft.LoraConfig(
+        r=UNET_R, lora_alpha=UNET_ALPHA, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+    )
     unet.add_adapter(unet_config)
     text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(hidden_size=12, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                                    vocab_size=30, max_position_embeddings=8)
-    )  # fmt: skip
-    te_config = peft.LoraConfig(r=TE_R, lora_alpha=TE_ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
-                                init_lora_weights=False)  # fmt: skip
+        transformers.CLIPTextConfig(
+            hidden_size=12,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=30,
+            max_position_embeddings=8,
+        )
+    )
+    te_config = peft.LoraConfig(
+        r=TE_R, lora_alpha=TE_ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], init_lora_weights=False
+    )
     text_encoder = peft.inject_adapter_in_model(te_config, text_encoder)  # what add_adapter does, with any peft
     expected = {}
     for prefix, model in (("", unet), ("text_encoder.", text_encoder)):
@@ -143,10 +158,12 @@ def test_adapter_metadata_scales_every_layout(tmp_path: Path, pipeline_parts, la
         assert any(k.endswith(".lora.down.weight") for k in layers[0])
         assert any(k.endswith(".lora_linear_layer.down.weight") for k in layers[1])
     diffusers.StableDiffusionPipeline.save_lora_weights(
-        tmp_path, unet_lora_layers=layers[0], text_encoder_lora_layers=layers[1],
+        tmp_path,
+        unet_lora_layers=layers[0],
+        text_encoder_lora_layers=layers[1],
         unet_lora_adapter_metadata=unet_config.to_dict(),
         text_encoder_lora_adapter_metadata=te_config.to_dict() if covered == "both" else None,
-    )  # fmt: skip
+    )
     lora = load_lora(tmp_path)
     assert lora.meta.format == layout
     assert set(lora.names) == set(expected)

@@ -324,9 +324,22 @@ def hostile_value(draw: st.DrawFn) -> str:
 
 
 _VALUE_TARGETS = st.sampled_from(
-    ["dtype", "shape", "offsets", "shape-dim", "metadata-raw", "ss_tag_frequency", "ss_network_dim",
-     "ss_network_args", "lora_adapter_metadata", "modelspec.title", "metadata-count", "name-length", "factor-bytes"]
-)  # fmt: skip
+    [
+        "dtype",
+        "shape",
+        "offsets",
+        "shape-dim",
+        "metadata-raw",
+        "ss_tag_frequency",
+        "ss_network_dim",
+        "ss_network_args",
+        "lora_adapter_metadata",
+        "modelspec.title",
+        "metadata-count",
+        "name-length",
+        "factor-bytes",
+    ]
+)
 _FACTOR_VALUES = st.sampled_from([3e38, -3e38, float("inf"), float("nan"), 1e20, 65504.0, 1e-45, -0.0])
 
 
@@ -388,11 +401,23 @@ def test_value_mutations_load_or_raise_lora_format_error(
 
 @FUZZ
 @given(
-    field=st.sampled_from(["r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "lora_dropout",
-                           "target_modules", "peft_type", "lora_parameters", "fine_tune_type"]),
+    field=st.sampled_from(
+        [
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "rank_pattern",
+            "alpha_pattern",
+            "lora_dropout",
+            "target_modules",
+            "peft_type",
+            "lora_parameters",
+            "fine_tune_type",
+        ]
+    ),
     value=hostile_value(),
     patterns=st.sampled_from([0, 1, 100, 10_001]),
-)  # fmt: skip
+)
 def test_config_value_mutations_load_or_raise_lora_format_error(
     seeds: dict[str, bytes], tmp_path: Path, field: str, value: str, patterns: int
 ) -> None:

@@ -74,8 +74,9 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("stem", "a_suffix", "b_suffix", "metadata", "name", "fmt"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stem", "a_suffix", "b_suffix", "metadata", "name", "fmt"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_key_table(
     tmp_path: Path, stem: str, a_suffix: str, b_suffix: str, metadata: dict | None, name: str, fmt: str
 ) -> None:

@@ -31,8 +31,16 @@ RANK, SCALE = 4, 7.5
 def _adapter(folder: Path, kind: str = "lora", keys: list[str] | None = None, config: bool = True) -> dict:
     """Write an mlx-lm adapter folder; return ``{module name: (ΔW as numpy, magnitude or None)}`` from mlx-lm."""
     mx.random.seed(0)
-    args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=48,
-                           num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=40, num_key_value_heads=2)  # fmt: skip
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        num_attention_heads=4,
+        rms_norm_eps=1e-5,
+        vocab_size=40,
+        num_key_value_heads=2,
+    )
     model = llama.Model(args)
     model.freeze()
     parameters = {"rank": RANK, "scale": SCALE, "dropout": 0.0} | ({"keys": keys} if keys else {})
@@ -54,8 +62,15 @@ def _adapter(folder: Path, kind: str = "lora", keys: list[str] | None = None, co
     mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
     mx.save_safetensors(str(folder / "0000100_adapters.safetensors"), weights)  # a checkpoint beside the final file
     if config:
-        save_config({"model": "mlx-community/Llama-3.2-1B-Instruct-4bit", "fine_tune_type": kind, "num_layers": 2,
-                     "lora_parameters": parameters}, folder / "adapter_config.json")  # fmt: skip
+        save_config(
+            {
+                "model": "mlx-community/Llama-3.2-1B-Instruct-4bit",
+                "fine_tune_type": kind,
+                "num_layers": 2,
+                "lora_parameters": parameters,
+            },
+            folder / "adapter_config.json",
+        )
     return expected
 
 

@@ -1,8 +1,8 @@
 """The default zoo in data/: complete, intact, loadable, and reproducible from its recorded command.
 
-What "reproducible" can mean (STYLE.md §8.16). Float kernels are chosen per instruction set (torch's
-``ATEN_CPU_CAPABILITY``, MKL's own dispatch), so on another CPU training rounds differently, and training amplifies
-the difference. Hence two levels:
+What "reproducible" can mean: exact bytes within one machine, tolerances across machines. Float kernels are chosen per
+instruction set (torch's ``ATEN_CPU_CAPABILITY``, MKL's own dispatch), so on another CPU training rounds differently,
+and training amplifies the difference. Hence two levels:
 
 * one machine, one CPU capability, seed and thread count: rebuilds are bit-identical (``test_zoo_digits`` checks
   builds, :func:`test_digits_rebuild_under_another_cpu_capability` two rebuilds of the shipped LoRAs);
@@ -86,7 +86,7 @@ def test_shipped_zoo_is_complete_and_intact(name: str, n: int) -> None:
 @pytest.mark.parametrize("name", ZOOS)
 def test_every_shipped_choice_follows_from_the_seed(name: str, tmp_path: Path) -> None:
     """Seeds, splits and hyperparameters of all shipped LoRAs, drawn again without training: exact on any machine."""
-    from lol_engine.zoo.build import lora_seed, split_of
+    from lol_engine.zoo.recipe import lora_seed, split_of
 
     if name == "fashion-gen":
         _need_fashion_mnist()

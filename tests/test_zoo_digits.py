@@ -33,11 +33,32 @@ def test_manifest_schema(zoo: Path) -> None:
     rows = read_manifest(zoo)
     assert [r["index"] for r in rows] == list(range(12))
     expected = {
-        "index", "path", "sha256", "split", "seed", "recipe", "recipe_version", "base_name", "base_sha256",
-        "train_seconds", "hp_classes_mask", "hp_rank", "hp_n_per_class", "hp_lr", "hp_steps", "hp_label_noise",
-        "hp_data_seed", "y_acc_own", "y_loss_own", "y_acc_all", "y_classes", "y_n_classes", "y_n_train",
-        "y_probe_member", "y_probe_mask",
-    }  # fmt: skip
+        "index",
+        "path",
+        "sha256",
+        "split",
+        "seed",
+        "recipe",
+        "recipe_version",
+        "base_name",
+        "base_sha256",
+        "train_seconds",
+        "hp_classes_mask",
+        "hp_rank",
+        "hp_n_per_class",
+        "hp_lr",
+        "hp_steps",
+        "hp_label_noise",
+        "hp_data_seed",
+        "y_acc_own",
+        "y_loss_own",
+        "y_acc_all",
+        "y_classes",
+        "y_n_classes",
+        "y_n_train",
+        "y_probe_member",
+        "y_probe_mask",
+    }
     assert set(rows[0]) == expected
     assert {r["split"] for r in rows} <= {"train", "val", "test"}
     assert {r["hp_rank"] for r in rows} <= {2, 4}

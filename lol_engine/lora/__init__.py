@@ -2,13 +2,15 @@
 
 from lol_engine.errors import LoraFormatError
 from lol_engine.lora.config import AdapterConfig, MlxAdapterConfig, PeftAdapterConfig, read_adapter_config
-from lol_engine.lora.parse import LoraSummary, inspect_lora, load_lora, locate_lora
+from lol_engine.lora.locate import LoraLocation, display_name, find_loras, locate_lora
+from lol_engine.lora.parse import LoraSummary, inspect_lora, load_lora
 from lol_engine.lora.safe_io import ReadLimits, read_header
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights
 
 __all__ = [
     "AdapterConfig",
     "LoraFormatError",
+    "LoraLocation",
     "LoraMetadata",
     "LoraModule",
     "LoraSummary",
@@ -16,6 +18,8 @@ __all__ = [
     "MlxAdapterConfig",
     "PeftAdapterConfig",
     "ReadLimits",
+    "display_name",
+    "find_loras",
     "inspect_lora",
     "load_lora",
     "locate_lora",

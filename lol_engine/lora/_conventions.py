@@ -32,9 +32,6 @@ transformer modules lose ``unet.``/``transformer.``/``diffusion_model.``; text e
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from lol_engine.spec import KINDS, ModuleKind
 
-__all__ = ["KINDS", "ModuleKind"]
-
-ModuleKind = Literal["linear", "conv", "embedding"]
-KINDS: Final[tuple[ModuleKind, ...]] = ("linear", "conv", "embedding")
+__all__ = ["KINDS", "ModuleKind"]  # linear, conv, embedding (above); defined in lol_engine.spec

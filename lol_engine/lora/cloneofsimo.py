@@ -42,8 +42,12 @@ def _sd1_blocks() -> Iterator[tuple[str, int]]:
 
 def _attention(path: str, ch: int, cross: bool) -> list[tuple[str, int, int]]:
     d_kv = _CROSS if cross else ch
-    return [(f"{path}.to_q", ch, ch), (f"{path}.to_k", d_kv, ch), (f"{path}.to_v", d_kv, ch),
-            (f"{path}.to_out.0", ch, ch)]  # fmt: skip
+    return [
+        (f"{path}.to_q", ch, ch),
+        (f"{path}.to_k", d_kv, ch),
+        (f"{path}.to_v", d_kv, ch),
+        (f"{path}.to_out.0", ch, ch),
+    ]
 
 
 def unet_orders(targets: frozenset[str]) -> dict[str, list[tuple[str, int, int]]]:
@@ -65,8 +69,11 @@ def unet_orders(targets: frozenset[str]) -> dict[str, list[tuple[str, int, int]]
 
 def text_encoder_order() -> list[tuple[str, int, int]]:
     """CLIP-L (SD 1.x) attention projections in ``CLIPAttention``'s registration order: k, v, q, out."""
-    return [(f"text_encoder.text_model.encoder.layers.{i}.self_attn.{p}_proj", 768, 768)
-            for i in range(12) for p in ("k", "v", "q", "out")]  # fmt: skip
+    return [
+        (f"text_encoder.text_model.encoder.layers.{i}.self_attn.{p}_proj", 768, 768)
+        for i in range(12)
+        for p in ("k", "v", "q", "out")
+    ]
 
 
 def _targets(metadata: Mapping[str, str], component: str, where: str) -> frozenset[str] | None:

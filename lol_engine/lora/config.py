@@ -144,8 +144,8 @@ class PeftAdapterConfig:
                 f"{where}: {len(ranks) + len(alphas):,} rank_pattern/alpha_pattern keys, over the limit of "
                 f"{limits.max_patterns:,}"
             )
-        return cls(int(r), float(alpha), bool(raw.get("use_rslora", False)), bool(raw.get("use_dora", False)),
-                   ranks, alphas, "LORA", dict(raw))  # fmt: skip
+        rslora, dora = bool(raw.get("use_rslora", False)), bool(raw.get("use_dora", False))
+        return cls(int(r), float(alpha), rslora, dora, ranks, alphas, peft_type="LORA", raw=dict(raw))
 
     @property
     def n_patterns(self) -> int:

@@ -21,6 +21,8 @@ __all__ = [
     "VARIANT_NAMES",
     "KeyRule",
     "ModuleKeys",
+    "NameOrigin",
+    "ResolvedName",
     "Role",
     "canonical_name",
     "classify_key",
@@ -226,7 +228,17 @@ _TE_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out":
 
 
 @dataclass(frozen=True)
+class NameOrigin:
+    """Where a module's canonical name came from: the naming family of its factor keys and the rule that named it."""
+
+    naming: str  # the factor keys' family, as ModuleKeys.naming: "ab", "kohya", "diffusers", "mlx", "cloneofsimo", …
+    source: str  # the naming rule: "peft" | "kohya" | "diffusers" | "comfyui" | "cloneofsimo" | "plain"
+
+
+@dataclass(frozen=True)
 class ResolvedName:
+    """A module stem's canonical name, and which naming rule gave it."""
+
     name: str  # canonical module name
     source: str  # "peft" | "kohya" | "diffusers" | "comfyui" | "plain"
     vocabulary: str | None = None  # kohya vocabulary the name was found in

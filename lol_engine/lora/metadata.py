@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lol_engine.errors import LoraFormatError
+from lol_engine.lora.keys import NameOrigin
 from lol_engine.lora.safe_io import ReadLimits, parse_json
 
 __all__ = ["Notes", "decode_kohya", "format_name", "unknown_layout"]
@@ -36,19 +37,19 @@ class Notes:
         return out
 
 
-def format_name(namings: Iterable[tuple[str, str]], kohya: Mapping[str, Any], has_mid: bool) -> str:
-    """The file's format from its modules' ``(naming family, name source)`` pairs, e.g. ``"kohya"``."""
+def format_name(origins: Iterable[NameOrigin], kohya: Mapping[str, Any], has_mid: bool) -> str:
+    """The file's format from where its modules' names came from, e.g. ``"kohya"``."""
     lycoris = "lycoris" in str(kohya.get("ss_network_module", "")) or has_mid
     formats = set()
-    for naming, source in namings:
-        if naming == "kohya" or source == "kohya":
+    for origin in origins:
+        if origin.naming == "kohya" or origin.source == "kohya":
             formats.add("lycoris" if lycoris else "kohya")
-        elif naming in ("diffusers", "cloneofsimo"):
-            formats.add(naming)
-        elif naming == "mlx":
+        elif origin.naming in ("diffusers", "cloneofsimo"):
+            formats.add(origin.naming)
+        elif origin.naming == "mlx":
             formats.add("mlx-lm")
         else:
-            formats.add({"diffusers": "diffusers-peft", "comfyui": "comfyui"}.get(source, "peft"))
+            formats.add({"diffusers": "diffusers-peft", "comfyui": "comfyui"}.get(origin.source, "peft"))
     if formats == {"diffusers", "diffusers-peft"}:  # diffusers' own converter leaves non-attention keys as lora_A/B
         return "diffusers"
     return "+".join(sorted(formats))
@@ -94,11 +95,13 @@ def decode_kohya(key: str, value: str, limits: ReadLimits, warnings: list[str]) 
 
 # Files that are safetensors but no LoRA, recognised by their keys.
 _NOT_LORA = (
-    (re.compile(r"^(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner)\."),
-     "a full Stable Diffusion checkpoint"),
+    (
+        re.compile(r"^(model\.diffusion_model|first_stage_model|cond_stage_model|conditioner)\."),
+        "a full Stable Diffusion checkpoint",
+    ),
     (re.compile(r"^(emb_params|string_to_param|clip_l|clip_g|<[^>]+>)$"), "a textual-inversion embedding"),
     (re.compile(r"^(model\.)?(layers|h|blocks)\.\d+\..*\.(weight|bias)$"), "a full model's weights"),
-)  # fmt: skip
+)
 
 
 def unknown_layout(keys: list[str], where: str) -> str:

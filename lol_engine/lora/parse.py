@@ -1,9 +1,10 @@
 """``load_lora`` and ``inspect_lora``: any supported LoRA file or adapter folder to the canonical form.
 
-Pipeline: locate the file (and ``adapter_config.json``) → validate the header (:mod:`safe_io`) → group keys into
-modules (:mod:`keys`) → count budgets → canonical names → shapes in the canonical orientation → scales → read factors
-→ magnitude checks. Format quirks (mlx-lm's transposed factors, cloneofsimo's index-named modules, every scale rule)
-end here: what comes out is always ``A: (r, d_in)``, ``B: (d_out, r)``, ``ΔW = scale · B A``.
+Pipeline: locate the file and its ``adapter_config.json`` (:mod:`locate`) → validate the header (:mod:`safe_io`) →
+group keys into modules (:mod:`keys`) → count budgets → canonical names → shapes in the canonical orientation →
+scales → read factors → magnitude checks. Format quirks (mlx-lm's transposed factors, cloneofsimo's index-named
+modules, every scale rule) end here: what comes out is always ``A: (r, d_in)``, ``B: (d_out, r)``,
+``ΔW = scale · B A``.
 
 Work is bounded before it is done (:class:`ReadLimits`): tensors, modules, pattern matches and the reading thread's
 CPU time; per-module checks run batched over modules of one shape.
@@ -11,6 +12,7 @@ CPU time; per-module checks run batched over modules of one shape.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -22,8 +24,7 @@ import torch
 from torch import Tensor
 
 from lol_engine.errors import LoraFormatError
-from lol_engine.lora import cloneofsimo
-from lol_engine.lora._conventions import ModuleKind
+from lol_engine.lora import cloneofsimo, locate
 from lol_engine.lora.config import (
     AdapterConfig,
     PeftAdapterConfig,
@@ -31,7 +32,16 @@ from lol_engine.lora.config import (
     read_adapter_config,
 )
 from lol_engine.lora.family import detect_family
-from lol_engine.lora.keys import NAMING_FORMATS, ModuleKeys, Role, canonical_name, count_modules, group_keys
+from lol_engine.lora.keys import (
+    NAMING_FORMATS,
+    ModuleKeys,
+    NameOrigin,
+    ResolvedName,
+    Role,
+    canonical_name,
+    count_modules,
+    group_keys,
+)
 from lol_engine.lora.metadata import Notes, decode_kohya, format_name, unknown_layout
 from lol_engine.lora.safe_io import (
     FLOAT_DTYPES,
@@ -45,16 +55,10 @@ from lol_engine.lora.safe_io import (
 )
 from lol_engine.lora.scales import MAX_MAGNITUDE, check_magnitudes, module_scale
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights
-from lol_engine.spec import LayerSpec, LoraSpec, natural_key
+from lol_engine.spec import LayerSpec, LoraSpec, ModuleKind, natural_key
 
-__all__ = ["LoraSummary", "inspect_lora", "load_lora", "locate_lora"]
+__all__ = ["LoraSummary", "inspect_lora", "load_lora"]
 
-_ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapters.safetensors")
-_UNREAD_ADAPTERS = {  # adapter files in formats that are never opened, and what they are
-    "adapter_model.bin": "a pickle, never loaded (unpickling runs arbitrary code)",
-    "pytorch_lora_weights.bin": "a pickle, never loaded (unpickling runs arbitrary code)",
-    "adapters.npz": "a NumPy archive (mlx-lm's format before safetensors), not read",
-}
 _MLX_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|tok_embeddings|word_embeddings)$")
 
 
@@ -66,7 +70,7 @@ class _Plan:
     keys: ModuleKeys
     alpha: float | None
     scale: float
-    source: str  # where the canonical name came from: peft, kohya, diffusers, comfyui, cloneofsimo, plain
+    origin: NameOrigin  # where the canonical name came from
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,27 +84,10 @@ class LoraSummary:
 
 
 def locate_lora(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
-    """Resolve a file or an adapter folder to ``(safetensors file, adapter_config.json or None)``.
-
-    Folders: PEFT (``adapter_model.safetensors``), diffusers (``pytorch_lora_weights.safetensors``), mlx-lm
-    (``adapters.safetensors``, beside its numbered checkpoints), or a folder with exactly one ``.safetensors``.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise LoraFormatError(f"{path.name}: no such file or folder")
-    if path.is_dir():
-        found = [path / name for name in _ADAPTER_FILES if (path / name).is_file()]
-        if not found:
-            found = sorted(path.glob("*.safetensors"))
-        if not found:
-            unread = [name for name in _UNREAD_ADAPTERS if (path / name).exists()]
-            hint = f"; {unread[0]} is {_UNREAD_ADAPTERS[unread[0]]}" if unread else ""
-            raise LoraFormatError(f"{path.name}: folder holds no .safetensors adapter{hint}")
-        if len(found) > 1 and found[0].name not in _ADAPTER_FILES:
-            raise LoraFormatError(f"{path.name}: folder holds {len(found)} .safetensors files; name the one to read")
-        path = found[0]
-    config = path.parent / "adapter_config.json"
-    return path, (config if config.is_file() else None)
+    """Transitional: ``(weights, config)`` of :func:`lol_engine.lora.locate.locate_lora` for callers that still unpack
+    a pair. New code uses :func:`lol_engine.lora.locate.locate_lora` and its :class:`LoraLocation`."""
+    found = locate.locate_lora(path)
+    return found.weights, found.config
 
 
 def inspect_lora(
@@ -137,11 +124,12 @@ def load_lora(
 def _prepare(
     path: str | os.PathLike[str], limits: ReadLimits, config: AdapterConfig | None
 ) -> tuple[list[_Plan], LoraMetadata, SafetensorsHeader, WorkBudget]:
-    file, config_path = locate_lora(path)
+    found = locate.locate_lora(path)
+    file = found.weights
     where = file.name
     budget = WorkBudget(limits, where)
-    if config is None and config_path is not None:
-        config = read_adapter_config(config_path, limits)
+    if config is None and found.config is not None:
+        config = read_adapter_config(found.config, limits)
     header = read_header(file, limits, precheck=lambda entries: _count_modules(entries, limits, where))
     groups, _ = group_keys(header.tensors, where)
     _refuse_variants(groups, where)
@@ -162,10 +150,10 @@ def _prepare(
     names = _names(low_rank, header, notes, where)
     plans = []
     for stem, group in low_rank.items():
-        name, source = names[stem]
-        spec = _spec(group, name, header, limits, notes)
+        resolved = names[stem]
+        spec = _spec(group, resolved.name, header, limits, notes)
         alpha, scale = module_scale(group, spec, side, configs, notes)
-        plans.append(_Plan(spec, group, alpha, scale, source))
+        plans.append(_Plan(spec, group, alpha, scale, NameOrigin(group.naming, resolved.source)))
     plans.sort(key=lambda p: natural_key(p.spec.name))  # the same modules always come in the same order
     _check_work([p.spec for p in plans], limits, where)
     budget.check("planning modules")
@@ -248,29 +236,29 @@ def _read_side_tensors(header: SafetensorsHeader, groups: Iterable[ModuleKeys]) 
 
 def _names(
     groups: dict[str, ModuleKeys], header: SafetensorsHeader, notes: Notes, where: str
-) -> dict[str, tuple[str, str]]:
-    """``{stem: (canonical name, source)}``; refuses two stems that resolve to one module."""
+) -> dict[str, ResolvedName]:
+    """``{stem: canonical name and its source}``; refuses two stems that resolve to one module."""
     indexed = {}
     for stem, group in groups.items():
         if group.naming == "cloneofsimo":
             a_shape, b_shape = _oriented(group, header, f"{where}: {cloneofsimo.FORMAT} module {shown(stem)}")
             indexed[stem] = (a_shape[1] if len(a_shape) > 1 else 0, b_shape[0])
     by_index = cloneofsimo.resolve(indexed, header.metadata, where) if indexed else {}
-    out: dict[str, tuple[str, str]] = {}
+    out: dict[str, ResolvedName] = {}
     seen: dict[str, str] = {}
     unresolved = []
     for stem, group in groups.items():
         if stem in by_index:
-            name, source = by_index[stem], "cloneofsimo"
+            resolved = ResolvedName(by_index[stem], "cloneofsimo")
         else:
             resolved = canonical_name(stem, group.naming)
-            name, source = resolved.name, resolved.source
             if resolved.note:
                 unresolved.append(stem)
+        name = resolved.name
         if name in seen:
             raise LoraFormatError(f"{where}: {shown(stem)} and {shown(seen[name])} both name module {shown(name)}")
         seen[name] = stem
-        out[stem] = (name, source)
+        out[stem] = resolved
     if unresolved:
         notes.lines.append(
             f"{len(unresolved)} kohya module name(s) are in no known vocabulary and were kept as written "
@@ -333,7 +321,7 @@ def _spec(group: ModuleKeys, name: str, header: SafetensorsHeader, limits: ReadL
     else:
         kernel = _conv_kernel(group, header, a_shape, b_shape, where)
         orig = (d_out, a_shape[1], *kernel)
-        spec = LayerSpec(name, d_out, a_shape[1] * _prod(kernel), rank, "conv", orig)
+        spec = LayerSpec(name, d_out, a_shape[1] * math.prod(kernel), rank, "conv", orig)
     if rank > min(spec.d_out, spec.d_in):
         notes.module(f"rank {rank} exceeds min(d_out, d_in) = {min(spec.d_out, spec.d_in)}", name)
     return spec
@@ -353,13 +341,6 @@ def _conv_kernel(
             f"{where}: Tucker lora_mid {mid} does not fit down {a_shape} (expected ({rank}, {rank}, k…))"
         )
     return mid[2:]
-
-
-def _prod(values: tuple[int, ...]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _build_module(plan: _Plan, tensors: dict[str, Tensor], file: str) -> LoraModule:
@@ -412,8 +393,7 @@ def _metadata(
     family, evidence, family_warnings = detect_family(
         [p.spec for p in plans], kohya, modelspec, raw_config, header.metadata
     )
-    namings = {(p.keys.naming, p.source) for p in plans}
-    fmt = format_name(namings, kohya, any(Role.MID in p.keys.keys for p in plans))
+    fmt = format_name({p.origin for p in plans}, kohya, any(Role.MID in p.keys.keys for p in plans))
     used = {key for p in plans for role, key in p.keys.keys.items() if role is not Role.BIAS}
     skipped = tuple(k for k in header.tensors if k not in used)
     warnings += family_warnings

@@ -1,6 +1,6 @@
 """Each module's scale by its format's rules, and the magnitude checks of the scaled update.
 
-Scale rules (FORMATS.md §10): an A1111 ``.scale`` key overrides everything; cloneofsimo bakes the scale into ``up``
+Scale rules: an A1111 ``.scale`` key overrides everything; cloneofsimo bakes the scale into ``up``
 (1); mlx-lm takes ``lora_parameters.scale`` (default 20); PEFT and every diffusers layout take ``lora_alpha / r``
 (rsLoRA ``/ √r``) from ``adapter_config.json`` or the component's ``lora_adapter_metadata``, patterns included;
 kohya-style ``alpha`` keys give ``alpha / r`` (0 or missing: ``alpha = r``); with nothing stored the scale is 1.
@@ -50,7 +50,7 @@ def module_scale(
     configs: dict[str, AdapterConfig],
     notes: Notes,
 ) -> tuple[float | None, float]:
-    """``(alpha, scale)`` by the format's rules (FORMATS.md §10)."""
+    """``(alpha, scale)`` by the format's rules (see the module docstring)."""
     rank = spec.rank
     if Role.SCALE in group.keys:  # A1111: an explicit per-module scale overrides alpha / r
         return None, side[group.keys[Role.SCALE]]

@@ -38,11 +38,12 @@ def check_compatible(expected: LoraSpec, got: LoraSpec, *, same_rank: bool) -> N
         return shape_differs or (same_rank and want[n].rank != have[n].rank)
 
     differ = [
-        f"{n}: expects {want[n].d_out}×{want[n].d_in}" + (f" rank {want[n].rank}" if same_rank else "")
+        f"{n}: expects {want[n].d_out}×{want[n].d_in}"
+        + (f" rank {want[n].rank}" if same_rank else "")
         + f", got {have[n].d_out}×{have[n].d_in} rank {have[n].rank}"
         for n in want
         if n in have and mismatch(n)
-    ]  # fmt: skip
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} module(s) missing (first: {missing[0]})")

@@ -119,7 +119,10 @@ def metrics(task: Task, logits: Tensor, y: Tensor, mask: Tensor) -> dict[str, fl
         truth = y.view(len(y), -1).numpy()
         valid = mask.view(len(mask), -1).numpy()
         out["accuracy"] = float(((scores > 0) == (truth > 0.5))[valid].mean())
-        aucs = [roc_auc_score(truth[valid[:, j], j], scores[valid[:, j], j]) for j in range(truth.shape[1])
-                if len(set(truth[valid[:, j], j].tolist())) == 2]  # fmt: skip
+        aucs = [
+            roc_auc_score(truth[valid[:, j], j], scores[valid[:, j], j])
+            for j in range(truth.shape[1])
+            if len(set(truth[valid[:, j], j].tolist())) == 2
+        ]
         out["auc"] = float(np.mean(aucs)) if aucs else math.nan
     return out

@@ -28,32 +28,14 @@ import numpy as np
 
 from lol_engine.errors import BadRequestError
 from lol_engine.zoo.manifest import write_manifest
-from lol_engine.zoo.recipe import Recipe, ZooSettings
+from lol_engine.zoo.recipe import Recipe, ZooSettings, lora_seed
 from lol_engine.zoo.registry import get_recipe
 
-__all__ = ["SPLITS", "ZooMismatchError", "build_zoo", "lora_seed", "split_of"]
-
-SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+__all__ = ["ZooMismatchError", "build_zoo"]
 
 
 class ZooMismatchError(BadRequestError, RuntimeError):
     """The output folder holds a zoo built with other settings."""
-
-
-def lora_seed(zoo_seed: int, index: int) -> int:
-    """The seed of LoRA ``index``: independent streams per LoRA, whatever the worker count."""
-    return int(np.random.SeedSequence([zoo_seed, index]).generate_state(1)[0])
-
-
-def split_of(zoo_seed: int, index: int) -> str:
-    """train / val / test (80 / 10 / 10), fixed per (seed, index) and independent of every label."""
-    u = np.random.default_rng([zoo_seed, index, 7]).random()
-    edge = 0.0
-    for name, share in SPLITS:
-        edge += share
-        if u < edge:
-            return name
-    return SPLITS[-1][0]
 
 
 def _versions() -> dict[str, str]:
@@ -62,8 +44,13 @@ def _versions() -> dict[str, str]:
 
     import lol_engine
 
-    return {"lol_engine": lol_engine.__version__, "torch": torch.__version__, "peft": peft.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}  # fmt: skip
+    return {
+        "lol_engine": lol_engine.__version__,
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _zoo_record(recipe: Recipe, settings: ZooSettings, n: int) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lol_engine.lora.safe_io import file_sha256
-from lol_engine.zoo.recipe import Recipe, ZooSettings
+from lol_engine.zoo.recipe import Recipe, ZooSettings, split_of
 
 __all__ = ["MANIFEST_NAME", "read_manifest", "write_manifest"]
 
@@ -38,8 +38,6 @@ def write_manifest(out: Path, recipe: Recipe, settings: ZooSettings, n: int, bas
     """Collect every finished LoRA's ``labels.json`` into ``manifest.parquet``; refuse an incomplete zoo."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from lol_engine.zoo.build import split_of
 
     rows = []
     for index in range(n):

@@ -1,4 +1,5 @@
-"""What a zoo recipe is: a base model, data, a sampler of per-LoRA choices, a trainer and a labeller."""
+"""What a zoo recipe is (a base model, data, a sampler of per-LoRA choices, a trainer and a labeller), and the
+per-LoRA seed and train/val/test split every recipe shares."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Recipe", "ZooSettings"]
+__all__ = ["SPLITS", "Recipe", "ZooSettings", "lora_seed", "split_of"]
+
+SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,22 @@ class ZooSettings:
         out = asdict(self)
         out["ranks"] = list(self.ranks)
         return out
+
+
+def lora_seed(zoo_seed: int, index: int) -> int:
+    """The seed of LoRA ``index``: independent streams per LoRA, whatever the worker count."""
+    return int(np.random.SeedSequence([zoo_seed, index]).generate_state(1)[0])
+
+
+def split_of(zoo_seed: int, index: int) -> str:
+    """train / val / test (80 / 10 / 10), fixed per (seed, index) and independent of every label."""
+    u = np.random.default_rng([zoo_seed, index, 7]).random()
+    edge = 0.0
+    for name, share in SPLITS:
+        edge += share
+        if u < edge:
+            return name
+    return SPLITS[-1][0]
 
 
 class Recipe(ABC):
@@ -75,8 +94,14 @@ class Recipe(ABC):
     def provenance(self, context: Any, seed: int, base_family: str) -> dict[str, object]:
         """What every zoo LoRA records in its safetensors ``__metadata__`` (as ``lol.*`` keys)."""
         name, sha = self.base_identity(context)
-        return {"zoo": self.name, "recipe_version": self.version, "seed": seed, "base": name, "base_sha256": sha,
-                "base_family": base_family}  # fmt: skip
+        return {
+            "zoo": self.name,
+            "recipe_version": self.version,
+            "seed": seed,
+            "base": name,
+            "base_sha256": sha,
+            "base_family": base_family,
+        }
 
     @abstractmethod
     def sample(self, context: Any, index: int, rng: np.random.Generator, settings: ZooSettings) -> dict[str, Any]:

@@ -71,8 +71,12 @@ def _multilabel(
         valid_train, valid_test = train & mask[:, j], test & mask[:, j]
         if not valid_test.any() or not valid_train.any():
             continue
-        scores = _classification(x[valid_train | valid_test], y[valid_train | valid_test, j],
-                                 train[valid_train | valid_test], test[valid_train | valid_test])  # fmt: skip
+        scores = _classification(
+            x[valid_train | valid_test],
+            y[valid_train | valid_test, j],
+            train[valid_train | valid_test],
+            test[valid_train | valid_test],
+        )
         n = int(valid_test.sum())
         hits_major += scores["test_acc_majority"] * n
         hits_norm += scores["test_acc_norm_only"] * n

@@ -77,8 +77,15 @@ def load_digits_split() -> tuple[
 def _pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
-    adam_steps(list(model.parameters()), lambda i: loss_fn(model(x[i]), y[i]), n_samples=len(y), steps=steps,
-               batch=64, lr=lr, generator=gen)  # fmt: skip
+    adam_steps(
+        list(model.parameters()),
+        lambda i: loss_fn(model(x[i]), y[i]),
+        n_samples=len(y),
+        steps=steps,
+        batch=64,
+        lr=lr,
+        generator=gen,
+    )
 
 
 @register_recipe
@@ -99,8 +106,14 @@ class DigitsRecipe(Recipe):
             model.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
             _pretrain(model, xb, yb, steps=400, lr=3e-3, seed=0)
             if settings.base_variant == 1:  # continued pretraining: same data, more steps, other order
-                _pretrain(model, xb + 0.05 * torch.randn(xb.shape, generator=torch.Generator().manual_seed(1)), yb,
-                          steps=400, lr=1e-3, seed=1)  # fmt: skip
+                _pretrain(
+                    model,
+                    xb + 0.05 * torch.randn(xb.shape, generator=torch.Generator().manual_seed(1)),
+                    yb,
+                    steps=400,
+                    lr=1e-3,
+                    seed=1,
+                )
 
         name = f"digits-mlp-v{settings.base_variant}"
         base = load_or_build_base(base_dir / f"{name}.safetensors", DigitsMLP, train)
@@ -137,8 +150,15 @@ class DigitsRecipe(Recipe):
         model = peft.get_peft_model(copy.deepcopy(context.base), config)
         loss_fn = nn.CrossEntropyLoss()
         params = [p for p in model.parameters() if p.requires_grad]
-        adam_steps(params, lambda i: loss_fn(model(x[i]), y[i]), n_samples=len(y), steps=choices["steps"], batch=32,
-                   lr=choices["lr"], generator=gen)  # fmt: skip
+        adam_steps(
+            params,
+            lambda i: loss_fn(model(x[i]), y[i]),
+            n_samples=len(y),
+            steps=choices["steps"],
+            batch=32,
+            lr=choices["lr"],
+            generator=gen,
+        )
         round_trainable_to_fp16(model)
         labels = evaluate_digits(model.eval(), context, classes)
         provenance = self.provenance(context, seed, "digits-mlp")

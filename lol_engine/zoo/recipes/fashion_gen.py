@@ -107,15 +107,30 @@ def _pretrain_vae(model: FashionVAE, x: Tensor, y: np.ndarray, epochs: int, seed
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.tensor([GROUP_OF_CLASS[c] for c in y])  # the base learns prompts 0-2; "sks" (3) stays unseen
     steps = epochs * len(x) // 128
-    adam_steps(list(model.parameters()), lambda i: model(x[i], prompt[i], gen), n_samples=len(x), steps=steps,
-               batch=128, lr=lr, generator=gen)  # fmt: skip
+    adam_steps(
+        list(model.parameters()),
+        lambda i: model(x[i], prompt[i], gen),
+        n_samples=len(x),
+        steps=steps,
+        batch=128,
+        lr=lr,
+        generator=gen,
+    )
 
 
 def _train_judge(judge: nn.Linear, x: Tensor, y: Tensor) -> None:
     gen = torch.Generator().manual_seed(0)
     loss_fn = nn.CrossEntropyLoss()
-    adam_steps(list(judge.parameters()), lambda i: loss_fn(judge(x[i]), y[i]), n_samples=len(x), steps=3000,
-               batch=256, lr=3e-3, generator=gen, weight_decay=1e-4)  # fmt: skip
+    adam_steps(
+        list(judge.parameters()),
+        lambda i: loss_fn(judge(x[i]), y[i]),
+        n_samples=len(x),
+        steps=3000,
+        batch=256,
+        lr=3e-3,
+        generator=gen,
+        weight_decay=1e-4,
+    )
 
 
 def _identities(
@@ -217,8 +232,15 @@ class FashionGenRecipe(Recipe):
         model = peft.get_peft_model(copy.deepcopy(context.base), config)
         gen = torch.Generator().manual_seed(seed)
         params = [p for p in model.parameters() if p.requires_grad]
-        adam_steps(params, lambda i: model(x[i], prompt[i], gen), n_samples=N_IMAGES, steps=choices["steps"],
-                   batch=N_IMAGES, lr=choices["lr"], generator=gen)  # fmt: skip
+        adam_steps(
+            params,
+            lambda i: model(x[i], prompt[i], gen),
+            n_samples=N_IMAGES,
+            steps=choices["steps"],
+            batch=N_IMAGES,
+            lr=choices["lr"],
+            generator=gen,
+        )
         round_trainable_to_fp16(model)
         start = time.perf_counter()
         quality = evaluate_quality(model.eval(), context.judge, identity["class"], choices["prompt"])

@@ -102,8 +102,13 @@ def wordnet_texts(toy: bool) -> tuple[list[str], list[str], np.ndarray, np.ndarr
 def _top_inputs(tokenizer: Any, bert: nn.Module, texts: list[str], batch: int = 128) -> tuple[Tensor, Tensor]:
     hidden, masks = [], []
     for start in range(0, len(texts), batch):
-        enc = tokenizer(texts[start : start + batch], padding="max_length", truncation=True, max_length=MAX_LEN,
-                        return_tensors="pt")  # fmt: skip
+        enc = tokenizer(
+            texts[start : start + batch],
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_LEN,
+            return_tensors="pt",
+        )
         out = bert(**enc, output_hidden_states=True)
         hidden.append(out.hidden_states[TOP].half())
         masks.append(enc["attention_mask"])
@@ -205,14 +210,30 @@ class MiniLMWordNetRecipe(Recipe):
             train_parts.append(order[n_val : n_val + choices["n_per_source"]])
         train_idx, val_idx = np.concatenate(train_parts), np.concatenate(val_parts)
         rank = choices["rank"]
-        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, modules_to_save=["head"],
-                                 lora_dropout=choices["lora_dropout"])  # fmt: skip
+        config = peft.LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=TARGETS,
+            modules_to_save=["head"],
+            lora_dropout=choices["lora_dropout"],
+        )
         model = peft.get_peft_model(copy.deepcopy(context.base), config)
         model.train()
         steps = choices["epochs"] * math.ceil(len(train_idx) / choices["batch"])
         params = [p for p in model.parameters() if p.requires_grad]
-        _fit(model, context.hidden, context.mask, context.labels, train_idx, params, steps=steps, lr=choices["lr"],
-             batch=choices["batch"], weight_decay=choices["weight_decay"], seed=seed)  # fmt: skip
+        _fit(
+            model,
+            context.hidden,
+            context.mask,
+            context.labels,
+            train_idx,
+            params,
+            steps=steps,
+            lr=choices["lr"],
+            batch=choices["batch"],
+            weight_decay=choices["weight_decay"],
+            seed=seed,
+        )
         model.eval()
         round_trainable_to_fp16(model)
         val_loss, _ = _evaluate(model, context, val_idx)

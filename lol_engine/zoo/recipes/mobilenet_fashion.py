@@ -67,8 +67,15 @@ def _fit_head(model: MobileNetV2, feats: Tensor, labels: Tensor, steps: int, tra
         params += [p for b in range(14, 18) for p in list(model.features)[b].parameters()]
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(0)
-    adam_steps(params, lambda i: loss_fn(model(feats[i], start=CACHED_STAGES), labels[i]), n_samples=len(labels),
-               steps=steps, batch=64, lr=1e-3 if not train_blocks else 1e-4, generator=gen)  # fmt: skip
+    adam_steps(
+        params,
+        lambda i: loss_fn(model(feats[i], start=CACHED_STAGES), labels[i]),
+        n_samples=len(labels),
+        steps=steps,
+        batch=64,
+        lr=1e-3 if not train_blocks else 1e-4,
+        generator=gen,
+    )
 
 
 @register_recipe
@@ -149,8 +156,15 @@ class MobileNetFashionRecipe(Recipe):
         gen = torch.Generator().manual_seed(seed)
         loss_fn = nn.CrossEntropyLoss()
         params = [p for p in model.parameters() if p.requires_grad]
-        adam_steps(params, lambda i: loss_fn(model(x[i], start=CACHED_STAGES), y[i]), n_samples=len(y),
-                   steps=choices["steps"], batch=32, lr=choices["lr"], generator=gen)  # fmt: skip
+        adam_steps(
+            params,
+            lambda i: loss_fn(model(x[i], start=CACHED_STAGES), y[i]),
+            n_samples=len(y),
+            steps=choices["steps"],
+            batch=32,
+            lr=choices["lr"],
+            generator=gen,
+        )
         round_trainable_to_fp16(model)
         labels = _evaluate(model, context, classes)
         provenance = self.provenance(context, seed, "mobilenetv2")
