@@ -146,8 +146,10 @@ def main(db: str | os.PathLike[str] | None = None, port: int | None = None, host
     extra is not installed, a setting is bad or the collection cannot be opened."""
     missing = [name for name in APP_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        print(f"error: the app needs {', '.join(missing)}: install the app extra, "
-              "pip install 'lol-explorer[app]'", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: the app needs {', '.join(missing)}: install the app extra, pip install 'lol-explorer[app]'",
+            file=sys.stderr,
+        )
         return 2
     try:
         serve(db=db, port=port, host=host)

@@ -27,8 +27,15 @@ import plotly
 from app.uploads import UploadLedger
 from lol_engine.settings import DEFAULT_MAX_UPLOAD, Settings, parse_size
 
-__all__ = ["DEFAULT_MAX_UPLOAD", "PLOTLY_JS", "PLOTLY_URL", "UploadGuard", "launch_options", "max_upload_bytes",
-           "parse_size"]  # fmt: skip
+__all__ = [
+    "DEFAULT_MAX_UPLOAD",
+    "PLOTLY_JS",
+    "PLOTLY_URL",
+    "UploadGuard",
+    "launch_options",
+    "max_upload_bytes",
+    "parse_size",
+]
 
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 PLOTLY_URL = "lol-assets/plotly.min.js"  # relative: also right behind a proxy that serves the app under a prefix
@@ -115,8 +122,11 @@ def _noting(send: Send, ledger: UploadLedger) -> Send:
 
 async def _reply(send: Send, status: int, text: str) -> None:
     body = text.encode()
-    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]  # fmt: skip
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -99,8 +99,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         if zoo_path not in zoos:
             zoos[zoo_path] = load_zoo(zoo_path)
         result = calibrate_folder(folder, zoos[zoo_path], coverage=args.coverage)
-        print(f"{folder}: q = {result['q']:.4g}, test coverage {result['test_coverage']:.3f} "
-              f"(nominal {args.coverage}), mean size {result['test_mean_size']:.3g}")  # fmt: skip
+        print(
+            f"{folder}: q = {result['q']:.4g}, test coverage {result['test_coverage']:.3f} "
+            f"(nominal {args.coverage}), mean size {result['test_mean_size']:.3g}"
+        )
     return 0
 
 
@@ -108,8 +110,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:  # the app owns its entry point; the engine never imports it otherwise
         from app.serve import main as serve_app
     except ModuleNotFoundError as exc:
-        print(f"error: the app is not installed ({exc}): install lol-explorer with its app extra, "
-              "pip install 'lol-explorer[app]'", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: the app is not installed ({exc}): install lol-explorer with its app extra, "
+            "pip install 'lol-explorer[app]'",
+            file=sys.stderr,
+        )
         return 2
     return serve_app(db=args.db, port=args.port, host=args.host)
 
@@ -126,8 +131,9 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     collection = report["collection"]
-    size = (f"{collection['loras']} LoRA(s), {collection['bytes']:,} bytes" if collection["exists"]
-            else "not created yet")  # fmt: skip
+    size = (
+        f"{collection['loras']} LoRA(s), {collection['bytes']:,} bytes" if collection["exists"] else "not created yet"
+    )
     zoos = ", ".join(report["default_zoos"]) or f"none found; {report['how_to_get_zoos']}"
     lines = [
         f"lol-explorer {report['version']}",
@@ -138,10 +144,12 @@ def _info(args: argparse.Namespace) -> int:
         f"device        {report['device']['resolved']} (LOL_DEVICE: {report['device']['setting'] or 'automatic'})",
         f"upload cap    {report['max_upload']:,} bytes",
         f"predictors    {report['predictors_dir']}",
-        *(f"  {p['name']:22s} base {p['base']:12s} {p['task']} ({p['kind']}, {p['model']})"
-          for p in report["predictors"]),
+        *(
+            f"  {p['name']:22s} base {p['base']:12s} {p['task']} ({p['kind']}, {p['model']})"
+            for p in report["predictors"]
+        ),
         "versions      " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-    ]  # fmt: skip
+    ]
     print("\n".join(lines))
     return 0
 
@@ -262,8 +270,9 @@ def _zoo(args: argparse.Namespace) -> int:
         return _zoo_report(args.zoo, args.json)
     try:
         ranks = tuple(int(r) for r in args.ranks.split(","))
-        settings = ZooSettings(n=args.n, seed=args.seed, ranks=ranks, base_variant=args.base_variant,
-                               threads=args.threads, toy=args.toy)  # fmt: skip
+        settings = ZooSettings(
+            n=args.n, seed=args.seed, ranks=ranks, base_variant=args.base_variant, threads=args.threads, toy=args.toy
+        )
         manifest = build_zoo(args.name, args.out, settings, workers=args.workers)
     except (KeyError, ValueError, ZooMismatchError, FileNotFoundError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
@@ -288,8 +297,10 @@ def _zoo_report(zoo: str, as_json: bool) -> int:
     from rich.table import Table
 
     console = Console(width=None if Console().is_terminal else 160)
-    console.print(f"[bold]{summary['zoo']}[/bold]: {summary['n']} LoRAs, splits {summary['splits']}, "
-                  f"{summary['train_seconds_mean']:.3f} s per LoRA in one worker (training + labels)")  # fmt: skip
+    console.print(
+        f"[bold]{summary['zoo']}[/bold]: {summary['n']} LoRAs, splits {summary['splits']}, "
+        f"{summary['train_seconds_mean']:.3f} s per LoRA in one worker (training + labels)"
+    )
     console.print(f"baselines: {summary['baseline_protocol']}")
     table = Table("label", "spread / rate", "mean / majority baseline (test)", "‖ΔW‖-only baseline (test)")
     for name, stats in summary["labels"].items():

@@ -31,9 +31,20 @@ from typing import Any
 
 from lol_engine.errors import BadRequestError
 
-__all__ = ["DEFAULT_MAX_UPLOAD", "DEFAULT_ZOO_NAMES", "HOW_TO_GET_ZOOS", "PREDICTORS_DIR", "VARIABLES", "Settings",
-           "Variable", "info_report", "parse_size", "settings", "settings_table",
-           "shipped_predictors_info"]  # fmt: skip
+__all__ = [
+    "DEFAULT_MAX_UPLOAD",
+    "DEFAULT_ZOO_NAMES",
+    "HOW_TO_GET_ZOOS",
+    "PREDICTORS_DIR",
+    "VARIABLES",
+    "Settings",
+    "Variable",
+    "info_report",
+    "parse_size",
+    "settings",
+    "settings_table",
+    "shipped_predictors_info",
+]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PREDICTORS_DIR = PACKAGE_DIR / "predictors"  # package data: every wheel and install carries them
@@ -61,24 +72,40 @@ class Variable:
 
 
 VARIABLES: tuple[Variable, ...] = (
-    Variable("LOL_DATA_DIR", "`~/.cache/lol-explorer`",
-             "the collection `lol.duckdb` and stored uploads (`uploads/<sha256>/`)"),
-    Variable("LOL_ZOO_DIR", "`$LOL_DATA_DIR/zoo` if it holds zoos, else the checkout's `data/zoo`",
-             "the default zoos (`digits/`, `fashion-gen/`) ingested into an empty collection; not in the package"),
-    Variable("LOL_MAX_UPLOAD", "`1.5gb`",
-             "per-file upload cap (1 gb = 2³⁰ bytes; a Flux LoRA at rank 128 is ~1.3 GB), for the server and the "
-             "reader alike: a larger upload is refused with `413` from its `Content-Length`, before any of it is "
-             "read"),
-    Variable("LOL_DEVICE", "`cuda` if available, else `cpu`",
-             "where the LoL encoders run: `cpu`, `cuda`, `cuda:N` or `mps`"),
+    Variable(
+        "LOL_DATA_DIR",
+        "`~/.cache/lol-explorer`",
+        "the collection `lol.duckdb` and stored uploads (`uploads/<sha256>/`)",
+    ),
+    Variable(
+        "LOL_ZOO_DIR",
+        "`$LOL_DATA_DIR/zoo` if it holds zoos, else the checkout's `data/zoo`",
+        "the default zoos (`digits/`, `fashion-gen/`) ingested into an empty collection; not in the package",
+    ),
+    Variable(
+        "LOL_MAX_UPLOAD",
+        "`1.5gb`",
+        "per-file upload cap (1 gb = 2³⁰ bytes; a Flux LoRA at rank 128 is ~1.3 GB), for the server and the "
+        "reader alike: a larger upload is refused with `413` from its `Content-Length`, before any of it is "
+        "read",
+    ),
+    Variable(
+        "LOL_DEVICE", "`cuda` if available, else `cpu`", "where the LoL encoders run: `cpu`, `cuda`, `cuda:N` or `mps`"
+    ),
     Variable("GRADIO_SERVER_NAME", "`127.0.0.1`", "the address the app binds (`0.0.0.0`: every interface)"),
     Variable("GRADIO_SERVER_PORT", "first free from 7860", "the app's port"),
-    Variable("GRADIO_TEMP_DIR", "the system temp folder",
-             "where this run's private upload folder is made (and removed on stop)"),
-    Variable("LOL_FASHION_MNIST_DIR", "`/usr/share/datasets/fashion-mnist`",
-             "Fashion-MNIST for the zoo recipes (Debian `dataset-fashion-mnist`)"),
+    Variable(
+        "GRADIO_TEMP_DIR",
+        "the system temp folder",
+        "where this run's private upload folder is made (and removed on stop)",
+    ),
+    Variable(
+        "LOL_FASHION_MNIST_DIR",
+        "`/usr/share/datasets/fashion-mnist`",
+        "Fashion-MNIST for the zoo recipes (Debian `dataset-fashion-mnist`)",
+    ),
     Variable("LOL_WORDNET_DIR", "`/usr/share/wordnet`", "WordNet 3.0 for the zoo recipes (Debian `wordnet-base`)"),
-)  # fmt: skip
+)
 
 
 def parse_size(text: str | int) -> int:
@@ -92,8 +119,10 @@ def parse_size(text: str | int) -> int:
     else:
         match = _SIZE.match(text)
         if match is None:
-            raise BadRequestError(f"not a size: {text!r} (a number of bytes with an optional unit b, kb, mb, gb or "
-                                  "tb, e.g. 1.5gb, 200mb)")  # fmt: skip
+            raise BadRequestError(
+                f"not a size: {text!r} (a number of bytes with an optional unit b, kb, mb, gb or "
+                "tb, e.g. 1.5gb, 200mb)"
+            )
         size = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
     if size <= 0:
         raise BadRequestError(f"a size must be positive, got {text!r}")
@@ -149,8 +178,10 @@ class Settings:
             index = int(self.device.partition(":")[2] or 0)
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if index >= count:
-                raise BadRequestError(f"LOL_DEVICE={self.device!r}: torch sees {count} CUDA device(s) here; use cpu, "
-                                      "or leave LOL_DEVICE unset to pick CUDA only when it is available")  # fmt: skip
+                raise BadRequestError(
+                    f"LOL_DEVICE={self.device!r}: torch sees {count} CUDA device(s) here; use cpu, "
+                    "or leave LOL_DEVICE unset to pick CUDA only when it is available"
+                )
         if self.device == "mps" and not torch.backends.mps.is_available():
             raise BadRequestError("LOL_DEVICE='mps': torch has no MPS device here; use cpu, or leave LOL_DEVICE unset")
         return self.device
@@ -187,9 +218,15 @@ def shipped_predictors_info(folder: Path = PREDICTORS_DIR) -> list[dict[str, str
     for config_path in sorted(folder.glob("*/config.json")):
         config = json.loads(config_path.read_text())
         task = config.get("task", {})
-        out.append({"name": config_path.parent.name, "base": Path(str(config.get("zoo", "?"))).name,
-                    "task": str(task.get("label", "?")), "kind": str(task.get("kind", "?")),
-                    "model": str(config.get("model", "?"))})  # fmt: skip
+        out.append(
+            {
+                "name": config_path.parent.name,
+                "base": Path(str(config.get("zoo", "?"))).name,
+                "task": str(task.get("label", "?")),
+                "kind": str(task.get("kind", "?")),
+                "model": str(config.get("model", "?")),
+            }
+        )
     return out
 
 
@@ -225,8 +262,10 @@ def info_report(config: Settings) -> dict[str, Any]:
     return {
         "version": __version__,
         "package_dir": str(PACKAGE_DIR),
-        "data_dir": {"path": str(config.data_dir),
-                     "source": "LOL_DATA_DIR" if "LOL_DATA_DIR" in config.from_environment else "default"},
+        "data_dir": {
+            "path": str(config.data_dir),
+            "source": "LOL_DATA_DIR" if "LOL_DATA_DIR" in config.from_environment else "default",
+        },
         "collection": collection,
         "predictors_dir": str(PREDICTORS_DIR),
         "predictors": shipped_predictors_info(),
@@ -237,7 +276,7 @@ def info_report(config: Settings) -> dict[str, Any]:
         "max_upload": config.max_upload,
         "set_in_environment": sorted(config.from_environment),
         "versions": versions,
-    }  # fmt: skip
+    }
 
 
 def settings_table() -> str:
@@ -255,8 +294,10 @@ def _device(name: str, text: str) -> str | None:
     if text.lower() == "auto":
         return None
     if not _DEVICE.match(text.lower()):
-        raise BadRequestError(f"{name}={text!r} is not a device: use cpu, cuda, cuda:N (N = 0, 1, …) or mps, or "
-                              "leave it unset (CUDA when available, else CPU)")  # fmt: skip
+        raise BadRequestError(
+            f"{name}={text!r} is not a device: use cpu, cuda, cuda:N (N = 0, 1, …) or mps, or "
+            "leave it unset (CUDA when available, else CPU)"
+        )
     return text.lower()
 
 
@@ -264,14 +305,18 @@ def _max_upload(name: str, text: str) -> int:
     try:
         return parse_size(text)
     except BadRequestError:
-        raise BadRequestError(f"{name}={text!r} is not a size: use a positive number of bytes with an optional unit "
-                              "b, kb, mb, gb or tb (1 gb = 2³⁰ bytes), e.g. 200mb or 1.5gb") from None  # fmt: skip
+        raise BadRequestError(
+            f"{name}={text!r} is not a size: use a positive number of bytes with an optional unit "
+            "b, kb, mb, gb or tb (1 gb = 2³⁰ bytes), e.g. 200mb or 1.5gb"
+        ) from None
 
 
 def _port(name: str, text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise BadRequestError(f"{name}={text!r} is not a port: use a whole number from 1 to 65535, or leave it "
-                              "unset (the first free port from 7860)")  # fmt: skip
+        raise BadRequestError(
+            f"{name}={text!r} is not a port: use a whole number from 1 to 65535, or leave it "
+            "unset (the first free port from 7860)"
+        )
     return int(text)
 
 
@@ -293,8 +338,10 @@ def _zoo_dir(given: Mapping[str, str], data_dir: Path) -> Path | None:
         folder = _folder(given, "LOL_ZOO_DIR")
         if folder is None or not folder.is_dir():
             zoos = ", ".join(DEFAULT_ZOO_NAMES)
-            raise BadRequestError(f"LOL_ZOO_DIR={given['LOL_ZOO_DIR']!r} is not a folder: point it at a folder that "
-                                  f"holds the zoos {zoos} (a checkout's data/zoo)")  # fmt: skip
+            raise BadRequestError(
+                f"LOL_ZOO_DIR={given['LOL_ZOO_DIR']!r} is not a folder: point it at a folder that "
+                f"holds the zoos {zoos} (a checkout's data/zoo)"
+            )
         return folder
     if _zoos_in(data_dir / "zoo"):
         return data_dir / "zoo"

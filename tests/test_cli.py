@@ -133,8 +133,15 @@ def test_console_script_runs(kohya_file: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ lol info
-SHIPPED = {"digits-acc_own", "digits-classes", "digits-n_classes", "digits-probe_member", "fashion-gen-bold",
-           "fashion-gen-class", "fashion-gen-quality"}  # fmt: skip
+SHIPPED = {
+    "digits-acc_own",
+    "digits-classes",
+    "digits-n_classes",
+    "digits-probe_member",
+    "fashion-gen-bold",
+    "fashion-gen-class",
+    "fashion-gen-quality",
+}
 
 
 def test_info_reports_settings_data_and_versions(
@@ -148,8 +155,13 @@ def test_info_reports_settings_data_and_versions(
     assert info["data_dir"] == {"path": str(tmp_path / "data"), "source": "LOL_DATA_DIR"}
     assert info["collection"] == {"path": str(tmp_path / "data" / "lol.duckdb"), "exists": False}
     assert {p["name"] for p in info["predictors"]} == SHIPPED
-    assert {"name": "fashion-gen-quality", "base": "fashion-gen", "task": "quality", "kind": "regression",
-            "model": "spectral_glnet"} in info["predictors"]  # fmt: skip
+    assert {
+        "name": "fashion-gen-quality",
+        "base": "fashion-gen",
+        "task": "quality",
+        "kind": "regression",
+        "model": "spectral_glnet",
+    } in info["predictors"]
     assert info["zoo_dir"]["source"] == "checkout" and len(info["default_zoos"]) == 2
     assert info["device"] == {"setting": "cpu", "resolved": "cpu"}
     assert set(info["versions"]) == {"python", "lol-explorer", "torch", "safetensors", "numpy", "duckdb", "gradio"}

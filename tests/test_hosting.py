@@ -18,8 +18,11 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 def _instructions() -> list[tuple[str, str]]:
     joined = re.sub(r"\\\n\s*", " ", DOCKERFILE)
-    return [(line.split()[0].upper(), line.split(maxsplit=1)[1]) for line in joined.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+    return [
+        (line.split()[0].upper(), line.split(maxsplit=1)[1])
+        for line in joined.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -69,8 +72,9 @@ def test_space_front_matter_pins_the_sdk_and_names_the_entry_file() -> None:
 
 
 def test_requirements_cover_what_the_app_imports() -> None:
-    pinned = {line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines()
-              if "==" in line}  # fmt: skip
+    pinned = {
+        line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line
+    }
     assert {"torch", "gradio", "duckdb", "umap-learn", "plotly", "pandas", "pyarrow", "safetensors"} <= pinned
 
 
@@ -126,8 +130,9 @@ def test_with_no_default_zoo_the_app_starts_empty_and_says_how_to_get_one(
 @pytest.mark.parametrize(("variable", "value"), [("LOL_MAX_UPLOAD", "banana"), ("GRADIO_SERVER_PORT", "http")])
 def test_make_run_refuses_a_bad_setting_with_one_error_line(variable: str, value: str, tmp_path: Path) -> None:
     env = {**os.environ, variable: value, "LOL_DATA_DIR": str(tmp_path / "data"), "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(ROOT / "space_app.py")], env=env, capture_output=True, text=True,
-                            timeout=300, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "space_app.py")], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(f"error: {variable}=")
     assert not (tmp_path / "data").exists()

@@ -14,8 +14,15 @@ from pathlib import Path
 import lol_engine
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = {"digits-acc_own", "digits-classes", "digits-n_classes", "digits-probe_member", "fashion-gen-bold",
-           "fashion-gen-class", "fashion-gen-quality"}  # fmt: skip
+SHIPPED = {
+    "digits-acc_own",
+    "digits-classes",
+    "digits-n_classes",
+    "digits-probe_member",
+    "fashion-gen-bold",
+    "fashion-gen-class",
+    "fashion-gen-quality",
+}
 
 
 def test_import_is_light() -> None:
@@ -33,8 +40,10 @@ def test_public_api_is_sorted_and_importable() -> None:
 
 def test_the_cli_and_the_settings_do_not_import_the_app() -> None:
     heavy = ("app", "gradio", "duckdb", "umap", "ray")
-    code = ("import sys, lol_engine.cli, lol_engine.settings; "
-            f"print(' '.join(m for m in sys.modules if m.split('.')[0] in {heavy!r}))")  # fmt: skip
+    code = (
+        "import sys, lol_engine.cli, lol_engine.settings; "
+        f"print(' '.join(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == ""
 

@@ -20,8 +20,15 @@ from lol_engine.settings import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = {"digits-acc_own", "digits-classes", "digits-n_classes", "digits-probe_member", "fashion-gen-bold",
-           "fashion-gen-class", "fashion-gen-quality"}  # fmt: skip
+SHIPPED = {
+    "digits-acc_own",
+    "digits-classes",
+    "digits-n_classes",
+    "digits-probe_member",
+    "fashion-gen-bold",
+    "fashion-gen-class",
+    "fashion-gen-quality",
+}
 
 
 def test_defaults() -> None:

@@ -83,13 +83,6 @@ class LoraSummary:
     meta: LoraMetadata
 
 
-def locate_lora(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
-    """Transitional: ``(weights, config)`` of :func:`lol_engine.lora.locate.locate_lora` for callers that still unpack
-    a pair. New code uses :func:`lol_engine.lora.locate.locate_lora` and its :class:`LoraLocation`."""
-    found = locate.locate_lora(path)
-    return found.weights, found.config
-
-
 def inspect_lora(
     path: str | os.PathLike[str], *, limits: ReadLimits | None = None, config: AdapterConfig | None = None
 ) -> LoraSummary:
