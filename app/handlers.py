@@ -22,7 +22,7 @@ import plotly.graph_objects as go
 
 from lol_engine import ReadLimits, load_lora
 from lol_engine.encoders import map_title
-from lol_engine.errors import BadRequestError, NotFoundError
+from lol_engine.errors import BadRequestError, LoraFormatError, NotFoundError
 from lol_engine.estimate import Estimate
 from lol_engine.explorer import Analysis, Explorer, Neighbour
 from lol_engine.hub import fetch_repo
@@ -210,7 +210,11 @@ def _upload_files(paths: Sequence[str] | str | None, repo_id: str | None) -> tup
         return file, config, file.stem
     if not repo_id:
         raise BadRequestError("no file uploaded and no repo id given")
-    found = locate_lora(fetch_repo(repo_id))  # the snapshot is a folder like any other
+    folder = fetch_repo(repo_id)
+    try:
+        found = locate_lora(folder)  # the snapshot is a folder like any other
+    except LoraFormatError as exc:  # named by the repo id, not by the snapshot's commit folder
+        raise LoraFormatError(str(exc).replace(folder.name, repo_id, 1)) from None
     return found.weights, found.config, repo_id
 
 

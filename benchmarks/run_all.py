@@ -155,14 +155,14 @@ def neighbours(quick: bool) -> list[Row]:
 def prediction_vs_evaluation(quick: bool) -> list[Row]:
     import pyarrow.parquet as pq
 
-    from lol_engine.ingest import shipped_predictors
+    from lol_engine.encoders import load_predictors
 
     zoo = ROOT / "data" / "zoo" / "fashion-gen"
     table = pq.read_table(zoo / "manifest.parquet").to_pylist()[: 20 if quick else 200]
     loras = [load_lora(zoo / r["path"]) for r in table]
     from lol_engine.nn.batch import LoraBatch
 
-    predictor = shipped_predictors()["fashion-gen-quality"]
+    predictor = load_predictors()["fashion-gen-quality"]
     single_s, _ = timed(lambda: [predictor.predict(lora) for lora in loras], 2)
 
     @torch.no_grad()
@@ -198,22 +198,23 @@ def _memory_bandwidth() -> float:
 def ingest_throughput(quick: bool) -> list[Row]:
     from collection import mini_zoo
 
-    from lol_engine.ingest import ingest, shipped_predictors
+    from lol_engine.encoders import encoders_for, load_predictors
+    from lol_engine.ingest import ingest
     from lol_engine.store import LoraStore
 
     n = 100 if quick else 1000
-    predictors = shipped_predictors()
+    encoders = encoders_for(load_predictors())
     with tempfile.TemporaryDirectory() as tmp:
         zoo = mini_zoo(Path(tmp) / "zoos", "fashion-gen", n)
         with LoraStore(Path(tmp) / "before.duckdb") as before:  # one LoRA per transaction and per forward
             start = time.perf_counter()
-            ingest([str(zoo)], before, predictors, progress=False, batch=1)
+            ingest([str(zoo)], before, encoders, progress=False, batch=1)
             one_by_one = time.perf_counter() - start
         store = LoraStore(Path(tmp) / "ingest.duckdb")
         profile = cProfile.Profile()
         start = time.perf_counter()
         profile.enable()
-        report = ingest([str(zoo)], store, predictors, progress=False)
+        report = ingest([str(zoo)], store, encoders, progress=False)
         profile.disable()
         seconds = time.perf_counter() - start
         store.close()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lol_engine.errors import BadRequestError, LolError, LoraFormatError, StoreError
+from lol_engine.errors import BadRequestError, LolError, StoreError
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import ReadLimits
 from lol_engine.report import describe
@@ -96,9 +96,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         if zoo_path is None:
             print(f"error: {folder}: no zoo recorded in config.json; pass --zoo", file=sys.stderr)
             return 2
-        if zoo_path not in zoos:
-            zoos[zoo_path] = load_zoo(zoo_path)
-        result = calibrate_folder(folder, zoos[zoo_path], coverage=args.coverage)
+        try:
+            if zoo_path not in zoos:
+                zoos[zoo_path] = load_zoo(zoo_path)
+            result = calibrate_folder(folder, zoos[zoo_path], coverage=args.coverage)
+        except (LolError, OSError) as exc:
+            print(f"error: {folder}: {exc}", file=sys.stderr)
+            return 2
         print(
             f"{folder}: q = {result['q']:.4g}, test coverage {result['test_coverage']:.3f} "
             f"(nominal {args.coverage}), mean size {result['test_mean_size']:.3g}"
@@ -217,8 +221,8 @@ def _train(args: argparse.Namespace) -> int:
         for seed in range(args.seeds):
             config = TrainConfig(epochs=args.epochs, seed=seed, fold_scale=not args.no_fold_scale)
             runs.append(train_on_zoo(zoo, args.task, args.model, config=config))
-    except (KeyError, ValueError, FileNotFoundError, LoraFormatError) as exc:
-        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+    except (LolError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     for name in runs[0][2]["test"]:
         values = np.array([r[2]["test"][name] for r in runs])
@@ -259,8 +263,15 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in text.split(","))
+    except ValueError:
+        raise BadRequestError(f"--ranks {text!r}: give comma-separated whole numbers, e.g. 4,8") from None
+
+
 def _zoo(args: argparse.Namespace) -> int:
-    from lol_engine.zoo import ZooMismatchError, ZooSettings, build_zoo, list_recipes
+    from lol_engine.zoo import ZooSettings, build_zoo, list_recipes
 
     if args.zoo_command == "list":
         for name, description in list_recipes().items():
@@ -269,13 +280,13 @@ def _zoo(args: argparse.Namespace) -> int:
     if args.zoo_command == "report":
         return _zoo_report(args.zoo, args.json)
     try:
-        ranks = tuple(int(r) for r in args.ranks.split(","))
+        ranks = _ranks(args.ranks)
         settings = ZooSettings(
             n=args.n, seed=args.seed, ranks=ranks, base_variant=args.base_variant, threads=args.threads, toy=args.toy
         )
         manifest = build_zoo(args.name, args.out, settings, workers=args.workers)
-    except (KeyError, ValueError, ZooMismatchError, FileNotFoundError) as exc:
-        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+    except (LolError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"manifest: {manifest}")
     return 0
@@ -286,7 +297,7 @@ def _zoo_report(zoo: str, as_json: bool) -> int:
 
     try:
         summary = summarize_zoo(zoo)
-    except (FileNotFoundError, LoraFormatError) as exc:
+    except (LolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if as_json:  # NaN (no baseline possible) becomes null: strict JSON
@@ -352,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         limits = ReadLimits(max_file_bytes=int(args.max_file_mb * 2**20))
         report = describe(load_lora(args.path, limits=limits))
-    except (LoraFormatError, OSError, ValueError) as exc:
+    except (LolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

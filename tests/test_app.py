@@ -253,3 +253,20 @@ def test_events_show_user_errors_and_hide_bugs_behind_an_id(caplog: pytest.LogCa
         assert any(ref in r.getMessage() and r.exc_info for r in caplog.records)  # ...but in the log, with its id
     with pytest.raises(gr.Error, match=r"No space left on device; internal error"):
         raising(OSError(28, "No space left on device", "/srv/data/lol.duckdb"))()
+
+
+def test_a_hub_snapshot_is_read_like_any_folder(
+    collection: Explorer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = tmp_path / "0123abcd"
+    (snapshot / "unet").mkdir(parents=True)
+    digits = Path(__file__).parent.parent / "data" / "zoo" / "digits" / "loras" / "00005"
+    shutil.copyfile(digits / "adapter_model.safetensors", snapshot / "unet" / "style.safetensors")
+    monkeypatch.setattr(handlers, "fetch_repo", lambda repo_id: snapshot)
+    result = handlers.analyse_upload(collection, None, "someone/style")  # the one LoRA, found in a subfolder
+    assert result.card.startswith("### someone/style") and len(result.predictions) == 4
+    # the same bytes as a LoRA of the digits zoo's training split: every estimate says it is a memory
+    assert set(result.predictions["in its training set"]) == {"yes: a memory, not an estimate"}
+    shutil.copyfile(digits / "adapter_model.safetensors", snapshot / "unet" / "other.safetensors")
+    with pytest.raises(LoraFormatError, match=r"^someone/style: folder has 2 \.safetensors files"):
+        handlers.analyse_upload(collection, None, "someone/style")

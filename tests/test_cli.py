@@ -105,6 +105,39 @@ def test_errors_are_one_line_with_status_2(
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--zoo", "DIGITS", "--task", "nope", "--model", "svd"], "the zoo has no label 'nope'; known:"),
+        (["train", "--zoo", "DIGITS", "--task", "acc_own", "--model", "nope"], "unknown model 'nope'; known:"),
+        (["train", "--zoo", "MISSING", "--task", "acc_own", "--model", "svd"], "no zoo there"),
+        (["zoo", "build", "nope", "--out", "OUT"], "unknown zoo recipe 'nope'"),
+        (["zoo", "build", "digits", "--out", "OUT", "--ranks", "4,x"], "--ranks '4,x': give comma-separated"),
+        (["zoo", "build", "digits", "--out", "OUT", "--n", "0"], "n must be positive"),
+        (["calibrate", "PREDICTOR", "--zoo", "DIGITS", "--coverage", "1.5"], "coverage must be in (0, 1)"),
+    ],
+    ids=["label", "model", "zoo", "recipe", "ranks", "n", "coverage"],
+)
+def test_user_errors_of_every_command_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """A LolError (or a missing file) from any command is one ``error:`` line and status 2, never a traceback."""
+    import shutil
+
+    from lol_engine.settings import PREDICTORS_DIR
+
+    shutil.copytree(PREDICTORS_DIR / "digits-acc_own", tmp_path / "predictor")
+    where = {
+        "DIGITS": str(Path(__file__).parent.parent / "data" / "zoo" / "digits"),
+        "MISSING": str(tmp_path / "missing"),
+        "OUT": str(tmp_path / "out"),
+        "PREDICTOR": str(tmp_path / "predictor"),
+    }
+    assert main([where.get(a, a) for a in args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
 @pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
 def test_a_terminal_without_utf8_gets_output_not_a_crash(kohya_file: Path, json_flag: list[str]) -> None:
     """A Latin-1 locale cannot encode ``‖ΔW‖``: the table and the error line still print, with ``?`` for it."""

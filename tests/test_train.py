@@ -74,7 +74,9 @@ def test_checkpoint_round_trip_and_mismatch(digits, fashion, tmp_path: Path) -> 
     lora = digits.loras[0]
     with torch.no_grad():
         expected = task.decode(model.eval()(LoraBatch.from_loras([lora])))[0]
-    assert predictor.predict(lora)["acc_own"] == pytest.approx(float(expected), rel=1e-5)
+    estimate = predictor.predict(lora)
+    assert (estimate.kind, estimate.label, estimate.in_sample) == ("regression", "acc_own", False)
+    assert estimate.value == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(SpecMismatchError, match="missing"):
         predictor.predict(fashion.loras[0])
 
@@ -99,7 +101,8 @@ def test_train_and_predict_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
     lora_dir = DATA / "digits" / "loras" / "00003"
     assert main(["predict", str(lora_dir), "--model", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["prediction"]["classes"]) == {f"classes[{i}]" for i in range(10)}
+    assert report["kind"] == "multilabel" and set(report["probabilities"]) == {f"classes[{i}]" for i in range(10)}
+    assert report["in_sample"] is True  # trained with --out: the predictor recorded the LoRAs it learned from
     assert main(["predict", str(DATA / "fashion-gen" / "loras" / "00000"), "--model", str(out)]) == 2
     assert "does not fit this predictor" in capsys.readouterr().err
     assert main(["train", "--zoo", str(DATA / "digits"), "--task", "nope", "--model", "svd", "--seeds", "1"]) == 2

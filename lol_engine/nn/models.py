@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lol_engine.errors import NotFoundError
 from lol_engine.nn.batch import LoraBatch
 from lol_engine.nn.layers import GLLinear, canonicalize, gl_gate, spectra_features
 from lol_engine.spec import LoraSpec
@@ -79,7 +80,7 @@ def registered_models() -> list[str]:
 def build_model(name: str, spec: LoraSpec, out_dim: int, config: ModelConfig | None = None) -> LoLModel:
     """Instantiate a registered model."""
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+        raise NotFoundError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     return MODELS[name](spec, out_dim, config or ModelConfig())
 
 

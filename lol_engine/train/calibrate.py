@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
+from lol_engine.errors import BadRequestError
 from lol_engine.estimate import Estimate, Kind
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.train.tasks import Task
@@ -36,7 +37,7 @@ __all__ = ["calibrate", "calibrate_folder", "conformal_quantile", "estimate", "e
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
     """The ``⌈(n + 1)·coverage⌉``-th smallest score (``inf`` when there are too few scores for that coverage)."""
     if not 0.0 < coverage < 1.0:
-        raise ValueError(f"coverage must be in (0, 1), got {coverage}")
+        raise BadRequestError(f"coverage must be in (0, 1), got {coverage}")
     s = np.sort(np.asarray(scores, dtype=float).reshape(-1))
     rank = math.ceil((len(s) + 1) * coverage)
     return float(s[rank - 1]) if rank <= len(s) else math.inf

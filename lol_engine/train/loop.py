@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.nn.batch import LoraBatch
@@ -56,6 +57,8 @@ def load_zoo(path: str | Path) -> LoadedZoo:
     from lol_engine.zoo.manifest import read_manifest
 
     path = Path(path)
+    if not (path / "manifest.parquet").is_file():
+        raise NotFoundError(f"{path}: no zoo there (no manifest.parquet); build one with `lol zoo build`")
     rows = read_manifest(path)
     return LoadedZoo(path, rows, [load_lora(path / r["path"]) for r in rows])
 
@@ -122,7 +125,7 @@ def train_on_zoo(
     train_idx, val_idx, test_idx = zoo.split("train"), zoo.split("val"), zoo.split("test")
     if min(len(train_idx), len(val_idx), len(test_idx)) == 0:
         sizes = f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}"
-        raise ValueError(f"{zoo.path}: every split needs LoRAs ({sizes}); build a larger zoo")
+        raise BadRequestError(f"{zoo.path}: every split needs LoRAs ({sizes}); build a larger zoo")
     task = infer_task(zoo.rows, label, train_idx)
     train = Split.make(zoo, train_idx, task, config.fold_scale)
     spec = train.batch.spec

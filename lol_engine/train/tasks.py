@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lol_engine.errors import NotFoundError
+
 __all__ = ["Task", "infer_task", "metrics", "targets"]
 
 _MAX_CATEGORIES = 20
@@ -64,7 +66,7 @@ def infer_task(rows: list[dict[str, Any]], label: str, train: np.ndarray) -> Tas
     key = f"y_{label}"
     if not rows or key not in rows[0]:
         known = sorted(k[2:] for k in rows[0] if k.startswith("y_")) if rows else []
-        raise KeyError(f"the zoo has no label {label!r}; known: {', '.join(known)}")
+        raise NotFoundError(f"the zoo has no label {label!r}; known: {', '.join(known)}")
     values = [r[key] for r in rows]
     if isinstance(values[0], list):
         mask_key = f"y_{label.removesuffix('_member')}_mask"

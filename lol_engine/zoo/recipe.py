@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from lol_engine.errors import BadRequestError
+
 __all__ = ["SPLITS", "Recipe", "ZooSettings", "lora_seed", "split_of"]
 
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
@@ -31,13 +33,13 @@ class ZooSettings:
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
-            raise ValueError(f"n must be positive, got {self.n}")
+            raise BadRequestError(f"n must be positive, got {self.n}")
         if not self.ranks or min(self.ranks) < 1:
-            raise ValueError(f"ranks must be positive integers, got {self.ranks}")
+            raise BadRequestError(f"ranks must be positive integers, got {self.ranks}")
         if self.base_variant not in (0, 1):
-            raise ValueError(f"base_variant must be 0 or 1, got {self.base_variant}")
+            raise BadRequestError(f"base_variant must be 0 or 1, got {self.base_variant}")
         if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise BadRequestError(f"threads must be >= 1, got {self.threads}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, stored in ``zoo.json``."""

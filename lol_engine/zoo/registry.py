@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from lol_engine.errors import NotFoundError
 from lol_engine.zoo.recipe import Recipe
 
 __all__ = ["get_recipe", "list_recipes", "register_recipe"]
@@ -41,5 +42,5 @@ def get_recipe(name: str) -> Recipe:
     _load_builtins()
     factory: Callable[[], Recipe] | None = _RECIPES.get(name)
     if factory is None:
-        raise KeyError(f"unknown zoo recipe {name!r}; known: {', '.join(sorted(_RECIPES))}")
+        raise NotFoundError(f"unknown zoo recipe {name!r}; known: {', '.join(sorted(_RECIPES))}")
     return factory()
