@@ -24,17 +24,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lol_engine.errors import LolError
 from lol_engine.settings import HOW_TO_GET_ZOOS, settings
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from lol_engine.explorer import Explorer
 
 __all__ = ["APP_PACKAGES", "launched", "main", "open_explorer", "serve"]
 
 APP_PACKAGES = ("gradio", "plotly", "pandas", "pyarrow")  # the `app` extra of pyproject.toml
 
 
-def open_explorer(db: str | os.PathLike[str] | None = None, progress: bool = True) -> Any:
+def open_explorer(db: str | os.PathLike[str] | None = None, progress: bool = True) -> Explorer:
     """The :class:`~lol_engine.explorer.Explorer` over ``db``, with the default zoos ingested if it was empty.
 
     The default zoos are those :mod:`lol_engine.settings` finds (``LOL_ZOO_DIR``, ``$LOL_DATA_DIR/zoo`` or the
@@ -78,7 +83,7 @@ def _private_gradio_temp(parent: Path | None) -> Iterator[str]:
 @contextmanager
 def launched(
     db: str | os.PathLike[str] | None = None, port: int | None = None, host: str | None = None, quiet: bool = False
-) -> Iterator[Any]:
+) -> Iterator[gr.Blocks]:
     """The app on the collection ``db``, running while the ``with`` block lasts (yields the ``gr.Blocks``).
 
     On exit, however it happens: the server is closed, then the collection (checkpointed), then this run's Gradio temp

@@ -3,7 +3,8 @@
 ``import lol_engine`` stays light: it never imports gradio, duckdb or umap.
 """
 
-from lol_engine.errors import LoraFormatError
+from lol_engine.errors import BadRequestError, LolError, LoraFormatError, NotFoundError, StoreError
+from lol_engine.estimate import Estimate
 from lol_engine.lora import (
     LoraMetadata,
     LoraModule,
@@ -19,15 +20,20 @@ from lol_engine.spec import LayerSpec, LoraSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadRequestError",
+    "Estimate",
     "LayerSpec",
+    "LolError",
     "LoraFormatError",
     "LoraMetadata",
     "LoraModule",
     "LoraSpec",
     "LoraSummary",
     "LoraWeights",
+    "NotFoundError",
     "PeftAdapterConfig",
     "ReadLimits",
+    "StoreError",
     "__version__",
     "inspect_lora",
     "load_lora",
