@@ -20,15 +20,10 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-from lol_engine import ReadLimits, load_lora
-from lol_engine.encoders import map_title
-from lol_engine.errors import BadRequestError, LoraFormatError, NotFoundError
+from lol_engine import ReadLimits
+from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.estimate import Estimate
-from lol_engine.explorer import Analysis, Explorer, Neighbour
-from lol_engine.hub import fetch_repo
-from lol_engine.lora.config import read_adapter_config
-from lol_engine.lora.locate import locate_lora
-from lol_engine.report import describe
+from lol_engine.explorer import Analysis, Explorer, Neighbour, describe_file, hub_lora, map_title
 
 __all__ = [
     "MODULE_COLUMNS",
@@ -89,9 +84,7 @@ def inspect_upload(paths: Sequence[str] | str | None, limits: ReadLimits | None 
     if not paths:
         raise BadRequestError("no file uploaded")
     file, config_path = _pick_files([paths] if isinstance(paths, str) else paths)
-    limits = limits or ReadLimits()
-    config = read_adapter_config(config_path, limits) if config_path else None
-    report = describe(load_lora(file, limits=limits, config=config))
+    report = describe_file(file, config_path, limits)
     rows = inspect_rows(report)
     return InspectResult(_summary(report, file.name), rows, report)
 
@@ -210,11 +203,7 @@ def _upload_files(paths: Sequence[str] | str | None, repo_id: str | None) -> tup
         return file, config, file.stem
     if not repo_id:
         raise BadRequestError("no file uploaded and no repo id given")
-    folder = fetch_repo(repo_id)
-    try:
-        found = locate_lora(folder)  # the snapshot is a folder like any other
-    except LoraFormatError as exc:  # named by the repo id, not by the snapshot's commit folder
-        raise LoraFormatError(str(exc).replace(folder.name, repo_id, 1)) from None
+    found = hub_lora(repo_id)
     return found.weights, found.config, repo_id
 
 

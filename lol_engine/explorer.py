@@ -36,12 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lol_engine.encoders import FINGERPRINT, Encoder, encode, encoders_for, load_predictors
+from lol_engine.encoders import FINGERPRINT, Encoder, encode, encoders_for, load_predictors, map_title
 from lol_engine.errors import LoraFormatError, NotFoundError
 from lol_engine.estimate import Estimate
+from lol_engine.hub import fetch_repo
 from lol_engine.ingest import IngestReport, ingest
 from lol_engine.lora.config import read_adapter_config
-from lol_engine.lora.locate import display_name, locate_lora
+from lol_engine.lora.locate import LoraLocation, display_name, locate_lora
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import ReadLimits, file_sha256
 from lol_engine.lora.weights import LoraWeights
@@ -54,7 +55,16 @@ if TYPE_CHECKING:
     from lol_engine.store import LoraStore, StoredLora
     from lol_engine.train.checkpoint import Predictor
 
-__all__ = ["AddResult", "Analysis", "Explorer", "Neighbour", "neighbour_placement"]
+__all__ = [
+    "AddResult",
+    "Analysis",
+    "Explorer",
+    "Neighbour",
+    "describe_file",
+    "hub_lora",
+    "map_title",
+    "neighbour_placement",
+]
 
 _CACHE_BYTES = 512 * 2**20  # factors kept in memory for neighbour search
 _ANALYSES = 8  # analysed uploads kept for their add (fewer when they hold more than _CACHE_BYTES of factors)
@@ -108,6 +118,41 @@ def _factor_bytes(lora: LoraWeights) -> int:
 
 def _config_digest(config: Path | None) -> str:
     return "" if config is None else hashlib.sha256(config.read_bytes()).hexdigest()
+
+
+def _located(
+    lora_file: str | os.PathLike[str], config_file: str | os.PathLike[str] | None
+) -> tuple[Path, Path | None]:
+    """The weights file and its config: as given, or (no config given) as :func:`locate_lora` finds them."""
+    if config_file is not None:
+        return Path(lora_file), Path(config_file)
+    found = locate_lora(lora_file)
+    return found.weights, found.config
+
+
+def describe_file(
+    lora_file: str | os.PathLike[str],
+    config_file: str | os.PathLike[str] | None = None,
+    limits: ReadLimits | None = None,
+) -> dict[str, Any]:
+    """The Inspect report (:func:`lol_engine.report.describe`) of an (untrusted) LoRA file; nothing else is run."""
+    limits = limits or ReadLimits()
+    weights, config_path = _located(lora_file, config_file)
+    config = read_adapter_config(config_path, limits) if config_path else None
+    return describe(load_lora(weights, limits=limits, config=config))
+
+
+def hub_lora(repo_id: str) -> LoraLocation:
+    """The LoRA of a Hugging Face repo (fetched, or found in the cache offline): its snapshot read like any folder.
+
+    Raises :class:`BadRequestError` for text that is not a repo id, :class:`NotFoundError` when it cannot be
+    fetched, and :class:`LoraFormatError` (naming the repo) when the snapshot holds no single LoRA.
+    """
+    folder = fetch_repo(repo_id)
+    try:
+        return locate_lora(folder)
+    except LoraFormatError as exc:  # named by the repo id, not by the snapshot's commit folder
+        raise LoraFormatError(str(exc).replace(folder.name, repo_id, 1)) from None
 
 
 class Explorer:
@@ -293,10 +338,7 @@ class Explorer:
         """
         start = time.perf_counter()
         limits = limits or ReadLimits()
-        weights, config_path = Path(lora_file), None if config_file is None else Path(config_file)
-        if config_path is None:
-            found = locate_lora(weights)  # a file, or a folder with its config
-            weights, config_path = found.weights, found.config
+        weights, config_path = _located(lora_file, config_file)  # a file, or a folder with its config
         config = read_adapter_config(config_path, limits) if config_path else None
         lora = load_lora(weights, limits=limits, config=config)
         encoded = encode(lora, self.encoders)
@@ -337,10 +379,7 @@ class Explorer:
         An analysis of the same bytes (:meth:`analyse`, kept by sha256) is reused: nothing is parsed or predicted
         again. Adding a LoRA that is already stored changes nothing.
         """
-        weights, config = Path(lora_file), None if config_file is None else Path(config_file)
-        if config is None:
-            found = locate_lora(weights)
-            weights, config = found.weights, found.config
+        weights, config = _located(lora_file, config_file)
         lora_id = file_sha256(weights)
         stored = self.find(lora_id)
         if stored is not None:

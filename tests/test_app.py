@@ -262,7 +262,7 @@ def test_a_hub_snapshot_is_read_like_any_folder(
     (snapshot / "unet").mkdir(parents=True)
     digits = Path(__file__).parent.parent / "data" / "zoo" / "digits" / "loras" / "00005"
     shutil.copyfile(digits / "adapter_model.safetensors", snapshot / "unet" / "style.safetensors")
-    monkeypatch.setattr(handlers, "fetch_repo", lambda repo_id: snapshot)
+    monkeypatch.setattr("lol_engine.explorer.fetch_repo", lambda repo_id: snapshot)
     result = handlers.analyse_upload(collection, None, "someone/style")  # the one LoRA, found in a subfolder
     assert result.card.startswith("### someone/style") and len(result.predictions) == 4
     # the same bytes as a LoRA of the digits zoo's training split: every estimate says it is a memory
