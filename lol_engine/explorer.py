@@ -167,6 +167,7 @@ class Explorer:
         self.data_dir = Path(data_dir)
         self.uploads_dir = self.data_dir / "uploads"
         self._lock = threading.RLock()
+        self._add_lock = threading.Lock()
         self._cache: OrderedDict[str, LoraWeights] = OrderedDict()
         self._cache_bytes = 0
         self._analyses: OrderedDict[tuple[str, str], Analysis] = OrderedDict()
@@ -385,22 +386,26 @@ class Explorer:
         if stored is not None:
             return AddResult(lora_id, stored.name, existed=True)
         analysis = self._analysed((lora_id, _config_digest(config))) or self.analyse(weights, config, limits)
-        folder = self._copy_in(analysis.sha256, weights, config)
         display = name or display_name(analysis.lora.meta.source)
-        try:
-            copy = folder / "adapter_model.safetensors"
-            lora = replace(analysis.lora, meta=replace(analysis.lora.meta, source=str(copy)))
-            self.store.add(lora, name=display, embeddings=analysis.embeddings, estimates=analysis.estimates)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)  # nothing half-written: the copy goes with the failed add
-            raise
-        self._changed()
-        self._cached(lora_id, lora)
-        self._place(lora_id, analysis.embeddings)
-        self.store.checkpoint()  # the new rows are in lol.duckdb itself, not only in its .wal
+        with self._add_lock:  # one add at a time from here: two adds of the same bytes store it once
+            stored = self.find(analysis.sha256)
+            if stored is not None:
+                return AddResult(analysis.sha256, stored.name, existed=True)
+            folder = self._copy_in(analysis.sha256, weights, config)
+            try:
+                copy = folder / "adapter_model.safetensors"
+                lora = replace(analysis.lora, meta=replace(analysis.lora.meta, source=str(copy)))
+                self.store.add(lora, name=display, embeddings=analysis.embeddings, estimates=analysis.estimates)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # nothing half-written: the copy goes with the failed add
+                raise
+            self._changed()
+            self._cached(analysis.sha256, lora)
+            self._place(analysis.sha256, analysis.embeddings)
+            self.store.checkpoint()  # the new rows are in lol.duckdb itself, not only in its .wal
         with self._lock:
             self._analyses.pop(analysis.key, None)
-        return AddResult(lora_id, display, existed=False)
+        return AddResult(analysis.sha256, display, existed=False)
 
     def _copy_in(self, lora_id: str, weights: Path, config: Path | None) -> Path:
         """Copy the files into a fresh ``uploads/<sha256>/`` (atomically: complete or absent); checks the copy."""

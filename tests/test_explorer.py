@@ -377,3 +377,16 @@ def test_shipped_predictors_flag_the_loras_they_learned_from() -> None:
     for name, predictor in predictors.items():
         seen = predictor.config["seen"]
         assert seen["splits"] == ["train", "val"] and len(seen["sha256"]) == len(seen["delta"]) > 500, name
+
+
+def test_adding_the_same_bytes_at_once_stores_them_once(fresh: Explorer) -> None:
+    results: list[AddResult] = []
+    threads = [threading.Thread(target=lambda: results.append(fresh.add(DIGITS[50]))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.existed for r in results) == [False, True, True, True]
+    lora_id = results[0].id
+    assert fresh.count() == 9 and (fresh.uploads_dir / lora_id / "adapter_model.safetensors").is_file()
+    assert fresh.weights(lora_id).meta.sha256 == lora_id
