@@ -42,6 +42,7 @@ __all__ = [
     "map_figure",
     "map_options",
     "neighbours_frame",
+    "no_comparable",
     "predictions_frame",
     "public_message",
     "spectrum_figure",
@@ -225,6 +226,8 @@ def analyse_upload(
     neighbours = explorer.neighbours(analysis.lora, k=k, exclude=analysis.sha256)
     report = analysis.report
     card = _card(report, name, stored.name if stored else None, analysis, len(explorer.predictors))
+    if not neighbours:
+        card += "\n\n" + no_comparable(analysis.lora.meta.base_family)
     return UploadResult(
         card,
         predictions_frame(analysis.estimates.values()),
@@ -443,11 +446,19 @@ def map_figure(
             )
         )
     axis = {"showticklabels": False, "zeroline": False}
+    tiles = explorer.map_tiles(encoder)
+    title = map_title(encoder)
+    if len(tiles) > 1:  # a faceted map: one layout per base family; say so, and name each
+        title += ": each base model on its own, distances across them mean nothing"
+        for family, (x0, _, x1, y1) in tiles.items():
+            fig.add_annotation(
+                x=(x0 + x1) / 2, y=y1, text=escape_html(family, 40), showarrow=False, yshift=12, font={"size": 12}
+            )
     fig.update_layout(
         dragmode="lasso",
         height=560,
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
-        title=escape_html(map_title(encoder)),
+        title=escape_html(title),
         legend={"itemsizing": "constant"},
         xaxis=axis,
         yaxis=axis,
@@ -487,7 +498,19 @@ def lora_card(explorer: Explorer, lora_id: str, k: int = 10, by: str | None = No
     if preds:
         lines.append("**predicted:** " + ", ".join(preds))
     neighbours = explorer.neighbours_of(lora_id, k=k, by=by or None)
+    if not neighbours:
+        lines.append(no_comparable(stored.base_family))
     return "\n\n".join(lines), neighbours_frame(neighbours)
+
+
+def no_comparable(family: str) -> str:
+    """Why a LoRA has no neighbour: none shares a module with it, and none is of its (known) base family."""
+    why = (
+        "its base model is unknown"
+        if family in ("", "unknown")
+        else f"none is a {code(family)} LoRA (LoRAs of other base models are never compared)"
+    )
+    return f"**No comparable LoRA in this collection:** none shares a module with it, and {why}."
 
 
 def _short(value: Any) -> str:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lol_engine.encoders import FINGERPRINT, Encoder, encode, encoders_for, load_predictors, map_title
-from lol_engine.errors import LoraFormatError, NotFoundError
+from lol_engine.errors import BadRequestError, LoraFormatError, NotFoundError
 from lol_engine.estimate import Estimate
 from lol_engine.hub import fetch_repo
 from lol_engine.ingest import IngestReport, ingest
@@ -50,7 +50,7 @@ from lol_engine.report import describe
 from lol_engine.similarity import cosine_to_many, module_cosines
 
 if TYPE_CHECKING:
-    from lol_engine.maps import EmbeddingMap
+    from lol_engine.maps import EmbeddingMap, FacetedMap
     from lol_engine.settings import Settings
     from lol_engine.store import LoraStore, StoredLora
     from lol_engine.train.checkpoint import Predictor
@@ -110,6 +110,7 @@ class Neighbour:
     zoo: str | None
     similarity: float
     by: str
+    base_family: str = "unknown"
 
 
 def _factor_bytes(lora: LoraWeights) -> int:
@@ -171,7 +172,7 @@ class Explorer:
         self._cache: OrderedDict[str, LoraWeights] = OrderedDict()
         self._cache_bytes = 0
         self._analyses: OrderedDict[tuple[str, str], Analysis] = OrderedDict()
-        self._maps: dict[str, tuple[EmbeddingMap, list[str], np.ndarray]] = {}  # fitted in this process
+        self._maps: dict[str, tuple[EmbeddingMap | FacetedMap, list[str], np.ndarray]] = {}  # fitted here
         self._records: list[dict[str, Any]] | None = None
         self._stored: list[StoredLora] | None = None  # store.all(), cached until the collection changes
 
@@ -302,10 +303,15 @@ class Explorer:
         return self.store.projection(encoder)
 
     def fit_maps(self, encoders: Sequence[str] | None = None, progress: bool = False) -> dict[str, float]:
-        """(Re)fit the map of each encoder over all LoRAs embedded by it; returns seconds per map."""
+        """(Re)fit the map of each encoder over all LoRAs embedded by it; returns seconds per map.
+
+        The fingerprint's map is faceted (:func:`~lol_engine.maps.fit_faceted`): one layout per base family, side by
+        side, since fingerprints of different bases are not comparable. A predictor's encoder embeds LoRAs of one
+        module layout only: one layout.
+        """
         from rich.progress import Progress
 
-        from lol_engine.maps import fit_map
+        from lol_engine.maps import fit_faceted, fit_map
 
         seconds = {}
         names = list(encoders) if encoders is not None else self._embedded()
@@ -317,7 +323,12 @@ class Explorer:
             for name in names:
                 start = time.perf_counter()
                 ids, x = self.store.embeddings(name)
-                fitted = fit_map(x)
+                fitted: EmbeddingMap | FacetedMap
+                if name == FINGERPRINT:
+                    families = self._families()
+                    fitted = fit_faceted(x, [families.get(i, "unknown") for i in ids])
+                else:
+                    fitted = fit_map(x)
                 self.store.set_projection(name, ids, fitted.coords)
                 with self._lock:
                     self._maps[name] = (fitted, ids, x)
@@ -401,7 +412,7 @@ class Explorer:
                 raise
             self._changed()
             self._cached(analysis.sha256, lora)
-            self._place(analysis.sha256, analysis.embeddings)
+            self._place(analysis.sha256, analysis.lora.meta.base_family, analysis.embeddings)
             self.store.checkpoint()  # the new rows are in lol.duckdb itself, not only in its .wal
         with self._lock:
             self._analyses.pop(analysis.key, None)
@@ -426,23 +437,62 @@ class Explorer:
             raise
         return folder
 
-    def _place(self, lora_id: str, embeddings: Mapping[str, np.ndarray]) -> None:
-        """Put a new LoRA on every stored map of an encoder that embedded it (no refit)."""
+    def _place(self, lora_id: str, family: str, embeddings: Mapping[str, np.ndarray]) -> None:
+        """Put a new LoRA on every stored map of an encoder that embedded it (no refit).
+
+        With the reducer fitted in this process: its ``transform``. Otherwise (after a restart) the similarity-weighted
+        mean of its nearest placed neighbours. On the faceted fingerprint map only LoRAs of its own base family count;
+        a family new to the map gets a tile of its own (its layout comes with the next refit).
+        """
+        from lol_engine.maps import TILE_STEP, FacetedMap
+
         stored_maps = self.store.maps()
         for encoder, vector in embeddings.items():
             if encoder not in stored_maps:
                 continue
+            faceted = encoder == FINGERPRINT
             with self._lock:
                 fitted = self._maps.get(encoder)
-            if fitted is not None:
-                xy = fitted[0].place(vector[None, :])[0]
+            reducer = None if fitted is None else fitted[0]
+            xy: np.ndarray | None = None
+            if isinstance(reducer, FacetedMap):
+                xy = reducer.place(vector[None, :], family)
+            elif reducer is not None:
+                xy = reducer.place(vector[None, :])
             else:
                 ids, coords = self.store.projection(encoder)
                 ref_ids, x = self.store.embeddings(encoder)
                 at = {i: k for k, i in enumerate(ref_ids)}
-                rows = [at[i] for i in ids if i in at]
-                xy = neighbour_placement(x[rows], coords[[k for k, i in enumerate(ids) if i in at]], vector)
+                families = self._families() if faceted else {}
+                keep = [k for k, i in enumerate(ids) if i in at and (not faceted or families.get(i) == family)]
+                if keep:
+                    rows = [at[ids[k]] for k in keep]
+                    xy = neighbour_placement(x[rows], coords[keep], vector)
+            if xy is None:  # the first LoRA of its family on this map: a new tile, right of the others
+                _, coords = self.store.projection(encoder)
+                right = float(coords[:, 0].max()) if len(coords) else -TILE_STEP
+                xy = np.array([right + TILE_STEP - 0.5, 0.5])
             self.store.add_projection(encoder, [lora_id], np.asarray(xy).reshape(1, 2))
+
+    def _families(self) -> dict[str, str]:
+        """``{lora id: base family}`` of every stored LoRA."""
+        return {s.id: s.base_family for s in self._all()}
+
+    def map_tiles(self, encoder: str) -> dict[str, tuple[float, float, float, float]]:
+        """Where each base family lies on the stored map of ``encoder`` (faceted maps only; else ``{}``):
+        ``{family: (x0, y0, x1, y1)}``, the bounding box of its points."""
+        if encoder != FINGERPRINT:
+            return {}
+        ids, coords = self.store.projection(encoder)
+        families = self._families()
+        boxes: dict[str, list[np.ndarray]] = {}
+        for i, xy in zip(ids, coords, strict=True):
+            boxes.setdefault(families.get(i, "unknown"), []).append(xy)
+        out = {}
+        for family, points in sorted(boxes.items()):
+            p = np.array(points)
+            out[family] = (float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max()))
+        return out
 
     def weights(self, lora_id: str) -> LoraWeights:
         """A stored LoRA's factors (read from its file once, then cached within a memory bound)."""
@@ -469,7 +519,12 @@ class Explorer:
                 self._cache_bytes -= _factor_bytes(old)
 
     def neighbours(self, lora: LoraWeights, k: int = 10, exclude: str | None = None) -> list[Neighbour]:
-        """The ``k`` stored LoRAs most similar to ``lora``: exact ΔW cosine if any share a module, else fingerprint."""
+        """The ``k`` stored LoRAs most comparable to ``lora``, most similar first; ``[]`` when none is comparable.
+
+        Exact ΔW cosine over shared modules when stored LoRAs share a module (of the same shape) with it; else the
+        fingerprint's cosine among LoRAs of its own base family (never for an ``unknown`` family: nothing says which
+        LoRAs are of its base). LoRAs of different bases are never neighbours.
+        """
         names = {m.name for m in lora}
         candidates = [s for s in self._all() if s.id != exclude and names & {m["name"] for m in s.spec}]
         if candidates:
@@ -477,12 +532,17 @@ class Explorer:
             sims = cosine_to_many(lora, loras)
             order = [i for i in np.argsort(-np.nan_to_num(sims, nan=-2.0), kind="stable") if not np.isnan(sims[i])]
             return [
-                Neighbour(candidates[i].id, candidates[i].name, candidates[i].zoo, float(sims[i]), "ΔW cosine")
+                Neighbour(c.id, c.name, c.zoo, float(sims[i]), "ΔW cosine", c.base_family)
                 for i in order[:k]
+                for c in (candidates[i],)
             ]
+        family = lora.meta.base_family
+        if not family or family == "unknown":
+            return []
         from lol_engine.fingerprint import fingerprint
 
-        hits = self.store.nearest(FINGERPRINT, fingerprint(lora).numpy(), k=k, exclude=exclude)
+        vector = fingerprint(lora).numpy()
+        hits = self.store.nearest(FINGERPRINT, vector, k=k, exclude=exclude, base_family=family)
         return self._neighbours(hits, "fingerprint cosine")
 
     def neighbours_of(self, lora_id: str, k: int = 10, by: str | None = None) -> list[Neighbour]:
@@ -496,14 +556,29 @@ class Explorer:
         vector = self.store.embedding(lora_id, encoder)
         if vector is None:
             raise NotFoundError(f"LoRA {lora_id[:12]} has no {encoder} embedding")
-        return self._neighbours(self.store.nearest(encoder, vector, k=k, exclude=lora_id), f"{encoder} cosine")
+        family = self.get(lora_id).base_family if encoder == FINGERPRINT else None  # fingerprints: within a base
+        if family == "unknown":
+            return []
+        hits = self.store.nearest(encoder, vector, k=k, exclude=lora_id, base_family=family)
+        return self._neighbours(hits, f"{encoder} cosine")
 
     def _neighbours(self, hits: Sequence[tuple[str, float]], by: str) -> list[Neighbour]:
         stored = {s.id: s for s in self._all()}
-        return [Neighbour(i, stored[i].name, stored[i].zoo, s, by) for i, s in hits if i in stored]
+        return [
+            Neighbour(i, stored[i].name, stored[i].zoo, s, by, stored[i].base_family) for i, s in hits if i in stored
+        ]
 
     def compare(self, first: str, second: str) -> tuple[float | None, list[tuple[str, float, float, float]]]:
-        """Overall ΔW cosine over shared modules (None if none) and per-module rows of :func:`module_cosines`."""
+        """Overall ΔW cosine over shared modules (None if none) and per-module rows of :func:`module_cosines`.
+
+        LoRAs of different base families are refused (:class:`BadRequestError`): their ΔW live in different models.
+        """
+        one, other = self.get(first), self.get(second)
+        if one.base_family != other.base_family:
+            raise BadRequestError(
+                f"{one.name} is a {one.base_family} LoRA and {other.name} a {other.base_family} LoRA: LoRAs of "
+                "different base models cannot be compared"
+            )
         a, b = self.weights(first), self.weights(second)
         rows = module_cosines(a, b)
         if not rows:

@@ -8,15 +8,18 @@ process pays ~20 s of JIT compilation: :func:`warm_up` pays it in a background t
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["EmbeddingMap", "fit_map", "warm_up"]
+__all__ = ["TILE_STEP", "EmbeddingMap", "FacetedMap", "fit_faceted", "fit_map", "warm_up"]
 
 _MIN_UMAP = 4
+TILE_STEP = 1.25  # a faceted map's tiles are unit squares this far apart
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -70,6 +73,61 @@ def fit_map(x: np.ndarray, *, seed: int = 0, n_neighbors: int = 15, min_dist: fl
     reducer = umap.UMAP(n_components=2, metric="euclidean", n_jobs=1, **params)
     coords = reducer.fit_transform(z)
     return EmbeddingMap("umap", np.asarray(coords, dtype=float), params, reducer)
+
+
+@dataclass
+class FacetedMap:
+    """One 2-D layout per group (a base family), each scaled into a unit tile, tiles side by side on a grid.
+
+    Used where rows of different groups must not be compared (fingerprints of LoRAs of different bases): positions
+    and distances mean something within a tile only. ``coords`` are the fitted rows' coordinates (input order);
+    ``place(x, group)`` puts new rows into their group's tile, or returns None for a group without one.
+    """
+
+    coords: np.ndarray  # (n, 2)
+    tiles: dict[str, tuple[EmbeddingMap, np.ndarray, float, np.ndarray]]  # group -> (map, origin, scale, offset)
+
+    def place(self, x: np.ndarray, group: str) -> np.ndarray | None:
+        """Coordinates of new rows of ``group`` (None when the group has no tile: refit to give it one)."""
+        if group not in self.tiles:
+            return None
+        fitted, origin, scale, offset = self.tiles[group]
+        return (fitted.place(x) - origin) * scale + offset
+
+    def tile_of(self, group: str) -> tuple[float, float, float, float] | None:
+        """``(x0, y0, x1, y1)`` of a group's tile."""
+        if group not in self.tiles:
+            return None
+        offset = self.tiles[group][3]
+        return float(offset[0]), float(offset[1]), float(offset[0] + 1.0), float(offset[1] + 1.0)
+
+
+def tile_offset(index: int, n_tiles: int) -> np.ndarray:
+    """Lower-left corner of tile ``index`` of ``n_tiles`` on a near-square grid, row by row from the top."""
+    columns = max(1, math.ceil(math.sqrt(n_tiles)))
+    row, column = divmod(index, columns)
+    return np.array([column * TILE_STEP, -row * TILE_STEP], dtype=float)
+
+
+def fit_faceted(x: np.ndarray, groups: Sequence[str], *, seed: int = 0) -> FacetedMap:
+    """Fit one :func:`fit_map` per group (largest first, ties by name) and tile them (see :class:`FacetedMap`)."""
+    if len(groups) != len(x):
+        raise ValueError(f"{len(x)} rows but {len(groups)} groups")
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    order = sorted(members, key=lambda g: (-len(members[g]), g))
+    coords = np.zeros((len(x), 2), dtype=float)
+    tiles = {}
+    for index, group in enumerate(order):
+        rows = members[group]
+        fitted = fit_map(np.asarray(x)[rows], seed=seed)
+        low, high = fitted.coords.min(axis=0), fitted.coords.max(axis=0)
+        scale = 1.0 / max(float((high - low).max()), 1e-9)
+        offset = tile_offset(index, len(order))
+        coords[rows] = (fitted.coords - low) * scale + offset
+        tiles[group] = (fitted, low, scale, offset)
+    return FacetedMap(coords, tiles)
 
 
 def warm_up(dim: int = 16) -> threading.Thread:

@@ -489,14 +489,23 @@ class LoraStore:
         return [r[0] for r in rows], np.array([r[1] for r in rows], dtype=np.float32)
 
     def nearest(
-        self, encoder: str, vector: np.ndarray, k: int = 10, exclude: str | None = None
+        self,
+        encoder: str,
+        vector: np.ndarray,
+        k: int = 10,
+        exclude: str | None = None,
+        base_family: str | None = None,
     ) -> list[tuple[str, float]]:
-        """Exact k nearest stored LoRAs by cosine similarity of ``encoder`` embeddings: ``[(id, similarity)]``."""
+        """Exact k nearest stored LoRAs by cosine similarity of ``encoder`` embeddings: ``[(id, similarity)]``.
+
+        ``base_family``: only LoRAs of that family.
+        """
         v = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
         with self._cursor() as cur:
             rows = cur.execute(
-                "SELECT lora_id, list_cosine_similarity(v, ?::FLOAT[]) AS s FROM embeddings "
-                "WHERE encoder = ? AND dim = ? AND lora_id IS DISTINCT FROM ? ORDER BY s DESC, lora_id LIMIT ?",
-                [v, encoder, len(v), exclude, k],
+                "SELECT e.lora_id, list_cosine_similarity(e.v, ?::FLOAT[]) AS s FROM embeddings e "
+                "JOIN loras l ON l.id = e.lora_id WHERE e.encoder = ? AND e.dim = ? AND e.lora_id IS DISTINCT FROM ? "
+                "AND (? IS NULL OR l.base_family = ?) ORDER BY s DESC, e.lora_id LIMIT ?",
+                [v, encoder, len(v), exclude, base_family, base_family, k],
             ).fetchall()
         return [(r[0], float(r[1])) for r in rows]

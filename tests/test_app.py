@@ -94,7 +94,7 @@ def test_analyse_upload_predicts_with_calibrated_ranges(collection: Explorer) ->
 def test_analyse_upload_of_an_unknown_base(collection: Explorer, upload: Path) -> None:
     result = handlers.analyse_upload(collection, [str(upload)])
     assert len(result.predictions) == 0 and "0 of 7 fit" in result.card
-    assert set(result.neighbours["by"]) == {"fingerprint cosine"}
+    assert len(result.neighbours) == 0 and "No comparable LoRA in this collection" in result.card  # not digits
     assert result.modules[0][0] == "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 
 
@@ -152,6 +152,10 @@ def test_map_figure_colours_filters_and_carries_ids(collection: Explorer) -> Non
     found, m = handlers.map_figure(collection, FINGERPRINT, "zoo", Filters(search=one_id[:10]), highlight=[one_id])
     assert m == 1 and found.data[-1].name == "selected"
     assert all("<" not in str(t.name) for t in fig.data)
+    assert "each base model on its own" in fig.layout.title.text  # the fingerprint map is faceted, and says so
+    assert sorted(a.text for a in fig.layout.annotations) == ["digits-mlp", "fashion-vae"]
+    lol_map, _ = handlers.map_figure(collection, "lol:digits-classes", "zoo")  # one module layout: one layout
+    assert not lol_map.layout.annotations and "each base model" not in lol_map.layout.title.text
 
 
 def test_map_options(collection: Explorer) -> None:
@@ -196,8 +200,8 @@ def test_compare_loras(collection: Explorer) -> None:
     assert "ΔW cosine over 2 shared modules" in text and list(frame["module"]) == ["fc1", "fc2"]
     assert len(fig.data) == 1
     fashion = next(v for label, v in options if " · fashion-gen · " in label)
-    text, _, frame = handlers.compare_loras(collection, digits[0], fashion)
-    assert "share no module" in text and len(frame) == 0
+    with pytest.raises(BadRequestError, match="LoRAs of different base models cannot be compared"):
+        handlers.compare_loras(collection, digits[0], fashion)
     with pytest.raises(BadRequestError, match="pick two"):
         handlers.compare_loras(collection, digits[0], None)
     with pytest.raises(NotFoundError, match="no LoRA 'nope' in the collection"):
@@ -270,3 +274,16 @@ def test_a_hub_snapshot_is_read_like_any_folder(
     shutil.copyfile(digits / "adapter_model.safetensors", snapshot / "unet" / "other.safetensors")
     with pytest.raises(LoraFormatError, match=r"^someone/style: folder has 2 \.safetensors files"):
         handlers.analyse_upload(collection, None, "someone/style")
+
+
+def test_an_sd15_lora_gets_no_neighbour_from_another_base(collection: Explorer, tmp_path: Path) -> None:
+    """A kohya SD 1.5 LoRA in a collection of digits and fashion LoRAs: no neighbour, and the card says why."""
+    stems = [f"lora_unet_down_blocks_{b}_attentions_0_transformer_blocks_0_attn2_to_{p}" for b in (0, 1) for p in "kv"]
+    tensors = {}
+    for i, stem in enumerate(stems):
+        tensors |= kohya(stem, rank=4, d_in=768, d_out=320, alpha=4.0, seed=i)
+    path = save(tmp_path / "pixel-style.safetensors", tensors, {"ss_base_model_version": "sd_v1"})
+    result = handlers.analyse_upload(collection, [str(path)])
+    assert result.analysis.lora.meta.base_family == "sd1"
+    assert len(result.neighbours) == 0 and "No comparable LoRA in this collection" in result.card
+    assert "none is a `sd1` LoRA" in result.card and "0 of 7 fit this LoRA" in result.card

@@ -16,7 +16,7 @@ pytest.importorskip("duckdb")
 from collection import ZOOS, mini_zoo
 
 import lol_engine.explorer as explorer_module
-from lol_engine import LoraFormatError, load_lora
+from lol_engine import BadRequestError, LoraFormatError, load_lora
 from lol_engine.encoders import FINGERPRINT, encoders_for, load_predictors
 from lol_engine.explorer import AddResult, Explorer, neighbour_placement
 from lol_engine.similarity import cosine_to_many, module_cosines
@@ -176,6 +176,10 @@ def test_collection_has_labels_predictions_embeddings_and_maps(collection: Explo
     digits = [r for r in records.values() if r["zoo"] == "digits"]
     assert len(digits) == 40 and all("label:acc_own" in r and "pred:digits-acc_own" in r for r in digits)
     assert all(isinstance(r["pred:fashion-gen-class"], str) for r in records.values() if r["zoo"] == "fashion-gen")
+    tiles = collection.map_tiles(FINGERPRINT)  # the fingerprint map lays each base family out on its own
+    assert set(tiles) == {"digits-mlp", "fashion-vae"} and collection.map_tiles("lol:digits-classes") == {}
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = tiles.values()
+    assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0  # the tiles do not overlap
 
 
 def test_neighbours_are_exact_and_ordered(collection: Explorer) -> None:
@@ -194,9 +198,16 @@ def test_neighbours_fall_back_to_fingerprints(collection: Explorer, gen: torch.G
     from lol_engine.lora.weights import LoraMetadata, LoraWeights
 
     stranger = random_lora(_spec(2, ("unrelated.a", "unrelated.b")), generator=gen, dtype=torch.float32)
-    stranger = LoraWeights(stranger.modules, LoraMetadata(format="peft", base_family="unknown"))
-    found = collection.neighbours(stranger, k=3)
+    same_base = LoraWeights(stranger.modules, LoraMetadata(format="peft", base_family="digits-mlp"))
+    found = collection.neighbours(same_base, k=3)  # no shared module: the fingerprint, among its base family only
     assert len(found) == 3 and {n.by for n in found} == {"fingerprint cosine"}
+    assert {n.base_family for n in found} == {"digits-mlp"} and {n.zoo for n in found} == {"digits"}
+    for family in ("sd1", "unknown"):  # no LoRA of its base, or no base known: no neighbour rather than a wrong one
+        other = LoraWeights(stranger.modules, LoraMetadata(format="peft", base_family=family))
+        assert collection.neighbours(other, k=3) == [], family
+    digits_id = found[0].id
+    by_fingerprint = collection.neighbours_by_embedding(digits_id, FINGERPRINT, k=50)
+    assert len(by_fingerprint) == 39 and {n.base_family for n in by_fingerprint} == {"digits-mlp"}
 
 
 def test_neighbour_placement() -> None:
@@ -304,7 +315,8 @@ def test_compare(collection: Explorer) -> None:
     assert overall == pytest.approx(lora_cosine(collection.weights(ids[0]), collection.weights(ids[1])))
     assert [r[0] for r in rows] == ["fc1", "fc2"]
     other = next(r["id"] for r in collection.records() if r["zoo"] == "fashion-gen")
-    assert collection.compare(ids[0], other) == (None, [])
+    with pytest.raises(BadRequestError, match=r"a digits-mlp LoRA and .* a fashion-vae LoRA: LoRAs of different base"):
+        collection.compare(ids[0], other)
 
 
 def test_batched_encoding_matches_one_at_a_time() -> None:

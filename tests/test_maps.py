@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lol_engine.maps import fit_map
+from lol_engine.maps import TILE_STEP, fit_faceted, fit_map
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3])
@@ -38,3 +38,27 @@ def test_umap_fit_transform_and_determinism() -> None:
     np.testing.assert_array_equal(first.coords, before)  # old points do not move
     small = fit_map(x[:10], seed=1)  # 4 <= n < 30: pca init, fewer neighbours
     assert small.params["init"] == "pca" and small.params["n_neighbors"] == 9
+
+
+def test_a_faceted_map_lays_each_group_out_in_its_own_tile() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(40, 8)), rng.normal(size=(3, 8)) + 5.0, rng.normal(size=(1, 8))])
+    groups = ["big"] * 40 + ["small"] * 3 + ["single"]
+    faceted = fit_faceted(x, groups)
+    assert faceted.coords.shape == (44, 2)
+    tiles = {g: faceted.tile_of(g) for g in ("big", "small", "single")}
+    assert tiles["big"] == (0.0, 0.0, 1.0, 1.0)  # the largest group first, top left; 3 groups → 2 columns
+    assert tiles["small"] == (TILE_STEP, 0.0, TILE_STEP + 1.0, 1.0) and tiles["single"][:2] == (0.0, -TILE_STEP)
+    for group, (x0, y0, x1, y1) in tiles.items():  # every point inside its own tile, each tile spanning [0, 1]
+        xy = faceted.coords[[i for i, g in enumerate(groups) if g == group]]
+        assert ((xy >= [x0 - 1e-9, y0 - 1e-9]) & (xy <= [x1 + 1e-9, y1 + 1e-9])).all(), group
+    big = faceted.coords[:40]
+    assert max(np.ptp(big[:, 0]), np.ptp(big[:, 1])) == pytest.approx(1.0)  # scaled to the tile, aspect kept
+    fitted, origin, scale, offset = faceted.tiles["small"]
+    np.testing.assert_allclose(faceted.coords[40:43], (fitted.coords - origin) * scale + offset)
+    placed = faceted.place(x[40:42], "small")  # new rows go through the same affine map into the same tile
+    np.testing.assert_allclose(placed, (fitted.place(x[40:42]) - origin) * scale + offset)
+    np.testing.assert_allclose(placed, faceted.coords[40:42], atol=1e-6)  # PCA tile: a fitted row lands on itself
+    assert faceted.place(x[:1], "new family") is None
+    with pytest.raises(ValueError, match="44 rows but 3 groups"):
+        fit_faceted(x, groups[:3])
