@@ -69,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("paths", nargs="+", help="LoRA files, PEFT folders, zoo folders or Hugging Face repo ids")
     ingest.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
     ingest.add_argument("--predictors", default=None, help="a folder of predictor folders (default: the shipped ones)")
+    ingest.add_argument(
+        "--labels", default=None, help="a .csv or .parquet table: one key column, one column per label"
+    )
+    ingest.add_argument(
+        "--key",
+        default="name",
+        choices=("name", "path", "sha256"),
+        help="the labels table's key column: the LoRA's display name (default), its path under PATH, or sha256",
+    )
+    ingest.add_argument(
+        "--no-metadata-labels",
+        action="store_true",
+        help="do not store the labels files carry (kohya training fields and tags, PEFT config, modelspec)",
+    )
     calibrate = commands.add_parser("calibrate", help="split-conformal calibration of predictors on their zoo")
     calibrate.add_argument("predictors", nargs="+", help="predictor folders (config.json is updated in place)")
     calibrate.add_argument("--zoo", default=None, help="zoo folder (default: the zoo recorded in config.json)")
@@ -194,14 +208,22 @@ def _export(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from lol_engine.encoders import encoders_for, load_predictors
     from lol_engine.ingest import ingest
+    from lol_engine.labels import read_labels
     from lol_engine.store import LoraStore
 
+    try:
+        table = read_labels(args.labels, args.key) if args.labels else None
+    except LolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     encoders = encoders_for(load_predictors(args.predictors))
     try:
         with LoraStore(args.db) as store:
-            report = ingest(args.paths, store, encoders)
+            report = ingest(args.paths, store, encoders, labels=table, metadata=not args.no_metadata_labels)
+            if table is not None and report.labels is not None:
+                print("\n".join(report.labels.summary(table)))
             print(f"{len(report.ids)} ingested; {store.count()} LoRA(s) in the store {store.path}")
-    except StoreError as exc:
+    except (LolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path, reason in report.refused:

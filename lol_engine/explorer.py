@@ -603,7 +603,8 @@ class Explorer:
     def records(self) -> list[dict[str, Any]]:
         """One flat dict per stored LoRA: its columns, ``label:<name>`` and ``pred:<predictor>`` summaries.
 
-        List-valued labels become their sum (e.g. the number of classes); estimates their
+        0/1-list labels become their sum (e.g. the number of classes), lists of names the names joined by ``;``;
+        estimates their
         :attr:`~lol_engine.estimate.Estimate.summary` (a number, p(1), a class, or how many entries are 1).
         """
         with self._lock:
@@ -626,13 +627,23 @@ class Explorer:
                 "added": str(s.added_at)[:19],
             }
             for key, value in sorted(labels.get(s.id, {}).items()):
-                row[f"label:{key}"] = sum(value) if isinstance(value, list) else value
+                row[f"label:{key}"] = _label_cell(value)
             for predictor, estimate in sorted(estimates.get(s.id, {}).items()):
                 row[f"pred:{predictor}"] = estimate.summary
             out.append(row)
         with self._lock:
             self._records = out
         return out
+
+
+def _label_cell(value: Any) -> Any:
+    """One table cell for a label: a number or text as it is; a 0/1 list its sum (how many are 1), a list of names
+    the names joined by ``;``."""
+    if not isinstance(value, list):
+        return value
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return sum(value)
+    return "; ".join(str(v) for v in value)
 
 
 def neighbour_placement(x: np.ndarray, coords: np.ndarray, vector: np.ndarray, k: int = 10) -> np.ndarray:

@@ -1,8 +1,10 @@
 """The batch pipeline: put LoRAs (files, folders, built zoos with their labels, Hugging Face repos) into a store.
 
 Every LoRA gets what its encoders make of it (:mod:`lol_engine.encoders`: the fingerprint, and each predictor's
-embedding and estimate where the predictor fits) and, for zoo folders, the manifest's labels. A file that cannot be
-read is reported and skipped; nothing of it is stored.
+embedding and estimate where the predictor fits) and its labels: a zoo manifest's, the file's own metadata
+(:func:`lol_engine.labels.metadata_labels`, unless turned off) and a labels table's (:mod:`lol_engine.labels`; a
+table's label wins over the others of the same name). A file that cannot be read is reported and skipped; nothing of
+it is stored.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 from lol_engine.encoders import Encoded, Encoder, encode_many, encoders_for, load_predictors
 from lol_engine.errors import LoraFormatError
 from lol_engine.hub import fetch_repo, is_repo_id
-from lol_engine.lora.locate import find_loras
+from lol_engine.labels import LabelMatch, LabelTable, LoraKeys, match_labels, metadata_labels, path_keys
+from lol_engine.lora.locate import display_name, find_loras, locate_lora
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.weights import LoraWeights
 
@@ -33,6 +36,7 @@ class IngestReport:
 
     ids: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
+    labels: LabelMatch | None = None  # how a labels table was joined, when one was given
 
 
 @dataclass(frozen=True)
@@ -72,12 +76,17 @@ def ingest(
     progress: bool = True,
     cache_dir: str | None = None,
     batch: int = 64,
+    labels: LabelTable | None = None,
+    metadata: bool = True,
 ) -> IngestReport:
     """Add every LoRA named by ``paths`` to ``store`` with what ``encoders`` (default: the shipped ones) make of it.
 
     LoRAs are written ``batch`` at a time, each batch one transaction (all of it or none); a file that cannot be read
     is refused on its own. A database failure (:class:`~lol_engine.errors.StoreError`) stops the ingest: the batches
     before it are stored, the failing one is not. The store is checkpointed at the end.
+
+    ``labels``: a table joined by its key (every miss is in the report's ``labels``); ``metadata``: also store the
+    labels the files carry (kohya training fields and tags, PEFT config fields, modelspec).
     """
     from rich.progress import Progress
 
@@ -85,8 +94,11 @@ def ingest(
 
     encoders = encoders_for(load_predictors()) if encoders is None else encoders
     report = IngestReport()
+    paths = list(paths)
     sources = lora_sources(paths, cache_dir)
     pending: list[tuple[LoraSource, LoraWeights]] = []
+    by_source = _table_labels(labels, sources, [p for p in paths if Path(p).is_dir()], report)
+    loaded: list[tuple[str, str]] = []  # (sha256, name) of every LoRA read, for a sha256-keyed table
 
     def encoded(source: LoraSource, lora: LoraWeights) -> Encoded | None:
         try:  # one LoRA on its own, so that a failure refuses that file only
@@ -109,7 +121,12 @@ def ingest(
             if bad:
                 report.refused.append((str(source.path), f"embedding {bad[0]!r} has non-finite values"))
                 continue
-            items.append(NewLora(lora, None, source.zoo, source.labels, result.embeddings, result.estimates))
+            attached = {**(metadata_labels(lora.meta) if metadata else {}), **source.labels}
+            if labels is not None and labels.key == "sha256":
+                attached |= labels.rows.get(lora.meta.sha256, {})
+            else:
+                attached |= by_source.get(id(source), {})
+            items.append(NewLora(lora, None, source.zoo, attached, result.embeddings, result.estimates))
         report.ids.extend(store.add_many(items))
         pending.clear()
 
@@ -117,7 +134,9 @@ def ingest(
         task = bar.add_task("ingest", total=len(sources))
         for source in sources:
             try:
-                pending.append((source, load_lora(source.path)))
+                lora = load_lora(source.path)
+                pending.append((source, lora))
+                loaded.append((lora.meta.sha256, display_name(lora.meta.source)))
             except (LoraFormatError, OSError, ValueError) as exc:
                 report.refused.append((str(source.path), str(exc)))
             if len(pending) >= batch:
@@ -126,4 +145,24 @@ def ingest(
         if pending:
             flush()
     store.checkpoint()
+    if labels is not None and labels.key == "sha256":  # joined as the files were read: report it the same way
+        report.labels = match_labels(labels, [LoraKeys(sha, name) for sha, name in dict(loaded).items()])
     return report
+
+
+def _table_labels(
+    table: LabelTable | None, sources: list[LoraSource], roots: list[str], report: IngestReport
+) -> dict[int, dict[str, Any]]:
+    """``{id(source): labels}`` of a ``name``- or ``path``-keyed table, joined before anything is read (names and
+    paths need no parsing), so that a row matching two LoRAs is refused before either is stored."""
+    if table is None or table.key == "sha256":
+        return {}
+    keys = []
+    for source in sources:
+        try:
+            weights = locate_lora(source.path).weights
+        except LoraFormatError:
+            continue  # refused when it is read
+        keys.append(LoraKeys(str(id(source)), display_name(weights), path_keys(weights, roots)))
+    report.labels = match_labels(table, keys)
+    return {int(i): values for i, values in report.labels.labelled.items()}
