@@ -355,6 +355,7 @@ def metadata_labels(meta: LoraMetadata) -> dict[str, Any]:
         elif not _missing(value) and isinstance(value, (str, int, float)):
             out[f"peft.{name}"] = value if not isinstance(value, str) else value[:200]
     for key, value in list(meta.modelspec.items())[:64]:
-        if not _missing(value) and key.startswith("modelspec.") and key != "modelspec.thumbnail":
-            out[key] = str(value)[:200]
+        name = key if key.startswith("modelspec.") else f"modelspec.{key}"
+        if not _missing(value) and name != "modelspec.thumbnail":  # a thumbnail is an image, not a label
+            out[name] = str(value)[:200]
     return out
