@@ -24,6 +24,7 @@ from lol_engine import ReadLimits
 from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.estimate import Estimate
 from lol_engine.explorer import Analysis, Explorer, Neighbour, describe_file, hub_lora, map_title
+from lol_engine.labels import read_labels
 
 __all__ = [
     "MODULE_COLUMNS",
@@ -32,6 +33,7 @@ __all__ = [
     "UploadResult",
     "add_upload",
     "analyse_upload",
+    "apply_labels",
     "collection_frame",
     "compare_loras",
     "escape",
@@ -548,6 +550,16 @@ def export_frame(frame: pd.DataFrame, fmt: str, folder: str | os.PathLike[str]) 
     else:
         frame.to_parquet(out, index=False)
     return out
+
+
+def apply_labels(explorer: Explorer, path: str | None, key: str = "name") -> str:
+    """Read an uploaded labels table (CSV or Parquet) and label the stored LoRAs by ``key``; a Markdown report of
+    what matched and what did not."""
+    if not path:
+        raise BadRequestError("no labels table uploaded")
+    table = read_labels(path, key)
+    match = explorer.apply_labels(table)
+    return "\n".join(f"- {escape(line, 600)}" for line in match.summary(table))
 
 
 def lora_choices(explorer: Explorer) -> list[tuple[str, str]]:

@@ -320,7 +320,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> None:
         )
 
 
-def _collection_tab(explorer: Explorer, demo: gr.Blocks) -> None:
+def _collection_tab(explorer: Explorer, demo: gr.Blocks, ledger: UploadLedger) -> None:
     with gr.Tab("Collection", id="collection"):
         with gr.Row():
             search = gr.Textbox(label="Search name or id", scale=2)
@@ -337,9 +337,31 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks) -> None:
             csv = gr.Button("Export table as CSV")
             parquet = gr.Button("Export table as Parquet")
         download = gr.File(label="Download", interactive=False)
+        with gr.Accordion("Add labels from a table", open=False):
+            gr.Markdown(
+                "A `.csv` or `.parquet` table with one key column and one column per label (numbers, text, or lists "
+                'such as `["anime", "portrait"]`). Rows are joined to the stored LoRAs by the key; rows that '
+                "match nothing and LoRAs without a row are listed."
+            )
+            with gr.Row():
+                labels_file = gr.File(file_types=[".csv", ".parquet"], type="filepath", label="Labels table", scale=2)
+                key = gr.Radio(["name", "sha256", "path"], value="name", label="Key column", scale=1)
+                apply = gr.Button("Apply labels", scale=1)
+            applied = gr.Markdown(elem_id="labels-status")
 
         def show(text: str, zs: list[str]) -> pd.DataFrame:
             return handlers.collection_frame(explorer, _filters(text, zs, [], []))
+
+        @_guard
+        def on_apply(path: str | None, key_name: str) -> str:
+            try:
+                return handlers.apply_labels(explorer, path, key_name or "name")
+            finally:
+                discard([path] if path else None, labels_file.GRADIO_CACHE, ledger)
+
+        apply.click(on_apply, [labels_file, key], applied, api_name="labels", concurrency_id="write").then(
+            show, [search, collections], table, api_visibility="private"
+        )
 
         def choices() -> Any:
             return gr.update(choices=handlers.map_options(explorer)[2]["zoo"])
@@ -420,7 +442,7 @@ def build_demo(explorer: Explorer, max_upload: int | None = None, ledger: Upload
         with gr.Tabs():
             _upload_tab(explorer, limits, hold, ledger)
             _explore_tab(explorer, demo)
-            _collection_tab(explorer, demo)
+            _collection_tab(explorer, demo, ledger)
             _compare_tab(explorer, demo)
             _inspect_tab(limits, ledger)
 

@@ -50,6 +50,7 @@ from lol_engine.report import describe
 from lol_engine.similarity import cosine_to_many, module_cosines
 
 if TYPE_CHECKING:
+    from lol_engine.labels import LabelMatch, LabelTable
     from lol_engine.maps import EmbeddingMap, FacetedMap
     from lol_engine.settings import Settings
     from lol_engine.store import LoraStore, StoredLora
@@ -264,6 +265,18 @@ class Explorer:
         report = ingest(paths, self.store, self.encoders, progress=progress)
         self._changed()
         return report
+
+    def apply_labels(self, table: LabelTable) -> LabelMatch:
+        """Join a labels table to the stored LoRAs (by stored name, id, or the path of their file) and store the
+        labels in one transaction; returns the join, every miss included (:class:`~lol_engine.labels.LabelMatch`)."""
+        from lol_engine.labels import LoraKeys, match_labels, path_keys
+
+        keys = [LoraKeys(s.id, s.name, path_keys(Path(s.source), [])) for s in self._all()]
+        match = match_labels(table, keys)
+        if match.labelled:
+            self.store.set_labels(match.labelled)
+            self._changed()
+        return match
 
     # ---------------------------------------------------------------- what the collection holds
     def count(self) -> int:

@@ -361,6 +361,17 @@ class LoraStore:
             _insert_many(cur, "estimates", estimate_rows)
         return [row[0] for row in lora_rows]
 
+    def set_labels(self, labels: Mapping[str, Mapping[str, Any]]) -> None:
+        """Store (or replace) ``{lora id: {label: value}}`` in one transaction; ids must be stored LoRAs."""
+        rows = [[i, key, json.dumps(value)] for i, values in labels.items() for key, value in values.items()]
+        with self._transaction() as cur:
+            if labels:
+                placeholders = ", ".join("?" * len(labels))
+                found = cur.execute(f"SELECT count(*) FROM loras WHERE id IN ({placeholders})", list(labels))
+                if found.fetchone()[0] != len(labels):
+                    raise ValueError("labels for a LoRA that is not stored")
+            _insert_many(cur, "labels", rows)
+
     def set_estimates(self, rows: Sequence[tuple[str, Estimate]]) -> None:
         """Store (or replace) ``(lora id, estimate)`` rows in one transaction."""
         with self._transaction() as cur:

@@ -287,3 +287,30 @@ def test_an_sd15_lora_gets_no_neighbour_from_another_base(collection: Explorer, 
     assert result.analysis.lora.meta.base_family == "sd1"
     assert len(result.neighbours) == 0 and "No comparable LoRA in this collection" in result.card
     assert "none is a `sd1` LoRA" in result.card and "0 of 7 fit this LoRA" in result.card
+
+
+def test_a_labels_table_labels_the_stored_loras(tmp_path: Path) -> None:
+    from collection import mini_zoo
+
+    explorer = Explorer.open(tmp_path / "data" / "lol.duckdb")
+    try:
+        explorer.start([mini_zoo(tmp_path / "zoos", "digits", 6)], progress=False)
+        names = sorted(r["name"] for r in explorer.records())
+        table = tmp_path / "scores.csv"
+        table.write_text(
+            "name,my_score,style\n"
+            + "".join(f"{n},{i / 10},{'ab'[i % 2]}\n" for i, n in enumerate(names[:4]))
+            + "<b>ghost</b>,1,a\n"
+        )
+        report = handlers.apply_labels(explorer, str(table), "name")
+        assert "4 LoRA\\(s\\) labelled by name with my\\_score \\(numeric\\), style \\(categorical\\)" in report
+        assert "matched no LoRA" in report and "<b>" not in report and "2 LoRA\\(s\\) have no row" in report
+        frame = handlers.collection_frame(explorer).set_index("name")
+        assert frame.loc[names[:4], "label:my_score"].tolist() == [0.0, 0.1, 0.2, 0.3]
+        assert frame.loc[names[1], "label:style"] == "b" and pd.isna(frame.loc[names[5], "label:my_score"])
+        with pytest.raises(BadRequestError, match="no labels table uploaded"):
+            handlers.apply_labels(explorer, None)
+        with pytest.raises(BadRequestError, match="no key column 'sha256'"):
+            handlers.apply_labels(explorer, str(table), "sha256")
+    finally:
+        explorer.close()
