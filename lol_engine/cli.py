@@ -53,14 +53,27 @@ def _parser() -> argparse.ArgumentParser:
     report = zoo_commands.add_parser("report", help="label spreads, cost per LoRA and trivial baselines of a zoo")
     report.add_argument("zoo", help="a built zoo folder (with manifest.parquet)")
     report.add_argument("--json", action="store_true", help="print one JSON object")
-    train = commands.add_parser("train", help="train a LoL model on a zoo label")
-    train.add_argument("--zoo", required=True, help="a built zoo folder")
-    train.add_argument("--task", required=True, help="label name, e.g. quality, classes, probe_member")
-    train.add_argument("--model", required=True, help="mlp, o_align, svd, dense, gl_net, transformer, spectral_glnet")
+    train = commands.add_parser("train", help="train a LoL model on a label of a zoo or of a stored collection")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--zoo", help="a built zoo folder")
+    source.add_argument("--db", help="a collection (DuckDB file): learn on its stored, labelled LoRAs")
+    train.add_argument("--task", "--label", dest="label", required=True, help="label name, e.g. quality, classes")
+    train.add_argument(
+        "--model",
+        default="spectral_glnet",
+        help="mlp, o_align, svd, dense, gl_net, transformer, spectral_glnet (default)",
+    )
+    train.add_argument("--base-family", default=None, help="--db: only LoRAs of this base family (e.g. sd1)")
+    train.add_argument("--collection", default=None, help="--db: only LoRAs of this collection (a zoo, or uploads)")
+    train.add_argument("--group", default=None, help="--db: split by this label (default: a 'group' label if any)")
     train.add_argument("--seeds", type=int, default=3, help="independent runs; metrics are mean ± std")
     train.add_argument("--epochs", type=int, default=30, help="epochs (the best on validation is kept)")
     train.add_argument("--no-fold-scale", action="store_true", help="feed raw factors, ignoring alpha/r (paper code)")
-    train.add_argument("--out", help="save the predictor (best seed on validation) to this folder")
+    train.add_argument(
+        "--out",
+        help="save the predictor (best seed on validation) to this folder; --db: default <db folder>/predictors/"
+        "<label>-<model>, where the collection uses it (uploads, maps, exports)",
+    )
     predict = commands.add_parser("predict", help="predict labels of one LoRA with a trained predictor")
     predict.add_argument("path", help="a LoRA file or PEFT folder")
     predict.add_argument("--model", required=True, help="a predictor folder (model.safetensors + config.json)")
@@ -237,12 +250,14 @@ def _train(args: argparse.Namespace) -> int:
     from lol_engine.train import TrainConfig, load_zoo, save_predictor, train_on_zoo
     from lol_engine.train.checkpoint import seen_digests
 
+    if args.db:
+        return _train_on_collection(args)
     try:
         zoo = load_zoo(args.zoo)
         runs = []
         for seed in range(args.seeds):
             config = TrainConfig(epochs=args.epochs, seed=seed, fold_scale=not args.no_fold_scale)
-            runs.append(train_on_zoo(zoo, args.task, args.model, config=config))
+            runs.append(train_on_zoo(zoo, args.label, args.model, config=config))
     except (LolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -260,6 +275,66 @@ def _train(args: argparse.Namespace) -> int:
             {"zoo": str(args.zoo), "result": {k: result[k] for k in ("val", "test")}, "seen": seen_digests(zoo)},
         )
         print(f"predictor: {args.out}")
+    return 0
+
+
+def _train_on_collection(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lol_engine.explorer import Explorer
+    from lol_engine.train import TrainConfig, save_predictor
+    from lol_engine.train.calibrate import calibrate_folder
+    from lol_engine.train.collection import train_on_collection
+
+    if not Path(args.db).is_file():
+        print(f"error: {args.db}: no collection there", file=sys.stderr)
+        return 2
+    explorer = Explorer.open(args.db)
+    try:
+        runs = []
+        for seed in range(args.seeds):
+            config = TrainConfig(epochs=args.epochs, seed=seed, fold_scale=not args.no_fold_scale)
+            runs.append(
+                train_on_collection(
+                    explorer,
+                    args.label,
+                    args.model,
+                    base_family=args.base_family,
+                    collection=args.collection,
+                    group=args.group,
+                    config=config,
+                )
+            )
+        model, task, result, data = min(runs, key=lambda r: r[2]["val"]["loss"])
+        provenance = result["provenance"]
+        split = provenance["split"]
+        sizes = ", ".join(f"{name} {split.get(name, 0)}" for name in ("train", "val", "test"))
+        print(f"{len(data.ids)} LoRAs ({provenance['base_family']}), split by {split['by']}: {sizes}")
+        for reason, n in data.left_out.items():
+            print(f"left out: {n} labelled LoRA(s), {reason}")
+        for name in runs[0][2]["test"]:
+            values = np.array([r[2]["test"][name] for r in runs])
+            print(f"test {name:10s} {values.mean():.4f} ± {values.std():.4f}  ({args.seeds} seeds)")
+        for name, value in result["baselines"].items():
+            print(f"baseline {name}: {value:.4f}")
+        out = Path(args.out) if args.out else explorer.predictors_dir / f"{args.label}-{args.model}"
+        extra = {
+            "zoo": None,
+            "result": {k: result[k] for k in ("val", "test")},
+            "baselines": result["baselines"],
+            "provenance": provenance,
+        }
+        save_predictor(out, model, task, args.model, not args.no_fold_scale, extra)
+        calibrate_folder(out, data.zoo)  # its own validation split; records the LoRAs it learned from
+        print(f"predictor: {out}")
+        if out.resolve().parent == explorer.predictors_dir.resolve():
+            explorer.register(out)
+            print("registered: the collection uses it for uploads, maps and exports")
+    except (LolError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        explorer.close()
     return 0
 
 

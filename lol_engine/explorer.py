@@ -36,7 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lol_engine.encoders import FINGERPRINT, Encoder, encode, encoders_for, load_predictors, map_title
+from lol_engine.encoders import (
+    FINGERPRINT,
+    Encoder,
+    PredictorEncoder,
+    encode,
+    encoders_for,
+    load_predictors,
+    map_title,
+)
 from lol_engine.errors import BadRequestError, LoraFormatError, NotFoundError
 from lol_engine.estimate import Estimate
 from lol_engine.hub import fetch_repo
@@ -68,6 +76,7 @@ __all__ = [
 ]
 
 _CACHE_BYTES = 512 * 2**20  # factors kept in memory for neighbour search
+USER_PREDICTORS = "predictors"  # the collection's own predictors: a folder beside its database
 _ANALYSES = 8  # analysed uploads kept for their add (fewer when they hold more than _CACHE_BYTES of factors)
 
 
@@ -167,6 +176,7 @@ class Explorer:
         self.predictors = dict(predictors)
         self.encoders: list[Encoder] = encoders_for(self.predictors)
         self.data_dir = Path(data_dir)
+        self.device: str | None = None  # where the predictors run (set by open)
         self.uploads_dir = self.data_dir / "uploads"
         self._lock = threading.RLock()
         self._add_lock = threading.Lock()
@@ -184,7 +194,8 @@ class Explorer:
         predictors_dir: str | os.PathLike[str] | None = None,
         settings: Settings | None = None,
     ) -> Explorer:
-        """Open (or create) the store ``db`` (default: the settings' ``db_path``) with the shipped predictors.
+        """Open (or create) the store ``db`` (default: the settings' ``db_path``) with the shipped predictors and the
+        collection's own (``predictors/`` beside the database: :meth:`register`).
 
         Nothing else happens: call :meth:`start` before serving.
         """
@@ -194,10 +205,14 @@ class Explorer:
         config = settings or current_settings()
         path = Path(db) if db is not None else config.db_path
         predictors = load_predictors(predictors_dir)
+        own = {n: p for n, p in load_predictors(path.parent / USER_PREDICTORS).items() if n not in predictors}
+        predictors |= own
         device = config.resolved_device()
         for predictor in predictors.values():
             predictor.to(device)
-        return cls(LoraStore(path), predictors, path.parent)
+        explorer = cls(LoraStore(path), predictors, path.parent)
+        explorer.device = device
+        return explorer
 
     def close(self) -> None:
         """Close the store (checkpointed)."""
@@ -265,6 +280,50 @@ class Explorer:
         report = ingest(paths, self.store, self.encoders, progress=progress)
         self._changed()
         return report
+
+    @property
+    def predictors_dir(self) -> Path:
+        """Where this collection's own predictors live (:meth:`register`)."""
+        return self.data_dir / USER_PREDICTORS
+
+    def register(self, folder: str | os.PathLike[str], progress: bool = False) -> Predictor:
+        """Use the predictor saved in ``folder`` (under :attr:`predictors_dir`) from now on: its estimates and
+        embeddings are computed for every stored LoRA it fits, and its map is fitted."""
+        from lol_engine.store import NewLora
+        from lol_engine.train.checkpoint import load_predictor
+
+        folder = Path(folder)
+        if folder.resolve().parent != self.predictors_dir.resolve():
+            raise BadRequestError(f"{folder.name}: a collection's predictors live in its predictors/ folder")
+        predictor = load_predictor(folder)
+        if self.device is not None:
+            predictor.to(self.device)
+        encoder = PredictorEncoder(predictor)
+        with self._lock:
+            self.predictors[predictor.name] = predictor
+            self.encoders = [e for e in self.encoders if e.name != encoder.name] + [encoder]
+        fitting = [s for s in self._all() if encoder.accepts(self.weights(s.id))]
+        for start in range(0, len(fitting), 64):
+            chunk = fitting[start : start + 64]
+            loras = [self.weights(s.id) for s in chunk]
+            items = [
+                NewLora(lora, embeddings={encoder.name: vector}, estimates={predictor.name: estimate})
+                for lora, (vector, estimate) in zip(loras, encoder.estimate_many(loras), strict=True)
+            ]
+            self.store.add_many(items)
+        self._changed()
+        if fitting:
+            self.fit_maps([encoder.name], progress=progress)
+        return predictor
+
+    def fingerprints(self, ids: Sequence[str]) -> np.ndarray:
+        """The stored fingerprints of ``ids``, one row each, in that order."""
+        stored, x = self.store.embeddings(FINGERPRINT)
+        at = {i: k for k, i in enumerate(stored)}
+        missing = [i for i in ids if i not in at]
+        if missing:
+            raise NotFoundError(f"LoRA {missing[0][:12]} has no fingerprint")
+        return x[[at[i] for i in ids]]
 
     def apply_labels(self, table: LabelTable) -> LabelMatch:
         """Join a labels table to the stored LoRAs (by stored name, id, or the path of their file) and store the

@@ -1,0 +1,201 @@
+"""Learning on a user's own collection: pick labelled LoRAs of one base and module layout, split them (by LoRA, by a
+group label, or by the collection's own ``split`` label), train a LoL model, compare it with simple baselines on the
+same split, calibrate it, and register it beside the collection so that uploads, maps and exports use it.
+
+- **Which LoRAs.** Stored LoRAs that carry the label (optionally of one base family and one collection), of one module
+  layout: the most common one among them (a LoL model reads a fixed set of modules); the others are counted, not
+  used silently.
+- **The split.** A ``split`` label holding ``train`` / ``val`` / ``test`` on every chosen LoRA is used as it is (the
+  shipped zoos carry theirs); otherwise 80 / 10 / 10 drawn per value of the ``group`` label (LoRAs of one group never
+  straddle train and test) or, without one, per LoRA, from a seed.
+- **Baselines on the same split.** The mean (regression) or the majority class, and ridge / logistic regression on
+  the GL-invariant fingerprint. A LoL model is better only where it beats them.
+- **Registration.** The predictor is saved under ``<data dir>/predictors/<name>`` with its provenance (collection,
+  label, filters, split, metrics, baselines, date), calibrated on its validation split, with the digests of the LoRAs
+  it learned from; :meth:`lol_engine.explorer.Explorer.register` then applies it to the stored LoRAs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lol_engine.errors import BadRequestError, NotFoundError
+from lol_engine.train.loop import LoadedZoo, TrainConfig, train_on_zoo
+from lol_engine.train.tasks import Task
+
+if TYPE_CHECKING:
+    from lol_engine.explorer import Explorer
+    from lol_engine.nn.models import LoLModel
+
+__all__ = ["CollectionData", "baselines", "collection_data", "train_on_collection"]
+
+SHARES = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+MIN_PER_SPLIT = 2
+
+
+@dataclass
+class CollectionData:
+    """The chosen LoRAs as a :class:`LoadedZoo` (rows ``split``, ``y_<label>``, ``id``), and how they were chosen."""
+
+    zoo: LoadedZoo
+    ids: list[str]
+    split_by: str
+    left_out: dict[str, int] = field(default_factory=dict)  # reason -> how many labelled LoRAs were not used
+    class_names: tuple[str, ...] | None = None  # text classes, in code order
+
+
+def _split(value: str, seed: int) -> str:
+    """train / val / test for a group value or LoRA id: fixed per (seed, value), 80 / 10 / 10."""
+    digest = hashlib.sha256(f"{seed}:{value}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for name, share in SHARES:
+        edge += share
+        if u < edge:
+            return name
+    return SHARES[-1][0]
+
+
+def collection_data(
+    explorer: Explorer,
+    label: str,
+    *,
+    base_family: str | None = None,
+    collection: str | None = None,
+    group: str | None = None,
+    seed: int = 0,
+) -> CollectionData:
+    """The labelled LoRAs to learn ``label`` from (see the module for the rules)."""
+    records = explorer.records()
+    labels = {r["id"]: explorer.labels(r["id"]) for r in records}
+    left: Counter[str] = Counter()
+    chosen = []
+    for r in records:
+        if label not in labels[r["id"]]:
+            continue
+        if base_family is not None and r["base_family"] != base_family:
+            left[f"base family is not {base_family}"] += 1
+        elif collection is not None and r["zoo"] != collection:
+            left[f"collection is not {collection}"] += 1
+        else:
+            chosen.append(r)
+    if not chosen and left:
+        why = "; ".join(f"{n} whose {reason}" for reason, n in left.items())
+        raise BadRequestError(f"no LoRA with the label {label!r} passes the filters ({why})")
+    if not chosen:
+        known = sorted({k for values in labels.values() for k in values})
+        raise NotFoundError(f"no stored LoRA has the label {label!r} here; labels: {', '.join(known[:30]) or 'none'}")
+    layouts = {r["id"]: tuple((m["name"], m["d_out"], m["d_in"]) for m in explorer.get(r["id"]).spec) for r in chosen}
+    common, _ = Counter(layouts.values()).most_common(1)[0]
+    other_layout = sum(layout != common for layout in layouts.values())
+    if other_layout:
+        left["another module layout"] = other_layout
+    chosen = [r for r in chosen if layouts[r["id"]] == common]
+    values = [labels[r["id"]][label] for r in chosen]
+    class_names = None
+    if all(isinstance(v, str) for v in values):
+        class_names = tuple(sorted(set(values)))
+        values = [class_names.index(v) for v in values]
+    elif any(isinstance(v, list) and any(not isinstance(x, (int, float)) for x in v) for v in values):
+        raise BadRequestError(f"{label!r} holds lists of names: learn one 0/1 label per name instead")
+    elif not all(isinstance(v, (int, float, list)) and not isinstance(v, bool) for v in values):
+        raise BadRequestError(f"{label!r} mixes numbers and text: give one kind per label")
+    splits = [labels[r["id"]].get("split") for r in chosen]
+    if all(s in ("train", "val", "test") for s in splits):
+        split_by = "the collection's split label"
+    else:
+        key = group if group is not None else ("group" if all("group" in labels[r["id"]] for r in chosen) else None)
+        if key is not None and not all(key in labels[r["id"]] for r in chosen):
+            raise BadRequestError(f"group label {key!r} is missing on some of the chosen LoRAs")
+        splits = [_split(str(labels[r["id"]][key]) if key else r["id"], seed) for r in chosen]
+        split_by = f"group label {key!r}" if key else "LoRA"
+    sizes = Counter(splits)
+    if min(sizes[s] for s, _ in SHARES) < MIN_PER_SPLIT:
+        shown = ", ".join(f"{s} {sizes[s]}" for s, _ in SHARES)
+        raise BadRequestError(
+            f"{len(chosen)} LoRAs give splits of {shown}: every split needs {MIN_PER_SPLIT}; label more"
+        )
+    rows = [{"id": r["id"], "split": s, f"y_{label}": v} for r, s, v in zip(chosen, splits, values, strict=True)]
+    loras = [explorer.weights(r["id"]) for r in chosen]
+    zoo = LoadedZoo(Path(explorer.db_path), rows, loras)
+    return CollectionData(zoo, [r["id"] for r in chosen], split_by, dict(left), class_names)
+
+
+def baselines(data: CollectionData, task: Task, fingerprints: np.ndarray) -> dict[str, float]:
+    """Test-split scores of the mean / majority and of ridge / logistic regression on the fingerprint."""
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.preprocessing import StandardScaler
+
+    zoo = data.zoo
+    train, test = np.concatenate([zoo.split("train"), zoo.split("val")]), zoo.split("test")
+    y = np.array([r[f"y_{task.label}"] for r in zoo.rows], dtype=object)
+    x = StandardScaler().fit(fingerprints[train]).transform(fingerprints)
+    if task.kind == "regression":
+        yf = y.astype(float)
+        ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(x[train], yf[train])
+        return {
+            "mean r2": float(r2_score(yf[test], np.full(len(test), yf[train].mean()))),
+            "ridge on fingerprint r2": float(r2_score(yf[test], ridge.predict(x[test]))),
+        }
+    if task.kind in ("binary", "categorical"):
+        yi = y.astype(int)
+        majority = Counter(yi[train].tolist()).most_common(1)[0][0]
+        out = {"majority accuracy": float((yi[test] == majority).mean())}
+        if len(set(yi[train].tolist())) > 1:
+            logistic = LogisticRegression(max_iter=2000).fit(x[train], yi[train])
+            out["logistic on fingerprint accuracy"] = float((logistic.predict(x[test]) == yi[test]).mean())
+        return out
+    stacked = np.array([list(v) for v in y], dtype=float)
+    return {"majority accuracy": float((stacked[test] == (stacked[train].mean(0) >= 0.5)).mean())}
+
+
+def train_on_collection(
+    explorer: Explorer,
+    label: str,
+    model_name: str = "spectral_glnet",
+    *,
+    base_family: str | None = None,
+    collection: str | None = None,
+    group: str | None = None,
+    seed: int = 0,
+    config: TrainConfig | None = None,
+) -> tuple[LoLModel, Task, dict[str, Any], CollectionData]:
+    """Train ``model_name`` on ``label`` of the stored collection; returns the model, its task, the result (``val``,
+    ``test``, ``baselines``, ``provenance``) and the data it was trained on."""
+    data = collection_data(explorer, label, base_family=base_family, collection=collection, group=group, seed=seed)
+    config = config or TrainConfig(seed=seed)
+    model, task, result = train_on_zoo(data.zoo, label, model_name, config=config)
+    if data.class_names is not None:
+        task = replace(task, names=data.class_names)
+    fingerprints = explorer.fingerprints(data.ids)
+    result["baselines"] = baselines(data, task, fingerprints)
+    result["provenance"] = {
+        "collection": str(explorer.db_path),
+        "label": label,
+        "base_family": base_family or _only(explorer, data.ids),
+        "collection_filter": collection,
+        "split": {"by": data.split_by, "seed": seed, **Counter(r["split"] for r in data.zoo.rows)},
+        "left_out": data.left_out,
+        "model": model_name,
+        "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    return model, task, result, data
+
+
+def _only(explorer: Explorer, ids: list[str]) -> str:
+    families = {explorer.get(i).base_family for i in ids}
+    return families.pop() if len(families) == 1 else "mixed"
+
+
+def finite(value: float) -> float | None:
+    """A JSON-safe number."""
+    return value if math.isfinite(value) else None

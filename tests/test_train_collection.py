@@ -1,0 +1,111 @@
+"""Learning on a user's collection: the shipped digits zoo ingested as a plain folder with a CSV of its labels,
+trained from the CLI, compared with baselines and with `lol train --zoo` on the same split, and registered."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("duckdb")
+
+from lol_engine import load_lora
+from lol_engine.cli import main
+from lol_engine.errors import BadRequestError, NotFoundError
+from lol_engine.explorer import Explorer
+from lol_engine.train.collection import _split, collection_data
+from lol_engine.train.loop import LoadedZoo, TrainConfig, train_on_zoo
+
+ZOO = Path(__file__).parent.parent / "data" / "zoo" / "digits"
+N = 150
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """A folder of N digits LoRAs (no manifest) and a CSV of their labels and split, ingested into a collection."""
+    root = tmp_path_factory.mktemp("user")
+    rows = pq.read_table(ZOO / "manifest.parquet").slice(0, N).to_pylist()
+    with (root / "labels.csv").open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["name", "acc_own", "split", "group"])
+        for row in rows:
+            name = f"run-{Path(row['path']).name}"
+            shutil.copytree(ZOO / row["path"], root / "loras" / name)
+            out.writerow([name, row["y_acc_own"], row["split"], int(Path(row["path"]).name) % 40])
+    db = root / "data" / "lol.duckdb"
+    assert main(["ingest", str(root / "loras"), "--db", str(db), "--labels", str(root / "labels.csv")]) == 0
+    return db, rows
+
+
+def test_training_on_the_collection_matches_training_on_the_zoo(
+    user: tuple[Path, list[dict]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, rows = user
+    capsys.readouterr()
+    args = ["train", "--db", str(db), "--label", "acc_own", "--model", "svd", "--seeds", "2", "--epochs", str(EPOCHS)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{N} LoRAs (digits-mlp), split by the collection's split label" in out
+    assert "baseline mean r2" in out and "baseline ridge on fingerprint r2" in out and "registered" in out
+    collection_r2 = next(float(line.split()[2]) for line in out.splitlines() if line.startswith("test r2"))
+    zoo = LoadedZoo(ZOO, rows, [load_lora(ZOO / r["path"]) for r in rows])
+    zoo_r2 = [
+        train_on_zoo(zoo, "acc_own", "svd", config=TrainConfig(epochs=EPOCHS, seed=s))[2]["test"]["r2"] for s in (0, 1)
+    ]
+    assert abs(collection_r2 - float(np.mean(zoo_r2))) < 3 * float(np.std(zoo_r2)) + 0.1  # within seed noise
+
+    folder = db.parent / "predictors" / "acc_own-svd"
+    config = json.loads((folder / "config.json").read_text())
+    provenance = config["provenance"]
+    assert provenance["label"] == "acc_own" and provenance["split"]["by"] == "the collection's split label"
+    assert provenance["split"]["train"] + provenance["split"]["val"] + provenance["split"]["test"] == N
+    assert set(config["baselines"]) == {"mean r2", "ridge on fingerprint r2"} and config["calibration"]["n"] > 0
+    assert len(config["seen"]["sha256"]) == provenance["split"]["train"] + provenance["split"]["val"]
+
+    explorer = Explorer.open(db)  # a restart: the collection's own predictor is loaded beside the shipped ones
+    try:
+        assert "acc_own-svd" in explorer.predictors
+        records = explorer.records()
+        assert all("pred:acc_own-svd" in r for r in records)  # applied to every stored LoRA it fits: tables, maps
+        assert "lol:acc_own-svd" in explorer.maps()
+        fresh = explorer.analyse(ZOO / "loras" / "00900")  # a new upload gets its estimate, not in-sample
+        estimate = fresh.estimates["acc_own-svd"]
+        assert estimate.kind == "regression" and not estimate.in_sample and estimate.interval is not None
+        seen = explorer.analyse(ZOO / rows[0]["path"]).estimates["acc_own-svd"]
+        assert seen.in_sample == (rows[0]["split"] != "test")
+    finally:
+        explorer.close()
+
+
+def test_groups_never_straddle_splits_and_misses_are_refused(user: tuple[Path, list[dict]]) -> None:
+    db, _ = user
+    explorer = Explorer.open(db)
+    try:
+        data = collection_data(explorer, "acc_own")  # the collection's split label wins
+        assert data.split_by == "the collection's split label"
+        with explorer.store._cursor() as cur:  # drop the split label: now the group label decides
+            cur.execute("DELETE FROM labels WHERE name = 'split'")
+        explorer._changed()
+        data = collection_data(explorer, "acc_own", seed=3)
+        assert data.split_by == "group label 'group'"
+        groups = {explorer.labels(r["id"])["group"]: set() for r in data.zoo.rows}
+        for r in data.zoo.rows:
+            groups[explorer.labels(r["id"])["group"]].add(r["split"])
+        assert all(len(s) == 1 for s in groups.values())  # one split per group
+        assert {r["split"] for r in data.zoo.rows} == {_split(str(g), 3) for g in groups}
+        with pytest.raises(NotFoundError, match="no stored LoRA has the label 'nope'"):
+            collection_data(explorer, "nope")
+        with pytest.raises(BadRequestError, match=r"passes the filters \(150 whose collection is not elsewhere\)"):
+            collection_data(explorer, "acc_own", collection="elsewhere")
+        explorer.store.set_labels({r["id"]: {"group": "one subject"} for r in data.zoo.rows})
+        explorer._changed()
+        with pytest.raises(BadRequestError, match=r"150 LoRAs give splits of .*: every split needs 2; label more"):
+            collection_data(explorer, "acc_own")  # one group: everything lands in one split
+    finally:
+        explorer.close()
