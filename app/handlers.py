@@ -117,21 +117,23 @@ def _lookup_lines(report: dict[str, Any]) -> list[str]:
     lines = [hashes]
     words = report.get("trigger_words") or {}
     named = [
-        f"**{label}** {code(words[key], 80)}"
+        f"**{label}** {escape(words[key], 80)}"
         for key, label in (("output_name", "output name"), ("trigger_phrase", "trigger phrase"))
         if words.get(key)
     ]
-    tags = ", ".join(f"{code(t['tag'], 60)} ({t['count']})" for t in words.get("top_tags", []))
+    tags = ", ".join(f"{escape(t['tag'], 60)} ({t['count']})" for t in words.get("top_tags", []))
     if tags:
         named.append(f"**top tags** ({words['n_tags']:,} in all): {tags}")
     if named:
         lines.append("**trigger words:** " + " · ".join(named))
     parameters = report.get("training_parameters") or []
     if parameters:
-        rows = [f"| {escape(p['name'])} | {escape(p['value'], 120)} | {escape(p['meaning'])} |" for p in parameters]
-        lines.append(
-            "\n".join(["**training parameters**", "", "| parameter | value | meaning |", "|---|---|---|", *rows])
-        )
+        rows = [
+            f"| {escape(p['name'])} | {escape(p['value'], 120)} | {escape(p['meaning'])} | {escape(p['key'])} |"
+            for p in parameters
+        ]
+        head = ["**training parameters**", "", "| parameter | value | meaning | key |", "|---|---|---|---|"]
+        lines.append("\n".join([*head, *rows]))
     return lines
 
 

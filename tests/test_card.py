@@ -277,9 +277,9 @@ def test_card_and_summary_show_the_new_fields_escaped(tmp_path: Path) -> None:
     result = handlers.inspect_upload([str(path)])
     summary = result.summary
     assert f"`{result.report['autov2']}`" in summary and result.report["addnet_sha256"] in summary
-    assert "learning rate" in summary and "| parameter | value | meaning |" in summary
-    assert "<img" not in summary.replace("`<img", "")  # only inside code spans, which the renderer escapes
-    assert "``" not in summary.replace("`tick`", "")  # a backtick in a tag cannot close its code span
+    assert "learning rate" in summary and "| parameter | value | meaning | key |" in summary
+    assert "<img" not in summary and "&lt;img" in summary and "\\|" in summary  # HTML and table pipes escaped
+    assert "\\`tick\\` (3)" in summary  # backticks too: no code span opens
     figure = handlers.block_strength_figure(result.report)
     assert list(figure.data[0].x) == [b["block"] for b in result.report["block_strength"]]
     assert list(figure.data[0].y) == pytest.approx([b["delta_fro_norm"] for b in result.report["block_strength"]])
@@ -299,6 +299,6 @@ def test_upload_card_shows_hashes_trigger_words_and_parameters(tmp_path: Path) -
         explorer.close()
     card, report = result.card, result.analysis.report
     assert f"**AutoV2** `{report['autov2']}`" in card and f"`{report['addnet_shorthash']}`" in card
-    assert "**trigger words:**" in card and "`<b>mychar</b>` (9)" in card  # a code span: shown, not rendered
-    assert "| network dim | 4 |" in card and "| seed | 7 |" in card
+    assert "**trigger words:**" in card and "&lt;b&gt;mychar&lt;/b&gt; (9)" in card  # shown, not rendered
+    assert "| network dim | 4 |" in card and "| seed | 7 |" in card and "| ss\\_seed |" in card
     assert "other training metadata" not in card  # every ss_* key is in the table or the trigger words
