@@ -34,6 +34,7 @@ __all__ = [
     "add_upload",
     "analyse_upload",
     "apply_labels",
+    "block_strength_figure",
     "collection_frame",
     "compare_loras",
     "escape",
@@ -100,9 +101,43 @@ def _summary(report: dict[str, Any], name: str) -> str:
         f"{report['is_dora']}",
         f"**total ‖ΔW‖_F** {report['total_delta_fro_norm']:.4g} · **sha256** `{report['sha256'][:16]}…`",
         f"**evidence:** {escape('; '.join(report['evidence']), 400)}",
+        *_lookup_lines(report),
     ]
     warnings = "\n".join(f"- ⚠️ {escape(w, 300)}" for w in report["warnings"])
     return "\n\n".join([*lines, warnings] if warnings else lines)
+
+
+def _lookup_lines(report: dict[str, Any]) -> list[str]:
+    """What Civitai and lora-inspector show: lookup hashes, trigger words, training parameters (all text escaped)."""
+    hashes = f"**AutoV2** {code(report.get('autov2') or '—')}"
+    if report.get("addnet_sha256"):
+        hashes += (
+            f" · **LoRA hash** (kohya/A1111) {code(report['addnet_shorthash'])} ({code(report['addnet_sha256'])})"
+        )
+    if report.get("sshs_model_hash"):
+        verdict = {True: "matches", False: "⚠️ does not match", None: "not checked"}[report["sshs_model_hash_matches"]]
+        hashes += f" · **sshs_model_hash** {code(report['sshs_model_hash'][:12])} {verdict}"
+    lines = [hashes]
+    words = report.get("trigger_words") or {}
+    named = [
+        f"**{label}** {escape(words[key], 80)}"
+        for key, label in (("output_name", "output name"), ("trigger_phrase", "trigger phrase"))
+        if words.get(key)
+    ]
+    tags = ", ".join(f"{escape(t['tag'], 60)} ({t['count']})" for t in words.get("top_tags", []))
+    if tags:
+        named.append(f"**top tags** ({words['n_tags']:,} in all): {tags}")
+    if named:
+        lines.append("**trigger words:** " + " · ".join(named))
+    parameters = report.get("training_parameters") or []
+    if parameters:
+        rows = [
+            f"| {escape(p['name'])} | {escape(p['value'], 120)} | {escape(p['meaning'])} | {escape(p['key'])} |"
+            for p in parameters
+        ]
+        head = ["**training parameters**", "", "| parameter | value | meaning | key |", "|---|---|---|---|"]
+        lines.append("\n".join([*head, *rows]))
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- the explorer
@@ -290,9 +325,12 @@ def _card(report: dict[str, Any], name: str, stored_as: str | None, analysis: An
         f"**total ‖ΔW‖_F** {report['total_delta_fro_norm']:.4g} · **sha256** `{report['sha256']}`",
         f"**evidence:** {escape('; '.join(report['evidence']), 400)}",
     ]
+    lines += _lookup_lines(report)
+    tabled = {p["key"] for p in report.get("training_parameters", [])}
+    training = {k: v for k, v in training.items() if k not in tabled and k != "ss_tag_frequency"}
     if training:
         shown = ", ".join(f"{escape(k)} = {escape(v, 60)}" for k, v in sorted(training.items())[:12])
-        lines.append(f"**training metadata:** {shown}")
+        lines.append(f"**other training metadata:** {shown}")
     if report["modelspec"]:
         shown = ", ".join(f"{escape(k)} = {escape(v, 60)}" for k, v in sorted(report["modelspec"].items())[:8])
         lines.append(f"**modelspec:** {shown}")
@@ -352,6 +390,28 @@ def spectrum_figure(report: dict[str, Any], max_curves: int = 8) -> go.Figure:
         height=360,
         margin={"l": 50, "r": 10, "t": 40, "b": 40},
         legend={"orientation": "h"},
+    )
+    return fig
+
+
+def block_strength_figure(report: dict[str, Any]) -> go.Figure:
+    """‖ΔW‖_F per block (UNet down/mid/up, text-encoder or LLM layer): √(Σ ‖ΔW‖_F²) of the block's modules."""
+    blocks = report.get("block_strength") or []
+    fig = go.Figure(
+        go.Bar(
+            x=[escape_html(b["block"], 60) for b in blocks],
+            y=[b["delta_fro_norm"] for b in blocks],
+            customdata=[b["n_modules"] for b in blocks],
+            hovertemplate="%{x}<br>‖ΔW‖_F = %{y:.4g}<br>%{customdata} module(s)<extra></extra>",
+            marker_color="#4c72b0",
+        )
+    )
+    fig.update_layout(
+        title="Strength per block: ‖ΔW‖_F of its modules together",
+        xaxis_title="block (from the module names)",
+        yaxis_title="‖ΔW‖_F",
+        height=340,
+        margin={"l": 50, "r": 10, "t": 40, "b": 80},
     )
     return fig
 

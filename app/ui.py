@@ -163,6 +163,7 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
                     max_height=360,
                 )
         spectrum = gr.Plot(label="Spectrum", elem_id="spectrum")
+        blocks = gr.Plot(label="Strength per block", elem_id="block-strength")
         neighbours = gr.Dataframe(
             headers=NEIGHBOUR_COLUMNS,
             interactive=False,
@@ -184,7 +185,17 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
                 kept = hold.keep(paths) if paths else None
             finally:
                 discard(paths, uploads, ledger)
-            return result.card, result.predictions, result.spectrum, result.neighbours, result.modules, "", kept
+            figure = handlers.block_strength_figure(result.analysis.report)
+            return (
+                result.card,
+                result.predictions,
+                result.spectrum,
+                result.neighbours,
+                result.modules,
+                "",
+                kept,
+                figure,
+            )
 
         @_guard
         def on_add(paths: list[str] | None, repo_id: str, token: str | None) -> tuple[str, None]:
@@ -195,7 +206,7 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
             hold.release(token)  # only once added: a failed add can be retried
             return message, None
 
-        outputs = [card, predictions, spectrum, neighbours, modules, added, held]
+        outputs = [card, predictions, spectrum, neighbours, modules, added, held, blocks]
         analysed = analyse.click(
             on_analyse, [files, repo, held], outputs, api_name="analyse", concurrency_id="cpu", concurrency_limit=4
         )

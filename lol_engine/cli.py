@@ -1,6 +1,7 @@
 """The ``lol`` command line.
 
-``lol inspect PATH [--json]`` reads a LoRA file or PEFT folder and reports on it; ``lol zoo list`` and
+``lol inspect PATH [--json]`` reads a LoRA file or PEFT folder and reports on it; ``lol analyse PATH [--db DB]
+[--json]`` adds the predictions and the nearest stored LoRAs (what the app's upload tab shows); ``lol zoo list`` and
 ``lol zoo build NAME --out DIR`` make zoos of real LoRAs; ``lol export [--db FILE] OUT`` backs up a collection;
 ``lol info [--json]`` shows the settings, the data found and the package versions; ``lol serve`` starts the app
 (:func:`app.serve.main`, imported only then).
@@ -35,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--max-file-mb", type=float, default=ReadLimits.max_file_bytes / 2**20, help="refuse larger files (MiB)"
     )
+    analyse = commands.add_parser(
+        "analyse", help="what the app's upload tab shows: the card, every fitting prediction, the nearest LoRAs"
+    )
+    analyse.add_argument("path", help="a .safetensors file, or a folder with adapter_model.safetensors")
+    analyse.add_argument(
+        "--db", default=None, help="DuckDB file to find neighbours in (default: $LOL_DATA_DIR/lol.duckdb)"
+    )
+    analyse.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     zoo = commands.add_parser("zoo", help="build LoRA zoos from real models and data")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
     zoo_commands.add_parser("list", help="list the zoo recipes")
@@ -360,6 +369,144 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+_CARD_KEYS = (
+    "source",
+    "format",
+    "base_family",
+    "evidence",
+    "sha256",
+    "autov2",
+    "addnet_sha256",
+    "addnet_shorthash",
+    "sshs_model_hash",
+    "sshs_model_hash_matches",
+    "trigger_words",
+    "training_parameters",
+    "warnings",
+)
+
+
+def _strict(value: Any) -> Any:
+    """JSON-ready data with every non-finite float as ``None`` (strict JSON: ``allow_nan=False``)."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _analysis_json(analysis: Any, neighbours: list[dict[str, Any]], collection: dict[str, Any]) -> dict[str, Any]:
+    report = analysis.report
+    card = {key: report.get(key) for key in _CARD_KEYS}
+    card["metadata"] = {k: report[k] for k in ("kohya_metadata", "modelspec", "adapter_config")}
+    predictions = [
+        {"target": e.label, **e.to_json(), "calibrated_range": e.range_text() or None}
+        for e in analysis.estimates.values()
+    ]
+    return _strict({"card": card, "predictions": predictions, "neighbours": neighbours, "collection": collection})
+
+
+def _analyse(args: argparse.Namespace) -> int:
+    """``lol analyse``: the upload tab's analysis through the explorer; a missing collection is never created."""
+    import tempfile
+
+    from lol_engine.explorer import Explorer
+    from lol_engine.settings import settings
+
+    try:
+        db = Path(args.db) if args.db else settings().db_path
+        with tempfile.TemporaryDirectory(prefix="lol-analyse-") as scratch:
+            exists = db.is_file()  # else: predictions only, through a throw-away collection that stays empty
+            explorer = Explorer.open(db if exists else Path(scratch) / "lol.duckdb")
+            try:
+                analysis = explorer.analyse(args.path)
+                neighbours = []
+                for n in explorer.neighbours(analysis.lora, k=10, exclude=analysis.sha256) if exists else []:
+                    stored = explorer.find(n.id)
+                    family = stored.base_family if stored else None
+                    neighbours.append(
+                        {"id": n.id, "name": n.name, "base_family": family, "similarity": n.similarity}
+                        | {"by": n.by, "relation": None}  # near-duplicate detection is not built yet
+                    )
+            finally:
+                explorer.close()
+    except (LolError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    note = None if exists else f"no collection at {db}: neighbours were not searched (none was created)"
+    out = _analysis_json(analysis, neighbours, {"path": str(db), "exists": exists, "note": note})
+    if args.json:
+        json.dump(out, sys.stdout, indent=2, allow_nan=False)
+        sys.stdout.write("\n")
+    else:
+        _print_analysis(out)
+    return 0
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=240)  # piped: never cut names to a guessed width
+
+
+def _print_card(console: Any, report: dict[str, Any]) -> None:
+    """The hashes, trigger words and training parameters (file text escaped: rich reads ``[...]`` as markup)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    addnet = report.get("addnet_sha256") or "—"
+    console.print(f"AutoV2 {report.get('autov2') or '—'} · kohya/A1111 LoRA hash (addnet) {addnet}")
+    if report.get("sshs_model_hash"):
+        agrees = {True: "matches", False: "DOES NOT match", None: "not checked"}[report["sshs_model_hash_matches"]]
+        console.print(f"metadata sshs_model_hash {escape(report['sshs_model_hash'])} ({agrees})")
+    words = report.get("trigger_words") or {}
+    named = [
+        f"{k.replace('_', ' ')} {escape(str(words[k]))}" for k in ("output_name", "trigger_phrase") if words.get(k)
+    ]
+    tags = ", ".join(f"{escape(t['tag'])} ({t['count']})" for t in words.get("top_tags", []))
+    if named or tags:
+        console.print("trigger words: " + " · ".join([*named, *([f"top tags {tags}"] if tags else [])]))
+    if report.get("training_parameters"):
+        table = Table("parameter", "value", "meaning", title="training parameters")
+        for row in report["training_parameters"]:
+            table.add_row(escape(row["name"]), escape(row["value"]), escape(row["meaning"]))
+        console.print(table)
+
+
+def _print_analysis(out: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = _console()
+    card = out["card"]
+    console.print(f"[bold]{escape(card['source'])}[/bold]")
+    console.print(f"format {card['format']} · base {card['base_family']} · sha256 {card['sha256']}")
+    console.print(f"evidence: {escape('; '.join(card['evidence']))}")
+    _print_card(console, card)
+    table = Table("predictor", "target", "prediction", "calibrated range", "in its training set", title="predictions")
+    for p in out["predictions"]:
+        value = (
+            p["value"] if p["kind"] != "multilabel" else f"{sum(v >= 0.5 for v in p['probabilities'].values())} ones"
+        )
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(
+            p["predictor"], p["target"], escape(shown), p["calibrated_range"] or "", "yes" if p["in_sample"] else ""
+        )
+    console.print(table if out["predictions"] else "predictions: no shipped predictor fits this base and layout")
+    if out["collection"]["note"]:
+        console.print(escape(out["collection"]["note"]))
+    else:
+        table = Table("similarity", "by", "base", "name", "id", title="nearest stored LoRAs")
+        for n in out["neighbours"]:
+            table.add_row(f"{n['similarity']:.4f}", n["by"], n["base_family"] or "", escape(n["name"]), n["id"][:12])
+        console.print(table)
+    for warning in card["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+
+
 def _ranks(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(r) for r in text.split(","))
@@ -457,6 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _export(args)
     if args.command == "info":
         return _info(args)
+    if args.command == "analyse":
+        return _analyse(args)
     try:
         limits = ReadLimits(max_file_bytes=int(args.max_file_mb * 2**20))
         report = describe(load_lora(args.path, limits=limits))
@@ -472,30 +621,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_table(report: dict[str, Any]) -> None:
-    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # piped: never truncate module names to a guessed 80 columns
-        console = Console(width=240)
-    console.print(f"[bold]{report['source']}[/bold]")
+    console = _console()
+    console.print(f"[bold]{escape(report['source'])}[/bold]")
     console.print(
         f"format {report['format']} · base {report['base_family']} · dtype {report['dtype']} · "
         f"{report['n_modules']} modules · ranks {report['ranks']} · DoRA {report['is_dora']}"
     )
-    console.print(f"evidence: {'; '.join(report['evidence'])}")
+    console.print(f"evidence: {escape('; '.join(report['evidence']))}")
     console.print(f"sha256 {report['sha256']} · ‖ΔW‖_F total {report['total_delta_fro_norm']:.4g}")
-    table = Table("kind", "rank", "alpha", "scale", "d_out × d_in", "‖ΔW‖_F", "σ₁ … σ_r (scaled)")
+    _print_card(console, report)
+    table = Table("kind", "rank", "eff. rank 90/99 %", "alpha", "scale", "d_out × d_in", "‖ΔW‖_F", "σ₁ … σ_r (scaled)")
     table.add_column("module", overflow="fold")
     for m in report["modules"]:
         alpha = "—" if m["alpha"] is None else f"{m['alpha']:g}"
         sigma = " ".join(f"{s:.3g}" for s in m["singular_values"][:6]) + (" …" if m["rank"] > 6 else "")
         shape = f"{m['d_out']} × {m['d_in']}"
         norm = f"{m['delta_fro_norm']:.4g}"
-        table.add_row(m["kind"], str(m["rank"]), alpha, f"{m['scale']:.4g}", shape, norm, sigma, m["name"])
+        effective = f"{m['effective_rank_90']}/{m['effective_rank_99']}"
+        table.add_row(
+            m["kind"], str(m["rank"]), effective, alpha, f"{m['scale']:.4g}", shape, norm, sigma, escape(m["name"])
+        )
     console.print(table)
+    console.print(f"effective rank: {report['effective_rank_criterion']}")
+    blocks = Table("block", "modules", "‖ΔW‖_F", title="strength per block: √(Σ ‖ΔW‖_F²) of its modules")
+    for block in report["block_strength"]:
+        blocks.add_row(escape(block["block"]), str(block["n_modules"]), f"{block['delta_fro_norm']:.4g}")
+    console.print(blocks)
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from lol_engine.lora.weights import LoraWeights
+from lol_engine.errors import LoraFormatError
+from lol_engine.lora.metadata import training_parameters, trigger_words
+from lol_engine.lora.safe_io import ReadLimits, safetensors_hashes
+from lol_engine.lora.weights import LoraMetadata, LoraWeights
 from lol_engine.symmetry import lora_fro_norms, lora_singular_values
 
-__all__ = ["describe"]
+__all__ = ["ENERGY_LEVELS", "block_of", "describe", "effective_rank"]
 
 _MAX_TEXT = 2000  # metadata strings longer than this are shortened in reports (thumbnails, tag lists)
 
@@ -26,12 +32,136 @@ def _short(value: Any) -> Any:
     return value
 
 
-def describe(lora: LoraWeights) -> dict[str, Any]:
-    """Everything ``lol inspect`` reports. Norms and singular values are of the *scaled* update ``scale·B·A``."""
+ENERGY_LEVELS = (0.9, 0.99)  # effective rank: the smallest k holding this share of Σσ²
+EFFECTIVE_RANK_CRITERION = (
+    "effective_rank_90 / _99: the smallest k with σ₁² + … + σ_k² ≥ 0.90 (0.99) · Σσ², the share of ‖ΔW‖_F² kept "
+    "by the best rank-k approximation; kohya resize_lora.py --dynamic_method sv_fro with --dynamic_param √0.90 "
+    "(√0.99) picks the same k, except that it never keeps all r (sv_fro keeps a share of ‖ΔW‖_F, not of its square)"
+)
+
+
+def effective_rank(singular_values: Sequence[float], energy: float) -> int:
+    """The smallest ``k`` whose top-``k`` singular values hold at least ``energy`` of ``Σσ²`` (0 for ΔW = 0).
+
+    >>> effective_rank([3.0, 1.0, 0.0], 0.9), effective_rank([3.0, 1.0, 0.0], 0.99), effective_rank([0.0], 0.9)
+    (1, 2, 0)
+    """
+    squares = sorted((float(s) ** 2 for s in singular_values), reverse=True)
+    total = sum(squares)
+    if not total > 0:
+        return 0
+    kept = 0.0
+    for k, square in enumerate(squares, start=1):
+        kept += square
+        if kept >= energy * total * (1 - 1e-12):  # rounding must not push a full spectrum past its own rank
+            return k
+    return len(squares)
+
+
+# Blocks of the canonical module names (lora/keys.py, lora/vocab.py), first match wins: (pattern, order). The block
+# is the matched prefix; ``order`` puts text encoders first, then a UNet's down, mid and up blocks in depth order.
+_BLOCK_RULES: tuple[tuple[re.Pattern[str], int], ...] = tuple(
+    (re.compile(pattern), order)
+    for pattern, order in (
+        (r"^(text_encoder(?:_\d)?)\.(?:.*?\.)?(?:layers|layer|block)\.(\d+)\.", 0),
+        (r"^(text_encoder(?:_\d)?)\.", 0),
+        (r"^(down_blocks|input_blocks)\.(\d+)\.", 1),
+        (r"^(mid_block|middle_block)\.", 2),
+        (r"^(up_blocks|output_blocks)\.(\d+)\.", 3),
+        (r"^(double_blocks|joint_blocks|transformer_blocks)\.(\d+)\.", 4),
+        (r"^(single_blocks|single_transformer_blocks)\.(\d+)\.", 5),
+        (r"^((?:.*?\.)?(?:layers|layer|h|blocks|block))\.(\d+)\.", 6),  # LLMs and encoders: model.layers.3
+    )
+)
+
+
+def block_of(name: str) -> tuple[str, tuple[int, str, int]]:
+    """The block a canonical module name belongs to, and a sort key (text encoders, down, mid, up, layers…).
+
+    >>> block_of("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k")[0]
+    'down_blocks.1'
+    >>> block_of("text_encoder.text_model.encoder.layers.11.mlp.fc1")[0], block_of("model.layers.3.mlp.up_proj")[0]
+    ('text_encoder.layers.11', 'model.layers.3')
+    """
+    for pattern, order in _BLOCK_RULES:
+        match = pattern.match(name)
+        if match:
+            groups = match.groups()
+            if len(groups) == 1:
+                return groups[0], (order, groups[0], -1)
+            label = f"{groups[0]}.layers.{groups[1]}" if order == 0 else f"{groups[0]}.{groups[1]}"
+            return label, (order, groups[0], int(groups[1]))
+    head = name.split(".", 1)[0]
+    return head, (7, head, -1)
+
+
+def _block_strength(names: Sequence[str], norms: Mapping[str, float]) -> list[dict[str, Any]]:
+    """‖ΔW‖_F per block: the norm of all its modules' updates together, √(Σ ‖ΔW_m‖_F²)."""
+    blocks: dict[str, tuple[tuple[int, str, int], list[float]]] = {}
+    for name in names:
+        label, key = block_of(name)
+        blocks.setdefault(label, (key, []))[1].append(float(norms[name]))
+    ordered = sorted(blocks.items(), key=lambda item: item[1][0])
+    return [
+        {"block": label, "n_modules": len(values), "delta_fro_norm": math.sqrt(sum(v * v for v in values))}
+        for label, (_, values) in ordered
+    ]
+
+
+_HEX = re.compile(r"[0-9a-fA-F]{8,128}")
+
+
+def _hashes(meta: LoraMetadata, limits: ReadLimits, warnings: list[str]) -> dict[str, Any]:
+    """The hashes LoRAs are looked up by: AutoV2 (Civitai, A1111) and the kohya/A1111 hash of the tensor bytes.
+
+    The addnet hash is computed here, in one more streamed pass over the file, which must still be the bytes that
+    were read (its sha256 is checked). ``sshs_model_hash`` (written by kohya at save time over the same bytes) is
+    compared with it.
+    """
+    addnet = None
+    source = Path(meta.source) if meta.source else None
+    if source is not None and source.is_file() and meta.sha256:
+        try:
+            full, data = safetensors_hashes(source, limits.max_file_bytes)
+        except (LoraFormatError, OSError) as exc:
+            warnings.append(f"the kohya/A1111 LoRA hash could not be computed ({exc})")
+        else:
+            if full == meta.sha256:
+                addnet = data
+            else:
+                warnings.append("the file changed after it was read; its kohya/A1111 LoRA hash is not shown")
+    stored = meta.safetensors_metadata.get("sshs_model_hash")
+    stored_hex = stored.strip().lower() if isinstance(stored, str) and _HEX.fullmatch(stored.strip()) else None
+    matches = None if stored_hex is None or addnet is None else stored_hex == addnet
+    if matches is False:
+        warnings.append(
+            f"metadata sshs_model_hash {stored_hex[:16] if stored_hex else ''}… is not the hash of this file's tensor "
+            f"data ({addnet[:16] if addnet else ''}…): the weights changed after kohya saved them, or the metadata "
+            "came from another file"
+        )
+    legacy = meta.safetensors_metadata.get("sshs_legacy_hash")
+    return {
+        "autov2": meta.sha256[:10] if meta.sha256 else None,
+        "addnet_sha256": addnet,
+        "addnet_shorthash": addnet[:12] if addnet else None,
+        "sshs_model_hash": stored_hex,
+        "sshs_legacy_hash": legacy if isinstance(legacy, str) and _HEX.fullmatch(legacy.strip()) else None,
+        "sshs_model_hash_matches": matches,
+    }
+
+
+def describe(lora: LoraWeights, limits: ReadLimits | None = None) -> dict[str, Any]:
+    """Everything ``lol inspect`` reports. Norms and singular values are of the *scaled* update ``scale·B·A``.
+
+    Besides the spectra and metadata: the lookup hashes (``autov2``, ``addnet_sha256``: one more streamed pass over
+    the file at ``lora.meta.source``, bounded by ``limits.max_file_bytes``), ``trigger_words``,
+    ``training_parameters``, each module's ``effective_rank_90`` / ``effective_rank_99`` and ``block_strength``.
+    """
     spectra = lora_singular_values(lora)
     norms = lora_fro_norms(lora)
-    modules = []
+    modules: list[dict[str, Any]] = []
     for m in lora:
+        sigma = [float(s) for s in spectra[m.name]]
         modules.append(
             {
                 "name": m.name,
@@ -43,12 +173,16 @@ def describe(lora: LoraWeights) -> dict[str, Any]:
                 "d_out": m.spec.d_out,
                 "orig_shape": list(m.spec.orig_shape),
                 "delta_fro_norm": float(norms[m.name]),
-                "singular_values": [float(s) for s in spectra[m.name]],
+                "singular_values": sigma,
                 "dora_magnitude": m.magnitude_axis,
+                **{f"effective_rank_{round(level * 100)}": effective_rank(sigma, level) for level in ENERGY_LEVELS},
             }
         )
     total = sum(float(n) ** 2 for n in norms.values()) ** 0.5
     meta = lora.meta
+    warnings = list(meta.warnings)
+    hashes = _hashes(meta, limits or ReadLimits(), warnings)
+    triggers = trigger_words(meta.kohya, meta.modelspec, warnings)
     return {
         "source": meta.source,
         "format": meta.format,
@@ -66,5 +200,10 @@ def describe(lora: LoraWeights) -> dict[str, Any]:
         "kohya_metadata": _short(dict(meta.kohya)),
         "modelspec": _short(dict(meta.modelspec)),
         "adapter_config": _short(dict(meta.adapter_config)),
-        "warnings": list(meta.warnings),
+        **hashes,
+        "trigger_words": triggers,
+        "training_parameters": training_parameters(meta.kohya, meta.adapter_config),
+        "effective_rank_criterion": EFFECTIVE_RANK_CRITERION,
+        "block_strength": _block_strength([m.name for m in lora], {k: float(v) for k, v in norms.items()}),
+        "warnings": list(dict.fromkeys(warnings)),
     }

@@ -97,13 +97,14 @@ def test_api_upload_predict_and_neighbours(client: Client) -> None:
         handle_file(str(FASHION[40] / "adapter_model.safetensors")),
         handle_file(str(FASHION[40] / "adapter_config.json")),
     ]
-    card, predictions, spectrum, neighbours, modules, _ = client.predict(files, "", api_name="/analyse")
+    card, predictions, spectrum, neighbours, modules, _, blocks = client.predict(files, "", api_name="/analyse")
     assert "fashion" in card and "3 of 7 fit" in card
     rows = {row[0]: row for row in predictions["data"]}
     assert set(rows) == {"fashion-gen-bold", "fashion-gen-class", "fashion-gen-quality"}
     assert rows["fashion-gen-quality"][4].endswith("@90%")
     assert len(neighbours["data"]) == 10 and neighbours["data"][0][3] == "ΔW cosine"
-    assert len(modules["data"]) == 3 and spectrum is not None
+    assert len(modules["data"]) == 3 and spectrum is not None and blocks is not None
+    assert "AutoV2" in card
     card_text, card_neighbours = client.predict(neighbours["data"][0][4], None, "ΔW cosine", api_name="/card")
     assert "labels:" in card_text and len(card_neighbours["data"]) == 10
 

@@ -33,6 +33,7 @@ __all__ = [
     "parse_json",
     "read_header",
     "read_tensors",
+    "safetensors_hashes",
     "shown",
 ]
 
@@ -469,3 +470,31 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 2**20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def safetensors_hashes(path: str | os.PathLike[str], max_bytes: int, chunk: int = 2**20) -> tuple[str, str]:
+    """``(sha256 of the whole file, sha256 of its data buffer)`` in one streamed pass; the file is size-checked.
+
+    The second is the kohya-ss / A1111 "LoRA hash" (sd-scripts ``addnet_hash_safetensors``: skip the 8-byte header
+    length ``n`` and the ``n`` header bytes, hash the rest), which stays the same when only ``__metadata__`` is
+    edited. Raises :class:`LoraFormatError` for a file over ``max_bytes`` or too short for the header it claims.
+    """
+    where = Path(path).name
+    full, data = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise LoraFormatError(f"{where}: file is {size:,} bytes, over the limit of {max_bytes:,}")
+        prefix = fh.read(8)
+        n = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or n > size - 8:
+            raise LoraFormatError(f"{where}: truncated: no complete safetensors header to skip")
+        full.update(prefix)
+        left = n
+        while left and (block := fh.read(min(chunk, left))):  # the header: in the file's hash only
+            full.update(block)
+            left -= len(block)
+        while block := fh.read(chunk):
+            full.update(block)
+            data.update(block)
+    return full.hexdigest(), data.hexdigest()
