@@ -29,12 +29,13 @@ import csv
 import io
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lol_engine.errors import BadRequestError, NotFoundError
+from lol_engine.lora.metadata import trigger_words
 from lol_engine.lora.weights import LoraMetadata
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "metadata_labels",
     "path_keys",
     "read_labels",
-    "top_tags",
 ]
 
 KEYS = ("name", "path", "sha256")
@@ -320,23 +320,6 @@ def path_keys(weights: Path, roots: Iterable[str | os.PathLike[str]]) -> tuple[s
     return tuple(sorted(out))
 
 
-def top_tags(tag_frequency: Any, n: int = N_TAGS) -> list[str]:
-    """The ``n`` most frequent tags of kohya's ``ss_tag_frequency`` (``{dataset folder: {tag: count}}``), merged
-    over folders, most frequent first (ties by tag). Junk (not that shape) gives ``[]``."""
-    if not isinstance(tag_frequency, Mapping):
-        return []
-    counts: dict[str, float] = {}
-    for folder in list(tag_frequency.values())[:64]:
-        if not isinstance(folder, Mapping):
-            continue
-        for tag, count in list(folder.items())[:100_000]:
-            if isinstance(count, (int, float)) and not isinstance(count, bool) and math.isfinite(count):
-                name = " ".join(str(tag).split())[:100]
-                if name:
-                    counts[name] = counts.get(name, 0.0) + float(count)
-    return [tag for tag, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
-
-
 def metadata_labels(meta: LoraMetadata) -> dict[str, Any]:
     """Labels a LoRA file carries itself (see the module): kohya fields, top tags, PEFT config fields, modelspec."""
     out: dict[str, Any] = {}
@@ -345,7 +328,7 @@ def metadata_labels(meta: LoraMetadata) -> dict[str, Any]:
         if not _missing(value):
             number = _number(value)
             out[name] = number if number is not None else str(value)[:200]
-    tags = top_tags(meta.kohya.get("ss_tag_frequency"))
+    tags = [t["tag"] for t in trigger_words(meta.kohya, meta.modelspec, [])["top_tags"]][:N_TAGS]
     if tags:
         out["tags"] = tags
     for name in PEFT_FIELDS:
