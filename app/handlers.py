@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from app.training import TrainingJob, TrainingJobs
 from lol_engine import ReadLimits
 from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.estimate import Estimate
@@ -49,6 +50,9 @@ __all__ = [
     "predictions_frame",
     "public_message",
     "spectrum_figure",
+    "start_training",
+    "train_options",
+    "training_result",
 ]
 
 MODULE_COLUMNS = ["module", "kind", "rank", "alpha", "scale", "d_out", "d_in", "‖ΔW‖_F", "σ₁", "σ₁² / Σσ²"]
@@ -652,3 +656,67 @@ def compare_loras(explorer: Explorer, first: str, second: str) -> tuple[str, go.
         margin={"l": 50, "r": 10, "t": 40, "b": 80},
     )
     return text, fig, frame
+
+
+# ---------------------------------------------------------------------------------------------------- training
+TRAIN_MODELS = ("spectral_glnet", "gl_net", "svd", "o_align", "mlp", "transformer")
+TRAIN_COLUMNS = ["score", "held-out (test) value"]
+
+
+def train_options(explorer: Explorer) -> dict[str, list[str]]:
+    """Choices for the Train tab: labels on stored LoRAs, base families, collections, and models."""
+    records = explorer.records()
+    labels = sorted({c.removeprefix("label:") for r in records for c in r if c.startswith("label:")} - {"split"})
+    return {
+        "labels": labels,
+        "families": sorted({str(r["base_family"]) for r in records}),
+        "collections": sorted({str(r["zoo"]) for r in records}),
+        "models": list(TRAIN_MODELS),
+    }
+
+
+def start_training(
+    explorer: Explorer,
+    jobs: TrainingJobs,
+    label: str | None,
+    model: str | None = None,
+    base_family: str | None = None,
+    collection: str | None = None,
+    group: str | None = None,
+    epochs: int = 30,
+    seeds: int = 1,
+) -> TrainingJob:
+    """Start training a predictor of ``label`` on the collection in the background (one job at a time)."""
+    if not label:
+        raise BadRequestError("pick a label to learn")
+    model = model or TRAIN_MODELS[0]
+    if model not in TRAIN_MODELS:
+        raise BadRequestError(f"unknown model {model!r}; pick one of {', '.join(TRAIN_MODELS)}")
+    if not 1 <= int(epochs) <= 500 or not 1 <= int(seeds) <= 5:
+        raise BadRequestError("epochs must be 1–500 and seeds 1–5")
+    options: dict[str, Any] = {
+        "base_family": base_family or None,
+        "collection": collection or None,
+        "group": group or None,
+        "epochs": int(epochs),
+        "seeds": int(seeds),
+    }
+    description = f"{model} on {label}"
+    return jobs.start(
+        description, int(seeds), lambda progress: explorer.train(label, model, on_epoch=progress, **options)
+    )
+
+
+def training_result(job: TrainingJob) -> tuple[str, pd.DataFrame]:
+    """The Train tab's text (status, then the report) and its table of held-out scores next to the baselines."""
+    text = escape(job.status(), 600)
+    if job.report is None:
+        return text, pd.DataFrame([], columns=TRAIN_COLUMNS)
+    lines = [text, *(f"- {escape(line, 300)}" for line in job.report.lines())]
+    rows = [
+        [f"LoL model: {metric} (mean of seeds)", round(float(sum(v) / len(v)), 4)]
+        for metric, v in job.report.test.items()
+        if metric != "loss"
+    ]
+    rows += [[f"baseline: {name}", round(value, 4)] for name, value in job.report.baselines.items()]
+    return "\n\n".join(lines), pd.DataFrame(rows, columns=TRAIN_COLUMNS)

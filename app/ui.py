@@ -12,6 +12,7 @@ such events). Launch it with ``demo.launch(**app.web.launch_options(cap, ledger)
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import secrets
@@ -27,6 +28,7 @@ import pandas as pd
 
 from app import handlers
 from app.handlers import MODULE_COLUMNS, NEIGHBOUR_COLUMNS, PREDICTION_COLUMNS, Filters
+from app.training import TrainingJobs
 from app.uploads import UploadHold, UploadLedger, discard, held_root
 from app.web import PLOTLY_URL, max_upload_bytes
 from lol_engine import ReadLimits
@@ -83,23 +85,37 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     A :class:`~lol_engine.errors.LolError` (a bad file, a bad request, something not found, the store) is shown as it
     is, server paths cut. Anything else is the server's fault or a bug: it is logged with a short id, and the page
-    shows an internal error with that id (and, for an ``OSError``, its reason), never a traceback or a path.
+    shows an internal error with that id (and, for an ``OSError``, its reason), never a traceback or a path. A
+    generator (an event that streams progress) is guarded while it runs, not only when it is called.
     """
+
+    def shown(exc: Exception) -> gr.Error:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, LolError):
+            return gr.Error(handlers.public_message(exc), print_exception=False)
+        ref = secrets.token_hex(4)
+        _log.error("error %s in %s", ref, getattr(fn, "__name__", "an event"), exc_info=exc)
+        reason = f"{exc.strerror or type(exc).__name__}; " if isinstance(exc, OSError) else ""
+        return gr.Error(f"the server could not do this ({reason}internal error {ref})", print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def streaming(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise shown(exc) from None
+
+        return streaming
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except LolError as exc:
-            raise gr.Error(handlers.public_message(exc), print_exception=False) from None
         except Exception as exc:
-            ref = secrets.token_hex(4)
-            _log.exception("error %s in %s", ref, getattr(fn, "__name__", "an event"))
-            reason = f"{exc.strerror or type(exc).__name__}; " if isinstance(exc, OSError) else ""
-            message = f"the server could not do this ({reason}internal error {ref})"
-            raise gr.Error(message, print_exception=False) from None
+            raise shown(exc) from None
 
     return wrapper
 
@@ -410,6 +426,56 @@ def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
         )
 
 
+def _train_tab(explorer: Explorer, demo: gr.Blocks, jobs: TrainingJobs) -> None:
+    with gr.Tab("Train", id="train"):
+        gr.Markdown(
+            "Learn a label of this collection (from a labels table, the files' metadata or a zoo) with a LoL model: "
+            "the LoRAs with that label and the most common module layout, split by their `split` label, by a group "
+            "label (LoRAs of one group never straddle train and test) or by LoRA. The held-out scores stand next to "
+            "simple baselines on the same split; the predictor is calibrated and from then on predicts for uploads, "
+            "maps and exports. One training at a time, in the background."
+        )
+        with gr.Row():
+            label = gr.Dropdown(label="Label to learn", choices=[], elem_id="train-label")
+            family = gr.Dropdown(label="Base family (optional)", choices=[])
+            collection = gr.Dropdown(label="Collection (optional)", choices=[])
+            group = gr.Dropdown(label="Group label (optional)", choices=[])
+        with gr.Row():
+            model = gr.Dropdown(label="Model", choices=list(handlers.TRAIN_MODELS), value=handlers.TRAIN_MODELS[0])
+            epochs = gr.Slider(1, 200, value=30, step=1, label="Epochs", elem_id="train-epochs")
+            seeds = gr.Slider(1, 5, value=1, step=1, label="Seeds")
+            train = gr.Button("Train", variant="primary", elem_id="train-button")
+            cancel = gr.Button("Cancel")
+        status = gr.Markdown(elem_id="train-status")
+        scores = gr.Dataframe(headers=handlers.TRAIN_COLUMNS, interactive=False, label="Held-out scores")
+
+        def choices() -> tuple[Any, ...]:
+            options = handlers.train_options(explorer)
+            return (
+                gr.update(choices=options["labels"]),
+                gr.update(choices=["", *options["families"]]),
+                gr.update(choices=["", *options["collections"]]),
+                gr.update(choices=["", *options["labels"]]),
+            )
+
+        demo.load(choices, None, [label, family, collection, group], api_visibility="private")
+
+        @_guard
+        def on_train(*args: Any, progress: gr.Progress = gr.Progress()) -> Any:  # noqa: B008 (gradio's way)
+            job = handlers.start_training(explorer, jobs, *args)
+            for state in jobs.wait(job):
+                progress(state.fraction, desc=state.status())
+                yield handlers.training_result(state)
+
+        inputs = [label, model, family, collection, group, epochs, seeds]
+        train.click(on_train, inputs, [status, scores], api_name="train", concurrency_id="train", concurrency_limit=1)
+
+        def on_cancel() -> str:
+            return "Cancelling after this epoch…" if jobs.cancel() else "No training is running."
+
+        cancel.click(on_cancel, None, status, api_name="cancel_training")
+
+
 def _inspect_tab(limits: ReadLimits, ledger: UploadLedger) -> None:
     with gr.Tab("Inspect only", id="inspect"):
         gr.Markdown("Parse and describe a LoRA file without predictions or neighbours (the `lol inspect` report).")
@@ -433,7 +499,12 @@ def _inspect_tab(limits: ReadLimits, ledger: UploadLedger) -> None:
         )
 
 
-def build_demo(explorer: Explorer, max_upload: int | None = None, ledger: UploadLedger | None = None) -> gr.Blocks:
+def build_demo(
+    explorer: Explorer,
+    max_upload: int | None = None,
+    ledger: UploadLedger | None = None,
+    jobs: TrainingJobs | None = None,
+) -> gr.Blocks:
     """Build the app around an opened :class:`Explorer`; nothing is read until a page loads or an event runs.
 
     ``max_upload``: the per-file cap in bytes (default: ``LOL_MAX_UPLOAD``, see :mod:`app.web`), applied by the
@@ -455,6 +526,7 @@ def build_demo(explorer: Explorer, max_upload: int | None = None, ledger: Upload
             _explore_tab(explorer, demo)
             _collection_tab(explorer, demo, ledger)
             _compare_tab(explorer, demo)
+            _train_tab(explorer, demo, jobs or TrainingJobs())
             _inspect_tab(limits, ledger)
 
         def status() -> str:

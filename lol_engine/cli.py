@@ -288,62 +288,30 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_on_collection(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from lol_engine.explorer import Explorer
-    from lol_engine.train import TrainConfig, save_predictor
-    from lol_engine.train.calibrate import calibrate_folder
-    from lol_engine.train.collection import train_on_collection
 
     if not Path(args.db).is_file():
         print(f"error: {args.db}: no collection there", file=sys.stderr)
         return 2
     explorer = Explorer.open(args.db)
     try:
-        runs = []
-        for seed in range(args.seeds):
-            config = TrainConfig(epochs=args.epochs, seed=seed, fold_scale=not args.no_fold_scale)
-            runs.append(
-                train_on_collection(
-                    explorer,
-                    args.label,
-                    args.model,
-                    base_family=args.base_family,
-                    collection=args.collection,
-                    group=args.group,
-                    config=config,
-                )
-            )
-        model, task, result, data = min(runs, key=lambda r: r[2]["val"]["loss"])
-        provenance = result["provenance"]
-        split = provenance["split"]
-        sizes = ", ".join(f"{name} {split.get(name, 0)}" for name in ("train", "val", "test"))
-        print(f"{len(data.ids)} LoRAs ({provenance['base_family']}), split by {split['by']}: {sizes}")
-        for reason, n in data.left_out.items():
-            print(f"left out: {n} labelled LoRA(s), {reason}")
-        for name in runs[0][2]["test"]:
-            values = np.array([r[2]["test"][name] for r in runs])
-            print(f"test {name:10s} {values.mean():.4f} ± {values.std():.4f}  ({args.seeds} seeds)")
-        for name, value in result["baselines"].items():
-            print(f"baseline {name}: {value:.4f}")
-        out = Path(args.out) if args.out else explorer.predictors_dir / f"{args.label}-{args.model}"
-        extra = {
-            "zoo": None,
-            "result": {k: result[k] for k in ("val", "test")},
-            "baselines": result["baselines"],
-            "provenance": provenance,
-        }
-        save_predictor(out, model, task, args.model, not args.no_fold_scale, extra)
-        calibrate_folder(out, data.zoo)  # its own validation split; records the LoRAs it learned from
-        print(f"predictor: {out}")
-        if out.resolve().parent == explorer.predictors_dir.resolve():
-            explorer.register(out)
-            print("registered: the collection uses it for uploads, maps and exports")
+        report = explorer.train(
+            args.label,
+            args.model,
+            base_family=args.base_family,
+            collection=args.collection,
+            group=args.group,
+            epochs=args.epochs,
+            seeds=args.seeds,
+            fold_scale=not args.no_fold_scale,
+            out=args.out,
+        )
     except (LolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         explorer.close()
+    print("\n".join(report.lines()))
     return 0
 
 

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from lol_engine.settings import Settings
     from lol_engine.store import LoraStore, StoredLora
     from lol_engine.train.checkpoint import Predictor
+    from lol_engine.train.collection import TrainingReport
 
 __all__ = [
     "AddResult",
@@ -315,6 +316,14 @@ class Explorer:
         if fitting:
             self.fit_maps([encoder.name], progress=progress)
         return predictor
+
+    def train(self, label: str, model_name: str = "spectral_glnet", **options: Any) -> TrainingReport:
+        """Train a predictor of ``label`` on this collection and register it (see
+        :func:`lol_engine.train.collection.train_predictor` for the options: filters, group, epochs, seeds,
+        ``on_epoch`` progress and cancellation)."""
+        from lol_engine.train.collection import train_predictor
+
+        return train_predictor(self, label, model_name, **options)
 
     def fingerprints(self, ids: Sequence[str]) -> np.ndarray:
         """The stored fingerprints of ``ids``, one row each, in that order."""

@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,14 +29,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lol_engine.errors import BadRequestError, NotFoundError
-from lol_engine.train.loop import LoadedZoo, TrainConfig, train_on_zoo
+from lol_engine.train.loop import EpochCallback, LoadedZoo, TrainConfig, train_on_zoo
 from lol_engine.train.tasks import Task
 
 if TYPE_CHECKING:
     from lol_engine.explorer import Explorer
     from lol_engine.nn.models import LoLModel
 
-__all__ = ["CollectionData", "baselines", "collection_data", "train_on_collection"]
+__all__ = [
+    "CollectionData",
+    "TrainingReport",
+    "baselines",
+    "collection_data",
+    "train_on_collection",
+    "train_predictor",
+]
 
 SHARES = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 MIN_PER_SPLIT = 2
@@ -168,12 +176,13 @@ def train_on_collection(
     group: str | None = None,
     seed: int = 0,
     config: TrainConfig | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[LoLModel, Task, dict[str, Any], CollectionData]:
     """Train ``model_name`` on ``label`` of the stored collection; returns the model, its task, the result (``val``,
     ``test``, ``baselines``, ``provenance``) and the data it was trained on."""
     data = collection_data(explorer, label, base_family=base_family, collection=collection, group=group, seed=seed)
     config = config or TrainConfig(seed=seed)
-    model, task, result = train_on_zoo(data.zoo, label, model_name, config=config)
+    model, task, result = train_on_zoo(data.zoo, label, model_name, config=config, on_epoch=on_epoch)
     if data.class_names is not None:
         task = replace(task, names=data.class_names)
     fingerprints = explorer.fingerprints(data.ids)
@@ -189,6 +198,104 @@ def train_on_collection(
         "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     return model, task, result, data
+
+
+@dataclass
+class TrainingReport:
+    """What :func:`train_predictor` did: the predictor's name and folder, the data, per-seed test metrics, the
+    baselines on the same split, and whether the collection now uses it."""
+
+    name: str
+    folder: Path
+    n: int
+    base_family: str
+    split_by: str
+    sizes: dict[str, int]
+    left_out: dict[str, int]
+    test: dict[str, list[float]]  # metric -> one value per seed
+    baselines: dict[str, float]
+    registered: bool
+
+    def lines(self) -> list[str]:
+        """A plain-text report (the CLI prints it; the app shows it)."""
+        sizes = ", ".join(f"{name} {self.sizes.get(name, 0)}" for name, _ in SHARES)
+        out = [f"{self.n} LoRAs ({self.base_family}), split by {self.split_by}: {sizes}"]
+        out += [f"left out: {n} labelled LoRA(s), {reason}" for reason, n in self.left_out.items()]
+        for metric, values in self.test.items():
+            out.append(f"test {metric:10s} {np.mean(values):.4f} ± {np.std(values):.4f}  ({len(values)} seeds)")
+        out += [f"baseline {name}: {value:.4f}" for name, value in self.baselines.items()]
+        out.append(f"predictor: {self.folder}")
+        if self.registered:
+            out.append(f"registered as {self.name}: the collection uses it for uploads, maps and exports")
+        return out
+
+
+def train_predictor(
+    explorer: Explorer,
+    label: str,
+    model_name: str = "spectral_glnet",
+    *,
+    base_family: str | None = None,
+    collection: str | None = None,
+    group: str | None = None,
+    epochs: int = 30,
+    seeds: int = 1,
+    fold_scale: bool = True,
+    out: str | Path | None = None,
+    on_epoch: Callable[[int, int, int, float], bool] | None = None,
+) -> TrainingReport:
+    """Train ``seeds`` runs, keep the best on validation, save it (default: the collection's predictors folder, as
+    ``<label>-<model>``), calibrate it on its validation split and, when it lies in that folder, register it.
+
+    ``on_epoch(seed, epoch, epochs, val_loss)`` reports progress; returning False cancels (nothing is saved).
+    """
+    from lol_engine.train.calibrate import calibrate_folder
+    from lol_engine.train.checkpoint import save_predictor
+
+    if seeds < 1 or epochs < 1:
+        raise BadRequestError("seeds and epochs must be at least 1")
+    runs = []
+    for seed in range(seeds):
+        config = TrainConfig(epochs=epochs, seed=seed, fold_scale=fold_scale)
+        progress = None if on_epoch is None else (lambda e, n, loss, s=seed: on_epoch(s, e, n, loss))
+        runs.append(
+            train_on_collection(
+                explorer,
+                label,
+                model_name,
+                base_family=base_family,
+                collection=collection,
+                group=group,
+                config=config,
+                on_epoch=progress,
+            )
+        )
+    model, task, result, data = min(runs, key=lambda r: r[2]["val"]["loss"])
+    folder = Path(out) if out is not None else explorer.predictors_dir / f"{label}-{model_name}"
+    extra = {
+        "zoo": None,
+        "result": {k: result[k] for k in ("val", "test")},
+        "baselines": result["baselines"],
+        "provenance": result["provenance"],
+    }
+    save_predictor(folder, model, task, model_name, fold_scale, extra)
+    calibrate_folder(folder, data.zoo)  # its own validation split; records the LoRAs it learned from
+    registered = folder.resolve().parent == explorer.predictors_dir.resolve()
+    if registered:
+        explorer.register(folder)
+    split = result["provenance"]["split"]
+    return TrainingReport(
+        folder.name,
+        folder,
+        len(data.ids),
+        result["provenance"]["base_family"],
+        data.split_by,
+        {name: int(split.get(name, 0)) for name, _ in SHARES},
+        data.left_out,
+        {metric: [r[2]["test"][metric] for r in runs] for metric in runs[0][2]["test"]},
+        result["baselines"],
+        registered,
+    )
 
 
 def _only(explorer: Explorer, ids: list[str]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,23 @@ from lol_engine.nn.batch import LoraBatch
 from lol_engine.nn.models import LoLModel, ModelConfig, build_model
 from lol_engine.train.tasks import Task, infer_task, metrics, targets
 
-__all__ = ["LoadedZoo", "Split", "TrainConfig", "evaluate", "fit", "load_zoo", "train_on_zoo"]
+__all__ = [
+    "EpochCallback",
+    "LoadedZoo",
+    "Split",
+    "TrainConfig",
+    "TrainingCancelledError",
+    "evaluate",
+    "fit",
+    "load_zoo",
+    "train_on_zoo",
+]
+
+EpochCallback = Callable[[int, int, float], bool]  # (epoch, epochs, validation loss) -> go on?
+
+
+class TrainingCancelledError(BadRequestError):
+    """Training was stopped on request (the epoch callback said stop); nothing was saved."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +107,14 @@ def evaluate(model: LoLModel, task: Task, data: Split, chunk: int = 256) -> dict
     return metrics(task, logits, data.y, data.mask)
 
 
-def fit(model: LoLModel, task: Task, train: Split, val: Split, config: TrainConfig) -> dict[str, Any]:
-    """AdamW on the training split; keeps the weights of the epoch with the lowest validation loss."""
+def fit(
+    model: LoLModel, task: Task, train: Split, val: Split, config: TrainConfig, on_epoch: EpochCallback | None = None
+) -> dict[str, Any]:
+    """AdamW on the training split; keeps the weights of the epoch with the lowest validation loss.
+
+    ``on_epoch(epoch, epochs, val_loss)`` is called after every epoch (progress); when it returns False, training
+    stops with :class:`TrainingCancelledError`.
+    """
     gen = torch.Generator().manual_seed(config.seed)
     model.prepare(train.batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -109,6 +131,8 @@ def fit(model: LoLModel, task: Task, train: Split, val: Split, config: TrainConf
         history.append(val_loss)
         if val_loss < best[0]:
             best = (val_loss, copy.deepcopy(model.state_dict()), epoch)
+        if on_epoch is not None and not on_epoch(epoch + 1, config.epochs, val_loss):
+            raise TrainingCancelledError(f"training stopped on request after epoch {epoch + 1} of {config.epochs}")
     model.load_state_dict(best[1])
     return {"best_epoch": best[2], "val_loss_history": history}
 
@@ -119,6 +143,7 @@ def train_on_zoo(
     model_name: str,
     model_config: ModelConfig | None = None,
     config: TrainConfig | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[LoLModel, Task, dict[str, Any]]:
     """Train one model on one label; return it, its task and ``{"val": …, "test": …, "fit": …, "seconds": …}``."""
     config = config or TrainConfig()
@@ -134,7 +159,7 @@ def train_on_zoo(
     torch.manual_seed(config.seed)
     model = build_model(model_name, spec, task.out_dim, model_config)
     start = time.perf_counter()
-    info = fit(model, task, train, val, config)
+    info = fit(model, task, train, val, config, on_epoch)
     seconds = time.perf_counter() - start
     return (
         model,
