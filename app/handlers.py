@@ -712,7 +712,7 @@ def training_result(job: TrainingJob) -> tuple[str, pd.DataFrame]:
     text = escape(job.status(), 600)
     if job.report is None:
         return text, pd.DataFrame([], columns=TRAIN_COLUMNS)
-    lines = [text, *(f"- {escape(line, 300)}" for line in job.report.lines())]
+    lines = [text, *(f"- {escape(line, 300)}" for line in job.report.lines(folder=False))]
     rows = [
         [f"LoL model: {metric} (mean of seeds)", round(float(sum(v) / len(v)), 4)]
         for metric, v in job.report.test.items()

@@ -441,7 +441,12 @@ def _train_tab(explorer: Explorer, demo: gr.Blocks, jobs: TrainingJobs) -> None:
             collection = gr.Dropdown(label="Collection (optional)", choices=[])
             group = gr.Dropdown(label="Group label (optional)", choices=[])
         with gr.Row():
-            model = gr.Dropdown(label="Model", choices=list(handlers.TRAIN_MODELS), value=handlers.TRAIN_MODELS[0])
+            model = gr.Dropdown(
+                label="Model",
+                choices=list(handlers.TRAIN_MODELS),
+                value=handlers.TRAIN_MODELS[0],
+                elem_id="train-model",
+            )
             epochs = gr.Slider(1, 200, value=30, step=1, label="Epochs", elem_id="train-epochs")
             seeds = gr.Slider(1, 5, value=1, step=1, label="Seeds")
             train = gr.Button("Train", variant="primary", elem_id="train-button")

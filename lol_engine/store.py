@@ -515,7 +515,8 @@ class LoraStore:
         with self._cursor() as cur:
             rows = cur.execute(
                 "SELECT e.lora_id, list_cosine_similarity(e.v, ?::FLOAT[]) AS s FROM embeddings e "
-                "JOIN loras l ON l.id = e.lora_id WHERE e.encoder = ? AND e.dim = ? AND e.lora_id IS DISTINCT FROM ? "
+                "LEFT JOIN loras l ON l.id = e.lora_id "
+                "WHERE e.encoder = ? AND e.dim = ? AND e.lora_id IS DISTINCT FROM ? "
                 "AND (? IS NULL OR l.base_family = ?) ORDER BY s DESC, e.lora_id LIMIT ?",
                 [v, encoder, len(v), exclude, base_family, base_family, k],
             ).fetchall()

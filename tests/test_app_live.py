@@ -89,7 +89,9 @@ def client(app_url: str) -> Iterator[Client]:
 
 def test_api_lists_every_action(client: Client) -> None:
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/analyse", "/add", "/card", "/compare", "/collection", "/inspect", "/status"} <= set(endpoints)
+    assert {"/analyse", "/add", "/card", "/compare", "/collection", "/inspect", "/status", "/labels", "/train"} <= set(
+        endpoints
+    )
 
 
 def test_api_upload_predict_and_neighbours(client: Client) -> None:
@@ -317,5 +319,46 @@ def test_browser_upload_predict_map_click_and_lasso(app_url: str, tmp_path: Path
         page.mouse.up()
         page.wait_for_function("document.querySelectorAll('#map-selection tbody tr').length > 0", timeout=30_000)
         page.screenshot(path=str(shots / "explore.png"), full_page=True)
+        browser.close()
+    assert not errors, errors
+
+
+def test_browser_trains_a_predictor_and_the_next_upload_uses_it(app_url: str, tmp_path: Path) -> None:
+    """The Train tab: pick a label and a model, train (progress, then scores beside the baselines), and the next
+    upload's predictions include the new predictor."""
+    sync_playwright = _sync_playwright()
+    shots = Path(os.environ.get("LOL_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(app_url)
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-label input").click()
+        page.keyboard.type("acc_own")
+        page.get_by_role("option", name="acc_own", exact=True).click()
+        page.locator("#train-model input").click()
+        page.get_by_role("option", name="svd", exact=True).click()
+        epochs = page.locator("#train-epochs input[type=number]")
+        epochs.fill("3")
+        epochs.press("Enter")
+        page.click("#train-button")
+        page.wait_for_function(
+            "document.querySelector('#train-status')?.innerText.includes('registered as')", timeout=180_000
+        )
+        assert "baseline" in page.inner_text("#train-status")
+        page.screenshot(path=str(shots / "train.png"), full_page=True)
+
+        page.get_by_role("tab", name="Upload & predict").click()
+        page.set_input_files("#upload-files input[type=file]", str(DIGITS[230] / "adapter_model.safetensors"))
+        page.wait_for_selector("#upload-files .file-preview, #upload-files table", timeout=30_000)
+        page.click("#analyse-button")
+        page.wait_for_function(
+            "document.querySelector('#predictions')?.innerText.includes('acc_own-svd')", timeout=60_000
+        )
         browser.close()
     assert not errors, errors

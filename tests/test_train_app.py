@@ -33,6 +33,7 @@ def test_train_in_the_background_and_use_it_for_the_next_upload(explorer: Explor
     assert seen[-1] == (4, 1.0) and all(0.0 <= f <= 1.0 for _, f in seen)
     text, table = handlers.training_result(job)
     assert "done in" in text and "registered as acc\\_own\\-svd" in text and "split by LoRA" in text
+    assert str(explorer.data_dir) not in text and "predictor:" not in text  # no server path in the page
     assert list(table["score"]) == [
         "LoL model: r2 (mean of seeds)",
         "LoL model: spearman (mean of seeds)",

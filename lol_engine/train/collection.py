@@ -216,15 +216,16 @@ class TrainingReport:
     baselines: dict[str, float]
     registered: bool
 
-    def lines(self) -> list[str]:
-        """A plain-text report (the CLI prints it; the app shows it)."""
+    def lines(self, folder: bool = True) -> list[str]:
+        """A plain-text report (the CLI prints it; the app shows it with ``folder=False``: no server path)."""
         sizes = ", ".join(f"{name} {self.sizes.get(name, 0)}" for name, _ in SHARES)
         out = [f"{self.n} LoRAs ({self.base_family}), split by {self.split_by}: {sizes}"]
         out += [f"left out: {n} labelled LoRA(s), {reason}" for reason, n in self.left_out.items()]
         for metric, values in self.test.items():
             out.append(f"test {metric:10s} {np.mean(values):.4f} ± {np.std(values):.4f}  ({len(values)} seeds)")
         out += [f"baseline {name}: {value:.4f}" for name, value in self.baselines.items()]
-        out.append(f"predictor: {self.folder}")
+        if folder:
+            out.append(f"predictor: {self.folder}")
         if self.registered:
             out.append(f"registered as {self.name}: the collection uses it for uploads, maps and exports")
         return out
