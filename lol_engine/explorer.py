@@ -303,7 +303,9 @@ class Explorer:
         with self._lock:
             self.predictors[predictor.name] = predictor
             self.encoders = [e for e in self.encoders if e.name != encoder.name] + [encoder]
-        fitting = [s for s in self._all() if encoder.accepts(self.weights(s.id))]
+        needed = {layer.name for layer in predictor.model.spec.layers}  # read only LoRAs that have its modules
+        candidates = [s for s in self._all() if needed <= {m["name"] for m in s.spec}]
+        fitting = [s for s in candidates if encoder.accepts(self.weights(s.id))]
         for start in range(0, len(fitting), 64):
             chunk = fitting[start : start + 64]
             loras = [self.weights(s.id) for s in chunk]
@@ -365,6 +367,10 @@ class Explorer:
     def labels(self, lora_id: str) -> dict[str, Any]:
         """The labels stored for a LoRA."""
         return self.store.labels(lora_id)
+
+    def all_labels(self) -> dict[str, dict[str, Any]]:
+        """``{lora id: {label: value}}`` of every labelled LoRA (one query)."""
+        return self.store.all_labels()
 
     def estimates(self, lora_id: str) -> dict[str, Estimate]:
         """The estimates stored for a LoRA, per predictor."""

@@ -83,7 +83,8 @@ def collection_data(
 ) -> CollectionData:
     """The labelled LoRAs to learn ``label`` from (see the module for the rules)."""
     records = explorer.records()
-    labels = {r["id"]: explorer.labels(r["id"]) for r in records}
+    stored = explorer.all_labels()
+    labels = {r["id"]: stored.get(r["id"], {}) for r in records}
     left: Counter[str] = Counter()
     chosen = []
     for r in records:
