@@ -90,7 +90,9 @@ VARIABLES: tuple[Variable, ...] = (
         "read",
     ),
     Variable(
-        "LOL_DEVICE", "`cuda` if available, else `cpu`", "where the LoL encoders run: `cpu`, `cuda`, `cuda:N` or `mps`"
+        "LOL_DEVICE",
+        "the accelerator torch sees (CUDA, MPS), else `cpu`",
+        "where the LoL encoders run: `cpu`, `cuda`, `cuda:N` or `mps`",
     ),
     Variable("GRADIO_SERVER_NAME", "`127.0.0.1`", "the address the app binds (`0.0.0.0`: every interface)"),
     Variable("GRADIO_SERVER_PORT", "first free from 7860", "the app's port"),
@@ -134,7 +136,7 @@ class Settings:
     """Every setting of the engine and the app; build it with :meth:`from_env` (or :func:`settings`)."""
 
     data_dir: Path  # LOL_DATA_DIR: holds lol.duckdb and uploads/
-    device: str | None = None  # LOL_DEVICE: cpu, cuda, cuda:N, mps; None = automatic (CUDA when available)
+    device: str | None = None  # LOL_DEVICE: cpu, cuda, cuda:N, mps; None = the accelerator torch sees, else cpu
     max_upload: int = 3 * 2**29  # LOL_MAX_UPLOAD, in bytes
     host: str = "127.0.0.1"  # GRADIO_SERVER_NAME
     port: int | None = None  # GRADIO_SERVER_PORT; None = the first free port from 7860
@@ -169,21 +171,22 @@ class Settings:
         return "data dir" if self.zoo_dir == self.data_dir / "zoo" else "checkout"
 
     def resolved_device(self) -> str:
-        """:attr:`device`, or ``cuda`` when torch sees a CUDA device, else ``cpu``; a device torch lacks is refused."""
+        """:attr:`device`, or the accelerator torch sees (``torch.accelerator``), else ``cpu``; a device torch lacks
+        is refused, naming how many of that kind it sees."""
         import torch
 
+        accelerator = torch.accelerator.current_accelerator()
         if self.device is None:
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda"):
-            index = int(self.device.partition(":")[2] or 0)
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if index >= count:
-                raise BadRequestError(
-                    f"LOL_DEVICE={self.device!r}: torch sees {count} CUDA device(s) here; use cpu, "
-                    "or leave LOL_DEVICE unset to pick CUDA only when it is available"
-                )
-        if self.device == "mps" and not torch.backends.mps.is_available():
-            raise BadRequestError("LOL_DEVICE='mps': torch has no MPS device here; use cpu, or leave LOL_DEVICE unset")
+            return accelerator.type if accelerator is not None else "cpu"
+        wanted = torch.device(self.device)
+        if wanted.type == "cpu":
+            return self.device
+        count = torch.accelerator.device_count() if accelerator is not None and accelerator.type == wanted.type else 0
+        if (wanted.index or 0) >= count:
+            raise BadRequestError(
+                f"LOL_DEVICE={self.device!r}: torch sees {count} {wanted.type.upper()} device(s) here; use cpu, or "
+                "leave LOL_DEVICE unset to use an accelerator only when there is one"
+            )
         return self.device
 
     @classmethod
@@ -296,7 +299,7 @@ def _device(name: str, text: str) -> str | None:
     if not _DEVICE.match(text.lower()):
         raise BadRequestError(
             f"{name}={text!r} is not a device: use cpu, cuda, cuda:N (N = 0, 1, …) or mps, or "
-            "leave it unset (CUDA when available, else CPU)"
+            "leave it unset (the accelerator torch sees, else CPU)"
         )
     return text.lower()
 
