@@ -8,6 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ZOOS = Path(__file__).resolve().parent.parent / "data" / "zoo"
+SHIPPED = {  # the predictors shipped inside the package
+    "digits-acc_own",
+    "digits-classes",
+    "digits-n_classes",
+    "digits-probe_member",
+    "fashion-gen-bold",
+    "fashion-gen-class",
+    "fashion-gen-quality",
+}
 
 
 def mini_zoo(out: Path, zoo: str, n: int) -> Path:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from collection import SHIPPED
 from lora_files import factors, kohya, pair, save, write_config
 
 from lol_engine.cli import main
@@ -166,15 +167,6 @@ def test_console_script_runs(kohya_file: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ lol info
-SHIPPED = {
-    "digits-acc_own",
-    "digits-classes",
-    "digits-n_classes",
-    "digits-probe_member",
-    "fashion-gen-bold",
-    "fashion-gen-class",
-    "fashion-gen-quality",
-}
 
 
 def test_info_reports_settings_data_and_versions(

@@ -11,18 +11,11 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+from collection import SHIPPED
+
 import lol_engine
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = {
-    "digits-acc_own",
-    "digits-classes",
-    "digits-n_classes",
-    "digits-probe_member",
-    "fashion-gen-bold",
-    "fashion-gen-class",
-    "fashion-gen-quality",
-}
 
 
 def test_import_is_light() -> None:

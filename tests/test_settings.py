@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from collection import SHIPPED
 
 from lol_engine import settings as settings_module
 from lol_engine.errors import BadRequestError
@@ -20,15 +21,6 @@ from lol_engine.settings import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = {
-    "digits-acc_own",
-    "digits-classes",
-    "digits-n_classes",
-    "digits-probe_member",
-    "fashion-gen-bold",
-    "fashion-gen-class",
-    "fashion-gen-quality",
-}
 
 
 def test_defaults() -> None:
