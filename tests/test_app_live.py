@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -260,18 +261,32 @@ def _sync_playwright() -> Any:
     return sync_playwright
 
 
-def test_browser_upload_predict_map_click_and_lasso(app_url: str, tmp_path: Path) -> None:
+@contextmanager
+def _page(app_url: str) -> Iterator[Any]:
+    """A headless Chromium page on the app; no script error may happen on it."""
     sync_playwright = _sync_playwright()
-    shots = Path(os.environ.get("LOL_SCREENSHOT_DIR", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(app_url)
+        yield page
+        browser.close()
+    assert not errors, errors
+
+
+def _screenshots(tmp_path: Path) -> Path:
+    shots = Path(os.environ.get("LOL_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
+def test_browser_upload_predict_map_click_and_lasso(app_url: str, tmp_path: Path) -> None:
+    shots = _screenshots(tmp_path)
+    with _page(app_url) as page:
         page.wait_for_selector("#upload-files", timeout=60_000)
 
         # upload & predict
@@ -319,24 +334,13 @@ def test_browser_upload_predict_map_click_and_lasso(app_url: str, tmp_path: Path
         page.mouse.up()
         page.wait_for_function("document.querySelectorAll('#map-selection tbody tr').length > 0", timeout=30_000)
         page.screenshot(path=str(shots / "explore.png"), full_page=True)
-        browser.close()
-    assert not errors, errors
 
 
 def test_browser_trains_a_predictor_and_the_next_upload_uses_it(app_url: str, tmp_path: Path) -> None:
     """The Train tab: pick a label and a model, train (progress, then scores beside the baselines), and the next
     upload's predictions include the new predictor."""
-    sync_playwright = _sync_playwright()
-    shots = Path(os.environ.get("LOL_SCREENSHOT_DIR", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(app_url)
+    shots = _screenshots(tmp_path)
+    with _page(app_url) as page:
         page.get_by_role("tab", name="Train").click()
         page.locator("#train-label input").click()
         page.keyboard.type("acc_own")
@@ -360,5 +364,3 @@ def test_browser_trains_a_predictor_and_the_next_upload_uses_it(app_url: str, tm
         page.wait_for_function(
             "document.querySelector('#predictions')?.innerText.includes('acc_own-svd')", timeout=60_000
         )
-        browser.close()
-    assert not errors, errors
