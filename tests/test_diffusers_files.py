@@ -7,6 +7,7 @@ its "new diffusers" conversion); every reading must give the same canonical modu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,10 +25,9 @@ from lol_engine import load_lora  # noqa: E402
 RANK, ALPHA = 2, 6
 
 
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    model = diffusers.UNet2DConditionModel(
+def _tiny_unet() -> Any:
+    """A tiny SD-style UNet from a config (cross-attention width 12), built with the current torch seed."""
+    return diffusers.UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -39,6 +39,12 @@ def unet():
         attention_head_dim=2,
         norm_num_groups=4,
     )
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = _tiny_unet()
     targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False)
     model.add_adapter(config)
@@ -104,18 +110,7 @@ def pipeline_parts():
     build them (``add_adapter``), and peft's own ΔW of every module (``get_delta_weight``, scaling included)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(1)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
+    unet = _tiny_unet()
     unet_config = peft.LoraConfig(
         r=UNET_R, lora_alpha=UNET_ALPHA, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
     )
