@@ -659,7 +659,7 @@ def compare_loras(explorer: Explorer, first: str, second: str) -> tuple[str, go.
 
 
 # ---------------------------------------------------------------------------------------------------- training
-TRAIN_MODELS = ("spectral_glnet", "gl_net", "svd", "o_align", "mlp", "transformer")
+TRAIN_MODELS = ("spectral_glnet", "module_tokens", "gl_net", "svd", "o_align", "mlp", "transformer")
 TRAIN_COLUMNS = ["score", "held-out (test) value"]
 
 

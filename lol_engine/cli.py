@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model",
         default="spectral_glnet",
-        help="mlp, o_align, svd, dense, gl_net, transformer, spectral_glnet (default)",
+        help="mlp, o_align, svd, dense, gl_net, transformer, spectral_glnet (default), module_tokens (any module set)",
     )
     train.add_argument("--base-family", default=None, help="--db: only LoRAs of this base family (e.g. sd1)")
     train.add_argument("--collection", default=None, help="--db: only LoRAs of this collection (a zoo, or uploads)")

@@ -304,7 +304,8 @@ class Explorer:
             self.predictors[predictor.name] = predictor
             self.encoders = [e for e in self.encoders if e.name != encoder.name] + [encoder]
         needed = {layer.name for layer in predictor.model.spec.layers}  # read only LoRAs that have its modules
-        candidates = [s for s in self._all() if needed <= {m["name"] for m in s.spec}]
+        subsets = predictor.model.accepts_subsets  # module_tokens reads any subset: its fits() decides
+        candidates = [s for s in self._all() if subsets or needed <= {m["name"] for m in s.spec}]
         fitting = [s for s in candidates if encoder.accepts(self.weights(s.id))]
         for start in range(0, len(fitting), 64):
             chunk = fitting[start : start + 64]

@@ -35,6 +35,23 @@ def test_pickle_renamed_to_safetensors_is_refused_unopened(tmp_path: Path) -> No
     assert not marker.exists()
 
 
+def test_a_safetensors_header_that_starts_like_a_pickle_is_read(tmp_path: Path) -> None:
+    """A header of 640 bytes begins with 0x80 0x02, a pickle's first two bytes: the JSON after it says safetensors."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "lora.safetensors"
+    tensors = {
+        "base_model.model.q.lora_A.weight": torch.ones(2, 3),
+        "base_model.model.q.lora_B.weight": torch.ones(4, 2),
+    }
+    for pad in range(600):
+        save_file(tensors, str(path), metadata={"note": "x" * pad})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    assert path.read_bytes()[:8] == (640).to_bytes(8, "little")
+    assert load_lora(path).spec.names == ("q",)
+
+
 def test_torch_zip_checkpoint_renamed_is_refused(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:

@@ -39,6 +39,19 @@ def test_bench_models_smoke(tmp_path) -> None:
     assert (tmp_path / "ship" / "fashion-gen-quality" / "config.json").exists()
 
 
+def test_bench_module_tokens_smoke(tmp_path: Path) -> None:
+    """The comparison runs at toy size and writes its own section, keeping the rest of the results file."""
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_module_tokens.py"))
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nother sections\n")
+    for _ in range(2):  # the second run replaces the section instead of appending another
+        module["main"](["--tiny", "--results", str(results)])
+    text = results.read_text()
+    assert text.startswith("# Results\n\nother sections\n") and text.count("## module_tokens against") == 1
+    for line in ("| digits · `acc_own` (r2) |", "| fashion-gen · `class` (accuracy) |", "Mixed module layouts"):
+        assert line in text
+
+
 @pytest.mark.slow
 def test_bench_app_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gradio")

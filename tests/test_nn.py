@@ -123,7 +123,7 @@ def _same_update_other_rank(lora: LoraWeights, alpha: float) -> tuple[LoraWeight
     return lora.map_modules(lambda m: at_rank(m, 1)), lora.map_modules(lambda m: at_rank(m, 2))
 
 
-@pytest.mark.parametrize("name", ["gl_net", "spectral_glnet", "dense", "svd"])
+@pytest.mark.parametrize("name", ["gl_net", "spectral_glnet", "dense", "svd", "module_tokens"])
 def test_folding_the_scale_makes_rank_changes_invisible(name: str, gen: torch.Generator) -> None:
     """With the scale folded, the same ΔW at rank 3 and 6 gives the same output; raw factors (paper code) do not."""
     model = _model(name, gen)

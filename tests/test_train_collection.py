@@ -109,3 +109,48 @@ def test_groups_never_straddle_splits_and_misses_are_refused(user: tuple[Path, l
             collection_data(explorer, "acc_own")  # one group: everything lands in one split
     finally:
         explorer.close()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 digits LoRAs of three module layouts (fc1 + fc2, fc1 only, fc2 only) with a CSV of labels, ingested."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("mixed")
+    rows = pq.read_table(ZOO / "manifest.parquet").slice(0, 60).to_pylist()
+    with (root / "labels.csv").open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["name", "acc_own", "split"])
+        for k, row in enumerate(rows):
+            folder = root / "loras" / f"run-{k:02d}"
+            shutil.copytree(ZOO / row["path"], folder)
+            drop = ("fc2", "fc1", None)[k % 3]
+            if drop is not None:  # the same file without one module's factors (metadata kept)
+                path = folder / "adapter_model.safetensors"
+                with safe_open(str(path), "pt") as fh_in:
+                    meta, keys = fh_in.metadata(), fh_in.keys()  # safe_open is not iterable
+                    tensors = {key: fh_in.get_tensor(key) for key in keys if f".{drop}." not in key}
+                save_file(tensors, str(path), metadata=meta)
+            out.writerow([folder.name, row["y_acc_own"], (("train",) * 8 + ("val", "test"))[k % 10]])
+    db = root / "data" / "lol.duckdb"
+    assert main(["ingest", str(root / "loras"), "--db", str(db), "--labels", str(root / "labels.csv")]) == 0
+    return db
+
+
+def test_module_tokens_learns_from_every_layout(mixed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    args = ["train", "--db", str(mixed), "--label", "acc_own", "--model", "module_tokens", "--seeds", "1"]
+    assert main([*args, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "60 LoRAs (digits-mlp), split by the collection's split label: train 48, val 6, test 6" in out
+    assert "left out" not in out and "registered as acc_own-module_tokens" in out
+    config = json.loads((mixed.parent / "predictors" / "acc_own-module_tokens" / "config.json").read_text())
+    assert config["vocabulary"]["roles"] == ["fc1", "fc2"] and config["provenance"]["left_out"] == {}
+    explorer = Explorer.open(mixed)
+    try:
+        assert all("pred:acc_own-module_tokens" in r for r in explorer.records())  # fc1 only, fc2 only, both
+        fixed = collection_data(explorer, "acc_own")  # a fixed-layout model still gets one layout, and says so
+        assert len(fixed.ids) == 20 and fixed.left_out == {"another module layout": 40}
+    finally:
+        explorer.close()

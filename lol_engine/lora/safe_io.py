@@ -200,8 +200,11 @@ def refuse_non_safetensors(path: Path) -> None:
             "convert the adapter to .safetensors with a trusted tool"
         )
     with path.open("rb") as fh:
-        head = fh.read(8)
-    if head.startswith(_PICKLE_MAGIC):
+        head = fh.read(9)
+    # A safetensors header length of 640, 896, 1152 or 1408 bytes starts with the same two bytes as a pickle; its
+    # JSON header (ninth byte "{") tells it apart.
+    looks_safetensors = head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    if head.startswith(_PICKLE_MAGIC) and not looks_safetensors:
         raise LoraFormatError(f"{where}: this is a Python pickle, not a safetensors file; it was not unpickled")
     if head.startswith(_ZIP_MAGIC):
         raise LoraFormatError(f"{where}: this is a zip archive (torch.save checkpoint?), not a safetensors file")

@@ -1,4 +1,6 @@
-"""A batch of LoRAs with one spec, as per-module stacked factors: the input of every LoL model.
+"""Batches of LoRAs as per-module stacked factors, the input of the LoL models: :class:`LoraBatch` (one spec, every
+LoRA has the same modules) and :class:`ModuleSetBatch` (LoRAs of one base with different module sets and ranks, for
+the models that read one token per module).
 
 **Scale choice (documented once, here).** By default the scale is *folded* into the factors at batching time,
 ``A ← sign(s)·√|s|·A``, ``B ← √|s|·B`` (:meth:`LoraWeights.fold_scale`), so every model sees the true update
@@ -14,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.functional import pad as nn_pad
 
 from lol_engine.errors import BadRequestError
 from lol_engine.lora.weights import LoraWeights
-from lol_engine.spec import LayerSpec, LoraSpec
+from lol_engine.spec import LayerSpec, LoraSpec, natural_key
 
-__all__ = ["LoraBatch", "SpecMismatchError", "check_compatible"]
+__all__ = ["LoraBatch", "ModuleSetBatch", "SpecMismatchError", "check_compatible"]
 
 
 class SpecMismatchError(BadRequestError):
@@ -108,6 +111,112 @@ class LoraBatch:
         """``Tensor.to`` on every tensor (device and dtype follow what you pass)."""
         move = lambda t: t.to(*args, **kwargs)  # noqa: E731
         return LoraBatch(self.spec, tuple(map(move, self.a)), tuple(map(move, self.b)), move(self.scale), self.folded)
+
+    def scaled(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Factors whose product is the true ΔW (folds the scale now if the batch was built without folding)."""
+        if self.folded:
+            return self.a, self.b
+        return tuple(a * self.scale[:, i, None, None] for i, a in enumerate(self.a)), self.b
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleSetBatch:
+    """LoRAs with different module sets and ranks: the union of their modules (natural order of names), every
+    module's factors zero-padded in rank to the batch's largest rank ``r``, and which LoRA has which module.
+
+    ``a[m]: (N, r, d_in_m)``, ``b[m]: (N, d_out_m, r)``, ``present: (N, M)`` bool, ``scale: (N, M)`` (ones when
+    folded). A LoRA without module ``m`` has zero factors there and ``present[n, m]`` False. Zero-padding the rank
+    keeps ΔW: the padded rows of A and columns of B add nothing to ``B A``. ``spec`` holds the union with rank ``r``.
+
+    >>> from lol_engine.testing import random_lora
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> x = random_lora(LoraSpec((LayerSpec("q", 6, 5, 2),)), generator=gen)
+    >>> y = random_lora(LoraSpec((LayerSpec("v", 6, 5, 3),)), generator=gen)
+    >>> batch = ModuleSetBatch.from_loras([x, y])
+    >>> batch.spec.names, batch.present.tolist(), tuple(batch.a[0].shape)
+    (('q', 'v'), [[True, False], [False, True]], (2, 3, 5))
+    """
+
+    spec: LoraSpec
+    a: tuple[Tensor, ...]
+    b: tuple[Tensor, ...]
+    present: Tensor
+    scale: Tensor
+    folded: bool
+
+    @classmethod
+    def from_loras(
+        cls, loras: Sequence[LoraWeights], *, fold_scale: bool = True, dtype: torch.dtype = torch.float32
+    ) -> ModuleSetBatch:
+        """Stack LoRAs whose modules may differ; a module must have one shape in every LoRA that has it."""
+        if not loras:
+            raise ValueError("an empty batch")
+        shapes: dict[str, LayerSpec] = {}
+        for lora in loras:
+            for layer in lora.spec.layers:
+                known = shapes.setdefault(layer.name, layer)
+                if (known.d_out, known.d_in) != (layer.d_out, layer.d_in):
+                    raise SpecMismatchError(
+                        f"module {layer.name} is {known.d_out}×{known.d_in} in one LoRA and "
+                        f"{layer.d_out}×{layer.d_in} in another: not LoRAs of one base"
+                    )
+        names = sorted(shapes, key=natural_key)
+        rank = max(layer.rank for lora in loras for layer in lora.spec.layers)
+        loras = [lora.fold_scale() if fold_scale else lora for lora in loras]
+        like = loras[0].modules[0].a
+        n, column = len(loras), {name: j for j, name in enumerate(names)}
+        a = [torch.zeros(n, rank, shapes[m].d_in, dtype=dtype, device=like.device) for m in names]
+        b = [torch.zeros(n, shapes[m].d_out, rank, dtype=dtype, device=like.device) for m in names]
+        present = torch.zeros(n, len(names), dtype=torch.bool, device=like.device)
+        scale = torch.ones(n, len(names), dtype=dtype, device=like.device)
+        for i, lora in enumerate(loras):
+            for module in lora:
+                j, r = column[module.name], module.spec.rank
+                a[j][i, :r] = module.a.to(dtype)
+                b[j][i, :, :r] = module.b.to(dtype)
+                present[i, j] = True
+                scale[i, j] = module.scale
+        layers = tuple(
+            LayerSpec(m, shapes[m].d_out, shapes[m].d_in, rank, shapes[m].kind, shapes[m].orig_shape) for m in names
+        )
+        return cls(LoraSpec(layers), tuple(a), tuple(b), present, scale, fold_scale)
+
+    @classmethod
+    def from_lora_batch(cls, batch: LoraBatch) -> ModuleSetBatch:
+        """The same LoRAs, every module present, factors zero-padded to the largest rank."""
+        rank = max(batch.spec.ranks)
+        a = tuple(nn_pad(t, (0, 0, 0, rank - t.shape[1])) for t in batch.a)  # (N, r, d_in)
+        b = tuple(nn_pad(t, (0, rank - t.shape[2])) for t in batch.b)  # (N, d_out, r)
+        layers = tuple(LayerSpec(s.name, s.d_out, s.d_in, rank, s.kind, s.orig_shape) for s in batch.spec.layers)
+        present = torch.ones(batch.scale.shape, dtype=torch.bool, device=batch.scale.device)
+        return cls(LoraSpec(layers), a, b, present, batch.scale, batch.folded)
+
+    def __len__(self) -> int:
+        return self.present.shape[0]
+
+    def index(self, idx: Tensor | slice) -> ModuleSetBatch:
+        """A sub-batch (it keeps every module of the union; some may be absent from all of its LoRAs)."""
+        return ModuleSetBatch(
+            self.spec,
+            tuple(t[idx] for t in self.a),
+            tuple(t[idx] for t in self.b),
+            self.present[idx],
+            self.scale[idx],
+            self.folded,
+        )
+
+    def to(self, *args: object, **kwargs: object) -> ModuleSetBatch:
+        """``Tensor.to`` on every float tensor (device and dtype follow what you pass; ``present`` stays bool)."""
+        move = lambda t: t.to(*args, **kwargs)  # noqa: E731
+        device = move(self.scale).device
+        return ModuleSetBatch(
+            self.spec,
+            tuple(map(move, self.a)),
+            tuple(map(move, self.b)),
+            self.present.to(device),
+            move(self.scale),
+            self.folded,
+        )
 
     def scaled(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """Factors whose product is the true ΔW (folds the scale now if the batch was built without folding)."""

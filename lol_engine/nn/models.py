@@ -1,7 +1,10 @@
-"""The LoL models: the paper's five, a canonicalized Transformer, and ``spectral_glnet`` (ours).
+"""The LoL models: the paper's five, a canonicalized Transformer, and ``spectral_glnet`` (ours); ``module_tokens``
+(ours, :mod:`lol_engine.nn.module_tokens`) registers itself beside them.
 
-Every model maps a :class:`LoraBatch` to ``(N, out_dim)``. Invariance (tests/test_nn.py): ``mlp`` none; ``o_align``
-O(r) only; ``svd``, ``dense``, ``gl_net``, ``transformer`` and ``spectral_glnet`` GL(r).
+Every model maps a :class:`LoraBatch` to ``(N, out_dim)``; those with ``accepts_subsets`` also read a
+:class:`~lol_engine.nn.batch.ModuleSetBatch` (LoRAs with different module sets). Invariance (tests/test_nn.py):
+``mlp`` none; ``o_align`` O(r) only; ``svd``, ``dense``, ``gl_net``, ``transformer``, ``spectral_glnet`` and
+``module_tokens`` GL(r).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class ModelConfig:
     blocks: int = field(default=1, metadata={"help": "Transformer blocks"})
     dropout: float = field(default=0.1, metadata={"help": "dropout in heads and Transformers"})
     max_dense_features: int = field(default=2_000_000, metadata={"help": "MLP+Dense refuses larger ΔW inputs"})
+    spectrum: int = field(default=8, metadata={"help": "singular values per module token (module_tokens)"})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for ``config.json``."""
@@ -51,6 +55,7 @@ class LoLModel(nn.Module):
     name: ClassVar[str]
     invariance: ClassVar[str]  # "none" | "O(r)" | "GL(r)"
     rank_agnostic: ClassVar[bool] = False
+    accepts_subsets: ClassVar[bool] = False  # reads a ModuleSetBatch: any subset of its modules (module_tokens)
 
     def __init__(self, spec: LoraSpec, out_dim: int, config: ModelConfig) -> None:
         super().__init__()

@@ -82,7 +82,8 @@ def calibrate(
     task, model = predictor.task, predictor.model.eval()
 
     def decoded(name: str) -> tuple[torch.Tensor, Split]:
-        data = Split.make(zoo, zoo.split(name), task, predictor.fold_scale, model.spec)
+        sets = model.accepts_subsets
+        data = Split.make(zoo, zoo.split(name), task, predictor.fold_scale, model.spec, module_sets=sets)
         with torch.no_grad():
             logits = torch.cat([model(data.batch.index(slice(i, i + 256))) for i in range(0, len(data), 256)])
         return task.decode(logits), data

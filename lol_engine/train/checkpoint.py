@@ -15,8 +15,9 @@ import torch
 
 from lol_engine.estimate import Estimate, Skill
 from lol_engine.lora.weights import LoraWeights
-from lol_engine.nn.batch import LoraBatch, SpecMismatchError, check_compatible
+from lol_engine.nn.batch import LoraBatch, ModuleSetBatch, SpecMismatchError, check_compatible
 from lol_engine.nn.models import LoLModel, ModelConfig, build_model
+from lol_engine.nn.module_tokens import ModuleTokenNet
 from lol_engine.spec import LayerSpec, LoraSpec
 from lol_engine.train.tasks import Task
 
@@ -57,6 +58,7 @@ def save_predictor(
         "spec": spec,
         "task": task.to_dict(),
         "fold_scale": fold_scale,
+        **({"vocabulary": model.vocabulary()} if isinstance(model, ModuleTokenNet) else {}),
         **(extra or {}),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -117,12 +119,31 @@ class Predictor:
         return self.predict_and_embed_many([lora])[0]
 
     def fits(self, lora: LoraWeights) -> bool:
-        """Whether ``lora`` has this predictor's modules (and rank, unless the model is rank-agnostic)."""
+        """Whether ``lora`` has this predictor's modules (and rank, unless the model is rank-agnostic); for a model
+        of module sets (``module_tokens``), whether it has at least one module the model can read."""
         try:
-            check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
+            self._check(lora)
         except SpecMismatchError:
             return False
         return True
+
+    def module_coverage(self, lora: LoraWeights) -> tuple[list[str], list[str]]:
+        """The names of ``lora``'s modules the predictor reads, and those it ignores (only a model of module sets
+        ignores any: modules of a role, shape or block kind it never saw)."""
+        if isinstance(self.model, ModuleTokenNet):
+            return self.model.usable(lora.spec)
+        return (list(lora.spec.names), []) if self.fits(lora) else ([], list(lora.spec.names))
+
+    def _check(self, lora: LoraWeights) -> None:
+        if not isinstance(self.model, ModuleTokenNet):
+            check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
+            return
+        used, ignored = self.model.usable(lora.spec)
+        if not used:
+            raise SpecMismatchError(
+                f"the LoRA does not fit this predictor: none of its {len(ignored)} module(s) has a role, shape and "
+                f"block it learned from (first: {ignored[0] if ignored else 'no module'})"
+            )
 
     def has_seen(self, lora: LoraWeights) -> bool:
         """Whether ``lora`` was among the LoRAs this predictor learned from (training and early-stopping splits).
@@ -150,9 +171,14 @@ class Predictor:
         from lol_engine.train.calibrate import estimate_from
 
         for lora in loras:
-            check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
+            self._check(lora)
         device = next(self.model.parameters()).device
-        batch = LoraBatch.from_loras(list(loras), fold_scale=self.fold_scale, spec=self.model.spec).to(device)
+        batch: LoraBatch | ModuleSetBatch
+        if isinstance(self.model, ModuleTokenNet):  # its own modules, whatever the others in the batch have
+            batch = ModuleSetBatch.from_loras(list(loras), fold_scale=self.fold_scale)
+        else:
+            batch = LoraBatch.from_loras(list(loras), fold_scale=self.fold_scale, spec=self.model.spec)
+        batch = batch.to(device)
         captured: list[torch.Tensor] = []
         with self._lock:  # the hook sees every forward of the shared model: one forward at a time
             hook = self._last_layer.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))

@@ -4,7 +4,9 @@ same split, calibrate it, and register it beside the collection so that uploads,
 
 - **Which LoRAs.** Stored LoRAs that carry the label (optionally of one base family and one collection), of one module
   layout: the most common one among them (a LoL model reads a fixed set of modules); the others are counted, not
-  used silently.
+  used silently. A model of module sets (``module_tokens``, ``accepts_subsets``) takes every layout of one base
+  instead: the most common base family when none is asked for, and, should a module name come in two shapes, the
+  LoRAs that agree with its most common shape.
 - **The split.** A ``split`` label holding ``train`` / ``val`` / ``test`` on every chosen LoRA is used as it is (the
   shipped zoos carry theirs); otherwise 80 / 10 / 10 drawn per value of the ``group`` label (LoRAs of one group never
   straddle train and test) or, without one, per LoRA, from a seed.
@@ -80,8 +82,10 @@ def collection_data(
     collection: str | None = None,
     group: str | None = None,
     seed: int = 0,
+    any_layout: bool = False,
 ) -> CollectionData:
-    """The labelled LoRAs to learn ``label`` from (see the module for the rules)."""
+    """The labelled LoRAs to learn ``label`` from (see the module for the rules); ``any_layout`` for a model of
+    module sets."""
     records = explorer.records()
     stored = explorer.all_labels()
     labels = {r["id"]: stored.get(r["id"], {}) for r in records}
@@ -103,11 +107,7 @@ def collection_data(
         known = sorted({k for values in labels.values() for k in values})
         raise NotFoundError(f"no stored LoRA has the label {label!r} here; labels: {', '.join(known[:30]) or 'none'}")
     layouts = {r["id"]: tuple((m["name"], m["d_out"], m["d_in"]) for m in explorer.get(r["id"]).spec) for r in chosen}
-    common, _ = Counter(layouts.values()).most_common(1)[0]
-    other_layout = sum(layout != common for layout in layouts.values())
-    if other_layout:
-        left["another module layout"] = other_layout
-    chosen = [r for r in chosen if layouts[r["id"]] == common]
+    chosen = _one_base(chosen, layouts, left) if any_layout else _one_layout(chosen, layouts, left)
     values = [labels[r["id"]][label] for r in chosen]
     class_names = None
     if all(isinstance(v, str) for v in values):
@@ -136,6 +136,36 @@ def collection_data(
     loras = [explorer.weights(r["id"]) for r in chosen]
     zoo = LoadedZoo(Path(explorer.db_path), rows, loras)
     return CollectionData(zoo, [r["id"] for r in chosen], split_by, dict(left), class_names)
+
+
+Layout = tuple[tuple[str, int, int], ...]  # (module name, d_out, d_in) of every module of one LoRA
+
+
+def _one_layout(chosen: list[dict[str, Any]], layouts: dict[str, Layout], left: Counter[str]) -> list[dict[str, Any]]:
+    """The LoRAs of the most common module layout; the others are counted in ``left``."""
+    common, _ = Counter(layouts.values()).most_common(1)[0]
+    other_layout = sum(layout != common for layout in layouts.values())
+    if other_layout:
+        left["another module layout"] = other_layout
+    return [r for r in chosen if layouts[r["id"]] == common]
+
+
+def _one_base(chosen: list[dict[str, Any]], layouts: dict[str, Layout], left: Counter[str]) -> list[dict[str, Any]]:
+    """The LoRAs of the most common base family, any module layout, whose modules have their most common shapes."""
+    family, _ = Counter(r["base_family"] for r in chosen).most_common(1)[0]
+    other_family = sum(r["base_family"] != family for r in chosen)
+    if other_family:
+        left[f"another base family than {family}"] = other_family
+    chosen = [r for r in chosen if r["base_family"] == family]
+    shapes: dict[str, Counter[tuple[int, int]]] = {}
+    for r in chosen:
+        for name, d_out, d_in in layouts[r["id"]]:
+            shapes.setdefault(name, Counter())[(d_out, d_in)] += 1
+    usual = {name: counts.most_common(1)[0][0] for name, counts in shapes.items()}
+    agree = [r for r in chosen if all(usual[n] == (o, i) for n, o, i in layouts[r["id"]])]
+    if len(agree) < len(chosen):
+        left["a module shaped unlike in the other LoRAs"] = len(chosen) - len(agree)
+    return agree
 
 
 def baselines(data: CollectionData, task: Task, fingerprints: np.ndarray) -> dict[str, float]:
@@ -181,7 +211,12 @@ def train_on_collection(
 ) -> tuple[LoLModel, Task, dict[str, Any], CollectionData]:
     """Train ``model_name`` on ``label`` of the stored collection; returns the model, its task, the result (``val``,
     ``test``, ``baselines``, ``provenance``) and the data it was trained on."""
-    data = collection_data(explorer, label, base_family=base_family, collection=collection, group=group, seed=seed)
+    from lol_engine.nn.models import MODELS
+
+    any_layout = model_name in MODELS and MODELS[model_name].accepts_subsets
+    data = collection_data(
+        explorer, label, base_family=base_family, collection=collection, group=group, seed=seed, any_layout=any_layout
+    )
     config = config or TrainConfig(seed=seed)
     model, task, result = train_on_zoo(data.zoo, label, model_name, config=config, on_epoch=on_epoch)
     if data.class_names is not None:

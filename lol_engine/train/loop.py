@@ -16,8 +16,8 @@ from torch import Tensor
 from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.weights import LoraWeights
-from lol_engine.nn.batch import LoraBatch
-from lol_engine.nn.models import LoLModel, ModelConfig, build_model
+from lol_engine.nn.batch import LoraBatch, ModuleSetBatch
+from lol_engine.nn.models import MODELS, LoLModel, ModelConfig, build_model
 from lol_engine.train.tasks import Task, infer_task, metrics, targets
 
 __all__ = [
@@ -83,16 +83,27 @@ def load_zoo(path: str | Path) -> LoadedZoo:
 class Split:
     """Model inputs and targets of one split."""
 
-    batch: LoraBatch
+    batch: LoraBatch | ModuleSetBatch
     y: Tensor
     mask: Tensor
 
     @classmethod
     def make(
-        cls, zoo: LoadedZoo, idx: Sequence[int] | np.ndarray, task: Task, fold_scale: bool, spec: Any = None
+        cls,
+        zoo: LoadedZoo,
+        idx: Sequence[int] | np.ndarray,
+        task: Task,
+        fold_scale: bool,
+        spec: Any = None,
+        *,
+        module_sets: bool = False,
     ) -> Split:
+        """One batch of ``zoo``'s LoRAs ``idx``: a :class:`LoraBatch` in ``spec``'s module order, or with
+        ``module_sets`` a :class:`ModuleSetBatch` of the union of their modules (``spec`` unused)."""
         loras = [zoo.loras[i] for i in idx]
         y, mask = targets([zoo.rows[i] for i in idx], task)
+        if module_sets:
+            return cls(ModuleSetBatch.from_loras(loras, fold_scale=fold_scale), y, mask)
         return cls(LoraBatch.from_loras(loras, fold_scale=fold_scale, spec=spec), y, mask)
 
     def __len__(self) -> int:
@@ -116,7 +127,8 @@ def fit(
     stops with :class:`TrainingCancelledError`.
     """
     gen = torch.Generator().manual_seed(config.seed)
-    model.prepare(train.batch)
+    if isinstance(train.batch, LoraBatch):  # models of module sets have nothing to prepare
+        model.prepare(train.batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best = (float("inf"), copy.deepcopy(model.state_dict()), -1)
     history = []
@@ -152,10 +164,11 @@ def train_on_zoo(
         sizes = f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}"
         raise BadRequestError(f"{zoo.path}: every split needs LoRAs ({sizes}); build a larger zoo")
     task = infer_task(zoo.rows, label, train_idx)
-    train = Split.make(zoo, train_idx, task, config.fold_scale)
-    spec = train.batch.spec
-    val = Split.make(zoo, val_idx, task, config.fold_scale, spec)
-    test = Split.make(zoo, test_idx, task, config.fold_scale, spec)
+    sets = model_name in MODELS and MODELS[model_name].accepts_subsets
+    train = Split.make(zoo, train_idx, task, config.fold_scale, module_sets=sets)
+    spec = train.batch.spec  # with module sets: the union of the training LoRAs' modules, the model's vocabulary
+    val = Split.make(zoo, val_idx, task, config.fold_scale, spec, module_sets=sets)
+    test = Split.make(zoo, test_idx, task, config.fold_scale, spec, module_sets=sets)
     torch.manual_seed(config.seed)
     model = build_model(model_name, spec, task.out_dim, model_config)
     start = time.perf_counter()
