@@ -107,3 +107,24 @@ def test_train_and_predict_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "does not fit this predictor" in capsys.readouterr().err
     assert main(["train", "--zoo", str(DATA / "digits"), "--task", "nope", "--model", "svd", "--seeds", "1"]) == 2
     assert load_lora(lora_dir).meta.base_family == "digits-mlp"
+
+
+@pytest.mark.parametrize(
+    ("values", "kind", "outputs"),
+    [
+        ([0, 1, 1, 0], "binary", 1),
+        ([0, 3, 9, 2], "categorical", 10),  # class codes 0..9
+        ([10, 20, 40, 80, 160, 320], "regression", 1),  # a count with few values is still a number
+        ([1, 2, 3, 25], "regression", 1),  # past 20 classes
+        ([-1, 0, 1, 2], "regression", 1),  # not codes
+        ([0.5, 0.25, 0.5, 0.75], "regression", 1),
+    ],
+)
+def test_infer_task_reads_class_codes_as_classes_and_other_numbers_as_numbers(
+    values: list, kind: str, outputs: int
+) -> None:
+    rows = [{"y_t": v} for v in values]
+    task = infer_task(rows, "t", np.ones(len(rows), dtype=bool))
+    assert (task.kind, task.out_dim) == (kind, outputs)
+    if kind == "regression":
+        assert task.mean == pytest.approx(np.mean(values)) and task.std == pytest.approx(np.std(values))

@@ -62,7 +62,11 @@ class Task:
 
 
 def infer_task(rows: list[dict[str, Any]], label: str, train: np.ndarray) -> Task:
-    """The task of manifest column ``y_<label>``; regression statistics come from the ``train`` rows only."""
+    """The task of manifest column ``y_<label>``; regression statistics come from the ``train`` rows only.
+
+    Lists are multi-label; integers 0/1 binary; integers that are class codes ``0..K-1`` with ``K ≤ 20`` categorical;
+    every other number (counts such as ``ss_num_train_images`` = 10, 20, … 320, scores, rates) regression.
+    """
     key = f"y_{label}"
     if not rows or key not in rows[0]:
         known = sorted(k[2:] for k in rows[0] if k.startswith("y_")) if rows else []
@@ -81,7 +85,7 @@ def infer_task(rows: list[dict[str, Any]], label: str, train: np.ndarray) -> Tas
     distinct = sorted(set(values))
     if isinstance(values[0], int) and distinct == [0, 1]:
         return Task(label, "binary", 1, (label,))
-    if isinstance(values[0], int) and len(distinct) <= _MAX_CATEGORIES:
+    if isinstance(values[0], int) and distinct[0] >= 0 and distinct[-1] < _MAX_CATEGORIES:  # class codes 0..K-1
         return Task(label, "categorical", max(distinct) + 1, tuple(str(v) for v in range(max(distinct) + 1)))
     y = np.array(values, dtype=float)[train]
     return Task(label, "regression", 1, (label,), mean=float(y.mean()), std=float(y.std()) or 1.0)
