@@ -154,3 +154,93 @@ def test_module_tokens_learns_from_every_layout(mixed: Path, capsys: pytest.Capt
         assert len(fixed.ids) == 20 and fixed.left_out == {"another module layout": 40}
     finally:
         explorer.close()
+
+
+# ------------------------------------------------------------------------------ the metadata path, SD 1.5 shapes
+SD15_MODULES = (  # kohya names of SD 1.5 UNet attention modules, with their (d_out, d_in)
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320),
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768),
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v", 320, 768),
+    ("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q", 1280, 1280),
+    ("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k", 320, 768),
+    ("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v", 320, 768),
+)
+IMAGES = (10, 20, 40, 80, 160, 320)
+
+
+def _sd_lora(images: int, rank: int, modules: tuple[tuple[str, int, int], ...], seed: int) -> dict:
+    """A kohya SD 1.5 LoRA whose spectra flatten as its dataset grows (the DSiRe effect), in a random GL(r) basis."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    decay = 1.6 / np.log2(images)
+    out = {}
+    for stem, d_out, d_in in modules:
+        sigma = torch.exp(-decay * torch.arange(rank, dtype=torch.float64)) * (
+            1 + 0.05 * torch.randn(rank, generator=gen)
+        )
+        u = torch.linalg.qr(torch.randn(d_out, rank, generator=gen, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(d_in, rank, generator=gen, dtype=torch.float64))[0]
+        g = torch.randn(rank, rank, generator=gen, dtype=torch.float64) + 3 * torch.eye(rank, dtype=torch.float64)
+        a, b = g @ (sigma[:, None] * v.T), u @ torch.linalg.inv(g)  # ΔW = B A = U diag(σ) Vᵀ
+        out[f"{stem}.lora_down.weight"] = (0.05 * a).to(torch.float16)
+        out[f"{stem}.lora_up.weight"] = (0.05 * b).to(torch.float16)
+        out[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    """72 kohya SD 1.5 LoRAs of two layouts and two ranks: 60 keep their metadata (ss_num_train_images, …), 12 were
+    stripped before sharing. Returns the collection and the stripped files' hidden dataset sizes."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("sd")
+    hidden = {}
+    for k in range(72):
+        images, rank = IMAGES[k % len(IMAGES)], (4, 8)[(k // 6) % 2]
+        modules = SD15_MODULES if k % 3 else SD15_MODULES[1:3] + SD15_MODULES[4:]  # all, or cross-attention only
+        name = f"style-{k:02d}"
+        metadata = {
+            "ss_network_module": "networks.lora",
+            "ss_base_model_version": "sd_v1",
+            "ss_num_train_images": str(images),
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(rank),
+        }
+        stripped = k >= 60
+        if stripped:
+            hidden[name] = images
+        save_file(
+            _sd_lora(images, rank, modules, seed=k), str(root / f"{name}.safetensors"), None if stripped else metadata
+        )
+    db = root / "data" / "lol.duckdb"
+    assert main(["ingest", str(root), "--db", str(db)]) == 0
+    return db, hidden
+
+
+def test_a_model_trained_on_metadata_labels_predicts_them_for_stripped_files(
+    sd_folder: tuple[Path, dict[str, int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kohya metadata becomes labels at ingest; module_tokens learns ss_num_train_images (a count: regression, not 321
+    classes) from the 60 files that keep it, of both layouts and ranks, and predicts it for the 12 stripped ones."""
+    db, hidden = sd_folder
+    capsys.readouterr()
+    args = ["train", "--db", str(db), "--label", "ss_num_train_images", "--model", "module_tokens"]
+    assert main([*args, "--base-family", "sd1", "--seeds", "1", "--epochs", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "60 LoRAs (sd1), split by LoRA" in out and "left out" not in out, out
+    assert "test r2" in out and "baseline ridge on fingerprint r2" in out  # the baselines stand beside it
+    explorer = Explorer.open(db)
+    try:
+        records = {r["name"]: r for r in explorer.records()}
+        assert len(records) == 72 and all(r["base_family"] == "sd1" for r in records.values())  # stripped: by shape
+        predictor = "ss_num_train_images-module_tokens"
+        for name, record in records.items():
+            estimate = explorer.estimates(record["id"])[predictor]
+            assert estimate.kind == "regression" and np.isfinite(estimate.value)
+            if name in hidden:  # never labelled, never seen: predicted from the weights alone
+                assert "ss_num_train_images" not in explorer.labels(record["id"]) and not estimate.in_sample
+        assert any(explorer.estimates(r["id"])[predictor].in_sample for r in records.values())  # its training LoRAs
+    finally:
+        explorer.close()
