@@ -253,14 +253,27 @@ def _pairwise(
     rescaled = math.sqrt(max(q2 - h * c, 0.0)) / q_norm
     if rescaled <= tol and abs(c - 1) > tol:
         return Relation("rescale", (key,), (name,), (c,), rescaled, tol)
-    if h / (q_norm * x_norm) < MIN_COSINE:
-        return None
     tol = _tolerance(q_norm, q_noise**2 + x_noise**2)
+    if h / (q_norm * x_norm) < MIN_COSINE or not _may_truncate(query, x, q2, h, x2, tol):
+        return None
     fit = truncation_fit(query, x, tol)
     lower = any(k < r for k, r in zip(fit.ranks, fit.source_ranks, strict=True))
     if lower and fit.residual / q_norm <= tol:
         return Relation("truncation", (key,), (name,), (1.0,), fit.residual / q_norm, tol, fit.energy, fit.ranks)
     return None
+
+
+def _may_truncate(query: LoraWeights, x: LoraWeights, q2: float, h: float, x2: float, tol: float) -> bool:
+    """Cheap necessary conditions for ``q ≈ T(X)`` before any QR: a rank below X's, and ``⟨q, X⟩ ≈ ‖q‖²``.
+
+    With ``T`` the truncation, ``⟨T, X⟩ = ‖T‖²``; if ``‖q − T‖ ≤ τ‖q‖`` then
+    ``|⟨q, X⟩ − ‖q‖²| ≤ τ‖q‖ (2‖q‖ + ‖X − T‖) + O(τ²)`` with ``‖X − T‖² ≈ ‖X‖² − ‖q‖²``; twice that is allowed.
+    """
+    ranks = _numerical_ranks(query, tol)
+    if all(ranks.get(_key(m), 0) >= m.spec.rank for m in x):
+        return False
+    q_norm = math.sqrt(q2)
+    return abs(h - q2) <= 2 * tol * q_norm * (2 * q_norm + math.sqrt(max(x2 - q2, 0.0)))
 
 
 def _merge(
@@ -329,13 +342,13 @@ def relate(
     noises = np.array([rounding_noise(query), *(rounding_noise(c) for c in candidates)])
     cosines = np.zeros(len(candidates))
     for i in usable:
-        x = candidates[i].to(torch.float64)
+        x = candidates[i]  # its factors are read in float64 where used; no copy is kept
         gram = delta_gram([query64, x])
         cosines[i] = gram[0, 1] / math.sqrt(max(gram[0, 0] * gram[1, 1], 1e-300))
         out[i] = _pairwise(query64, x, gram, keys[i], names[i], float(noises[0]), float(noises[i + 1]))
     if any(r is not None for r in out) or len(usable) < 2 or np.max(np.abs(cosines)) < MIN_COSINE:
         return out
-    pool = [candidates[i].to(torch.float64) for i in usable]
+    pool = [candidates[i] for i in usable]
     found = _merge(
         query64,
         pool,
