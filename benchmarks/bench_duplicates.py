@@ -17,7 +17,7 @@ Each query goes the explorer's way: exact ΔW cosine against the whole collectio
 :func:`lol_engine.relations.relate` on those ``k``; the query's answer is the first relation in neighbour order. It is
 right when the kind and the LoRAs it names are right. Also timed against the collection size (fillers added).
 
-    python benchmarks/bench_duplicates.py                # ~3 min on 2 cores; prints the tables
+    python benchmarks/bench_duplicates.py                # ~10 min on 2 busy cores; prints the tables
     python benchmarks/bench_duplicates.py --write        # and writes docs/DUPLICATES_BENCH.md
     python benchmarks/bench_duplicates.py --tiny         # a seconds-long smoke run
 """
@@ -278,9 +278,9 @@ def scaling(
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bases", type=int, default=40, help="stored base LoRAs")
-    parser.add_argument("--per-kind", type=int, default=20, help="queries per variant")
+    parser.add_argument("--per-kind", type=int, default=10, help="queries per variant")
     parser.add_argument("--k", type=int, default=10, help="neighbours examined (the explorer's default)")
-    parser.add_argument("--sizes", default="40,400,2000", help="collection sizes for the timing table")
+    parser.add_argument("--sizes", default="40,400,1000", help="collection sizes for the timing table")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (narrow modules)")
     parser.add_argument("--write", nargs="?", const=str(ROOT / "docs" / "DUPLICATES_BENCH.md"), default=None)
     args = parser.parse_args(argv)

@@ -341,14 +341,15 @@ def relate(
     query64 = query.to(torch.float64)
     noises = np.array([rounding_noise(query), *(rounding_noise(c) for c in candidates)])
     cosines = np.zeros(len(candidates))
+    wide = {i: candidates[i].to(torch.float64) for i in usable}  # converted once: k copies, freed on return
     for i in usable:
-        x = candidates[i]  # its factors are read in float64 where used; no copy is kept
+        x = wide[i]
         gram = delta_gram([query64, x])
         cosines[i] = gram[0, 1] / math.sqrt(max(gram[0, 0] * gram[1, 1], 1e-300))
         out[i] = _pairwise(query64, x, gram, keys[i], names[i], float(noises[0]), float(noises[i + 1]))
     if any(r is not None for r in out) or len(usable) < 2 or np.max(np.abs(cosines)) < MIN_COSINE:
         return out
-    pool = [candidates[i] for i in usable]
+    pool = [wide[i] for i in usable]
     found = _merge(
         query64,
         pool,
