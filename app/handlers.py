@@ -49,6 +49,7 @@ __all__ = [
     "no_comparable",
     "predictions_frame",
     "public_message",
+    "relations_note",
     "spectrum_figure",
     "start_training",
     "train_options",
@@ -157,7 +158,7 @@ PREDICTION_COLUMNS = [
     "held-out skill",
     "in its training set",
 ]
-NEIGHBOUR_COLUMNS = ["name", "collection", "similarity", "by", "id"]
+NEIGHBOUR_COLUMNS = ["name", "collection", "similarity", "relation", "by", "id"]
 COMPARE_COLUMNS = ["module", "ΔW cosine", "‖ΔW‖_F first", "‖ΔW‖_F second"]
 _TABLE_COLUMNS = ["name", "zoo", "format", "base_family", "rank", "modules", "size_kb", "dtype", "added", "id"]
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
@@ -269,6 +270,7 @@ def analyse_upload(
     card = _card(report, name, stored.name if stored else None, analysis, len(explorer.predictors))
     if not neighbours:
         card += "\n\n" + no_comparable(analysis.lora.meta.base_family)
+    card += relations_note(neighbours)
     return UploadResult(
         card,
         predictions_frame(analysis.estimates.values()),
@@ -422,7 +424,10 @@ def block_strength_figure(report: dict[str, Any]) -> go.Figure:
 
 def neighbours_frame(neighbours: Sequence[Neighbour]) -> pd.DataFrame:
     """The neighbours table."""
-    rows = [[n.name, n.zoo or "uploads", round(n.similarity, 4), n.by, n.id] for n in neighbours]
+    rows = [
+        [n.name, n.zoo or "uploads", round(n.similarity, 4), n.relation.text if n.relation else "", n.by, n.id]
+        for n in neighbours
+    ]
     return pd.DataFrame(rows, columns=NEIGHBOUR_COLUMNS)
 
 
@@ -566,7 +571,15 @@ def lora_card(explorer: Explorer, lora_id: str, k: int = 10, by: str | None = No
     neighbours = explorer.neighbours_of(lora_id, k=k, by=by or None)
     if not neighbours:
         lines.append(no_comparable(stored.base_family))
-    return "\n\n".join(lines), neighbours_frame(neighbours)
+    return "\n\n".join(lines) + relations_note(neighbours), neighbours_frame(neighbours)
+
+
+def relations_note(neighbours: Sequence[Neighbour]) -> str:
+    """The card's near-duplicate line: each distinct relation the explorer found, or nothing."""
+    texts = list(dict.fromkeys(n.relation.text for n in neighbours if n.relation))
+    if not texts:
+        return ""
+    return "\n\n**Near-duplicate of the collection:** " + "; ".join(escape(t, 300) for t in texts)
 
 
 def no_comparable(family: str) -> str:

@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
             "|" + "---|" * len(columns),
             *["| " + " | ".join(row) + " |" for row in rows],
             "",
+            "Deeper, one topic each: near-duplicate detection's precision and recall in "
+            "[DUPLICATES_BENCH.md](DUPLICATES_BENCH.md) (`python benchmarks/bench_duplicates.py --write`), "
+            "the app in [APP_BENCH.md](APP_BENCH.md), hostile inputs in [HOSTILE_BENCH.md](HOSTILE_BENCH.md).",
+            "",
         ]
         Path(args.out).write_text("\n".join(lines))
         console.print(f"wrote {args.out}")

@@ -390,13 +390,13 @@ def _analyse(args: argparse.Namespace) -> int:
             explorer = Explorer.open(db if exists else Path(scratch) / "lol.duckdb")
             try:
                 analysis = explorer.analyse(args.path)
-                neighbours = []
+                neighbours: list[dict[str, Any]] = []
                 for n in explorer.neighbours(analysis.lora, k=10, exclude=analysis.sha256) if exists else []:
                     stored = explorer.find(n.id)
                     family = stored.base_family if stored else None
                     neighbours.append(
                         {"id": n.id, "name": n.name, "base_family": family, "similarity": n.similarity}
-                        | {"by": n.by, "relation": None}  # near-duplicate detection is not built yet
+                        | {"by": n.by, "relation": n.relation.to_json() if n.relation else None}
                     )
             finally:
                 explorer.close()
@@ -467,9 +467,18 @@ def _print_analysis(out: dict[str, Any]) -> None:
     if out["collection"]["note"]:
         console.print(escape(out["collection"]["note"]))
     else:
-        table = Table("similarity", "by", "base", "name", "id", title="nearest stored LoRAs")
+        table = Table("similarity", "by", "base", "name", "relation", "id", title="nearest stored LoRAs")
         for n in out["neighbours"]:
-            table.add_row(f"{n['similarity']:.4f}", n["by"], n["base_family"] or "", escape(n["name"]), n["id"][:12])
+            relation = escape(n["relation"]["text"]) if n["relation"] else ""
+            row = [
+                f"{n['similarity']:.4f}",
+                n["by"],
+                n["base_family"] or "",
+                escape(n["name"]),
+                relation,
+                n["id"][:12],
+            ]
+            table.add_row(*row)
         console.print(table)
     for warning in card["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")

@@ -54,6 +54,7 @@ from lol_engine.lora.locate import LoraLocation, display_name, locate_lora
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import ReadLimits, file_sha256
 from lol_engine.lora.weights import LoraWeights
+from lol_engine.relations import Relation, relate
 from lol_engine.report import describe
 from lol_engine.similarity import cosine_to_many, module_cosines
 
@@ -114,7 +115,11 @@ class AddResult:
 
 @dataclass(frozen=True)
 class Neighbour:
-    """A stored LoRA close to a query; ``by``: ``"ΔW cosine"``, ``"fingerprint cosine"`` or ``"<encoder> cosine"``."""
+    """A stored LoRA close to a query; ``by``: ``"ΔW cosine"``, ``"fingerprint cosine"`` or ``"<encoder> cosine"``.
+
+    ``relation``: how the query derives from it (same ΔW, rescale, truncation, merge; :mod:`lol_engine.relations`),
+    found among the ΔW-cosine neighbours only; fingerprint or embedding neighbours never have one.
+    """
 
     id: str
     name: str
@@ -122,6 +127,7 @@ class Neighbour:
     similarity: float
     by: str
     base_family: str = "unknown"
+    relation: Relation | None = None
 
 
 def _factor_bytes(lora: LoraWeights) -> int:
@@ -611,7 +617,9 @@ class Explorer:
 
         Exact ΔW cosine over shared modules when stored LoRAs share a module (of the same shape) with it; else the
         fingerprint's cosine among LoRAs of its own base family (never for an ``unknown`` family: nothing says which
-        LoRAs are of its base). LoRAs of different bases are never neighbours.
+        LoRAs are of its base). LoRAs of different bases are never neighbours. The ``k`` ΔW-cosine neighbours carry
+        the query's relation to them (:func:`lol_engine.relations.relate`: same ΔW, rescaled, rank-truncated, or
+        part of a weighted merge of them); the cost of that grows with ``k``, not with the collection.
         """
         names = {m.name for m in lora}
         candidates = [s for s in self._all() if s.id != exclude and names & {m["name"] for m in s.spec}]
@@ -619,9 +627,13 @@ class Explorer:
             loras = [self.weights(s.id) for s in candidates]
             sims = cosine_to_many(lora, loras)
             order = [i for i in np.argsort(-np.nan_to_num(sims, nan=-2.0), kind="stable") if not np.isnan(sims[i])]
+            top = order[:k]
+            relations = relate(
+                lora, [loras[i] for i in top], [candidates[i].id for i in top], [candidates[i].name for i in top]
+            )
             return [
-                Neighbour(c.id, c.name, c.zoo, float(sims[i]), "ΔW cosine", c.base_family)
-                for i in order[:k]
+                Neighbour(c.id, c.name, c.zoo, float(sims[i]), "ΔW cosine", c.base_family, relation)
+                for i, relation in zip(top, relations, strict=True)
                 for c in (candidates[i],)
             ]
         family = lora.meta.base_family

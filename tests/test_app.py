@@ -314,3 +314,20 @@ def test_a_labels_table_labels_the_stored_loras(tmp_path: Path) -> None:
             handlers.apply_labels(explorer, str(table), "sha256")
     finally:
         explorer.close()
+
+
+def test_neighbours_show_the_relation_the_explorer_found() -> None:
+    from lol_engine.explorer import Neighbour
+    from lol_engine.relations import Relation
+
+    merge = Relation("merge", ("id1", "id2"), ("*x*", "y"), (0.6, 0.4), 1e-9, 1e-3)
+    found = [
+        Neighbour("id1", "*x*", None, 0.83, "ΔW cosine", "sd1", merge),
+        Neighbour("id2", "y", "zoo", 0.55, "ΔW cosine", "sd1", merge),
+        Neighbour("id3", "z", "zoo", 0.2, "ΔW cosine", "sd1"),
+    ]
+    frame = handlers.neighbours_frame(found)
+    assert list(frame.columns) == handlers.NEIGHBOUR_COLUMNS
+    assert list(frame["relation"]) == ["≈ 0.6·*x* + 0.4·y", "≈ 0.6·*x* + 0.4·y", ""]
+    assert handlers.relations_note(found) == "\n\n**Near-duplicate of the collection:** ≈ 0\\.6·\\*x\\* \\+ 0\\.4·y"
+    assert handlers.relations_note(found[2:]) == ""

@@ -78,3 +78,11 @@ def test_bench_hostile_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     module["main"]()
     table = out.read_text()
     assert "| a text file renamed .safetensors |" in table and table.count("exit 2: error:") == 2
+
+
+def test_bench_duplicates_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_duplicates.py"))
+    text = module["main"](["--tiny"])
+    assert "| relation | true | predicted | right | precision | recall |" in text and "| stored LoRAs |" in text
+    for kind in ("same", "rescale", "truncation", "merge", "none"):
+        assert f"| {kind} |" in text
