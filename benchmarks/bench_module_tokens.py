@@ -1,6 +1,6 @@
 """``module_tokens`` against ``spectral_glnet`` and GL-net, on the shipped zoos and on a mixed-layout copy of them.
 
-    python benchmarks/bench_module_tokens.py                       # 3 seeds, 10 epochs (~15 min on 2 cores)
+    python benchmarks/bench_module_tokens.py                       # 3 seeds, 10 epochs (~2 min on one core)
     python benchmarks/bench_module_tokens.py --results docs/RESULTS.md   # also write its section there
     python benchmarks/bench_module_tokens.py --tiny                # a smoke run
 
