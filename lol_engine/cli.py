@@ -256,6 +256,7 @@ def _ingest(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from lol_engine.settings import settings
     from lol_engine.train import TrainConfig, load_zoo, save_predictor, train_on_zoo
     from lol_engine.train.checkpoint import seen_digests
 
@@ -263,9 +264,10 @@ def _train(args: argparse.Namespace) -> int:
         return _train_on_collection(args)
     try:
         zoo = load_zoo(args.zoo)
+        device = settings().resolved_device()  # LOL_DEVICE: a GPU when torch sees one
         runs = []
         for seed in range(args.seeds):
-            config = TrainConfig(epochs=args.epochs, seed=seed, fold_scale=not args.no_fold_scale)
+            config = TrainConfig(epochs=args.epochs, seed=seed, fold_scale=not args.no_fold_scale, device=device)
             runs.append(train_on_zoo(zoo, args.label, args.model, config=config))
     except (LolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

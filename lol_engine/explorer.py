@@ -329,10 +329,11 @@ class Explorer:
     def train(self, label: str, model_name: str = "spectral_glnet", **options: Any) -> TrainingReport:
         """Train a predictor of ``label`` on this collection and register it (see
         :func:`lol_engine.train.collection.train_predictor` for the options: filters, group, epochs, seeds,
-        ``on_epoch`` progress and cancellation)."""
+        ``on_epoch`` progress and cancellation); it runs on the explorer's device (``LOL_DEVICE``: a GPU when
+        there is one)."""
         from lol_engine.train.collection import train_predictor
 
-        return train_predictor(self, label, model_name, **options)
+        return train_predictor(self, label, model_name, **{"device": self.device or "cpu", **options})
 
     def fingerprints(self, ids: Sequence[str]) -> np.ndarray:
         """The stored fingerprints of ``ids``, one row each, in that order."""

@@ -28,3 +28,22 @@ def test_toolkit_on_cuda_matches_cpu() -> None:
     assert moved.device.type == "cuda"
     assert lora_cosine(gpu, moved) == pytest.approx(1.0, abs=1e-9)
     torch.testing.assert_close(fingerprint(gpu), fingerprint(cpu))
+
+
+def test_training_runs_on_cuda_and_saves_a_cpu_predictor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``TrainConfig(device="cuda")``: the model and the splits live on the GPU; the saved predictor loads anywhere."""
+    from pathlib import Path
+
+    from lol_engine.train import TrainConfig, load_predictor, load_zoo, save_predictor, train_on_zoo
+    from lol_engine.train.loop import LoadedZoo
+
+    zoo = load_zoo(Path(__file__).parent.parent / "data" / "zoo" / "digits")
+    zoo = LoadedZoo(zoo.path, zoo.rows[:200], zoo.loras[:200])
+    for name in ("spectral_glnet", "module_tokens"):
+        model, task, result = train_on_zoo(zoo, "acc_own", name, config=TrainConfig(epochs=2, device="cuda"))
+        assert next(model.parameters()).device.type == "cuda"
+        assert all(torch.isfinite(torch.tensor(v)) for v in result["test"].values())
+        save_predictor(tmp_path / name, model, task, name, True)
+        predictor = load_predictor(tmp_path / name)
+        assert next(predictor.model.parameters()).device.type == "cpu"
+        predictor.predict(zoo.loras[0])

@@ -40,7 +40,8 @@ def save_predictor(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors({k: v.detach().float() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    weights = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}  # trained anywhere, saved for any
+    write_safetensors(weights, folder / "model.safetensors")
     spec = [
         {
             "name": s.name,

@@ -280,11 +280,13 @@ def train_predictor(
     fold_scale: bool = True,
     out: str | Path | None = None,
     on_epoch: Callable[[int, int, int, float], bool] | None = None,
+    device: str = "cpu",
 ) -> TrainingReport:
     """Train ``seeds`` runs, keep the best on validation, save it (default: the collection's predictors folder, as
     ``<label>-<model>``), calibrate it on its validation split and, when it lies in that folder, register it.
 
     ``on_epoch(seed, epoch, epochs, val_loss)`` reports progress; returning False cancels (nothing is saved).
+    ``device``: where training runs (:meth:`Explorer.train` passes the collection's, ``LOL_DEVICE``).
     """
     from lol_engine.train.calibrate import calibrate_folder
     from lol_engine.train.checkpoint import save_predictor
@@ -293,7 +295,7 @@ def train_predictor(
         raise BadRequestError("seeds and epochs must be at least 1")
     runs = []
     for seed in range(seeds):
-        config = TrainConfig(epochs=epochs, seed=seed, fold_scale=fold_scale)
+        config = TrainConfig(epochs=epochs, seed=seed, fold_scale=fold_scale, device=device)
         progress = None if on_epoch is None else (lambda e, n, loss, s=seed: on_epoch(s, e, n, loss))
         runs.append(
             train_on_collection(

@@ -49,6 +49,7 @@ class TrainConfig:
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "initialisation and shuffling seed"})
     fold_scale: bool = field(default=True, metadata={"help": "fold alpha/r into the factors"})
+    device: str = field(default="cpu", metadata={"help": "where the model and the splits live while training"})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -108,6 +109,10 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def to(self, device: str | torch.device) -> Split:
+        """The split on ``device`` (inputs, targets and mask)."""
+        return Split(self.batch.to(device), self.y.to(device), self.mask.to(device))
 
 
 @torch.no_grad()
@@ -169,8 +174,9 @@ def train_on_zoo(
     spec = train.batch.spec  # with module sets: the union of the training LoRAs' modules, the model's vocabulary
     val = Split.make(zoo, val_idx, task, config.fold_scale, spec, module_sets=sets)
     test = Split.make(zoo, test_idx, task, config.fold_scale, spec, module_sets=sets)
+    train, val, test = (s.to(config.device) for s in (train, val, test))
     torch.manual_seed(config.seed)
-    model = build_model(model_name, spec, task.out_dim, model_config)
+    model = build_model(model_name, spec, task.out_dim, model_config).to(config.device)
     start = time.perf_counter()
     info = fit(model, task, train, val, config, on_epoch)
     seconds = time.perf_counter() - start
