@@ -92,7 +92,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "LOL_DEVICE",
         "the accelerator torch sees (CUDA, MPS), else `cpu`",
-        "where the LoL encoders run: `cpu`, `cuda`, `cuda:N` or `mps`",
+        "where the LoL encoders run and predictors train (`lol train`, Train tab): `cpu`, `cuda`, `cuda:N` or `mps`",
     ),
     Variable("GRADIO_SERVER_NAME", "`127.0.0.1`", "the address the app binds (`0.0.0.0`: every interface)"),
     Variable("GRADIO_SERVER_PORT", "first free from 7860", "the app's port"),
