@@ -105,10 +105,11 @@ def test_api_upload_predict_and_neighbours(client: Client) -> None:
     rows = {row[0]: row for row in predictions["data"]}
     assert set(rows) == {"fashion-gen-bold", "fashion-gen-class", "fashion-gen-quality"}
     assert rows["fashion-gen-quality"][4].endswith("@90%")
-    assert len(neighbours["data"]) == 10 and neighbours["data"][0][3] == "ΔW cosine"
+    first = dict(zip(neighbours["headers"], neighbours["data"][0], strict=True))
+    assert len(neighbours["data"]) == 10 and first["by"] == "ΔW cosine" and first["relation"] == ""
     assert len(modules["data"]) == 3 and spectrum is not None and blocks is not None
     assert "AutoV2" in card
-    card_text, card_neighbours = client.predict(neighbours["data"][0][4], None, "ΔW cosine", api_name="/card")
+    card_text, card_neighbours = client.predict(first["id"], None, "ΔW cosine", api_name="/card")
     assert "labels:" in card_text and len(card_neighbours["data"]) == 10
 
 
