@@ -1,5 +1,6 @@
 """Numbers checked against independent computations: metrics against sklearn/scipy, regression normalisation
-against the training rows, fingerprints against a hand-computed spectrum, zoo splits over many indices.
+against the training rows, fingerprints against a hand-computed spectrum, zoo and collection splits over many
+indices, the baselines beside collection-trained models against their own fit on train + val.
 
 Each test here exists because a wrong formula or the wrong split used to pass every range and key-name check
 (issue 13, item 7; STYLE.md anti-pattern 15).
@@ -8,15 +9,21 @@ Each test here exists because a wrong formula or the wrong split used to pass ev
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import chi2_contingency, kendalltau, spearmanr
+from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import accuracy_score, r2_score, roc_auc_score
+from sklearn.preprocessing import StandardScaler
 
 from lol_engine.fingerprint import FINGERPRINT_NAMES, fingerprint, module_role
 from lol_engine.lora.weights import LoraWeights
+from lol_engine.train.collection import SHARES, CollectionData, _split, baselines
+from lol_engine.train.loop import LoadedZoo
 from lol_engine.train.tasks import Task, infer_task, metrics
 from lol_engine.zoo.recipe import SPLITS, split_of
 
@@ -212,33 +219,89 @@ def test_fingerprint_of_a_known_spectrum(gen: torch.Generator) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 _N = 10_000
+Splits = tuple[dict[int, np.ndarray], tuple[tuple[str, float], ...]]  # split codes per seed, and the shares
+_SPLITTERS: dict[str, tuple[Callable[[int, int], str], tuple[tuple[str, float], ...]]] = {
+    "zoo": (split_of, SPLITS),  # a built zoo's manifest, per (zoo seed, LoRA index)
+    "collection": (lambda seed, i: _split(str(i), seed), SHARES),  # a stored collection, per (seed, id or group)
+}
 
 
-@pytest.fixture(scope="module")
-def splits() -> dict[int, np.ndarray]:
-    names = [name for name, _ in SPLITS]
-    return {seed: np.array([names.index(split_of(seed, i)) for i in range(_N)]) for seed in (0, 1)}
+@pytest.fixture(scope="module", params=sorted(_SPLITTERS))
+def splits(request: pytest.FixtureRequest) -> Splits:
+    """Split codes of indices 0 … 9,999 under seeds 0 and 1, and the shares they should have."""
+    split, shares = _SPLITTERS[request.param]
+    names = [name for name, _ in shares]
+    return {seed: np.array([names.index(split(seed, i)) for i in range(_N)]) for seed in (0, 1)}, shares
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_split_proportions_over_many_indices(splits: dict[int, np.ndarray], seed: int) -> None:
-    counts = np.bincount(splits[seed], minlength=len(SPLITS))
-    for (name, share), count in zip(SPLITS, counts, strict=True):
+def test_split_proportions_over_many_indices(splits: Splits, seed: int) -> None:
+    codes, shares = splits
+    counts = np.bincount(codes[seed], minlength=len(shares))
+    assert [name for name, _ in shares] == ["train", "val", "test"]
+    for (name, share), count in zip(shares, counts, strict=True):
         sd = math.sqrt(_N * share * (1 - share))
         assert abs(count - _N * share) < 5 * sd, (name, count)  # binomial, 5 σ
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8, 10, 16])
-def test_split_is_independent_of_the_index_modulo_k(splits: dict[int, np.ndarray], seed: int, k: int) -> None:
-    table = np.zeros((k, len(SPLITS)))
-    np.add.at(table, (np.arange(_N) % k, splits[seed]), 1)
+def test_split_is_independent_of_the_index_modulo_k(splits: Splits, seed: int, k: int) -> None:
+    codes, shares = splits
+    table = np.zeros((k, len(shares)))
+    np.add.at(table, (np.arange(_N) % k, codes[seed]), 1)
     assert chi2_contingency(table).pvalue > 1e-4, table
 
 
-def test_split_is_independent_of_neighbours_and_of_the_zoo_seed(splits: dict[int, np.ndarray]) -> None:
-    k = len(SPLITS)
-    for a, b in [(splits[0][:-1], splits[0][1:]), (splits[0], splits[1])]:
+def test_split_is_independent_of_neighbours_and_of_the_seed(splits: Splits) -> None:
+    codes, shares = splits
+    k = len(shares)
+    for a, b in [(codes[0][:-1], codes[0][1:]), (codes[0], codes[1])]:
         table = np.zeros((k, k))
         np.add.at(table, (a, b), 1)
         assert chi2_contingency(table).pvalue > 1e-4, table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Baselines beside a collection-trained model: fitted on train + val, scored on test
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _collection(split: list[str], y: list) -> CollectionData:
+    rows = [{"id": str(i), "split": s, "y_t": v} for i, (s, v) in enumerate(zip(split, y, strict=True))]
+    return CollectionData(LoadedZoo(Path("."), rows, []), [r["id"] for r in rows], "LoRA")
+
+
+def _features(rng: np.random.Generator, n_fit: int, n_test: int) -> np.ndarray:
+    """Fingerprint-like features on unequal scales; the test rows are shifted, so statistics over every row differ."""
+    x = rng.normal(size=(n_fit + n_test, 4)) * [1.0, 10.0, 0.1, 5.0] + [0.0, 100.0, 0.0, -3.0]
+    x[n_fit:] += [2.0, 30.0, 0.5, 10.0]
+    return x
+
+
+def test_regression_baselines_fit_on_train_and_val_and_score_on_test() -> None:
+    rng = np.random.default_rng(0)
+    split = ["train"] * 40 + ["val"] * 10 + ["test"] * 10
+    x = _features(rng, 50, 10)
+    y = x @ [1.0, 0.05, 3.0, -0.2] + rng.normal(size=60)
+    got = baselines(_collection(split, y.tolist()), Task("t", "regression", 1, ("t",)), x)
+    fit_x, fit_y, test_x, test_y = x[:50], y[:50], x[50:], y[50:]
+    assert got["mean r2"] == pytest.approx(
+        1 - ((test_y - fit_y.mean()) ** 2).sum() / ((test_y - test_y.mean()) ** 2).sum()
+    )
+    scaler = StandardScaler().fit(fit_x)
+    ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(scaler.transform(fit_x), fit_y)
+    assert got["ridge on fingerprint r2"] == pytest.approx(r2_score(test_y, ridge.predict(scaler.transform(test_x))))
+
+
+def test_classification_baselines_take_the_majority_of_train_and_val() -> None:
+    rng = np.random.default_rng(1)
+    split = ["train"] * 40 + ["val"] * 10 + ["test"] * 10
+    y = [0] * 30 + [1] * 20 + [1] * 7 + [0] * 3  # majority 0 where fitted, 1 on test
+    x = _features(rng, 50, 10) + np.array(y)[:, None]
+    got = baselines(_collection(split, y), Task("t", "binary", 1, ("t",)), x)
+    assert got["majority accuracy"] == pytest.approx(3 / 10)
+    scaler = StandardScaler().fit(x[:50])
+    logistic = LogisticRegression(max_iter=2000).fit(scaler.transform(x[:50]), y[:50])
+    expected = accuracy_score(y[50:], logistic.predict(scaler.transform(x[50:])))
+    assert got["logistic on fingerprint accuracy"] == pytest.approx(expected)
