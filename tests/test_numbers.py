@@ -297,11 +297,47 @@ def test_regression_baselines_fit_on_train_and_val_and_score_on_test() -> None:
 def test_classification_baselines_take_the_majority_of_train_and_val() -> None:
     rng = np.random.default_rng(1)
     split = ["train"] * 40 + ["val"] * 10 + ["test"] * 10
-    y = [0] * 30 + [1] * 20 + [1] * 7 + [0] * 3  # majority 0 where fitted, 1 on test
+    y = [0] * 26 + [1] * 24 + [1] * 9 + [0] * 1  # majority 0 where fitted, 1 on test and over every row
     x = _features(rng, 50, 10) + np.array(y)[:, None]
     got = baselines(_collection(split, y), Task("t", "binary", 1, ("t",)), x)
-    assert got["majority accuracy"] == pytest.approx(3 / 10)
+    assert got["majority accuracy"] == pytest.approx(1 / 10)
     scaler = StandardScaler().fit(x[:50])
     logistic = LogisticRegression(max_iter=2000).fit(scaler.transform(x[:50]), y[:50])
     expected = accuracy_score(y[50:], logistic.predict(scaler.transform(x[50:])))
     assert got["logistic on fingerprint accuracy"] == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `lol zoo report`'s trivial baselines: fitted on the manifest's train rows, scored on its test rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_zoo_report_regression_baselines_match_sklearn() -> None:
+    from sklearn.linear_model import LinearRegression
+
+    from lol_engine.zoo.report import _regression
+
+    rng = np.random.default_rng(2)
+    x = _features(rng, 50, 10)[:, :1]
+    y = 0.7 * x[:, 0] + rng.normal(size=60)
+    train, test = np.arange(60) < 40, np.arange(60) >= 50  # rows 40..49 are validation: in neither
+    got = _regression(x, y, train, test)
+    assert got["test_r2_mean_baseline"] == pytest.approx(r2_score(y[test], np.full(10, y[train].mean())), abs=1e-12)
+    norm_only = LinearRegression().fit(x[train], y[train]).predict(x[test])
+    assert got["test_r2_norm_only"] == pytest.approx(r2_score(y[test], norm_only), abs=1e-12)
+
+
+def test_zoo_report_majority_and_masked_positions() -> None:
+    from lol_engine.zoo.report import _classification, _multilabel
+
+    y = np.array([0] * 21 + [1] * 19 + [1] * 9 + [0] * 1)  # majority 0 on train, 1 on test and over every row
+    x = np.arange(50, dtype=float)[:, None] % 7
+    train, test = np.arange(50) < 40, np.arange(50) >= 40
+    assert _classification(x, y, train, test)["test_acc_majority"] == pytest.approx(1 / 10)
+    # two positions; position 1 (train majority 1) keeps test rows 48 (0) and 49 (1) only: 1 of 2 right
+    y2 = np.stack([y, 1 - y], axis=1)
+    mask = np.ones_like(y2, dtype=bool)
+    mask[40:48, 1] = False  # all 8 masked-out entries are wrong: unmasked, the accuracy would be (1 + 1) / 20
+    got = _multilabel(x, y2, mask, train, test)
+    assert got["test_acc_majority"] == pytest.approx((1 + 1) / (10 + 2))
+    assert got["positive_rate"] == pytest.approx(y2[mask].mean())
