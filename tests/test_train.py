@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from lol_engine.nn import ModelConfig, SpecMismatchError, build_model, registere
 from lol_engine.nn.batch import LoraBatch
 from lol_engine.nn.models import LoLModel
 from lol_engine.train import TrainConfig, infer_task, load_predictor, load_zoo, save_predictor, train_on_zoo
+from lol_engine.train.calibrate import calibrate
 from lol_engine.train.loop import LoadedZoo, Split, fit
 from lol_engine.train.tasks import Task
 
@@ -181,3 +183,21 @@ def test_train_on_zoo_selects_on_the_manifests_validation_rows(digits) -> None:
     assert result["test"]["loss"] == pytest.approx(_loss_on_rows(model, task, digits, "test"), rel=1e-5)
     train_y = [row["y_acc_own"] for row in digits.rows if row["split"] == "train"]
     assert (task.mean, task.std) == pytest.approx((np.mean(train_y), np.std(train_y)), rel=1e-9)
+
+
+def test_calibration_threshold_and_coverage_from_the_named_splits(digits, tmp_path: Path) -> None:
+    model, task, _ = train_on_zoo(digits, "acc_own", "gl_net", TINY, FAST)
+    save_predictor(tmp_path, model, task, "gl_net", True)
+    cal = calibrate(load_predictor(tmp_path), digits, coverage=0.8, split="val", check="test")
+
+    def residuals(split: str) -> np.ndarray:
+        idx = [i for i, row in enumerate(digits.rows) if row["split"] == split]
+        with torch.no_grad():
+            pred = task.decode(model.eval()(LoraBatch.from_loras([digits.loras[i] for i in idx]))).numpy()
+        return np.abs(np.array([digits.rows[i]["y_acc_own"] for i in idx]) - pred)
+
+    val = np.sort(residuals("val"))
+    q = val[math.ceil((len(val) + 1) * 0.8) - 1]  # split conformal: the ⌈(n + 1)·0.8⌉-th smallest residual
+    assert (cal["n"], cal["q"]) == (len(val), pytest.approx(q, rel=1e-5))
+    assert cal["test_coverage"] == pytest.approx(float((residuals("test") <= q).mean()))
+    assert cal["test_mean_size"] == pytest.approx(2 * q, rel=1e-5)
