@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +15,18 @@ pytest.importorskip("pyarrow")
 
 from lol_engine import load_lora
 from lol_engine.cli import main
-from lol_engine.nn import ModelConfig, SpecMismatchError, registered_models
+from lol_engine.nn import ModelConfig, SpecMismatchError, build_model, registered_models
 from lol_engine.nn.batch import LoraBatch
+from lol_engine.nn.models import LoLModel
 from lol_engine.train import TrainConfig, infer_task, load_predictor, load_zoo, save_predictor, train_on_zoo
+from lol_engine.train.calibrate import calibrate
+from lol_engine.train.loop import LoadedZoo, Split, fit
+from lol_engine.train.tasks import Task
 
 DATA = Path(__file__).parent.parent / "data" / "zoo"
 TINY = ModelConfig(hidden=16, width=4, tokens=16, heads=2, dropout=0.0)
 FAST = TrainConfig(epochs=2, batch=64)
+BUMPY = TrainConfig(epochs=8, batch=16, lr=3e-2)  # gl_net on digits acc_own: validation loss lowest mid-run
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +135,69 @@ def test_infer_task_reads_class_codes_as_classes_and_other_numbers_as_numbers(
     assert (task.kind, task.out_dim) == (kind, outputs)
     if kind == "regression":
         assert task.mean == pytest.approx(np.mean(values)) and task.std == pytest.approx(np.std(values))
+
+
+def _loss_on_rows(model: LoLModel, task: Task, zoo: LoadedZoo, split: str) -> float:
+    """The task loss on the manifest rows marked ``split``, computed here rather than by the training loop."""
+    idx = [i for i, row in enumerate(zoo.rows) if row["split"] == split]
+    batch = LoraBatch.from_loras([zoo.loras[i] for i in idx], spec=zoo.loras[0].spec)  # digits: one spec
+    y = torch.tensor([zoo.rows[i][f"y_{task.label}"] for i in idx], dtype=torch.float32)
+    with torch.no_grad():
+        return float(task.loss(model.eval()(batch), y, torch.ones_like(y, dtype=torch.bool)))
+
+
+def test_fit_keeps_the_epoch_whose_recomputed_validation_loss_is_lowest(digits) -> None:
+    """Every epoch's weights are saved and their validation loss recomputed: ``best_epoch == argmin(history)``
+    alone would pass whichever split filled the history."""
+    train_idx = digits.split("train")
+    task = infer_task(digits.rows, "acc_own", train_idx)
+    train = Split.make(digits, train_idx, task, True)
+    val = Split.make(digits, digits.split("val"), task, True, train.batch.spec)
+    torch.manual_seed(BUMPY.seed)
+    model = build_model("gl_net", train.batch.spec, task.out_dim, TINY)
+    states = []
+
+    def keep(epoch: int, epochs: int, val_loss: float) -> bool:
+        states.append(copy.deepcopy(model.state_dict()))
+        return True
+
+    info = fit(model, task, train, val, BUMPY, keep)
+    probe = copy.deepcopy(model)
+    recomputed = []
+    for state in states:
+        probe.load_state_dict(state)
+        recomputed.append(_loss_on_rows(probe, task, digits, "val"))
+    assert info["val_loss_history"] == pytest.approx(recomputed, rel=1e-5)
+    best = int(np.argmin(recomputed))
+    assert 0 < best < BUMPY.epochs - 1  # neither the first nor the last epoch: the choice is visible
+    assert info["best_epoch"] == best
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, states[best][key], rtol=0, atol=0)
+
+
+def test_train_on_zoo_selects_on_the_manifests_validation_rows(digits) -> None:
+    model, task, result = train_on_zoo(digits, "acc_own", "gl_net", TINY, BUMPY)
+    val_loss = _loss_on_rows(model, task, digits, "val")
+    assert val_loss == pytest.approx(min(result["fit"]["val_loss_history"]), rel=1e-5)  # chosen where val is lowest
+    assert result["val"]["loss"] == pytest.approx(val_loss, rel=1e-5)
+    assert result["test"]["loss"] == pytest.approx(_loss_on_rows(model, task, digits, "test"), rel=1e-5)
+    train_y = [row["y_acc_own"] for row in digits.rows if row["split"] == "train"]
+    assert (task.mean, task.std) == pytest.approx((np.mean(train_y), np.std(train_y)), rel=1e-9)
+
+
+def test_calibration_threshold_and_coverage_from_the_named_splits(digits, tmp_path: Path) -> None:
+    model, task, _ = train_on_zoo(digits, "acc_own", "gl_net", TINY, FAST)
+    save_predictor(tmp_path, model, task, "gl_net", True)
+    cal = calibrate(load_predictor(tmp_path), digits, coverage=0.8, split="val", check="test")
+
+    def residuals(split: str) -> np.ndarray:
+        idx = [i for i, row in enumerate(digits.rows) if row["split"] == split]
+        with torch.no_grad():
+            pred = task.decode(model.eval()(LoraBatch.from_loras([digits.loras[i] for i in idx]))).numpy()
+        return np.abs(np.array([digits.rows[i]["y_acc_own"] for i in idx]) - pred)
+
+    val = np.sort(residuals("val"))
+    q = val[math.ceil((len(val) + 1) * 0.8) - 1]  # split conformal: the ⌈(n + 1)·0.8⌉-th smallest residual
+    assert (cal["n"], cal["q"]) == (len(val), pytest.approx(q, rel=1e-5))
+    assert cal["test_coverage"] == pytest.approx(float((residuals("test") <= q).mean()))
+    assert cal["test_mean_size"] == pytest.approx(2 * q, rel=1e-5)

@@ -110,6 +110,7 @@ def metrics(task: Task, logits: Tensor, y: Tensor, mask: Tensor) -> dict[str, fl
     from scipy.stats import kendalltau, spearmanr
     from sklearn.metrics import roc_auc_score
 
+    logits, y, mask = logits.detach().cpu(), y.cpu(), mask.cpu()  # trained on a GPU: numpy needs CPU tensors
     out = {"loss": float(task.loss(logits, y, mask))}
     if task.kind == "regression":
         pred = task.decode(logits).numpy()
