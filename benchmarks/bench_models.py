@@ -315,8 +315,9 @@ def ship(trained: dict, validation: dict, zoos: dict, models: list[str], out: Pa
         if not choice["signal"]:
             if (folder / "config.json").exists():
                 shutil.rmtree(folder)
+            spread = choice["models"].get(best, {"mean": float("nan"), "std": float("nan")})
             console.print(
-                f"no signal {zoo}-{label}: best {best} val {metric} {choice['models'].get(best, {}).get('mean')} "
+                f"no signal {zoo}-{label}: best {best} val {metric} {spread['mean']:.3f} ± {spread['std']:.3f} "
                 f"vs baseline {choice['baseline']:.3f}; not shipped"
             )
             continue
