@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override: epochs per run")
     parser.add_argument("--dense-epochs", type=int, default=None, help="override: epochs of MLP+Dense on fashion-gen")
     args = parser.parse_args(argv)
+    if args.tasks and not args.ship_only:
+        parser.error("--tasks needs --ship-only (docs/RESULTS.md covers every task)")
     args.epochs = args.epochs or (60 if args.full else 15)
     args.dense_epochs = args.dense_epochs or (20 if args.full else 4)
     args.threads = torch.get_num_threads()
