@@ -3,6 +3,13 @@
     python benchmarks/bench_models.py                    # the default run (~15 min on 2 cores)
     python benchmarks/bench_models.py --full             # longer training
     python benchmarks/bench_models.py --ship lol_engine/predictors   # also save the best small predictor per task
+    python benchmarks/bench_models.py --ship lol_engine/predictors --ship-only   # only train, select and ship
+
+A predictor is shipped only when it is GL(r)-invariant and rank-agnostic (same ΔW, same prediction: any
+re-factorisation, zero rank padding, α ↔ B rescaling; tests/test_shipped_invariance.py checks every folder), is
+chosen on the validation split (never the test split), and beats the best constant prediction of the validation
+split (its mean or majority) by more than its own seed spread; a task where no model does is printed as "no
+signal" and not shipped.
 
 Besides the main table it measures rank generalization (train on the rank-4 zoo, test on digits zoos built at
 ranks 1-16), cross-base generalization (test on a digits zoo whose base had continued pretraining), and the speed of
@@ -15,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
+import shutil
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +36,19 @@ from rich.console import Console
 
 from lol_engine.nn import LoraBatch, ModelConfig, registered_models
 from lol_engine.nn.models import MODELS
-from lol_engine.train import TrainConfig, evaluate, load_zoo, save_predictor, train_on_zoo
+from lol_engine.train import (
+    LoadedZoo,
+    TrainConfig,
+    evaluate,
+    infer_task,
+    load_zoo,
+    metrics,
+    save_predictor,
+    train_on_zoo,
+)
 from lol_engine.train.calibrate import calibrate_folder
 from lol_engine.train.loop import Split
+from lol_engine.train.tasks import targets
 from lol_engine.zoo import ZooSettings, build_zoo
 
 ROOT = Path(__file__).parent.parent
@@ -45,7 +65,7 @@ TASKS = {  # zoo -> (label, headline metric, paper analogue)
         ("bold", "accuracy", "CelebA attribute"),
     ],
 }
-SHIP_MAX_PARAMS = 2_000_000
+SHIP_MAX_PARAMS = 500_000  # 2 MB of float32 weights: the package stays small
 console = Console(width=None if Console().is_terminal else 140)
 
 
@@ -53,13 +73,19 @@ def fmt(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
-def main_table(zoos: dict, models: list[str], seeds: int, epochs: int, dense_epochs: int) -> tuple[dict, dict]:
-    """results[(zoo, label)][model] = list of per-seed test metric dicts; trained[(zoo, label, model)] = best run."""
+def main_table(
+    zoos: dict, models: list[str], seeds: int, epochs: int, dense_epochs: int, tasks: set[str] | None = None
+) -> tuple[dict, dict, dict]:
+    """results[(zoo, label)][model] = per-seed test metric dicts; validation[...] the same on the validation split;
+    trained[(zoo, label, model)] = the run with the lowest validation loss. ``tasks`` ("zoo/label") limits the run."""
     results: dict = {}
+    validation: dict = {}
     trained: dict = {}
-    for zoo_name, tasks in TASKS.items():
+    for zoo_name, zoo_tasks in TASKS.items():
         zoo = zoos[zoo_name]
-        for label, _, _ in tasks:
+        for label, _, _ in zoo_tasks:
+            if tasks is not None and f"{zoo_name}/{label}" not in tasks:
+                continue
             for model_name in models:
                 runs = []
                 for seed in range(seeds):
@@ -69,13 +95,50 @@ def main_table(zoos: dict, models: list[str], seeds: int, epochs: int, dense_epo
                     )
                     runs.append((result["val"]["loss"], model, task, result))
                 results.setdefault((zoo_name, label), {})[model_name] = [r[3]["test"] for r in runs]
+                validation.setdefault((zoo_name, label), {})[model_name] = [r[3]["val"] for r in runs]
                 trained[(zoo_name, label, model_name)] = min(runs, key=lambda r: r[0])
                 seconds = sum(r[3]["seconds"] for r in runs)
+                metric = _metric(zoo_name, label)
                 console.print(
-                    f"{zoo_name}/{label}/{model_name}: "
-                    f"{fmt([r[3]['test'][_metric(zoo_name, label)] for r in runs])} ({seconds:.0f} s)"
+                    f"{zoo_name}/{label}/{model_name}: val {fmt([r[3]['val'][metric] for r in runs])}, "
+                    f"test {fmt([r[3]['test'][metric] for r in runs])} ({seconds:.0f} s)"
                 )
-    return results, trained
+    return results, validation, trained
+
+
+def constant_baseline(zoo: LoadedZoo, label: str) -> dict[str, float]:
+    """Validation metrics of the best constant prediction for the validation split itself (an upper bound on any
+    constant predictor fitted elsewhere): its mean (regression, R² 0), its majority class (categorical), or each
+    entry's majority value (binary, multi-label; masked entries skipped; AUC 0.5)."""
+    task = infer_task(zoo.rows, label, zoo.split("train"))
+    y, mask = targets([zoo.rows[i] for i in zoo.split("val")], task)
+    if task.kind == "regression":
+        logits = ((y.mean() - task.mean) / task.std).expand(len(y), 1)  # decodes to the validation mean
+    elif task.kind == "categorical":
+        logits = torch.bincount(y.long(), minlength=task.out_dim).float().expand(len(y), -1)  # argmax: majority
+    else:
+        flat, m = y.view(len(y), -1), mask.view(len(y), -1).float()
+        rate = ((flat * m).sum(0) / m.sum(0).clamp_min(1.0)).clamp(1e-6, 1 - 1e-6)  # per entry
+        logits = torch.logit(rate).expand(len(y), -1)  # > 0 where 1 is the majority
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank correlations of a constant are undefined (nan)
+        return metrics(task, logits, y, mask)
+
+
+def select(
+    zoo: str, label: str, per_model: dict[str, list[dict]], baseline: dict[str, float], eligible: list[str]
+) -> dict:
+    """Choose among ``eligible`` models by mean validation headline metric; "no signal" unless the best beats the
+    constant baseline by more than its own seed spread (std over seeds)."""
+    metric = _metric(zoo, label)
+    scores = {m: [r[metric] for r in per_model[m]] for m in eligible if m in per_model}
+    choice: dict = {"metric": metric, "split": "val", "baseline": baseline[metric], "models": {}}
+    choice["models"] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v))} for m, v in scores.items()}
+    if not scores:
+        return {**choice, "best": None, "signal": False}
+    best = max(scores, key=lambda m: np.nanmean(scores[m]))
+    margin = choice["models"][best]["mean"] - choice["baseline"]
+    return {**choice, "best": best, "signal": bool(margin > max(choice["models"][best]["std"], 0.0))}
 
 
 def _metric(zoo: str, label: str) -> str:
@@ -232,22 +295,45 @@ def write_results(
     path.write_text("\n".join(lines) + ("\n" + kept[start:] if start >= 0 else ""))
 
 
-def ship(trained: dict, results: dict, models: list[str], out: Path) -> None:
-    """Save, per task, the best model (mean headline metric) among those small enough to ship, and calibrate it."""
-    loaded: dict[str, object] = {}
-    for (zoo, label), per_model in results.items():
-        metric = _metric(zoo, label)
-        small = [
-            m for m in models if sum(p.numel() for p in trained[(zoo, label, m)][1].parameters()) <= SHIP_MAX_PARAMS
-        ]
-        best = max(small, key=lambda m: np.nanmean([r[metric] for r in per_model[m]]))
+def shippable(model_name: str, model: torch.nn.Module) -> bool:
+    """GL(r)-invariant, rank-agnostic (a zero-padded rank gives the same prediction) and small enough."""
+    cls = MODELS[model_name]
+    small = sum(p.numel() for p in model.parameters()) <= SHIP_MAX_PARAMS
+    return cls.invariance == "GL(r)" and cls.rank_agnostic and small
+
+
+def ship(trained: dict, validation: dict, zoos: dict, models: list[str], out: Path) -> dict[str, dict]:
+    """Per task, save the shippable model with the best mean validation score (its seed with the lowest validation
+    loss) and calibrate it; a task without signal is not shipped (and a stale folder of it is removed)."""
+    choices: dict[str, dict] = {}
+    for (zoo, label), per_model in validation.items():
+        eligible = [m for m in models if shippable(m, trained[(zoo, label, m)][1])]
+        choice = select(zoo, label, per_model, constant_baseline(zoos[zoo], label), eligible)
+        choices[f"{zoo}-{label}"] = choice
+        folder = out / f"{zoo}-{label}"
+        best, metric = choice["best"], choice["metric"]
+        if not choice["signal"]:
+            if (folder / "config.json").exists():
+                shutil.rmtree(folder)
+            spread = choice["models"].get(best, {"mean": float("nan"), "std": float("nan")})
+            console.print(
+                f"no signal {zoo}-{label}: best {best} val {metric} {spread['mean']:.3f} ± {spread['std']:.3f} "
+                f"vs baseline {choice['baseline']:.3f}; not shipped"
+            )
+            continue
         _, model, task, result = trained[(zoo, label, best)]
-        extra = {"zoo": f"data/zoo/{zoo}", "result": {k: result[k] for k in ("val", "test")}}
-        folder = save_predictor(out / f"{zoo}-{label}", model, task, best, True, extra)
-        if zoo not in loaded:
-            loaded[zoo] = load_zoo(ROOT / extra["zoo"])  # recorded relative to the repository, not the cwd
-        cal = calibrate_folder(folder, loaded[zoo])  # split-conformal ranges the app shows
-        console.print(f"shipped {zoo}-{label}: {best} (90% range test coverage {cal['test_coverage']:.2f})")
+        extra = {
+            "zoo": f"data/zoo/{zoo}",
+            "result": {k: result[k] for k in ("val", "test")},
+            "selection": choice,
+        }
+        folder = save_predictor(folder, model, task, best, True, extra)
+        cal = calibrate_folder(folder, zoos[zoo])  # split-conformal ranges the app shows; records `seen`
+        console.print(
+            f"shipped {zoo}-{label}: {best} (val {metric} {choice['models'][best]['mean']:.3f} vs baseline "
+            f"{choice['baseline']:.3f}; 90% range test coverage {cal['test_coverage']:.2f})"
+        )
+    return choices
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,24 +346,34 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
     parser.add_argument("--ship", type=Path, default=None, help="save the best small predictor per task here")
+    parser.add_argument(
+        "--ship-only", action="store_true", help="with --ship: skip generalization, speed and docs/RESULTS.md"
+    )
+    parser.add_argument("--tasks", default=None, help="comma-separated zoo/label to run (default: every task)")
     parser.add_argument("--speed-repeats", type=int, default=50)
     parser.add_argument("--transfer-n", type=int, default=150, help="LoRAs per rank / cross-base test zoo")
     parser.add_argument("--epochs", type=int, default=None, help="override: epochs per run")
     parser.add_argument("--dense-epochs", type=int, default=None, help="override: epochs of MLP+Dense on fashion-gen")
     args = parser.parse_args(argv)
+    if args.tasks and not args.ship_only:
+        parser.error("--tasks needs --ship-only (docs/RESULTS.md covers every task)")
     args.epochs = args.epochs or (60 if args.full else 15)
     args.dense_epochs = args.dense_epochs or (20 if args.full else 4)
     args.threads = torch.get_num_threads()
     start = time.perf_counter()
     models = args.models.split(",")
     zoos = {name: load_zoo(ROOT / "data" / "zoo" / name) for name in TASKS}
-    results, trained = main_table(zoos, models, args.seeds, args.epochs, args.dense_epochs)
-    transfer_table = transfer(trained, models, generalization_zoos(args.cache, args.transfer_n))
-    timings = speed(ROOT / "data" / "zoo" / "fashion-gen", trained, args.speed_repeats)
-    write_results(args.out, results, models, transfer_table, timings, args, time.perf_counter() - start)
+    tasks = set(args.tasks.split(",")) if args.tasks else None
+    results, validation, trained = main_table(zoos, models, args.seeds, args.epochs, args.dense_epochs, tasks)
+    if not args.ship_only:
+        transfer_table = transfer(trained, models, generalization_zoos(args.cache, args.transfer_n))
+        timings = speed(ROOT / "data" / "zoo" / "fashion-gen", trained, args.speed_repeats)
+        write_results(args.out, results, models, transfer_table, timings, args, time.perf_counter() - start)
+        console.print(f"wrote {args.out}")
     if args.ship:
-        ship(trained, results, models, args.ship)
-    console.print(f"wrote {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
+        choices = ship(trained, validation, zoos, models, args.ship)
+        console.print(json.dumps({k: {"best": c["best"], "signal": c["signal"]} for k, c in choices.items()}))
+    console.print(f"done in {(time.perf_counter() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -203,7 +203,8 @@ def ingest_throughput(quick: bool) -> list[Row]:
     from lol_engine.store import LoraStore
 
     n = 100 if quick else 1000
-    encoders = encoders_for(load_predictors())
+    predictors = load_predictors()
+    encoders = encoders_for(predictors)
     with tempfile.TemporaryDirectory() as tmp:
         zoo = mini_zoo(Path(tmp) / "zoos", "fashion-gen", n)
         with LoraStore(Path(tmp) / "before.duckdb") as before:  # one LoRA per transaction and per forward
@@ -249,7 +250,7 @@ def ingest_throughput(quick: bool) -> list[Row]:
         fix,
         [
             "ingest",
-            f"{n:,} fashion-gen PEFT LoRAs ({size / 2**20:.1f} MiB) with 7 predictors",
+            f"{n:,} fashion-gen PEFT LoRAs ({size / 2**20:.1f} MiB) with {len(predictors)} predictors",
             f"{n / seconds:.0f} LoRAs/s ({_fmt(seconds)})",
             f"floor {_fmt(floor)} (bytes / memcpy bandwidth)",
             f"{seconds / floor:,.0f}× the floor",

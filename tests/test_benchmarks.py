@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_spectra.py"
+BENCH_MODELS = Path(__file__).parent.parent / "benchmarks" / "bench_models.py"
 
 
 def test_bench_spectra_smoke(capsys: pytest.CaptureFixture[str]) -> None:
@@ -19,9 +23,9 @@ def test_bench_spectra_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         assert name in out
 
 
-def test_bench_models_smoke(tmp_path) -> None:
+def test_bench_models_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The results script runs end to end at toy size and writes every section (no timing is asserted)."""
-    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_models.py"))
+    module = runpy.run_path(str(BENCH_MODELS))
     out = tmp_path / "RESULTS.md"
     argv = ["--models", "svd,gl_net", "--seeds", "1", "--epochs", "1", "--dense-epochs", "1", "--transfer-n", "12"]
     argv += ["--speed-repeats", "2", "--cache", str(tmp_path / "zoos"), "--out", str(out)]
@@ -36,7 +40,46 @@ def test_bench_models_smoke(tmp_path) -> None:
         "Speed",
     ):
         assert heading in text
-    assert (tmp_path / "ship" / "fashion-gen-quality" / "config.json").exists()
+    printed = capsys.readouterr().out
+    for task in ("digits-classes", "digits-n_classes", "fashion-gen-quality"):  # shipped, or said why not
+        config = tmp_path / "ship" / task / "config.json"
+        assert config.exists() != (f"no signal {task}" in printed), task
+        if config.exists():
+            selection = json.loads(config.read_text())["selection"]
+            assert selection["split"] == "val" and selection["best"] in {"svd", "gl_net"}
+
+
+def test_ship_selection_on_validation_among_invariant_models() -> None:
+    """The choice reads validation scores only, skips models that are not GL-invariant, and needs a margin over the
+    constant baseline larger than the chosen model's seed spread."""
+    select = runpy.run_path(str(BENCH_MODELS))["select"]
+    val = {
+        "o_align": [{"accuracy": 0.95}, {"accuracy": 0.95}],  # best, but not eligible
+        "gl_net": [{"accuracy": 0.80}, {"accuracy": 0.84}],  # mean .82, std .02
+        "svd": [{"accuracy": 0.70}, {"accuracy": 0.70}],
+    }
+    choice = select("digits", "classes", val, {"accuracy": 0.5}, ["gl_net", "svd"])
+    assert choice["best"] == "gl_net" and choice["signal"] and choice["split"] == "val"
+    assert choice["models"]["gl_net"] == pytest.approx({"mean": 0.82, "std": 0.02})
+    assert not select("digits", "classes", val, {"accuracy": 0.81}, ["gl_net", "svd"])["signal"]  # .01 < std .02
+    assert select("digits", "classes", val, {"accuracy": 0.79}, ["gl_net", "svd"])["signal"]  # .03 > std .02
+
+
+def test_constant_baseline_is_the_validation_majority_or_mean() -> None:
+    """Against counts made here from the manifest: the majority class's share of the validation split, each entry's
+    majority share (multi-label), and R² 0 for the validation mean."""
+    from lol_engine.train import load_zoo
+    from lol_engine.zoo import read_manifest
+
+    baseline = runpy.run_path(str(BENCH_MODELS))["constant_baseline"]
+    folder = Path(__file__).parent.parent / "data" / "zoo" / "digits"
+    zoo, rows = load_zoo(folder), [r for r in read_manifest(folder) if r["split"] == "val"]
+    counts = Counter(r["y_n_classes"] for r in rows)
+    assert baseline(zoo, "n_classes")["accuracy"] == pytest.approx(max(counts.values()) / len(rows))
+    bits = np.array([r["y_classes"] for r in rows])  # (N, 10)
+    assert baseline(zoo, "classes")["accuracy"] == pytest.approx(np.maximum(bits.mean(0), 1 - bits.mean(0)).mean())
+    assert baseline(zoo, "classes")["auc"] == 0.5
+    assert baseline(zoo, "acc_own")["r2"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_bench_module_tokens_smoke(tmp_path: Path) -> None:
