@@ -171,7 +171,7 @@ class ModuleTokenNet(LoLModel):
         b_h = torch.einsum("ncor,do->ncdr", b, self.phi[group])  # (N, c, d, r)  B-like
         a_h = torch.einsum("ncri,ei->ncre", a, self.psi[group])  # (N, c, r, d)  A-like
         sketch = (b_h @ a_h).flatten(-2)  # (N, c, d²)  invariant
-        nonzero = ((b.mT @ b) * (a @ a.mT)).sum((-1, -2)) > 0  # (N, c): ‖ΔW‖²_F, exactly 0 for zero factors
+        nonzero = norm[..., 0] > 0  # (N, c): exactly 0 only for a zero ΔW (zero factors give zero R factors)
         return self.spectral(spectra) + self.sketch(sketch), nonzero
 
     def forward(self, batch: LoraBatch | ModuleSetBatch) -> Tensor:

@@ -33,6 +33,7 @@ import numpy as np
 from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.train.loop import EpochCallback, LoadedZoo, TrainConfig, train_on_zoo
 from lol_engine.train.tasks import Task
+from lol_engine.zoo.recipe import SPLITS, split_at
 
 if TYPE_CHECKING:
     from lol_engine.explorer import Explorer
@@ -47,7 +48,7 @@ __all__ = [
     "train_predictor",
 ]
 
-SHARES = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+SHARES = SPLITS  # the zoos' 80 / 10 / 10
 MIN_PER_SPLIT = 2
 
 
@@ -65,13 +66,7 @@ class CollectionData:
 def _split(value: str, seed: int) -> str:
     """train / val / test for a group value or LoRA id: fixed per (seed, value), 80 / 10 / 10."""
     digest = hashlib.sha256(f"{seed}:{value}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    edge = 0.0
-    for name, share in SHARES:
-        edge += share
-        if u < edge:
-            return name
-    return SHARES[-1][0]
+    return split_at(int.from_bytes(digest[:8], "big") / 2**64)
 
 
 def collection_data(

@@ -12,7 +12,7 @@ import numpy as np
 
 from lol_engine.errors import BadRequestError
 
-__all__ = ["SPLITS", "Recipe", "ZooSettings", "lora_seed", "split_of"]
+__all__ = ["SPLITS", "Recipe", "ZooSettings", "lora_seed", "split_at", "split_of"]
 
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
@@ -55,7 +55,11 @@ def lora_seed(zoo_seed: int, index: int) -> int:
 
 def split_of(zoo_seed: int, index: int) -> str:
     """train / val / test (80 / 10 / 10), fixed per (seed, index) and independent of every label."""
-    u = np.random.default_rng([zoo_seed, index, 7]).random()
+    return split_at(np.random.default_rng([zoo_seed, index, 7]).random())
+
+
+def split_at(u: float) -> str:
+    """The split a uniform draw ``u`` in [0, 1) falls in, by the shares of :data:`SPLITS`."""
     edge = 0.0
     for name, share in SPLITS:
         edge += share
