@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--threads", type=int, default=1, help="torch threads per worker (recorded)")
     build.add_argument("--toy", action="store_true", help="tiny data and training, for tests")
+    build.add_argument(
+        "--upto", type=int, default=None, help="build only LoRAs 0..UPTO-1 (a resumable chunk of a large zoo)"
+    )
     report = zoo_commands.add_parser("report", help="label spreads, cost per LoRA and trivial baselines of a zoo")
     report.add_argument("zoo", help="a built zoo folder (with manifest.parquet)")
     report.add_argument("--json", action="store_true", help="print one JSON object")
@@ -507,7 +510,7 @@ def _zoo(args: argparse.Namespace) -> int:
         settings = ZooSettings(
             n=args.n, seed=args.seed, ranks=ranks, base_variant=args.base_variant, threads=args.threads, toy=args.toy
         )
-        manifest = build_zoo(args.name, args.out, settings, workers=args.workers)
+        manifest = build_zoo(args.name, args.out, settings, workers=args.workers, upto=args.upto)
     except (LolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,9 @@ Layout of a zoo folder::
     manifest.parquet         one row per LoRA: path, split, hyperparameters (hp_*), labels (y_*), base identity
 
 A LoRA folder appears only once complete (it is trained in ``00012.partial`` and renamed), so an interrupted build
-continues where it stopped.
+continues where it stopped. A large zoo can be built in chunks (``upto``): LoRAs ``0 .. upto-1`` of the full zoo are
+built and the manifest lists them; each chunk can be committed and a later session, on any machine, continues with a
+larger ``upto``. The LoRAs of a chunk are exactly those of the full zoo (seeds and choices depend on the index only).
 """
 
 from __future__ import annotations
@@ -116,35 +118,48 @@ def build_zoo(
     workers: int = 1,
     progress: bool = True,
     on_done: Callable[[int], None] | None = None,
+    upto: int | None = None,
 ) -> Path:
-    """Build (or finish building) zoo ``name`` in ``out``; return the manifest's path."""
+    """Build (or finish building) zoo ``name`` in ``out``; return the manifest's path.
+
+    ``upto``: build only the first ``upto`` LoRAs of the zoo (a resumable chunk); the manifest then lists those.
+    """
     import torch
 
+    if upto is not None and upto < 1:
+        raise BadRequestError(f"upto must be positive, got {upto}")
     threads = torch.get_num_threads()
     try:
-        return _build(name, Path(out), settings or ZooSettings(), workers, progress, on_done)
+        return _build(name, Path(out), settings or ZooSettings(), workers, progress, on_done, upto)
     finally:
         torch.set_num_threads(threads)  # the in-process worker set its own thread count; give the caller theirs back
 
 
 def _build(
-    name: str, out: Path, settings: ZooSettings, workers: int, progress: bool, on_done: Callable[[int], None] | None
+    name: str,
+    out: Path,
+    settings: ZooSettings,
+    workers: int,
+    progress: bool,
+    on_done: Callable[[int], None] | None,
+    upto: int | None,
 ) -> Path:
     recipe = get_recipe(name)
     n = settings.n if settings.n is not None else recipe.default_n(settings)
     _check_or_write_record(out, _zoo_record(recipe, settings, n))
+    built = n if upto is None else min(upto, n)
     loras = out / "loras"
     loras.mkdir(exist_ok=True)
     _init_worker(name, str(out / "base"), settings)  # builds and caches the base once, before any worker starts
-    jobs = _jobs(recipe, _WORKER["context"], settings, n, loras)
+    jobs = _jobs(recipe, _WORKER["context"], settings, built, loras)
     pending = [job for job in jobs if not Path(job[3], "labels.json").exists()]
     with _progress(progress) as bar:
-        task = bar.add_task(f"zoo {name}", total=n, completed=n - len(pending))
+        task = bar.add_task(f"zoo {name}", total=built, completed=built - len(pending))
         for index, _seconds in _execute(pending, name, out, settings, workers):
             bar.advance(task)
             if on_done is not None:
                 on_done(index)
-    return write_manifest(out, recipe, settings, n, recipe.base_identity(_WORKER["context"]))
+    return write_manifest(out, recipe, settings, built, recipe.base_identity(_WORKER["context"]))
 
 
 def _execute(
