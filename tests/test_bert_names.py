@@ -21,7 +21,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from lol_engine import load_lora  # noqa: E402
+from lol_engine import LoraFormatError, load_lora  # noqa: E402
 from lol_engine.lora.family import detect_family  # noqa: E402
 
 TARGETS = ["query", "key", "value", "dense"]  # "dense" also hits attention.output, intermediate, output and the pooler
@@ -297,3 +297,49 @@ def test_bart_layers_are_not_rewritten(tmp_path: Path) -> None:
         "model.decoder.layers.0.fc1",
     }
     assert not any("wrapper prefix" in line for line in lora.meta.family_evidence)
+
+
+def _mobilenet() -> nn.Module:
+    from lol_engine.zoo.mobilenet import MobileNetV2
+
+    torch.manual_seed(0)
+    return MobileNetV2(num_classes=10)
+
+
+def test_mobilenet_v2_keeps_torchvision_names(tmp_path: Path) -> None:
+    """peft on torchvision-named MobileNetV2: ``features.N.conv.…`` and ``classifier.1``, conv factors flattened."""
+    targets = ["features.2.conv.0.0", "features.2.conv.2", "features.18.0", "classifier.1"]
+    model = _mobilenet()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, lora_config)
+    wrapped.save_pretrained(str(tmp_path))
+    deltas = _merge_deltas(base, wrapped, "")
+    lora = load_lora(tmp_path)
+    assert lora.names == ("classifier.1", "features.2.conv.0.0", "features.2.conv.2", "features.18.0")
+    assert lora["features.2.conv.0.0"].a.shape == (4, 16)  # (r, c_in · 1 · 1)
+    for module in lora.to(torch.float64):
+        torch.testing.assert_close(module.delta_weight(reshape=True), deltas[module.name], rtol=1e-10, atol=1e-12)
+
+
+def test_mobilenet_v2_under_a_user_attribute_is_kept_as_written(tmp_path: Path) -> None:
+    """A user's ``self.model = MobileNetV2()`` (Lightning style) is no tool's fixed wrapper: no prefix is guessed."""
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _mobilenet()
+
+    target = ["model.features.2.conv.2"]
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False)
+    peft.get_peft_model(Wrapper(), lora_config).save_pretrained(str(tmp_path))
+    assert load_lora(tmp_path).names == ("model.features.2.conv.2",)
+
+
+@pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1")
+def test_mobilenet_v2_depthwise_conv_lora_is_refused_clearly(tmp_path: Path) -> None:
+    """peft 0.21 puts a full conv A beside a grouped B on a depthwise conv; its update is no ΔW of that layer."""
+    lora_config = peft.LoraConfig(r=96, lora_alpha=8, target_modules=["features.2.conv.1.0"], init_lora_weights=False)
+    peft.get_peft_model(_mobilenet(), lora_config).save_pretrained(str(tmp_path))  # groups = 96 divides r
+    with pytest.raises(LoraFormatError, match="grouped"):
+        load_lora(tmp_path)

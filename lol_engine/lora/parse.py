@@ -297,6 +297,11 @@ def _spec(group: ModuleKeys, name: str, header: SafetensorsHeader, limits: ReadL
     if len(a_shape) < 2 or len(b_shape) < 2:
         raise LoraFormatError(f"{where}: factors must have at least 2 axes, got A {a_shape} and B {b_shape}")
     rank, d_out = a_shape[0], b_shape[0]
+    if len(a_shape) > 2 and 0 < b_shape[1] < rank and rank % b_shape[1] == 0 and d_out % (rank // b_shape[1]) == 0:
+        raise LoraFormatError(  # peft on a grouped conv: lora_B is a grouped 1x1 conv, lora_A a full conv
+            f"{where}: a grouped-conv LoRA (B {b_shape} is a 1x1 conv with {rank // b_shape[1]} groups, A {a_shape} a "
+            "full conv): its update is a full conv beside the grouped layer, no ΔW of that layer; not read"
+        )
     if b_shape[1] != rank:
         raise LoraFormatError(f"{where}: rank mismatch: A {a_shape} has rank {rank} but B {b_shape} has {b_shape[1]}")
     if any(d != 1 for d in b_shape[2:]):
