@@ -8,7 +8,7 @@ import pytest
 import torch
 from lora_files import factors, pair, save
 
-from lol_engine import load_lora
+from lol_engine import LoraFormatError, load_lora
 from lol_engine.lora.keys import classify_key
 from lol_engine.lora.vocab import KOHYA_PREFIXES, vocabulary
 
@@ -18,8 +18,32 @@ SD = "down_blocks.0.attentions.0.transformer_blocks.0"
 CASES = [
     ("peft-llm", "base_model.model.model.layers.0.self_attn.q_proj", ".lora_A.weight", ".lora_B.weight", None,
      "model.layers.0.self_attn.q_proj", "peft"),
-    ("peft-bert", "base_model.model.bert.encoder.layer.0.attention.self.query", ".lora_A.weight", ".lora_B.weight",
-     None, "bert.encoder.layer.0.attention.self.query", "peft"),
+    ("peft-bert", "base_model.model.encoder.layer.0.attention.self.query", ".lora_A.weight", ".lora_B.weight",
+     None, "encoder.layer.0.attention.self.query", "peft"),
+    ("peft-bert-head", "base_model.model.bert.encoder.layer.0.attention.self.query", ".lora_A.weight",
+     ".lora_B.weight", None, "encoder.layer.0.attention.self.query", "peft"),
+    ("peft-bert-head-pooler", "base_model.model.bert.pooler.dense", ".lora_A.weight", ".lora_B.weight", None,
+     "pooler.dense", "peft"),
+    ("st-whole", "base_model.model.0.model.encoder.layer.5.intermediate.dense", ".lora_A.weight", ".lora_B.weight",
+     None, "encoder.layer.5.intermediate.dense", "peft"),
+    ("st-whole-before-6", "base_model.model.0.auto_model.encoder.layer.5.output.dense", ".lora_A.weight",
+     ".lora_B.weight", None, "encoder.layer.5.output.dense", "peft"),
+    ("st-transformer-module", "base_model.model.model.encoder.layer.1.attention.output.dense", ".lora_A.weight",
+     ".lora_B.weight", None, "encoder.layer.1.attention.output.dense", "peft"),
+    ("st-transformer-module-before-6", "base_model.model.auto_model.encoder.layer.1.attention.self.value",
+     ".lora_A.weight", ".lora_B.weight", None, "encoder.layer.1.attention.self.value", "peft"),
+    ("bart-kept", "base_model.model.model.encoder.layers.0.self_attn.q_proj", ".lora_A.weight", ".lora_B.weight",
+     None, "model.encoder.layers.0.self_attn.q_proj", "peft"),
+    ("vit-kept", "base_model.model.vit.encoder.layer.0.attention.attention.query", ".lora_A.weight",
+     ".lora_B.weight", None, "vit.encoder.layer.0.attention.attention.query", "peft"),
+    ("vit-under-model-kept", "base_model.model.model.encoder.layer.0.attention.attention.query", ".lora_A.weight",
+     ".lora_B.weight", None, "model.encoder.layer.0.attention.attention.query", "peft"),
+    ("bert-head-classifier-kept", "base_model.model.classifier", ".lora_A.weight", ".lora_B.weight", None,
+     "classifier", "peft"),
+    ("bert-wrapper-twice-kept", "base_model.model.bert.bert.encoder.layer.0.attention.self.query", ".lora_A.weight",
+     ".lora_B.weight", None, "bert.bert.encoder.layer.0.attention.self.query", "peft"),
+    ("mobilenet-under-model-kept", "base_model.model.model.features.2.conv.0.0", ".lora_A.weight", ".lora_B.weight",
+     None, "model.features.2.conv.0.0", "peft"),
     ("peft-unstripped-adapter-name", "base_model.model.model.layers.1.mlp.down_proj", ".lora_A.default.weight",
      ".lora_B.default.weight", None, "model.layers.1.mlp.down_proj", "peft"),
     ("peft-no-weight-suffix", "base_model.model.model.layers.1.mlp.up_proj", ".lora_A", ".lora_B", None,
@@ -130,3 +154,13 @@ def test_unknown_kohya_module_kept_with_warning(tmp_path: Path) -> None:
     lora = load_lora(path)
     assert lora.names == ("some_new_block_proj",)
     assert any("no known vocabulary" in w for w in lora.meta.warnings)
+
+
+def test_wrapped_and_plain_bert_module_in_one_file_is_refused(tmp_path: Path) -> None:
+    """``bert.encoder.…`` and ``encoder.…`` both resolve to one module: refused, never silently merged."""
+    a, b = factors(2, 8, 8)
+    stem = "encoder.layer.0.attention.self.query"
+    tensors = pair(f"base_model.model.bert.{stem}", ".lora_A.weight", ".lora_B.weight", a, b)
+    tensors |= pair(f"base_model.model.{stem}", ".lora_A.weight", ".lora_B.weight", a.clone(), b.clone())
+    with pytest.raises(LoraFormatError, match="both name module"):
+        load_lora(save(tmp_path / "x.safetensors", tensors))

@@ -25,7 +25,10 @@ einsum indices: ``n`` batch, ``r``/``s`` rank, ``i`` d_in, ``o`` d_out.
 **Module names** are the base model's own module paths: PEFT keys lose ``base_model.model.``; SD/SDXL/Flux UNet and
 transformer modules lose ``unet.``/``transformer.``/``diffusion_model.``; text encoders keep ``text_encoder.``,
 ``text_encoder_2.``, ``text_encoder_3.``. kohya names are looked up in generated module vocabularies, never split on
-``_``.
+``_``. A BERT encoder is named as ``BertModel`` names it (``encoder.layer.N.attention.self.query``, …) whichever tool
+wrapped it: the wrappers in :data:`lol_engine.lora.keys.ENCODER_WRAPPERS` (``bert.`` of transformers' heads,
+``0.model.``/``0.auto_model.``/``model.``/``auto_model.`` of sentence-transformers) go, and only in front of a
+``BertModel`` module; the resolved prefix is named in the family evidence. Other wrappers are kept as written.
 
 **Device and dtype follow the inputs.** Readers return float32 on the CPU; nothing in the library picks a device.
 """

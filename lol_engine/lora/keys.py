@@ -16,6 +16,7 @@ from lol_engine.errors import LoraFormatError
 from lol_engine.lora.vocab import resolve_kohya_name
 
 __all__ = [
+    "ENCODER_WRAPPERS",
     "KEY_RULES",
     "NAMING_FORMATS",
     "VARIANT_NAMES",
@@ -227,12 +228,28 @@ _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
 _TE_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
+# Attributes that tools, not users, wrap around a BERT-like encoder (``BertModel``'s own names follow them). They
+# are resolved only when what follows is a BertModel module, so no other architecture's names are touched.
+ENCODER_WRAPPERS: tuple[tuple[str, str], ...] = (
+    ("bert.", "transformers BertFor* head, e.g. BertForSequenceClassification"),
+    ("0.auto_model.", "peft on a whole SentenceTransformer (sentence-transformers < 6)"),
+    ("0.model.", "peft on a whole SentenceTransformer (sentence-transformers >= 6)"),
+    ("auto_model.", "peft on a SentenceTransformer's Transformer module (sentence-transformers < 6)"),
+    ("model.", "peft on a SentenceTransformer's Transformer module (sentence-transformers >= 6)"),
+)
+_BERT_MODULE = re.compile(  # BertModel's adaptable modules: embeddings, BertLayer's linears, the pooler
+    r"(encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)"
+    r"|pooler\.dense|embeddings\.(word|position|token_type)_embeddings)\Z"
+)
+
+
 @dataclass(frozen=True)
 class NameOrigin:
     """Where a module's canonical name came from: the naming family of its factor keys and the rule that named it."""
 
     naming: str  # the factor keys' family, as ModuleKeys.naming: "ab", "kohya", "diffusers", "mlx", "cloneofsimo", …
     source: str  # the naming rule: "peft" | "kohya" | "diffusers" | "comfyui" | "cloneofsimo" | "plain"
+    wrapper: str = ""  # an ENCODER_WRAPPERS prefix resolved away, e.g. "bert."
 
 
 @dataclass(frozen=True)
@@ -243,6 +260,12 @@ class ResolvedName:
     source: str  # "peft" | "kohya" | "diffusers" | "comfyui" | "plain"
     vocabulary: str | None = None  # kohya vocabulary the name was found in
     note: str = ""  # a warning, e.g. a kohya name in no known vocabulary
+    wrapper: str = ""  # an ENCODER_WRAPPERS prefix removed from the name, e.g. "bert."
+
+    @property
+    def wrapped_name(self) -> str:
+        """The name as the tool's model knew it: what PEFT matched ``rank_pattern``/``alpha_pattern`` keys against."""
+        return self.wrapper + self.name
 
 
 def canonical_name(stem: str, naming: str) -> ResolvedName:
@@ -254,6 +277,14 @@ def canonical_name(stem: str, naming: str) -> ResolvedName:
     'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0'
     >>> canonical_name("text_encoder.text_model.encoder.layers.0.self_attn.to_q", "diffusers").name
     'text_encoder.text_model.encoder.layers.0.self_attn.q_proj'
+
+    A tool's wrapper around a BERT encoder (:data:`ENCODER_WRAPPERS`) goes, so every tool's adapter of one encoder
+    names its modules as ``BertModel`` does; other architectures keep their paths:
+
+    >>> canonical_name("base_model.model.bert.encoder.layer.0.attention.self.query", "ab")
+    ResolvedName(name='encoder.layer.0.attention.self.query', source='peft', vocabulary=None, note='', wrapper='bert.')
+    >>> canonical_name("base_model.model.model.encoder.layers.0.self_attn.q_proj", "ab").name
+    'model.encoder.layers.0.self_attn.q_proj'
     """
     kohya = resolve_kohya_name(stem)
     if kohya is not None:
@@ -273,4 +304,7 @@ def canonical_name(stem: str, naming: str) -> ResolvedName:
         elif match:
             proj = match.group(1)
             name = name[: match.start()] + "." + ("to_out.0" if proj == "to_out" else proj)
+    for wrapper, _ in ENCODER_WRAPPERS:
+        if name.startswith(wrapper) and _BERT_MODULE.match(name, len(wrapper)):
+            return ResolvedName(name[len(wrapper) :], source, wrapper=wrapper)
     return ResolvedName(name, source)

@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from lol_engine.lora.config import (
 )
 from lol_engine.lora.family import detect_family
 from lol_engine.lora.keys import (
+    ENCODER_WRAPPERS,
     NAMING_FORMATS,
     ModuleKeys,
     NameOrigin,
@@ -145,8 +146,10 @@ def _prepare(
     for stem, group in low_rank.items():
         resolved = names[stem]
         spec = _spec(group, resolved.name, header, limits, notes)
-        alpha, scale = module_scale(group, spec, side, configs, notes)
-        plans.append(_Plan(spec, group, alpha, scale, NameOrigin(group.naming, resolved.source)))
+        # PEFT matched rank_pattern/alpha_pattern keys against the name inside the tool's wrapper (bert.…)
+        as_wrapped = replace(spec, name=resolved.wrapped_name) if resolved.wrapper else spec
+        alpha, scale = module_scale(group, as_wrapped, side, configs, notes)
+        plans.append(_Plan(spec, group, alpha, scale, NameOrigin(group.naming, resolved.source, resolved.wrapper)))
     plans.sort(key=lambda p: natural_key(p.spec.name))  # the same modules always come in the same order
     _check_work([p.spec for p in plans], limits, where)
     budget.check("planning modules")
@@ -294,6 +297,11 @@ def _spec(group: ModuleKeys, name: str, header: SafetensorsHeader, limits: ReadL
     if len(a_shape) < 2 or len(b_shape) < 2:
         raise LoraFormatError(f"{where}: factors must have at least 2 axes, got A {a_shape} and B {b_shape}")
     rank, d_out = a_shape[0], b_shape[0]
+    if len(a_shape) > 2 and 0 < b_shape[1] < rank and rank % b_shape[1] == 0 and d_out % (rank // b_shape[1]) == 0:
+        raise LoraFormatError(  # peft on a grouped conv: lora_B is a grouped 1x1 conv, lora_A a full conv
+            f"{where}: a grouped-conv LoRA (B {b_shape} is a 1x1 conv with {rank // b_shape[1]} groups, A {a_shape} a "
+            "full conv): its update is a full conv beside the grouped layer, no ΔW of that layer; not read"
+        )
     if b_shape[1] != rank:
         raise LoraFormatError(f"{where}: rank mismatch: A {a_shape} has rank {rank} but B {b_shape} has {b_shape[1]}")
     if any(d != 1 for d in b_shape[2:]):
@@ -386,6 +394,9 @@ def _metadata(
     family, evidence, family_warnings = detect_family(
         [p.spec for p in plans], kohya, modelspec, raw_config, header.metadata
     )
+    wrappers = dict(ENCODER_WRAPPERS)
+    for wrapper in sorted({p.origin.wrapper for p in plans} - {""}):
+        evidence += (f"module names: wrapper prefix {wrapper!r} resolved ({wrappers[wrapper]})",)
     fmt = format_name({p.origin for p in plans}, kohya, any(Role.MID in p.keys.keys for p in plans))
     used = {key for p in plans for role, key in p.keys.keys.items() if role is not Role.BIAS}
     skipped = tuple(k for k in header.tensors if k not in used)
