@@ -103,7 +103,7 @@ def test_minilm_wordnet_toy_labels_recomputed_with_sentence_transformers(tmp_pat
         scores = g @ lem.T
         rank_of_true = (scores > scores.diagonal()[:, None]).sum(1)
         drift = float(1.0 - (g * base_emb).sum(1).mean())
-        # The zoo computes from fp16 cached activations and truncates texts at 40 tokens: one probe item may differ.
+        # The zoo computes from fp16 cached activations and truncates texts at 32 tokens: one probe item may differ.
         assert abs(float((rank_of_true < 1).float().mean()) - row["y_probe_r1"]) <= 1 / 32 + 1e-9
         assert abs(float((rank_of_true < 10).float().mean()) - row["y_probe_r10"]) <= 1 / 32 + 1e-9
         assert drift == pytest.approx(row["y_drift"], rel=0.05, abs=2e-5)

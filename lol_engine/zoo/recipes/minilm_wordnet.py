@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
-LAYERS, HIDDEN, MAX_LEN, N_PROBE = 6, 384, 40, 256
+LAYERS, HIDDEN, MAX_LEN, N_PROBE = 6, 384, 32, 256
 MAX_PARAMS = 100_000
 MODULE_TYPES = (
     "attention.self.query",
@@ -305,7 +305,7 @@ class MiniLMWordNetRecipe(Recipe):
             "n_per_source": int(rng.integers(3, 7)) if settings.toy else int(rng.integers(10, 51)),
             "lr": float(10 ** rng.uniform(-4.3, -2.5)),
             "weight_decay": float(10 ** rng.uniform(-6, -2)),
-            "epochs": 1 if settings.toy else int(rng.choice([1, 2, 3])),
+            "epochs": 1 if settings.toy else int(rng.choice([1, 2])),
             "batch": int(rng.choice([16, 32])),
             "lora_dropout": float(rng.choice([0.0, 0.05, 0.1])),
             "data_seed": int(rng.integers(2**31)),
