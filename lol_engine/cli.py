@@ -261,7 +261,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from lol_engine.settings import settings
     from lol_engine.train import TrainConfig, load_zoo, save_predictor, train_on_zoo
-    from lol_engine.train.checkpoint import seen_digests
+    from lol_engine.train.checkpoint import seen_digests, zoo_base
 
     if args.db:
         return _train_on_collection(args)
@@ -286,7 +286,12 @@ def _train(args: argparse.Namespace) -> int:
             task,
             args.model,
             not args.no_fold_scale,
-            {"zoo": str(args.zoo), "result": {k: result[k] for k in ("val", "test")}, "seen": seen_digests(zoo)},
+            {
+                "zoo": str(args.zoo),
+                "base": zoo_base(zoo),
+                "result": {k: result[k] for k in ("val", "test")},
+                "seen": seen_digests(zoo),
+            },
         )
         print(f"predictor: {args.out}")
     return 0

@@ -24,7 +24,15 @@ from lol_engine.train.tasks import Task
 if TYPE_CHECKING:
     from lol_engine.train.loop import LoadedZoo
 
-__all__ = ["Predictor", "delta_digest", "load_predictor", "save_predictor", "seen_digests"]
+__all__ = [
+    "Predictor",
+    "declared_base",
+    "delta_digest",
+    "load_predictor",
+    "save_predictor",
+    "seen_digests",
+    "zoo_base",
+]
 
 
 def save_predictor(
@@ -136,6 +144,7 @@ class Predictor:
         return (list(lora.spec.names), []) if self.fits(lora) else ([], list(lora.spec.names))
 
     def _check(self, lora: LoraWeights) -> None:
+        self._check_base(lora)
         if not isinstance(self.model, ModuleTokenNet):
             check_compatible(self.model.spec, lora.spec, same_rank=not self.model.rank_agnostic)
             return
@@ -144,6 +153,24 @@ class Predictor:
             raise SpecMismatchError(
                 f"the LoRA does not fit this predictor: none of its {len(ignored)} module(s) has a role, shape and "
                 f"block it learned from (first: {ignored[0] if ignored else 'no module'})"
+            )
+
+    def _check_base(self, lora: LoraWeights) -> None:
+        """A predictor that records its base (``config["base"]``: the zoo's base model and family) does not apply to
+        a LoRA of another family, nor to one whose files name another base model (a Hub id or model name; a local
+        path says nothing and is not held against it). Same shapes are not enough: all-MiniLM-L12-v2 has
+        all-MiniLM-L6-v2's module shapes, and a predictor of one knows nothing of the other's adapters."""
+        base = self.config.get("base") or {}
+        family, name = base.get("family"), base.get("name")
+        if family and lora.meta.base_family not in ("unknown", family):
+            raise SpecMismatchError(
+                f"this predictor is for {family} LoRAs ({name or 'its zoo base'}); the LoRA is a "
+                f"{lora.meta.base_family} LoRA"
+            )
+        declared = declared_base(lora)
+        if name and declared and _model_key(declared) != _model_key(name):
+            raise SpecMismatchError(
+                f"this predictor learned from LoRAs of {name}; the LoRA names its base model {declared}"
             )
 
     def has_seen(self, lora: LoraWeights) -> bool:
@@ -212,6 +239,39 @@ def delta_digest(lora: LoraWeights) -> str:
         digest.update(delta.to(torch.float32).contiguous().cpu().numpy().tobytes())
     _DIGESTS[lora] = digest.hexdigest()
     return _DIGESTS[lora]
+
+
+def _model_key(name: str) -> str:
+    """``sentence-transformers/all-MiniLM-L6-v2`` and ``all-minilm-l6-v2`` are one model: its last path part."""
+    return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def declared_base(lora: LoraWeights) -> str | None:
+    """The base model a LoRA's own files name (PEFT ``base_model_name_or_path``, or lol-explorer's ``lol.base``), or
+    None when they name none or only a local path (which says nothing about which model it was)."""
+    meta = lora.meta
+    name = meta.adapter_config.get("base_model_name_or_path") or meta.safetensors_metadata.get("lol.base")
+    if not isinstance(name, str) or not name.strip():
+        return None
+    name = name.strip()
+    if (
+        name.startswith(("/", ".", "~", "\\"))
+        or "\\" in name
+        or (len(name) > 1 and name[1] == ":")
+        or name.count("/") > 1
+    ):
+        return None  # a path on someone's disk
+    return name
+
+
+def zoo_base(zoo: LoadedZoo) -> dict[str, str] | None:
+    """The ``base`` entry of a predictor trained on ``zoo``: its one base model and family, or None when the zoo
+    mixes bases."""
+    names = {str(r.get("base_name") or "") for r in zoo.rows}
+    families = {lora.meta.base_family for lora in zoo.loras}
+    if len(names) != 1 or len(families) != 1 or "" in names:
+        return None
+    return {"name": names.pop(), "family": families.pop()}
 
 
 def seen_digests(zoo: LoadedZoo, splits: Sequence[str] = ("train", "val")) -> dict[str, Any]:

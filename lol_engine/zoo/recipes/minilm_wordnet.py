@@ -185,7 +185,11 @@ def _layer_inputs(tokenizer: Any, bert: Any, texts: list[str], batch: int = 128)
     hidden, masks = [], []
     for start in range(0, len(texts), batch):
         enc = tokenizer(
-            texts[start : start + batch], padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt"
+            texts[start : start + batch],
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_LEN,
+            return_tensors="pt",
         )
         out = bert(**enc, output_hidden_states=True)
         hidden.append(torch.stack(out.hidden_states[:LAYERS]).half())
@@ -238,7 +242,9 @@ class MiniLMWordNetRecipe(Recipe):
             torch.manual_seed(0)
             head.reset_parameters()
             with torch.no_grad():
-                feats = _pool(encode_from(bert, LAYERS - 1, hidden[LAYERS - 1][base_idx], mask[base_idx]), mask[base_idx])
+                feats = _pool(
+                    encode_from(bert, LAYERS - 1, hidden[LAYERS - 1][base_idx], mask[base_idx]), mask[base_idx]
+                )
             loss_fn = nn.CrossEntropyLoss()
             adam_steps(
                 list(head.parameters()),
@@ -250,7 +256,9 @@ class MiniLMWordNetRecipe(Recipe):
                 generator=torch.Generator().manual_seed(0),
             )
 
-        head = load_or_build_base(base_dir / f"head-{tag}.safetensors", lambda: nn.Linear(HIDDEN, len(categories)), fit_head)
+        head = load_or_build_base(
+            base_dir / f"head-{tag}.safetensors", lambda: nn.Linear(HIDDEN, len(categories)), fit_head
+        )
         for p in head.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
@@ -343,7 +351,10 @@ class MiniLMWordNetRecipe(Recipe):
 
         def loss(i: Tensor) -> Tensor:
             rows = index[i]
-            return loss_fn(context.head(_pool(encode_from(bert, lowest, hidden[rows], context.mask[rows]), context.mask[rows])), context.labels[rows])
+            return loss_fn(
+                context.head(_pool(encode_from(bert, lowest, hidden[rows], context.mask[rows]), context.mask[rows])),
+                context.labels[rows],
+            )
 
         model.train()
         steps = choices["epochs"] * math.ceil(len(train_idx) / choices["batch"])

