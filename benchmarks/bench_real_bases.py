@@ -82,6 +82,11 @@ BEGIN, END = "<!-- real-bases:begin -->", "<!-- real-bases:end -->"
 console = Console(width=None if Console().is_terminal else 160)
 
 
+def _finite(value: float) -> float:
+    """A metric for comparisons: nan (undefined, e.g. a constant's rank correlation) ranks last."""
+    return float(value) if np.isfinite(value) else -np.inf
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
@@ -99,9 +104,9 @@ def run_task(zoo: Any, label: str, metric: str, seeds: int, epochs: int, feature
     test = [r[3]["test"][metric] for r in runs]
     spread = float(np.std(val)) if seeds > 1 else 0.0
     constant = baselines["constant"]
-    signal = float(np.mean(val)) - constant["val"][metric] > spread
+    signal = bool(float(np.mean(val)) - _finite(constant["val"][metric]) > spread)  # False when val is nan
     learned = {k: v for k, v in baselines.items() if k != "constant"}
-    best_name = max(learned, key=lambda k: learned[k]["val"][metric])  # chosen on validation
+    best_name = max(learned, key=lambda k: _finite(learned[k]["val"][metric]))  # chosen on validation
     best = learned[best_name]
     test_spread = float(np.std(test)) if seeds > 1 else 0.0
     margin = float(np.mean(test)) - best["test"][metric]
