@@ -188,7 +188,7 @@ def test_train_on_zoo_selects_on_the_manifests_validation_rows(digits) -> None:
 def test_calibration_threshold_and_coverage_from_the_named_splits(digits, tmp_path: Path) -> None:
     model, task, _ = train_on_zoo(digits, "acc_own", "gl_net", TINY, FAST)
     save_predictor(tmp_path, model, task, "gl_net", True)
-    cal = calibrate(load_predictor(tmp_path), digits, coverage=0.8, split="val", check="test")
+    cal = calibrate(load_predictor(tmp_path), digits, coverage=0.8, split="cal", check="test")
 
     def residuals(split: str) -> np.ndarray:
         idx = [i for i, row in enumerate(digits.rows) if row["split"] == split]
@@ -196,8 +196,8 @@ def test_calibration_threshold_and_coverage_from_the_named_splits(digits, tmp_pa
             pred = task.decode(model.eval()(LoraBatch.from_loras([digits.loras[i] for i in idx]))).numpy()
         return np.abs(np.array([digits.rows[i]["y_acc_own"] for i in idx]) - pred)
 
-    val = np.sort(residuals("val"))
-    q = val[math.ceil((len(val) + 1) * 0.8) - 1]  # split conformal: the ⌈(n + 1)·0.8⌉-th smallest residual
-    assert (cal["n"], cal["q"]) == (len(val), pytest.approx(q, rel=1e-5))
+    scores = np.sort(residuals("cal"))
+    q = scores[math.ceil((len(scores) + 1) * 0.8) - 1]  # split conformal: the ⌈(n + 1)·0.8⌉-th smallest residual
+    assert (cal["n"], cal["q"]) == (len(scores), pytest.approx(q, rel=1e-5))
     assert cal["test_coverage"] == pytest.approx(float((residuals("test") <= q).mean()))
     assert cal["test_mean_size"] == pytest.approx(2 * q, rel=1e-5)
