@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("duckdb")
 
-from collection import ZOOS, mini_zoo
+from collection import SHIPPED, ZOOS, mini_zoo
 
 import lol_engine.explorer as explorer_module
 from lol_engine import BadRequestError, LoraFormatError, load_lora
@@ -169,7 +169,7 @@ def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.Cap
 def test_collection_has_labels_predictions_embeddings_and_maps(collection: Explorer) -> None:
     assert collection.count() == 70
     encoders = collection.maps()
-    assert encoders[0] == FINGERPRINT and len(encoders) == 7  # fingerprint + 6 shipped predictors
+    assert encoders[0] == FINGERPRINT and len(encoders) == 1 + len(SHIPPED)  # fingerprint + the shipped predictors
     maps = collection.store.maps()
     assert maps[FINGERPRINT] == 70 and maps["lol:digits-classes"] == 40 and maps["lol:fashion-gen-quality"] == 30
     records = {r["id"]: r for r in collection.records()}
@@ -235,7 +235,7 @@ def test_analyse_stores_nothing_and_add_is_idempotent(fresh: Explorer, tmp_path:
     config = DIGITS[20] / "adapter_config.json"
     analysis = fresh.analyse(upload, config)
     assert fresh.store.count() == before and not fresh.uploads_dir.exists()
-    assert set(analysis.estimates) == {"digits-acc_own", "digits-classes", "digits-probe_member"}
+    assert set(analysis.estimates) == {"digits-acc_own", "digits-classes"}
     added = fresh.add(upload, config, name="my lora")
     lora_id = added.id
     assert added == AddResult(lora_id, "my lora", existed=False) and lora_id == analysis.sha256
@@ -372,7 +372,7 @@ def test_analyse_then_add_parses_once_and_predicts_once(
     assert parsed.count(str(upload)) == 1  # the others are stored LoRAs read for neighbours, never the upload
     assert not [p for p in parsed if str(fresh.uploads_dir) in p]  # nor its stored copy
     fitting = sorted(result.analysis.estimates)
-    assert len(fitting) == 3 and sorted(forwards) == fitting  # one forward per fitting predictor, none on add
+    assert fitting == sorted(n for n in SHIPPED if n.startswith("digits-")) and sorted(forwards) == fitting  # one each
     assert fresh.estimates(result.analysis.sha256) == result.analysis.estimates
 
 
