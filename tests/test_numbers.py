@@ -300,6 +300,12 @@ def test_shipped_fashion_gen_keeps_identities_in_one_split() -> None:
     lora_train_ids = {r["hp_identity"] for r in rows if r["split_lora"] == "train"}
     lora_test = [r for r in rows if r["split_lora"] == "test"]
     assert sum(r["hp_identity"] in lora_train_ids for r in lora_test) > 0.9 * len(lora_test)
+    zoo = LoadedZoo(Path("."), rows, [])
+    per_lora = zoo.resplit("split_lora")
+    assert per_lora.loras is zoo.loras and [r["split"] for r in per_lora.rows] == [r["split_lora"] for r in rows]
+    for name in ("train", "val", "cal", "test"):  # the view's splits are the column's, the zoo's stay grouped
+        assert per_lora.split(name).tolist() == [i for i, r in enumerate(rows) if r["split_lora"] == name]
+        assert zoo.split(name).tolist() == [i for i, r in enumerate(rows) if r["split"] == name]
 
 
 # ---------------------------------------------------------------------------------------------------------------
