@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,17 @@ def test_fit_keeps_the_epoch_whose_recomputed_validation_loss_is_lowest(digits) 
     assert info["best_epoch"] == best
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, states[best][key], rtol=0, atol=0)
+
+
+def test_early_stopping_runs_patience_epochs_past_the_lowest_validation_loss(digits) -> None:
+    """With ``patience`` p, training stops p epochs after the epoch of the lowest validation loss (or at the cap),
+    and keeps that epoch's weights; without it, every epoch runs."""
+    full = train_on_zoo(digits, "acc_own", "gl_net", TINY, BUMPY)[2]["fit"]["val_loss_history"]
+    first_stall = next(e for e in range(1, len(full)) if full[e] >= min(full[:e]))  # no new lowest loss
+    assert first_stall < len(full) - 1  # the run stops before the cap
+    stopped = train_on_zoo(digits, "acc_own", "gl_net", TINY, replace(BUMPY, patience=1))[2]["fit"]
+    assert stopped["val_loss_history"] == pytest.approx(full[: first_stall + 1], rel=1e-6)
+    assert stopped["best_epoch"] == int(np.argmin(full[: first_stall + 1]))
 
 
 def test_train_on_zoo_selects_on_the_manifests_validation_rows(digits) -> None:
