@@ -11,7 +11,6 @@ ZOOS = Path(__file__).resolve().parent.parent / "data" / "zoo"
 SHIPPED = {  # the predictors shipped inside the package
     "digits-acc_own",
     "digits-classes",
-    "digits-probe_member",
     "fashion-gen-bold",
     "fashion-gen-class",
     "fashion-gen-quality",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from collection import ZOOS
+from collection import SHIPPED, ZOOS
 from conftest import make_collection
 
 pytest.importorskip("gradio")
@@ -101,7 +101,7 @@ def test_api_upload_predict_and_neighbours(client: Client) -> None:
         handle_file(str(FASHION[40] / "adapter_config.json")),
     ]
     card, predictions, spectrum, neighbours, modules, _, blocks = client.predict(files, "", api_name="/analyse")
-    assert "fashion" in card and "3 of 6 fit" in card
+    assert "fashion" in card and f"3 of {len(SHIPPED)} fit" in card
     rows = {row[0]: row for row in predictions["data"]}
     assert set(rows) == {"fashion-gen-bold", "fashion-gen-class", "fashion-gen-quality"}
     assert rows["fashion-gen-quality"][4].endswith("@90%")
@@ -244,7 +244,7 @@ def test_concurrent_uploads_all_answer(app_url: str, gradio_temp: Path, same_fil
     assert sorted(results) == list(range(8))
     for i, result in results.items():
         assert not isinstance(result, Exception), result
-        assert "3 of 6 fit" in result[0] and len(result[1]["data"]) == 3, i  # one row per predictor
+        assert f"3 of {len(SHIPPED)} fit" in result[0] and len(result[1]["data"]) == 3, i  # one row per predictor
     assert left_in(gradio_temp) == []
 
 

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("duckdb")
 
-from collection import ZOOS, mini_zoo
+from collection import SHIPPED, ZOOS, mini_zoo
 
 import lol_engine.explorer as explorer_module
 from lol_engine import BadRequestError, LoraFormatError, load_lora
@@ -155,13 +155,13 @@ def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.Cap
     cal = json.loads((folder / "config.json").read_text())["calibration"]
     import pyarrow.parquet as pq
 
-    n_val = pq.read_table(zoo / "manifest.parquet").column("split").to_pylist().count("val")
-    assert cal["coverage"] == 0.8 and cal["n"] == n_val > 5 and math.isfinite(cal["q"])
+    n_cal = pq.read_table(zoo / "manifest.parquet").column("split").to_pylist().count("cal")
+    assert cal["coverage"] == 0.8 and cal["split"] == "cal" and cal["n"] == n_cal > 5 and math.isfinite(cal["q"])
     assert 0.0 <= cal["test_coverage"] <= 1.0 and "test coverage" in capsys.readouterr().out
     seen = json.loads((folder / "config.json").read_text())["seen"]
     splits = pq.read_table(zoo / "manifest.parquet").to_pylist()
-    learned = {load_lora(zoo / r["path"]).meta.sha256 for r in splits if r["split"] in ("train", "val")}
-    assert seen["splits"] == ["train", "val"] and set(seen["sha256"]) == learned
+    learned = {load_lora(zoo / r["path"]).meta.sha256 for r in splits if r["split"] in ("train", "val", "cal")}
+    assert seen["splits"] == ["train", "val", "cal"] and set(seen["sha256"]) == learned
     assert len(seen["delta"]) == len(learned) == len(set(seen["delta"]))
 
 
@@ -169,7 +169,7 @@ def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.Cap
 def test_collection_has_labels_predictions_embeddings_and_maps(collection: Explorer) -> None:
     assert collection.count() == 70
     encoders = collection.maps()
-    assert encoders[0] == FINGERPRINT and len(encoders) == 7  # fingerprint + 6 shipped predictors
+    assert encoders[0] == FINGERPRINT and len(encoders) == 1 + len(SHIPPED)  # fingerprint + the shipped predictors
     maps = collection.store.maps()
     assert maps[FINGERPRINT] == 70 and maps["lol:digits-classes"] == 40 and maps["lol:fashion-gen-quality"] == 30
     records = {r["id"]: r for r in collection.records()}
@@ -235,7 +235,7 @@ def test_analyse_stores_nothing_and_add_is_idempotent(fresh: Explorer, tmp_path:
     config = DIGITS[20] / "adapter_config.json"
     analysis = fresh.analyse(upload, config)
     assert fresh.store.count() == before and not fresh.uploads_dir.exists()
-    assert set(analysis.estimates) == {"digits-acc_own", "digits-classes", "digits-probe_member"}
+    assert set(analysis.estimates) == {"digits-acc_own", "digits-classes"}
     added = fresh.add(upload, config, name="my lora")
     lora_id = added.id
     assert added == AddResult(lora_id, "my lora", existed=False) and lora_id == analysis.sha256
@@ -372,23 +372,23 @@ def test_analyse_then_add_parses_once_and_predicts_once(
     assert parsed.count(str(upload)) == 1  # the others are stored LoRAs read for neighbours, never the upload
     assert not [p for p in parsed if str(fresh.uploads_dir) in p]  # nor its stored copy
     fitting = sorted(result.analysis.estimates)
-    assert len(fitting) == 3 and sorted(forwards) == fitting  # one forward per fitting predictor, none on add
+    assert fitting == sorted(n for n in SHIPPED if n.startswith("digits-")) and sorted(forwards) == fitting  # one each
     assert fresh.estimates(result.analysis.sha256) == result.analysis.estimates
 
 
 def test_shipped_predictors_flag_the_loras_they_learned_from() -> None:
-    """Every shipped predictor records its zoo's train and val LoRAs: those are in-sample, test LoRAs are not."""
+    """Every shipped predictor records its zoo's train, val and cal LoRAs: those are in-sample, test LoRAs are not."""
     import pyarrow.parquet as pq
 
     predictors = load_predictors()
     rows = pq.read_table(ZOOS / "digits" / "manifest.parquet").to_pylist()
-    by_split = {split: next(r for r in rows if r["split"] == split) for split in ("train", "val", "test")}
+    by_split = {split: next(r for r in rows if r["split"] == split) for split in ("train", "val", "cal", "test")}
     for split, row in by_split.items():
         estimate = predictors["digits-acc_own"].predict(load_lora(ZOOS / "digits" / row["path"]))
         assert estimate.in_sample == (split != "test"), split
     for name, predictor in predictors.items():
         seen = predictor.config["seen"]
-        assert seen["splits"] == ["train", "val"] and len(seen["sha256"]) == len(seen["delta"]) > 500, name
+        assert seen["splits"] == ["train", "val", "cal"] and len(seen["sha256"]) == len(seen["delta"]) > 500, name
 
 
 def test_adding_the_same_bytes_at_once_stores_them_once(fresh: Explorer) -> None:

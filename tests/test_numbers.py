@@ -25,7 +25,7 @@ from lol_engine.lora.weights import LoraWeights
 from lol_engine.train.collection import SHARES, CollectionData, _split, baselines
 from lol_engine.train.loop import LoadedZoo
 from lol_engine.train.tasks import Task, infer_task, metrics
-from lol_engine.zoo.recipe import SPLITS, split_of
+from lol_engine.zoo.recipe import SPLITS, group_split, split_of
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics on fixed numbers
@@ -223,6 +223,7 @@ Splits = tuple[dict[int, np.ndarray], tuple[tuple[str, float], ...]]  # split co
 _SPLITTERS: dict[str, tuple[Callable[[int, int], str], tuple[tuple[str, float], ...]]] = {
     "zoo": (split_of, SPLITS),  # a built zoo's manifest, per (zoo seed, LoRA index)
     "collection": (lambda seed, i: _split(str(i), seed), SHARES),  # a stored collection, per (seed, id or group)
+    "zoo group": (lambda seed, i: split_of(seed, i, f"identity-{i}"), SPLITS),  # a zoo's group, per (seed, key)
 }
 
 
@@ -238,7 +239,7 @@ def splits(request: pytest.FixtureRequest) -> Splits:
 def test_split_proportions_over_many_indices(splits: Splits, seed: int) -> None:
     codes, shares = splits
     counts = np.bincount(codes[seed], minlength=len(shares))
-    assert [name for name, _ in shares] == ["train", "val", "test"]
+    assert [name for name, _ in shares] == ["train", "val", "cal", "test"]
     for (name, share), count in zip(shares, counts, strict=True):
         sd = math.sqrt(_N * share * (1 - share))
         assert abs(count - _N * share) < 5 * sd, (name, count)  # binomial, 5 σ
@@ -260,6 +261,51 @@ def test_split_is_independent_of_neighbours_and_of_the_seed(splits: Splits) -> N
         table = np.zeros((k, k))
         np.add.at(table, (a, b), 1)
         assert chi2_contingency(table).pvalue > 1e-4, table
+
+
+def test_per_lora_split_is_the_old_draw_and_test_its_top_tenth() -> None:
+    """Without a group, a LoRA's split comes from its own draw ``default_rng([seed, index, 7])``, recomputed here;
+    test is ``u ≥ .9`` as when the splits were 80 / 10 / 10 train/val/test, so no old test LoRA moved."""
+    edges = {"train": (0.0, 0.7), "val": (0.7, 0.8), "cal": (0.8, 0.9), "test": (0.9, 1.0)}
+    for seed in (0, 1):
+        for index in range(2000):
+            u = np.random.default_rng([seed, index, 7]).random()
+            low, high = edges[split_of(seed, index)]
+            assert low <= u < high, (seed, index, u)
+
+
+def test_group_split_is_the_sha256_of_seed_and_key() -> None:
+    import hashlib
+
+    for key in ("identity-0", "identity-17", "a collection group"):
+        u = int.from_bytes(hashlib.sha256(f"3:{key}".encode()).digest()[:8], "big") / 2**64
+        expected = "train" if u < 0.7 else "val" if u < 0.8 else "cal" if u < 0.9 else "test"
+        assert group_split(3, key) == split_of(3, 12345, key) == _split(key, 3) == expected
+
+
+def test_shipped_fashion_gen_keeps_identities_in_one_split() -> None:
+    """Every identity's LoRAs share one split; the per-LoRA column ``split_lora`` is the draw that ignores them, and
+    under it nearly every test LoRA shares its identity with a training LoRA (the leak the grouped split removes)."""
+    from lol_engine.zoo import read_manifest
+
+    rows = read_manifest(Path(__file__).parent.parent / "data" / "zoo" / "fashion-gen")
+    by_group: dict[str, set[str]] = {}
+    for r in rows:
+        assert r["group"] == f"identity-{r['hp_identity']}"
+        assert r["split_lora"] == split_of(0, r["index"])
+        by_group.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_group.values())
+    train_ids = {r["hp_identity"] for r in rows if r["split"] == "train"}
+    assert not any(r["hp_identity"] in train_ids for r in rows if r["split"] == "test")
+    lora_train_ids = {r["hp_identity"] for r in rows if r["split_lora"] == "train"}
+    lora_test = [r for r in rows if r["split_lora"] == "test"]
+    assert sum(r["hp_identity"] in lora_train_ids for r in lora_test) > 0.9 * len(lora_test)
+    zoo = LoadedZoo(Path("."), rows, [])
+    per_lora = zoo.resplit("split_lora")
+    assert per_lora.loras is zoo.loras and [r["split"] for r in per_lora.rows] == [r["split_lora"] for r in rows]
+    for name in ("train", "val", "cal", "test"):  # the view's splits are the column's, the zoo's stay grouped
+        assert per_lora.split(name).tolist() == [i for i, r in enumerate(rows) if r["split_lora"] == name]
+        assert zoo.split(name).tolist() == [i for i, r in enumerate(rows) if r["split"] == name]
 
 
 # ---------------------------------------------------------------------------------------------------------------

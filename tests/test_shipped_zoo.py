@@ -96,7 +96,12 @@ def test_every_shipped_choice_follows_from_the_seed(name: str, tmp_path: Path) -
     for row in read_manifest(DATA / name):
         index, seed = row["index"], lora_seed(settings.seed, row["index"])
         choices = recipe.sample(context, index, np.random.default_rng(seed), settings)
-        assert (row["seed"], row["split"]) == (seed, split_of(settings.seed, index)), index
+        group = recipe.group(choices)
+        assert (row["seed"], row["group"]) == (seed, group), index
+        assert (row["split"], row["split_lora"]) == (
+            split_of(settings.seed, index, group),
+            split_of(settings.seed, index),
+        )
         assert {k: v for k, v in row.items() if k.startswith("hp_")} == {f"hp_{k}": v for k, v in choices.items()}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,17 @@ def test_fit_keeps_the_epoch_whose_recomputed_validation_loss_is_lowest(digits) 
         torch.testing.assert_close(value, states[best][key], rtol=0, atol=0)
 
 
+def test_early_stopping_runs_patience_epochs_past_the_lowest_validation_loss(digits) -> None:
+    """With ``patience`` p, training stops p epochs after the epoch of the lowest validation loss (or at the cap),
+    and keeps that epoch's weights; without it, every epoch runs."""
+    full = train_on_zoo(digits, "acc_own", "gl_net", TINY, BUMPY)[2]["fit"]["val_loss_history"]
+    first_stall = next(e for e in range(1, len(full)) if full[e] >= min(full[:e]))  # no new lowest loss
+    assert first_stall < len(full) - 1  # the run stops before the cap
+    stopped = train_on_zoo(digits, "acc_own", "gl_net", TINY, replace(BUMPY, patience=1))[2]["fit"]
+    assert stopped["val_loss_history"] == pytest.approx(full[: first_stall + 1], rel=1e-6)
+    assert stopped["best_epoch"] == int(np.argmin(full[: first_stall + 1]))
+
+
 def test_train_on_zoo_selects_on_the_manifests_validation_rows(digits) -> None:
     model, task, result = train_on_zoo(digits, "acc_own", "gl_net", TINY, BUMPY)
     val_loss = _loss_on_rows(model, task, digits, "val")
@@ -188,7 +200,7 @@ def test_train_on_zoo_selects_on_the_manifests_validation_rows(digits) -> None:
 def test_calibration_threshold_and_coverage_from_the_named_splits(digits, tmp_path: Path) -> None:
     model, task, _ = train_on_zoo(digits, "acc_own", "gl_net", TINY, FAST)
     save_predictor(tmp_path, model, task, "gl_net", True)
-    cal = calibrate(load_predictor(tmp_path), digits, coverage=0.8, split="val", check="test")
+    cal = calibrate(load_predictor(tmp_path), digits, coverage=0.8, split="cal", check="test")
 
     def residuals(split: str) -> np.ndarray:
         idx = [i for i, row in enumerate(digits.rows) if row["split"] == split]
@@ -196,8 +208,8 @@ def test_calibration_threshold_and_coverage_from_the_named_splits(digits, tmp_pa
             pred = task.decode(model.eval()(LoraBatch.from_loras([digits.loras[i] for i in idx]))).numpy()
         return np.abs(np.array([digits.rows[i]["y_acc_own"] for i in idx]) - pred)
 
-    val = np.sort(residuals("val"))
-    q = val[math.ceil((len(val) + 1) * 0.8) - 1]  # split conformal: the ⌈(n + 1)·0.8⌉-th smallest residual
-    assert (cal["n"], cal["q"]) == (len(val), pytest.approx(q, rel=1e-5))
+    scores = np.sort(residuals("cal"))
+    q = scores[math.ceil((len(scores) + 1) * 0.8) - 1]  # split conformal: the ⌈(n + 1)·0.8⌉-th smallest residual
+    assert (cal["n"], cal["q"]) == (len(scores), pytest.approx(q, rel=1e-5))
     assert cal["test_coverage"] == pytest.approx(float((residuals("test") <= q).mean()))
     assert cal["test_mean_size"] == pytest.approx(2 * q, rel=1e-5)

@@ -64,9 +64,10 @@ def test_training_on_the_collection_matches_training_on_the_zoo(
     config = json.loads((folder / "config.json").read_text())
     provenance = config["provenance"]
     assert provenance["label"] == "acc_own" and provenance["split"]["by"] == "the collection's split label"
-    assert provenance["split"]["train"] + provenance["split"]["val"] + provenance["split"]["test"] == N
+    assert sum(provenance["split"][s] for s in ("train", "val", "cal", "test")) == N and provenance["split"]["cal"] > 0
+    assert config["calibration"]["split"] == "cal" and config["calibration"]["n"] == provenance["split"]["cal"]
     assert set(config["baselines"]) == {"mean r2", "ridge on fingerprint r2"} and config["calibration"]["n"] > 0
-    assert len(config["seen"]["sha256"]) == provenance["split"]["train"] + provenance["split"]["val"]
+    assert len(config["seen"]["sha256"]) == sum(provenance["split"][s] for s in ("train", "val", "cal"))
 
     explorer = Explorer.open(db)  # a restart: the collection's own predictor is loaded beside the shipped ones
     try:
@@ -144,6 +145,9 @@ def test_module_tokens_learns_from_every_layout(mixed: Path, capsys: pytest.Capt
     assert main([*args, "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "60 LoRAs (digits-mlp), split by the collection's split label: train 48, val 6, test 6" in out
+    assert "no cal split: the ranges are calibrated on val" in out
+    config = json.loads((mixed.parent / "predictors" / "acc_own-module_tokens" / "config.json").read_text())
+    assert config["calibration"]["split"] == "val"
     assert "left out" not in out and "registered as acc_own-module_tokens" in out
     config = json.loads((mixed.parent / "predictors" / "acc_own-module_tokens" / "config.json").read_text())
     assert config["vocabulary"]["roles"] == ["fc1", "fc2"] and config["provenance"]["left_out"] == {}

@@ -38,6 +38,8 @@ def test_manifest_schema(zoo: Path) -> None:
         "sha256",
         "split",
         "seed",
+        "split_lora",
+        "group",
         "recipe",
         "recipe_version",
         "base_name",
@@ -60,7 +62,8 @@ def test_manifest_schema(zoo: Path) -> None:
         "y_probe_mask",
     }
     assert set(rows[0]) == expected
-    assert {r["split"] for r in rows} <= {"train", "val", "test"}
+    assert {r["split"] for r in rows} <= {"train", "val", "cal", "test"}
+    assert all(r["group"] is None and r["split"] == r["split_lora"] for r in rows)  # each LoRA its own group
     assert {r["hp_rank"] for r in rows} <= {2, 4}
     assert len({r["base_sha256"] for r in rows}) == 1 and rows[0]["base_name"] == "digits-mlp-v0"
     for r in rows:

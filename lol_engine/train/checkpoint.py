@@ -274,9 +274,10 @@ def zoo_base(zoo: LoadedZoo) -> dict[str, str] | None:
     return {"name": names.pop(), "family": families.pop()}
 
 
-def seen_digests(zoo: LoadedZoo, splits: Sequence[str] = ("train", "val")) -> dict[str, Any]:
+def seen_digests(zoo: LoadedZoo, splits: Sequence[str] = ("train", "val", "cal")) -> dict[str, Any]:
     """The ``seen`` entry of a predictor trained on ``zoo``: file sha256 and :func:`delta_digest` of every LoRA in
-    ``splits`` (the weights' training split and the split that chose the epoch and calibrated the ranges)."""
+    ``splits`` (the weights' training split, the split that chose the epoch, and the one that calibrated the
+    ranges; a split without rows adds nothing)."""
     rows = [int(i) for split in splits for i in zoo.split(split)]
     return {
         "splits": list(splits),

@@ -7,20 +7,20 @@ same split, calibrate it, and register it beside the collection so that uploads,
   used silently. A model of module sets (``module_tokens``, ``accepts_subsets``) takes every layout of one base
   instead: the most common base family when none is asked for, and, should a module name come in two shapes, the
   LoRAs that agree with its most common shape.
-- **The split.** A ``split`` label holding ``train`` / ``val`` / ``test`` on every chosen LoRA is used as it is (the
-  shipped zoos carry theirs); otherwise 80 / 10 / 10 drawn per value of the ``group`` label (LoRAs of one group never
-  straddle train and test) or, without one, per LoRA, from a seed.
+- **The split.** A ``split`` label holding ``train`` / ``val`` / ``cal`` / ``test`` on every chosen LoRA is used as it
+  is (the shipped zoos carry theirs; ``cal`` may be absent there, and calibration then falls back to ``val``);
+  otherwise 70 / 10 / 10 / 10 drawn per value of the ``group`` label (LoRAs of one group never straddle two splits)
+  or, without one, per LoRA, from a seed. ``val`` early-stops, ``cal`` calibrates, ``test`` only reports.
 - **Baselines on the same split.** The mean (regression) or the majority class, and ridge / logistic regression on
   the GL-invariant fingerprint. A LoL model is better only where it beats them.
 - **Registration.** The predictor is saved under ``<data dir>/predictors/<name>`` with its provenance (collection,
-  label, filters, split, metrics, baselines, date), calibrated on its validation split, with the digests of the LoRAs
+  label, filters, split, metrics, baselines, date), calibrated on its ``cal`` split, with the digests of the LoRAs
   it learned from; :meth:`lol_engine.explorer.Explorer.register` then applies it to the stored LoRAs.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +33,7 @@ import numpy as np
 from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.train.loop import EpochCallback, LoadedZoo, TrainConfig, train_on_zoo
 from lol_engine.train.tasks import Task
-from lol_engine.zoo.recipe import SPLITS, split_at
+from lol_engine.zoo.recipe import SPLITS, group_split
 
 if TYPE_CHECKING:
     from lol_engine.explorer import Explorer
@@ -48,7 +48,7 @@ __all__ = [
     "train_predictor",
 ]
 
-SHARES = SPLITS  # the zoos' 80 / 10 / 10
+SHARES = SPLITS  # the zoos' 70 / 10 / 10 / 10
 MIN_PER_SPLIT = 2
 
 
@@ -64,9 +64,8 @@ class CollectionData:
 
 
 def _split(value: str, seed: int) -> str:
-    """train / val / test for a group value or LoRA id: fixed per (seed, value), 80 / 10 / 10."""
-    digest = hashlib.sha256(f"{seed}:{value}".encode()).digest()
-    return split_at(int.from_bytes(digest[:8], "big") / 2**64)
+    """train / val / cal / test for a group value or LoRA id: fixed per (seed, value), as a zoo's groups are."""
+    return group_split(seed, value)
 
 
 def collection_data(
@@ -113,8 +112,10 @@ def collection_data(
     elif not all(isinstance(v, (int, float, list)) and not isinstance(v, bool) for v in values):
         raise BadRequestError(f"{label!r} mixes numbers and text: give one kind per label")
     splits = [labels[r["id"]].get("split") for r in chosen]
-    if all(s in ("train", "val", "test") for s in splits):
+    required = [name for name, _ in SHARES]
+    if all(s in required for s in splits):
         split_by = "the collection's split label"
+        required = [name for name in required if name != "cal"]  # calibration falls back to val
     else:
         key = group if group is not None else ("group" if all("group" in labels[r["id"]] for r in chosen) else None)
         if key is not None and not all(key in labels[r["id"]] for r in chosen):
@@ -122,8 +123,8 @@ def collection_data(
         splits = [_split(str(labels[r["id"]][key]) if key else r["id"], seed) for r in chosen]
         split_by = f"group label {key!r}" if key else "LoRA"
     sizes = Counter(splits)
-    if min(sizes[s] for s, _ in SHARES) < MIN_PER_SPLIT:
-        shown = ", ".join(f"{s} {sizes[s]}" for s, _ in SHARES)
+    if min(sizes[s] for s in required) < MIN_PER_SPLIT:
+        shown = ", ".join(f"{s} {sizes[s]}" for s in required)
         raise BadRequestError(
             f"{len(chosen)} LoRAs give splits of {shown}: every split needs {MIN_PER_SPLIT}; label more"
         )
@@ -249,8 +250,11 @@ class TrainingReport:
 
     def lines(self, folder: bool = True) -> list[str]:
         """A plain-text report (the CLI prints it; the app shows it with ``folder=False``: no server path)."""
-        sizes = ", ".join(f"{name} {self.sizes.get(name, 0)}" for name, _ in SHARES)
+        shown = [name for name, _ in SHARES if name != "cal" or self.sizes.get(name, 0)]
+        sizes = ", ".join(f"{name} {self.sizes.get(name, 0)}" for name in shown)
         out = [f"{self.n} LoRAs ({self.base_family}), split by {self.split_by}: {sizes}"]
+        if "cal" not in shown:
+            out.append("no cal split: the ranges are calibrated on val, the split that chose the epoch (optimistic)")
         out += [f"left out: {n} labelled LoRA(s), {reason}" for reason, n in self.left_out.items()]
         for metric, values in self.test.items():
             out.append(f"test {metric:10s} {np.mean(values):.4f} ± {np.std(values):.4f}  ({len(values)} seeds)")
@@ -278,7 +282,8 @@ def train_predictor(
     device: str = "cpu",
 ) -> TrainingReport:
     """Train ``seeds`` runs, keep the best on validation, save it (default: the collection's predictors folder, as
-    ``<label>-<model>``), calibrate it on its validation split and, when it lies in that folder, register it.
+    ``<label>-<model>``), calibrate it on its cal split (val without one) and, when it lies in that folder, register
+    it.
 
     ``on_epoch(seed, epoch, epochs, val_loss)`` reports progress; returning False cancels (nothing is saved).
     ``device``: where training runs (:meth:`Explorer.train` passes the collection's, ``LOL_DEVICE``).
@@ -313,7 +318,7 @@ def train_predictor(
         "provenance": result["provenance"],
     }
     save_predictor(folder, model, task, model_name, fold_scale, extra)
-    calibrate_folder(folder, data.zoo)  # its own validation split; records the LoRAs it learned from
+    calibrate_folder(folder, data.zoo)  # its cal split (val without one); records the LoRAs it learned from
     registered = folder.resolve().parent == explorer.predictors_dir.resolve()
     if registered:
         explorer.register(folder)

@@ -43,7 +43,10 @@ class TrainingCancelledError(BadRequestError):
 class TrainConfig:
     """Optimisation settings; ``fold_scale`` is the documented scale choice (see :mod:`lol_engine.nn.batch`)."""
 
-    epochs: int = field(default=30, metadata={"help": "passes over the training split"})
+    epochs: int = field(default=30, metadata={"help": "passes over the training split (at most)"})
+    patience: int | None = field(
+        default=None, metadata={"help": "stop after this many epochs without a lower validation loss; None: never"}
+    )
     batch: int = field(default=32, metadata={"help": "LoRAs per step"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
@@ -65,8 +68,15 @@ class LoadedZoo:
     loras: list[LoraWeights]
 
     def split(self, name: str) -> np.ndarray:
-        """Row indices of the train / val / test split."""
+        """Row indices of the train / val / cal / test split."""
         return np.array([i for i, r in enumerate(self.rows) if r["split"] == name], dtype=np.int64)
+
+    def resplit(self, column: str) -> LoadedZoo:
+        """The same LoRAs with the splits of manifest column ``column`` (e.g. ``split_lora``, the per-LoRA split
+        that ignores groups), sharing the loaded weights."""
+        if self.rows and column not in self.rows[0]:
+            raise NotFoundError(f"{self.path}: the manifest has no column {column!r}; rebuild its manifest")
+        return LoadedZoo(self.path, [r | {"split": r[column]} for r in self.rows], self.loras)
 
 
 def load_zoo(path: str | Path) -> LoadedZoo:
@@ -126,7 +136,8 @@ def evaluate(model: LoLModel, task: Task, data: Split, chunk: int = 256) -> dict
 def fit(
     model: LoLModel, task: Task, train: Split, val: Split, config: TrainConfig, on_epoch: EpochCallback | None = None
 ) -> dict[str, Any]:
-    """AdamW on the training split; keeps the weights of the epoch with the lowest validation loss.
+    """AdamW on the training split; keeps the weights of the epoch with the lowest validation loss, stopping early
+    after ``config.patience`` epochs without a new lowest one.
 
     ``on_epoch(epoch, epochs, val_loss)`` is called after every epoch (progress); when it returns False, training
     stops with :class:`TrainingCancelledError`.
@@ -150,6 +161,8 @@ def fit(
             best = (val_loss, copy.deepcopy(model.state_dict()), epoch)
         if on_epoch is not None and not on_epoch(epoch + 1, config.epochs, val_loss):
             raise TrainingCancelledError(f"training stopped on request after epoch {epoch + 1} of {config.epochs}")
+        if config.patience is not None and epoch - best[2] >= config.patience:
+            break
     model.load_state_dict(best[1])
     return {"best_epoch": best[2], "val_loss_history": history}
 

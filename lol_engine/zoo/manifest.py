@@ -1,4 +1,8 @@
-"""The zoo manifest: one Parquet row per LoRA (readable by DuckDB: ``SELECT * FROM 'manifest.parquet'``)."""
+"""The zoo manifest: one Parquet row per LoRA (readable by DuckDB: ``SELECT * FROM 'manifest.parquet'``).
+
+``split`` is drawn per group (:meth:`Recipe.group`; LoRAs without one are their own group), ``split_lora`` per LoRA
+whatever its group: the latter is kept only to show how much a split that ignores groups flatters a model.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ def _row(out: Path, record: dict[str, Any], recipe: Recipe, base: tuple[str, str
         "path": path,
         "sha256": file_sha256(out / path / "adapter_model.safetensors"),
         "split": "",
+        "split_lora": "",
+        "group": None,
         "seed": record["seed"],
         "recipe": recipe.name,
         "recipe_version": recipe.version,
@@ -44,11 +50,17 @@ def write_manifest(out: Path, recipe: Recipe, settings: ZooSettings, n: int, bas
         labels = out / "loras" / f"{index:05d}" / "labels.json"
         if not labels.exists():
             raise FileNotFoundError(f"{labels} is missing: the zoo is incomplete; run the build again to finish it")
-        row = _row(out, json.loads(labels.read_text()), recipe, base)
-        row["split"] = split_of(settings.seed, index)
+        record = json.loads(labels.read_text())
+        row = _row(out, record, recipe, base)
+        row["group"] = recipe.group(record["choices"])
+        row["split"] = split_of(settings.seed, index, row["group"])
+        row["split_lora"] = split_of(settings.seed, index)
         rows.append(row)
     path = out / MANIFEST_NAME
     table = pa.Table.from_pylist(rows)
+    table = table.set_column(  # a string column even when no LoRA has a group
+        table.schema.get_field_index("group"), "group", pa.array([r["group"] for r in rows], type=pa.string())
+    )
     table = table.replace_schema_metadata({"zoo": json.dumps({"recipe": recipe.name, "settings": settings.to_dict()})})
     pq.write_table(table, path)
     return path

@@ -1,8 +1,18 @@
 """What a zoo recipe is (a base model, data, a sampler of per-LoRA choices, a trainer and a labeller), and the
-per-LoRA seed and train/val/test split every recipe shares."""
+per-LoRA seed and train/val/cal/test split every recipe shares.
+
+The four splits each have one job: ``train`` fits the weights, ``val`` early-stops and chooses models, ``cal`` fits
+the conformal ranges (:mod:`lol_engine.train.calibrate`) and ``test`` only reports. Calibrating on the split that
+chose the epoch and the seed breaks the exchangeability conformal coverage rests on (the chosen model is the one
+whose errors happen to be small there), so ``cal`` is kept apart from ``val``.
+
+LoRAs that share a group (e.g. fashion-gen LoRAs trained on the same identity, see :meth:`Recipe.group`) fall in
+one split together: a test LoRA whose identity a training LoRA shares measures recall, not generalization.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,9 +22,11 @@ import numpy as np
 
 from lol_engine.errors import BadRequestError
 
-__all__ = ["SPLITS", "Recipe", "ZooSettings", "lora_seed", "split_at", "split_of"]
+__all__ = ["SPLITS", "Recipe", "ZooSettings", "group_split", "lora_seed", "split_at", "split_of"]
 
-SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+# Ordered so that ``test`` is the top 10 % of the draw, as before ``cal`` existed (80 / 10 / 10 train/val/test):
+# a LoRA's per-LoRA draw puts it in the same test split as then; ``val`` now takes [.7, .8) and ``cal`` [.8, .9).
+SPLITS = (("train", 0.7), ("val", 0.1), ("cal", 0.1), ("test", 0.1))
 
 
 @dataclass(frozen=True)
@@ -53,9 +65,21 @@ def lora_seed(zoo_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([zoo_seed, index]).generate_state(1)[0])
 
 
-def split_of(zoo_seed: int, index: int) -> str:
-    """train / val / test (80 / 10 / 10), fixed per (seed, index) and independent of every label."""
+def split_of(zoo_seed: int, index: int, group: str | None = None) -> str:
+    """train / val / cal / test (70 / 10 / 10 / 10), fixed per (seed, index) and independent of every label.
+
+    With a ``group`` the split is :func:`group_split` of it (every LoRA of the group together); without one, the
+    LoRA's own draw from ``(seed, index)``.
+    """
+    if group is not None:
+        return group_split(zoo_seed, group)
     return split_at(np.random.default_rng([zoo_seed, index, 7]).random())
+
+
+def group_split(seed: int, key: str) -> str:
+    """The split of every LoRA whose group (or collection id) is ``key``: sha256 of ``"seed:key"`` as a uniform."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return split_at(int.from_bytes(digest[:8], "big") / 2**64)
 
 
 def split_at(u: float) -> str:
@@ -115,6 +139,14 @@ class Recipe(ABC):
 
         ``context`` gives what the choices range over (e.g. the number of identities), never labels.
         """
+
+    def group(self, choices: dict[str, Any]) -> str | None:
+        """The group of a LoRA with these choices, kept whole in one split; None: the LoRA is its own group.
+
+        A recipe that draws a shared source (an identity, a dataset) with replacement must return it here, or test
+        LoRAs share their source with training LoRAs.
+        """
+        return None
 
     @abstractmethod
     def train_and_label(self, context: Any, choices: dict[str, Any], seed: int, out_dir: Path) -> dict[str, Any]:

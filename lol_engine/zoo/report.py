@@ -132,7 +132,7 @@ def summarize_zoo(zoo: str | Path) -> dict[str, Any]:
     return {
         "zoo": str(zoo),
         "n": len(rows),
-        "splits": {s: int((split == s).sum()) for s in ("train", "val", "test")},
+        "splits": {s: int((split == s).sum()) for s in ("train", "val", "cal", "test")},
         "baseline_protocol": protocol,
         "train_seconds_mean": float(seconds.mean()),
         "train_seconds_median": float(np.median(seconds)),

@@ -134,6 +134,11 @@ class DigitsRecipe(Recipe):
             "data_seed": int(rng.integers(2**31)),
         }
 
+    def group(self, choices: dict[str, Any]) -> str | None:
+        """None: each class subset is drawn once (``sample`` walks a permutation of the 1,023 subsets), the images
+        are drawn per LoRA, and no other choice is shared by construction; each LoRA is its own group."""
+        return None
+
     def train_and_label(
         self, context: DigitsContext, choices: dict[str, Any], seed: int, out_dir: Path
     ) -> dict[str, Any]:

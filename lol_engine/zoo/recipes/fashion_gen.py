@@ -218,6 +218,10 @@ class FashionGenRecipe(Recipe):
             "image_seed": int(rng.integers(2**31)),
         }
 
+    def group(self, choices: dict[str, Any]) -> str | None:
+        """Identities are drawn with replacement (1,000 LoRAs, 199 identities): LoRAs of one identity stay together."""
+        return f"identity-{choices['identity']}"
+
     def train_and_label(
         self, context: FashionContext, choices: dict[str, Any], seed: int, out_dir: Path
     ) -> dict[str, Any]:
