@@ -3,7 +3,7 @@ simple baselines, on the zoos in ``data/zoo``; ships the predictors that earn it
 
     python benchmarks/bench_real_bases.py                               # table + docs/RESULTS.md section
     python benchmarks/bench_real_bases.py --ship lol_engine/predictors  # also save and calibrate the predictors
-    python benchmarks/bench_real_bases.py --quick                       # smoke run (1 seed, 2 epochs, nothing written)
+    python benchmarks/bench_real_bases.py --quick    # smoke run (120 LoRAs a zoo, 1 seed, 2 epochs, nothing written)
 
 The zoos' LoRAs adapt different modules at different ranks, so the LoL model is ``module_tokens`` (GL(r)-invariant,
 rank-agnostic, reads any subset of the base's modules). For every task it trains 3 seeds with early stopping on
@@ -31,7 +31,7 @@ import numpy as np
 from rich.console import Console
 
 from lol_engine.nn import ModelConfig
-from lol_engine.train import TrainConfig, load_zoo, save_predictor, train_on_zoo
+from lol_engine.train import LoadedZoo, TrainConfig, load_zoo, save_predictor, train_on_zoo
 from lol_engine.train.baselines import fit_baselines, zoo_features
 from lol_engine.train.calibrate import calibrate_folder
 from lol_engine.train.checkpoint import zoo_base
@@ -265,7 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
         if not (folder / "manifest.parquet").is_file():
             console.print(f"[yellow]{zoo_name}: no zoo in {folder}; skipped[/yellow]")
             continue
-        zoo = zoos[zoo_name] = load_zoo(folder)
+        zoo = load_zoo(folder)
+        if args.quick:  # a smoke run: the first 120 LoRAs
+            zoo = LoadedZoo(zoo.path, zoo.rows[:120], zoo.loras[:120])
+        zoos[zoo_name] = zoo
         features = zoo_features(zoo)
         for label, metric, _, _ in tasks:
             r = run_task(zoo, label, metric, seeds, epochs, features, args.quick)

@@ -203,7 +203,9 @@ def minilm_prediction_vs_evaluation(quick: bool) -> list[Row]:
     zoo = ROOT / "data" / "zoo" / "minilm-wordnet"
     predictors = load_predictors()
     if name not in predictors or not (zoo / "manifest.parquet").is_file():
-        return [["LoL vs evaluation", "MiniLM probe recall@10", "-", "-", "-", f"skipped: no {name} or no zoo"]]
+        return [
+            ["LoL vs evaluation", "MiniLM probe recall@10", "-", "-", "not run: the predictor or zoo is missing", name]
+        ]
     predictor = predictors[name]
     rows = [r for r in pq.read_table(zoo / "manifest.parquet").to_pylist() if r["split"] == "test"]
     rows = rows[: 8 if quick else 64]

@@ -138,6 +138,20 @@ def test_bench_app_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert "first map (with JIT)" in out and "SDXL kohya" in out and "p95" in out
 
 
+def test_bench_real_bases_smoke(tmp_path: Path) -> None:
+    """The real-base script trains module_tokens and fits every baseline on both shipped real-base zoos (--quick)."""
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_real_bases.py"))
+    summary = module["main"](["--quick", "--out", str(tmp_path / "RESULTS.md")])
+    assert set(summary) == {"minilm-wordnet", "mobilenet-fashion"}
+    for rows in summary.values():
+        for row in rows:
+            assert row["verdict"] in {"better", "tie", "worse", "no signal"}
+            assert {"constant", "linear · fingerprint", "gbt · spectra", "linear · hyperparameters"} <= set(
+                row["baselines"]
+            )
+    assert not (tmp_path / "RESULTS.md").exists()  # a smoke run writes nothing
+
+
 @pytest.mark.slow
 def test_benchmark_suite_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gradio")

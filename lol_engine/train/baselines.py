@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DATA_CHOICES", "GBT_GRID", "LINEAR_ALPHAS", "fit_baselines", "hyperparameter_columns", "zoo_features"]
 
-DATA_CHOICES = frozenset({"classes_mask", "data_seed", "identity", "image_seed"})  # hp_* names that pick the data
+# hp_* names that pick the data (which classes, categories, identity, images): several labels are these choices
+DATA_CHOICES = frozenset({"classes_mask", "sources_mask", "data_seed", "identity", "image_seed"})
 LINEAR_ALPHAS = tuple(float(a) for a in np.logspace(-3, 3, 7))
 GBT_GRID: tuple[dict[str, Any], ...] = (
     {"learning_rate": 0.1, "max_leaf_nodes": 7},
