@@ -399,7 +399,13 @@ def write_results(
         f"{args.seeds} seeds; every model at most {args.epochs} epochs, "
         f"early stopping on validation (patience {args.patience}); "
         f"torch {torch.__version__}, {args.threads} threads, Python {platform.python_version()}; "
-        f"{seconds / 60:.1f} min). "
+        f"{seconds / 60:.1f} min; models: {', '.join(models)}"
+        + (
+            f" — not run here: {', '.join(m for m in registered_models() if m not in models)}"
+            if set(registered_models()) - set(models)
+            else ""
+        )
+        + "). "
         "Mean ± std over seeds on the test split of the default zoo (`data/zoo`); the epoch, the model and every "
         "baseline hyperparameter are chosen on the validation split. Baselines (`lol_engine/train/baselines.py`) "
         "fit on the training split; `hyperparameters` are the recorded training choices without the data choices "
