@@ -14,7 +14,16 @@ SHIPPED = {  # the predictors shipped inside the package
     "fashion-gen-bold",
     "fashion-gen-class",
     "fashion-gen-quality",
+    "minilm-wordnet-drift",
+    "minilm-wordnet-probe_r10",
+    "minilm-wordnet-test_acc",
+    "minilm-wordnet-val_loss",
+    "mobilenet-fashion-acc_own",
+    "mobilenet-fashion-probe_agree",
+    "mobilenet-fashion-probe_kl",
 }
+
+TOY_SHIPPED = {n for n in SHIPPED if n.startswith(("digits-", "fashion-gen-"))}  # those that fit the toy zoos' LoRAs
 
 
 def mini_zoo(out: Path, zoo: str, n: int) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from collection import SHIPPED, ZOOS
+from collection import SHIPPED, TOY_SHIPPED, ZOOS
 from lora_files import kohya, peft, save, write_config
 
 pytest.importorskip("duckdb")
@@ -161,7 +161,7 @@ def test_map_figure_colours_filters_and_carries_ids(collection: Explorer) -> Non
 
 def test_map_options(collection: Explorer) -> None:
     maps, columns, choices = handlers.map_options(collection)
-    assert maps[0] == ("fingerprint (every LoRA, any base)", FINGERPRINT) and len(maps) == 1 + len(SHIPPED)
+    assert maps[0] == ("fingerprint (every LoRA, any base)", FINGERPRINT) and len(maps) == 1 + len(TOY_SHIPPED)
     assert {"zoo", "label:quality", "pred:fashion-gen-quality", "pred:digits-classes"} <= set(columns)
     assert choices["zoo"][:2] == ["digits", "fashion-gen"]
 

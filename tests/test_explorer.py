@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("duckdb")
 
-from collection import SHIPPED, ZOOS, mini_zoo
+from collection import SHIPPED, TOY_SHIPPED, ZOOS, mini_zoo
 
 import lol_engine.explorer as explorer_module
 from lol_engine import BadRequestError, LoraFormatError, load_lora
@@ -114,7 +114,7 @@ def test_shipped_predictors_are_calibrated_and_their_ranges_hold() -> None:
     predictors = load_predictors()
     for name, predictor in predictors.items():
         cal = predictor.config["calibration"]
-        assert cal["coverage"] == 0.9 and cal["n"] > 50, name
+        assert cal["coverage"] == 0.9 and cal["n"] >= 20, name  # toy zoos ~100 cal LoRAs, real-base zoos 22-35
         assert cal["test_coverage"] > 0.75, name  # ~100 test LoRAs: 0.9 nominal, sampling noise ±0.06
     quality = predictors["fashion-gen-quality"]
     lora = load_lora(FASHION[3])
@@ -169,7 +169,9 @@ def test_lol_calibrate_writes_the_calibration(tmp_path: Path, capsys: pytest.Cap
 def test_collection_has_labels_predictions_embeddings_and_maps(collection: Explorer) -> None:
     assert collection.count() == 70
     encoders = collection.maps()
-    assert encoders[0] == FINGERPRINT and len(encoders) == 1 + len(SHIPPED)  # fingerprint + the shipped predictors
+    assert encoders[0] == FINGERPRINT and len(encoders) == 1 + len(
+        TOY_SHIPPED
+    )  # fingerprint + the predictors that fit a LoRA here
     maps = collection.store.maps()
     assert maps[FINGERPRINT] == 70 and maps["lol:digits-classes"] == 40 and maps["lol:fashion-gen-quality"] == 30
     records = {r["id"]: r for r in collection.records()}
@@ -388,7 +390,7 @@ def test_shipped_predictors_flag_the_loras_they_learned_from() -> None:
         assert estimate.in_sample == (split != "test"), split
     for name, predictor in predictors.items():
         seen = predictor.config["seen"]
-        assert seen["splits"] == ["train", "val", "cal"] and len(seen["sha256"]) == len(seen["delta"]) > 500, name
+        assert seen["splits"] == ["train", "val", "cal"] and len(seen["sha256"]) == len(seen["delta"]) > 200, name
 
 
 def test_adding_the_same_bytes_at_once_stores_them_once(fresh: Explorer) -> None:

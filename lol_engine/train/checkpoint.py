@@ -164,13 +164,14 @@ class Predictor:
         family, name = base.get("family"), base.get("name")
         if family and lora.meta.base_family not in ("unknown", family):
             raise SpecMismatchError(
-                f"this predictor is for {family} LoRAs ({name or 'its zoo base'}); the LoRA is a "
-                f"{lora.meta.base_family} LoRA"
+                f"the LoRA does not fit this predictor: it is for {family} LoRAs ({name or 'its zoo base'}), "
+                f"and the LoRA is a {lora.meta.base_family} LoRA"
             )
         declared = declared_base(lora)
         if name and declared and _model_key(declared) != _model_key(name):
             raise SpecMismatchError(
-                f"this predictor learned from LoRAs of {name}; the LoRA names its base model {declared}"
+                f"the LoRA does not fit this predictor: it learned from LoRAs of {name}, and the LoRA names its base "
+                f"model {declared}"
             )
 
     def has_seen(self, lora: LoraWeights) -> bool:
