@@ -60,15 +60,7 @@ __all__ = [
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LAYERS, HIDDEN, MAX_LEN, N_PROBE = 6, 384, 32, 256
 MAX_PARAMS = 100_000
-MODULE_TYPES = (
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
-_WIDTHS = {  # (d_in, d_out) of each module type
+_WIDTHS = {  # (d_in, d_out) of each adaptable module type of a BertLayer
     "attention.self.query": (384, 384),
     "attention.self.key": (384, 384),
     "attention.self.value": (384, 384),
@@ -76,6 +68,7 @@ _WIDTHS = {  # (d_in, d_out) of each module type
     "intermediate.dense": (384, 1536),
     "output.dense": (1536, 384),
 }
+MODULE_TYPES = tuple(_WIDTHS)
 PRESETS = {  # name -> (probability, module types); "random" draws a non-empty subset
     "qv": (0.35, MODULE_TYPES[0:3:2]),
     "qkv": (0.15, MODULE_TYPES[:3]),

@@ -246,8 +246,7 @@ class MobileNetFashionRecipe(Recipe):
         targets = sorted(
             (n for n in context.convs if _block(n) in blocks and _kind(n) in kinds), key=lambda n: (_block(n), n)
         )
-        if not targets:  # e.g. "expand" on blocks without an expand conv: fall back to their project convs
-            targets = [n for n in context.convs if _block(n) in blocks and _kind(n) == "project"]
+        # never empty: each of blocks LOWEST..17 has an expand and a project conv, and LAST (features.18) is always in
         rank = int(rng.choice([2, 4, 8, 16])) if rng.random() < 0.8 else int(rng.integers(2, 17))
         while rank > 2 and adapter_params(context.convs, targets, rank) > MAX_PARAMS:
             rank //= 2
