@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_spectra.py"
 BENCH_MODELS = Path(__file__).parent.parent / "benchmarks" / "bench_models.py"
@@ -143,8 +144,17 @@ def test_bench_app_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_real_bases_smoke(tmp_path: Path) -> None:
     """The real-base script trains module_tokens and fits every baseline on both shipped real-base zoos (--quick)."""
     module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_real_bases.py"))
-    summary = module["main"](["--quick", "--out", str(tmp_path / "RESULTS.md")])
+    minilm = Path(__file__).parent.parent / "data" / "zoo" / "minilm-wordnet"
+    # the shipped zoo stands in for the continued-pretraining one: this checks the code path, not the science
+    summary = module["main"](["--quick", "--out", str(tmp_path / "RESULTS.md"), "--cross-base", str(minilm)])
+    shifts = summary.pop("shifts")
     assert set(summary) == {"minilm-wordnet", "mobilenet-fashion"}
+    assert [r["shift"] for r in shifts] == ["ranks ≤ 4 → ranks ≥ 8", "ranks ≥ 8 → ranks ≤ 4"] * 5 + [
+        "base → base after continued pretraining"
+    ] * 5
+    for r in shifts:
+        assert r["verdict"] in {"better", "tie", "worse", "no signal", "no skill on test"}
+        assert r["sizes"]["test"] > 0 and "gbt · fingerprint" in r["baselines"]
     for rows in summary.values():
         for row in rows:
             assert row["verdict"] in {"better", "tie", "worse", "no signal", "no skill on test"}
@@ -179,3 +189,33 @@ def test_bench_duplicates_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert "| relation | true | predicted | right | precision | recall |" in text and "| stored LoRAs |" in text
     for kind in ("same", "rescale", "truncation", "merge", "none"):
         assert f"| {kind} |" in text
+
+
+def test_bench_models_run_cache(tmp_path: Path) -> None:
+    """A cached run comes back equal without training; another seed or split is another entry; nothing half-written."""
+    from lol_engine.train import LoadedZoo, TrainConfig, load_zoo
+
+    module = runpy.run_path(str(BENCH_MODELS))
+    cached_train = module["cached_train"]
+    zoo = load_zoo(Path(__file__).parent.parent / "data" / "zoo" / "digits")
+    zoo = LoadedZoo(zoo.path, zoo.rows[:150], zoo.loras[:150])
+    config = TrainConfig(epochs=1, seed=0)
+    model, task, result = cached_train(tmp_path, zoo, "acc_own", "gl_net", config)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained again")
+
+    real = cached_train.__globals__["train_on_zoo"]
+    cached_train.__globals__["train_on_zoo"] = boom
+    try:
+        again, task2, result2 = cached_train(tmp_path, zoo, "acc_own", "gl_net", config)
+    finally:
+        cached_train.__globals__["train_on_zoo"] = real
+    assert result2["val"] == result["val"] and result2["test"] == result["test"] and task2 == task
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value.float()), key
+    cached_train(tmp_path, zoo, "acc_own", "gl_net", TrainConfig(epochs=1, seed=1))
+    swapped = [r | {"split": {"val": "test", "test": "val"}.get(r["split"], r["split"])} for r in zoo.rows]
+    cached_train(tmp_path, LoadedZoo(zoo.path, swapped, zoo.loras), "acc_own", "gl_net", config)
+    assert len(list(tmp_path.iterdir())) == 3
