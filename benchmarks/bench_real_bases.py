@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -86,6 +87,7 @@ RANK_SHIFTS = [  # (name, ranks trained on, ranks tested on)
 ]
 CROSS_BASE = ZooSettings(n=80, seed=1, base_variant=1)  # built into benchmarks/.zoos when absent
 BEGIN, END = "<!-- real-bases:begin -->", "<!-- real-bases:end -->"
+SHIPPED = ("<!-- real-base-predictors:begin -->", "<!-- real-base-predictors:end -->")  # in data/README.md
 console = Console(width=None if Console().is_terminal else 160)
 
 
@@ -378,17 +380,51 @@ def _plain_words(results: dict[str, list[dict]]) -> str:
     return "In plain words (test split, LoL mean over seeds):\n\n" + "\n".join(f"- {t}." for t in said)
 
 
+def shipped_table(ship_dir: Path, zoos: dict[str, Any], seeds: int, epochs: int, total: float) -> str:
+    """data/README.md's table of the shipped real-base predictors, read back from their ``config.json``."""
+    sizes = "; ".join(
+        f"{name}: {len(zoo.rows)} LoRAs, {len(zoo.split('cal'))} for calibration" for name, zoo in zoos.items()
+    )
+    lines = [
+        SHIPPED[0],
+        "Real-base predictors "
+        f"(`python benchmarks/bench_real_bases.py --epochs {epochs} --ship lol_engine/predictors`, "
+        f"{total / 60:.0f} min on {torch_threads()} thread(s); written by that command): `{MODEL}`, {seeds} seeds, "
+        f"at most {epochs} epochs with early stopping on validation, shipped when the validation mean beats the "
+        "constant's by more than the seed spread, calibrated on `cal`, per-LoRA splits "
+        f"({sizes}).",
+        "",
+        "| predictor | validation R² (mean ± std over seeds) | best constant | "
+        "best baseline on validation: its test R² | test R² (shipped seed) | 90 % range: test coverage |",
+        "|---|---|---|---|---|---|",
+    ]
+    for folder in sorted(ship_dir.iterdir()):
+        config_path = folder / "config.json"
+        if not config_path.is_file() or not any(folder.name.startswith(f"{name}-") for name in zoos):
+            continue
+        c = json.loads(config_path.read_text())
+        sel, cal = c["selection"], c["calibration"]
+        lines.append(
+            f"| `{folder.name}` | {sel['val'][0]:.3f} ± {sel['val'][1]:.3f} | {sel['constant_val']:.2f} | "
+            f"{sel['best_baseline']}: {sel['best_baseline_test']:.3f} | {c['result']['test']['r2']:.3f} | "
+            f"{cal['test_coverage']:.2f} |"
+        )
+    return "\n".join([*lines, SHIPPED[1]])
+
+
 def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, markers: tuple[str, str] | None = None) -> None:
+    """Put ``text`` (which starts and ends with ``markers``) in place of the marked section of ``path``."""
+    begin, end = markers or (BEGIN, END)
     current = path.read_text() if path.exists() else ""
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        current = head + text + rest.split(END, 1)[1]
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        current = head + text + rest.split(end, 1)[1]
     else:
         current = current.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(current)
@@ -407,6 +443,9 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help=f"a {TRANSFER_ZOO} zoo on the continued-pretraining base (default: built into benchmarks/.zoos when "
         "absent, about 20 CPU-minutes; with --quick: skipped unless given)",
+    )
+    parser.add_argument(
+        "--readme", default=str(ROOT / "data" / "README.md"), help="with --ship: where the shipped table is written"
     )
     parser.add_argument("--no-shifts", action="store_true", help="skip the rank- and base-shift rows")
     args = parser.parse_args(argv)
@@ -432,11 +471,14 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['test'][1]:.3f} (epochs {r['epochs']}, {r['seconds']:.0f} s); best baseline "
                 f"{r['best_baseline']} test {r['baselines'][r['best_baseline']]['test']:.3f}; {r['verdict']}"
             )
+            target = Path(args.ship or ".") / f"{zoo_name}-{label}"
             if args.ship and r["signal"] and not args.quick:
-                target = Path(args.ship) / f"{zoo_name}-{label}"
                 rel = str(folder.resolve().relative_to(ROOT)) if folder.resolve().is_relative_to(ROOT) else str(folder)
                 calibration = ship(target, zoo, rel, r)
                 console.print(f"  shipped {target.name}: calibration {json.dumps(calibration)[:160]}")
+            elif args.ship and not args.quick and (target / "config.json").is_file():
+                shutil.rmtree(target)  # shipped by an earlier run; no signal now
+                console.print(f"  removed {target.name}: no signal on this run")
     shifts = (
         []
         if args.no_shifts or TRANSFER_ZOO not in zoos
@@ -445,6 +487,8 @@ def main(argv: list[str] | None = None) -> dict:
     total = time.perf_counter() - start
     if results and not args.quick:
         write_section(Path(args.out), section(results, zoos, shifts, seeds, epochs, total))
+        if args.ship:
+            write_section(Path(args.readme), shipped_table(Path(args.ship), zoos, seeds, epochs, total), SHIPPED)
         console.print(f"wrote {args.out} ({total / 60:.1f} min)")
     summary: dict[str, Any] = {
         z: [{k: v for k, v in r.items() if k not in ("trained", "runs")} for r in rows] for z, rows in results.items()

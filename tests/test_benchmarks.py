@@ -219,3 +219,32 @@ def test_bench_models_run_cache(tmp_path: Path) -> None:
     swapped = [r | {"split": {"val": "test", "test": "val"}.get(r["split"], r["split"])} for r in zoo.rows]
     cached_train(tmp_path, LoadedZoo(zoo.path, swapped, zoo.loras), "acc_own", "gl_net", config)
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_real_bases_shipped_table_reads_the_shipped_configs(tmp_path: Path) -> None:
+    """data/README.md's table of real-base predictors is written from their config.json, none left out or made up."""
+    from lol_engine.train import LoadedZoo
+
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_real_bases.py"))
+    shipped = Path(__file__).parent.parent / "lol_engine" / "predictors"
+    zoos = {
+        name: LoadedZoo(tmp_path, [{"split": s} for s in ["train"] * 7 + ["cal"] * 3], [])
+        for name in ("minilm-wordnet", "mobilenet-fashion")
+    }
+    text = module["shipped_table"](shipped, zoos, 3, 20, 60.0)
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    expected = sorted(
+        p.name for p in shipped.iterdir() if p.name.startswith(("minilm-wordnet-", "mobilenet-fashion-"))
+    )
+    assert [row.split("`")[1] for row in rows] == expected and expected
+    for row in rows:
+        config = json.loads((shipped / row.split("`")[1] / "config.json").read_text())
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[1] == f"{config['selection']['val'][0]:.3f} ± {config['selection']['val'][1]:.3f}"
+        assert float(cells[4]) == pytest.approx(config["result"]["test"]["r2"], abs=5e-4)
+        assert float(cells[5]) == pytest.approx(config["calibration"]["test_coverage"], abs=5e-3)
+    assert "10 LoRAs, 3 for calibration" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{module['SHIPPED'][0]}\nold\n{module['SHIPPED'][1]}\nafter\n")
+    module["write_section"](readme, text, module["SHIPPED"])
+    assert readme.read_text() == f"before\n{text}\nafter\n"
