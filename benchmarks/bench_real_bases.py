@@ -108,7 +108,7 @@ def _verdict(val: list[float], test: list[float], baselines: dict, metric: str) 
     learned = {k: v for k, v in baselines.items() if k != "constant"}
     best_name = max(learned, key=lambda k: _finite(learned[k]["val"][metric]))  # chosen on validation
     test_spread = float(np.std(test)) if len(test) > 1 else 0.0
-    margin = float(np.mean(test)) - learned[best_name]["test"][metric]
+    margin = float(np.mean(test)) - _finite(learned[best_name]["test"][metric])
     if not signal:
         verdict = "no signal"
     elif float(np.mean(test)) - _finite(constant["test"][metric]) <= test_spread:

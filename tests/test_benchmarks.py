@@ -248,3 +248,25 @@ def test_real_bases_shipped_table_reads_the_shipped_configs(tmp_path: Path) -> N
     readme.write_text(f"before\n{module['SHIPPED'][0]}\nold\n{module['SHIPPED'][1]}\nafter\n")
     module["write_section"](readme, text, module["SHIPPED"])
     assert readme.read_text() == f"before\n{text}\nafter\n"
+
+
+def test_real_bases_verdicts_by_hand() -> None:
+    """The verdict rules on hand-made numbers: signal on val, the baseline chosen on val (not test), seed spread."""
+    verdict = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_real_bases.py"))["_verdict"]
+    baselines = {
+        "constant": {"val": {"r2": 0.0}, "test": {"r2": -0.01}},
+        "linear · fingerprint": {"val": {"r2": 0.50}, "test": {"r2": 0.40}},
+        "gbt · spectra": {"val": {"r2": 0.45}, "test": {"r2": 0.48}},  # better on test, but not chosen on val
+    }
+    good_val = [0.60, 0.62, 0.61]
+    judged = verdict(good_val, [0.50, 0.52, 0.51], baselines, "r2")
+    assert judged["best_baseline"] == "linear · fingerprint" and judged["best_baseline_on_test"] == "gbt · spectra"
+    assert judged["verdict"] == "better" and judged["signal"]
+    assert judged["test"] == pytest.approx((0.51, np.std([0.50, 0.52, 0.51])))
+    assert verdict(good_val, [0.41, 0.40, 0.39], baselines, "r2")["verdict"] == "tie"  # .40 vs .40: within spread
+    assert verdict(good_val, [0.30, 0.31, 0.29], baselines, "r2")["verdict"] == "worse"
+    assert verdict(good_val, [-0.01, 0.0, -0.02], baselines, "r2")["verdict"] == "no skill on test"
+    flat = verdict([0.01, -0.01, 0.0], [0.50, 0.52, 0.51], baselines, "r2")  # val mean 0 = constant: no signal
+    assert flat["verdict"] == "no signal" and not flat["signal"]
+    nan = {k: {s: {"r2": float("nan")} for s in ("val", "test")} for k in baselines}
+    assert verdict(good_val, [0.5, 0.5, 0.5], nan, "r2")["verdict"] == "better"  # an undefined baseline ranks last
