@@ -4,6 +4,11 @@ simple baselines, on the zoos in ``data/zoo``; ships the predictors that earn it
     python benchmarks/bench_real_bases.py                               # table + docs/RESULTS.md section
     python benchmarks/bench_real_bases.py --ship lol_engine/predictors  # also save and calibrate the predictors
     python benchmarks/bench_real_bases.py --quick    # smoke run (120 LoRAs a zoo, 1 seed, 2 epochs, nothing written)
+    python benchmarks/bench_real_bases.py --zoos mobilenet-fashion --ship lol_engine/predictors &   # the zoos in
+    python benchmarks/bench_real_bases.py --zoos minilm-wordnet --ship lol_engine/predictors        # two processes
+
+Each zoo's finished results are kept in benchmarks/.runs/real-bases/<zoo>.json; the docs combine the zoos of a run
+with the kept results of the others when those match the zoo files, seeds and epochs.
 
 The zoos' LoRAs adapt different modules at different ranks, so the LoL model is ``module_tokens`` (GL(r)-invariant,
 rank-agnostic, reads any subset of the base's modules). For every task it trains 3 seeds with early stopping on
@@ -21,6 +26,7 @@ spread. The section it writes into docs/RESULTS.md (between markers) is never ty
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import time
@@ -271,7 +277,7 @@ def ship(folder: Path, zoo: Any, zoo_rel: str, result: dict) -> dict:
 
 
 def section(
-    results: dict[str, list[dict]], zoos: dict[str, Any], shifts: list[dict], seeds: int, epochs: int, total: float
+    results: dict[str, list[dict]], sizes: dict[str, dict], shifts: list[dict], seeds: int, epochs: int, total: float
 ) -> str:
     lines = [
         BEGIN,
@@ -289,10 +295,10 @@ def section(
         "",
     ]
     for zoo_name, rows in results.items():
-        zoo = zoos[zoo_name]
-        sizes = {s: len(zoo.split(s)) for s in ("train", "val", "cal", "test")}
+        n = sizes[zoo_name]
+        splits = ", ".join(f"{k} {n[k]}" for k in ("train", "val", "cal", "test"))
         lines += [
-            f"### {zoo_name} ({len(zoo.rows)} LoRAs: {', '.join(f'{k} {v}' for k, v in sizes.items())})",
+            f"### {zoo_name} ({n['all']} LoRAs: {splits})",
             "",
             "| task | metric | LoL (test) | constant | best baseline (on val) | its test | ridge/GBT · fingerprint | "
             "ridge/GBT · spectra | ridge/GBT · hyperparameters | verdict |",
@@ -380,11 +386,9 @@ def _plain_words(results: dict[str, list[dict]]) -> str:
     return "In plain words (test split, LoL mean over seeds):\n\n" + "\n".join(f"- {t}." for t in said)
 
 
-def shipped_table(ship_dir: Path, zoos: dict[str, Any], seeds: int, epochs: int, total: float) -> str:
+def shipped_table(ship_dir: Path, sizes: dict[str, dict], seeds: int, epochs: int, total: float) -> str:
     """data/README.md's table of the shipped real-base predictors, read back from their ``config.json``."""
-    sizes = "; ".join(
-        f"{name}: {len(zoo.rows)} LoRAs, {len(zoo.split('cal'))} for calibration" for name, zoo in zoos.items()
-    )
+    said = "; ".join(f"{name}: {n['all']} LoRAs, {n['cal']} for calibration" for name, n in sizes.items())
     lines = [
         SHIPPED[0],
         "Real-base predictors "
@@ -392,7 +396,7 @@ def shipped_table(ship_dir: Path, zoos: dict[str, Any], seeds: int, epochs: int,
         f"{total / 60:.0f} min on {torch_threads()} thread(s); written by that command): `{MODEL}`, {seeds} seeds, "
         f"at most {epochs} epochs with early stopping on validation, shipped when the validation mean beats the "
         "constant's by more than the seed spread, calibrated on `cal`, per-LoRA splits "
-        f"({sizes}).",
+        f"({said}).",
         "",
         "| predictor | validation R² (mean ± std over seeds) | best constant | "
         "best baseline on validation: its test R² | test R² (shipped seed) | 90 % range: test coverage |",
@@ -400,7 +404,7 @@ def shipped_table(ship_dir: Path, zoos: dict[str, Any], seeds: int, epochs: int,
     ]
     for folder in sorted(ship_dir.iterdir()):
         config_path = folder / "config.json"
-        if not config_path.is_file() or not any(folder.name.startswith(f"{name}-") for name in zoos):
+        if not config_path.is_file() or not any(folder.name.startswith(f"{name}-") for name in sizes):
             continue
         c = json.loads(config_path.read_text())
         sel, cal = c["selection"], c["calibration"]
@@ -448,53 +452,104 @@ def main(argv: list[str] | None = None) -> dict:
         "--readme", default=str(ROOT / "data" / "README.md"), help="with --ship: where the shipped table is written"
     )
     parser.add_argument("--no-shifts", action="store_true", help="skip the rank- and base-shift rows")
+    parser.add_argument("--zoos", default=",".join(TASKS), help="comma-separated zoos to run (default: both)")
+    parser.add_argument(
+        "--parts",
+        default=str(ROOT / "benchmarks" / ".runs" / "real-bases"),
+        help="where each zoo's finished results are kept: the docs combine the zoos run now with the parts of the "
+        "others (same zoo files, seeds and epochs), so the zoos can run in parallel processes",
+    )
     args = parser.parse_args(argv)
     seeds, epochs = (1, 2) if args.quick else (args.seeds, args.epochs)
-    start = time.perf_counter()
+    unknown = set(args.zoos.split(",")) - set(TASKS)
+    if unknown:
+        parser.error(f"unknown zoo(s) {sorted(unknown)}; choose from {list(TASKS)}")
     results: dict[str, list[dict]] = {}
-    zoos: dict[str, Any] = {}
-    for zoo_name, tasks in TASKS.items():
+    shifts: list[dict] = []
+    for zoo_name in args.zoos.split(","):
         folder = Path(args.zoo_dir) / zoo_name
         if not (folder / "manifest.parquet").is_file():
             console.print(f"[yellow]{zoo_name}: no zoo in {folder}; skipped[/yellow]")
             continue
-        zoo = load_zoo(folder)
-        if args.quick:  # a smoke run: the first 120 LoRAs
-            zoo = LoadedZoo(zoo.path, zoo.rows[:120], zoo.loras[:120])
-        zoos[zoo_name] = zoo
-        features = zoo_features(zoo)
-        for label, metric, _, _ in tasks:
-            r = run_task(zoo, label, metric, seeds, epochs, features, args.quick)
-            results.setdefault(zoo_name, []).append(r)
-            console.print(
-                f"{zoo_name}/{label}: LoL val {r['val'][0]:.3f} ± {r['val'][1]:.3f}, test {r['test'][0]:.3f} ± "
-                f"{r['test'][1]:.3f} (epochs {r['epochs']}, {r['seconds']:.0f} s); best baseline "
-                f"{r['best_baseline']} test {r['baselines'][r['best_baseline']]['test']:.3f}; {r['verdict']}"
-            )
-            target = Path(args.ship or ".") / f"{zoo_name}-{label}"
-            if args.ship and r["signal"] and not args.quick:
-                rel = str(folder.resolve().relative_to(ROOT)) if folder.resolve().is_relative_to(ROOT) else str(folder)
-                calibration = ship(target, zoo, rel, r)
-                console.print(f"  shipped {target.name}: calibration {json.dumps(calibration)[:160]}")
-            elif args.ship and not args.quick and (target / "config.json").is_file():
-                shutil.rmtree(target)  # shipped by an earlier run; no signal now
-                console.print(f"  removed {target.name}: no signal on this run")
-    shifts = (
-        []
-        if args.no_shifts or TRANSFER_ZOO not in zoos
-        else transfer_rows(zoos[TRANSFER_ZOO], results[TRANSFER_ZOO], args, seeds, epochs)
-    )
-    total = time.perf_counter() - start
+        part = run_zoo(zoo_name, folder, args, seeds, epochs)
+        results[zoo_name] = part["rows"]
+        shifts += part["shifts"]
+        if not args.quick:
+            Path(args.parts).mkdir(parents=True, exist_ok=True)
+            (Path(args.parts) / f"{zoo_name}.json").write_text(json.dumps(part, default=float))
     if results and not args.quick:
-        write_section(Path(args.out), section(results, zoos, shifts, seeds, epochs, total))
-        if args.ship:
-            write_section(Path(args.readme), shipped_table(Path(args.ship), zoos, seeds, epochs, total), SHIPPED)
-        console.print(f"wrote {args.out} ({total / 60:.1f} min)")
-    summary: dict[str, Any] = {
-        z: [{k: v for k, v in r.items() if k not in ("trained", "runs")} for r in rows] for z, rows in results.items()
+        write_docs(args, seeds, epochs)
+    console.print(json.dumps(results, default=str)[:2000])
+    return results | {"shifts": shifts}
+
+
+def _part_key(folder: Path, seeds: int, epochs: int) -> dict:
+    return {
+        "manifest": hashlib.sha256((folder / "manifest.parquet").read_bytes()).hexdigest(),
+        "seeds": seeds,
+        "epochs": epochs,
     }
-    console.print(json.dumps(summary, default=str)[:2000])
-    return summary | {"shifts": shifts}
+
+
+def run_zoo(zoo_name: str, folder: Path, args: argparse.Namespace, seeds: int, epochs: int) -> dict:
+    """Every task of one zoo (and its shift rows for the transfer zoo); ships when asked. JSON-ready."""
+    start = time.perf_counter()
+    zoo = load_zoo(folder)
+    if args.quick:  # a smoke run: the first 120 LoRAs
+        zoo = LoadedZoo(zoo.path, zoo.rows[:120], zoo.loras[:120])
+    features = zoo_features(zoo)
+    rows = []
+    for label, metric, _, _ in TASKS[zoo_name]:
+        r = run_task(zoo, label, metric, seeds, epochs, features, args.quick)
+        rows.append(r)
+        console.print(
+            f"{zoo_name}/{label}: LoL val {r['val'][0]:.3f} ± {r['val'][1]:.3f}, test {r['test'][0]:.3f} ± "
+            f"{r['test'][1]:.3f} (epochs {r['epochs']}, {r['seconds']:.0f} s); best baseline "
+            f"{r['best_baseline']} test {r['baselines'][r['best_baseline']]['test']:.3f}; {r['verdict']}"
+        )
+        target = Path(args.ship or ".") / f"{zoo_name}-{label}"
+        if args.ship and r["signal"] and not args.quick:
+            rel = str(folder.resolve().relative_to(ROOT)) if folder.resolve().is_relative_to(ROOT) else str(folder)
+            calibration = ship(target, zoo, rel, r)
+            console.print(f"  shipped {target.name}: calibration {json.dumps(calibration)[:160]}")
+        elif args.ship and not args.quick and (target / "config.json").is_file():
+            shutil.rmtree(target)  # shipped by an earlier run; no signal now
+            console.print(f"  removed {target.name}: no signal on this run")
+    shifts = [] if args.no_shifts or zoo_name != TRANSFER_ZOO else transfer_rows(zoo, rows, args, seeds, epochs)
+    return {
+        "key": _part_key(folder, seeds, epochs),
+        "sizes": {"all": len(zoo.rows)} | {s: len(zoo.split(s)) for s in ("train", "val", "cal", "test")},
+        "rows": [{k: v for k, v in r.items() if k not in ("trained", "runs")} for r in rows],
+        "shifts": shifts,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def write_docs(args: argparse.Namespace, seeds: int, epochs: int) -> None:
+    """docs/RESULTS.md's section (and with --ship data/README.md's table) from the parts of every zoo that match
+    the zoo files, seeds and epochs of this run; a zoo without a current part is left out and said so."""
+    parts = {}
+    for zoo_name in TASKS:
+        path, folder = Path(args.parts) / f"{zoo_name}.json", Path(args.zoo_dir) / zoo_name
+        part = json.loads(path.read_text()) if path.is_file() else None
+        if (
+            part is None
+            or not (folder / "manifest.parquet").is_file()
+            or part["key"] != _part_key(folder, seeds, epochs)
+        ):
+            console.print(f"[yellow]{zoo_name}: no current results (run it with --zoos {zoo_name}); left out[/yellow]")
+            continue
+        parts[zoo_name] = part
+    if not parts:
+        return
+    results = {z: p["rows"] for z, p in parts.items()}
+    sizes = {z: p["sizes"] for z, p in parts.items()}
+    shifts = [row for p in parts.values() for row in p["shifts"]]
+    total = sum(p["seconds"] for p in parts.values())
+    write_section(Path(args.out), section(results, sizes, shifts, seeds, epochs, total))
+    if args.ship:
+        write_section(Path(args.readme), shipped_table(Path(args.ship), sizes, seeds, epochs, total), SHIPPED)
+    console.print(f"wrote {args.out} ({total / 60:.1f} CPU-min over {len(parts)} zoo(s))")
 
 
 def transfer_rows(zoo: Any, rows: list[dict], args: argparse.Namespace, seeds: int, epochs: int) -> list[dict]:

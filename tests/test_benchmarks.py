@@ -223,15 +223,10 @@ def test_bench_models_run_cache(tmp_path: Path) -> None:
 
 def test_real_bases_shipped_table_reads_the_shipped_configs(tmp_path: Path) -> None:
     """data/README.md's table of real-base predictors is written from their config.json, none left out or made up."""
-    from lol_engine.train import LoadedZoo
-
     module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_real_bases.py"))
     shipped = Path(__file__).parent.parent / "lol_engine" / "predictors"
-    zoos = {
-        name: LoadedZoo(tmp_path, [{"split": s} for s in ["train"] * 7 + ["cal"] * 3], [])
-        for name in ("minilm-wordnet", "mobilenet-fashion")
-    }
-    text = module["shipped_table"](shipped, zoos, 3, 20, 60.0)
+    sizes = {name: {"all": 10, "cal": 3} for name in ("minilm-wordnet", "mobilenet-fashion")}
+    text = module["shipped_table"](shipped, sizes, 3, 20, 60.0)
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     expected = sorted(
         p.name for p in shipped.iterdir() if p.name.startswith(("minilm-wordnet-", "mobilenet-fashion-"))
@@ -270,3 +265,44 @@ def test_real_bases_verdicts_by_hand() -> None:
     assert flat["verdict"] == "no signal" and not flat["signal"]
     nan = {k: {s: {"r2": float("nan")} for s in ("val", "test")} for k in baselines}
     assert verdict(good_val, [0.5, 0.5, 0.5], nan, "r2")["verdict"] == "better"  # an undefined baseline ranks last
+
+
+def test_real_bases_docs_combine_current_parts_only(tmp_path: Path) -> None:
+    """Zoos run in separate processes meet in one RESULTS.md section; a part of other zoo files or seeds stays out."""
+    import argparse
+
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_real_bases.py"))
+    zoo_dir, parts = tmp_path / "zoo", tmp_path / "parts"
+    parts.mkdir()
+    row = {
+        "label": "probe_r10",
+        "metric": "r2",
+        "val": [0.6, 0.01],
+        "test": [0.55, 0.02],
+        "baselines": {"constant": {"val": 0.0, "test": -0.01}, "gbt · spectra": {"val": 0.3, "test": 0.25}},
+        "best_baseline": "gbt · spectra",
+        "best_baseline_on_test": "gbt · spectra",
+        "signal": True,
+        "verdict": "better",
+        "per_rank": {"4": [12, 0.5]},
+    }
+    for name in ("minilm-wordnet", "mobilenet-fashion"):
+        (zoo_dir / name).mkdir(parents=True)
+        (zoo_dir / name / "manifest.parquet").write_bytes(name.encode())
+        part = {
+            "key": module["_part_key"](zoo_dir / name, 3, 20),
+            "sizes": {"all": 10, "train": 7, "val": 1, "cal": 1, "test": 1},
+            "rows": [row | {"label": f"{name}-task"}],
+            "shifts": [],
+            "seconds": 60.0,
+        }
+        (parts / f"{name}.json").write_text(json.dumps(part))
+    (zoo_dir / "mobilenet-fashion" / "manifest.parquet").write_bytes(b"rebuilt since")  # its part is stale
+    out = tmp_path / "RESULTS.md"
+    args = argparse.Namespace(parts=str(parts), zoo_dir=str(zoo_dir), out=str(out), ship=None)
+    module["write_docs"](args, 3, 20)
+    text = out.read_text()
+    assert "### minilm-wordnet (10 LoRAs: train 7, val 1, cal 1, test 1)" in text and "minilm-wordnet-task" in text
+    assert "mobilenet-fashion" not in text.split("### minilm-wordnet")[1]
+    module["write_docs"](args, 1, 20)  # other seeds: no current part at all, nothing is rewritten
+    assert out.read_text() == text
