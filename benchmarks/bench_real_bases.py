@@ -4,11 +4,11 @@ simple baselines, on the zoos in ``data/zoo``; ships the predictors that earn it
     python benchmarks/bench_real_bases.py                               # table + docs/RESULTS.md section
     python benchmarks/bench_real_bases.py --ship lol_engine/predictors  # also save and calibrate the predictors
     python benchmarks/bench_real_bases.py --quick    # smoke run (120 LoRAs a zoo, 1 seed, 2 epochs, nothing written)
-    python benchmarks/bench_real_bases.py --zoos mobilenet-fashion --ship lol_engine/predictors &   # the zoos in
-    python benchmarks/bench_real_bases.py --zoos minilm-wordnet --ship lol_engine/predictors        # two processes
+    python benchmarks/bench_real_bases.py --tasks mobilenet-fashion/probe_agree,... --ship ... &  # tasks in parallel
 
-Each zoo's finished results are kept in benchmarks/.runs/real-bases/<zoo>.json; the docs combine the zoos of a run
-with the kept results of the others when those match the zoo files, seeds and epochs.
+Each task's finished results are kept in benchmarks/.runs/real-bases/<zoo>--<label>.json; a task whose kept results
+match the zoo files, seeds and epochs is not run again (--fresh runs it), and the docs combine every task's current
+results, so a killed run resumes and tasks can run in parallel processes.
 
 The zoos' LoRAs adapt different modules at different ranks, so the LoL model is ``module_tokens`` (GL(r)-invariant,
 rank-agnostic, reads any subset of the base's modules). For every task it trains 3 seeds with early stopping on
@@ -452,31 +452,36 @@ def main(argv: list[str] | None = None) -> dict:
         "--readme", default=str(ROOT / "data" / "README.md"), help="with --ship: where the shipped table is written"
     )
     parser.add_argument("--no-shifts", action="store_true", help="skip the rank- and base-shift rows")
-    parser.add_argument("--zoos", default=",".join(TASKS), help="comma-separated zoos to run (default: both)")
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated zoo/label to run (default: every task of every zoo)"
+    )
     parser.add_argument(
         "--parts",
         default=str(ROOT / "benchmarks" / ".runs" / "real-bases"),
-        help="where each zoo's finished results are kept: the docs combine the zoos run now with the parts of the "
-        "others (same zoo files, seeds and epochs), so the zoos can run in parallel processes",
+        help="where each task's finished results are kept: a task whose results match the zoo files, seeds and "
+        "epochs is not run again, and the docs combine every task's current results, so tasks can run in "
+        "parallel processes and a killed run resumes",
     )
+    parser.add_argument("--fresh", action="store_true", help="run every task again, even with current results")
     args = parser.parse_args(argv)
     seeds, epochs = (1, 2) if args.quick else (args.seeds, args.epochs)
-    unknown = set(args.zoos.split(",")) - set(TASKS)
-    if unknown:
-        parser.error(f"unknown zoo(s) {sorted(unknown)}; choose from {list(TASKS)}")
+    everything = [f"{zoo}/{label}" for zoo, tasks in TASKS.items() for label, *_ in tasks]
+    wanted = args.tasks.split(",") if args.tasks else everything
+    if set(wanted) - set(everything):
+        parser.error(f"unknown task(s) {sorted(set(wanted) - set(everything))}; choose from {everything}")
     results: dict[str, list[dict]] = {}
     shifts: list[dict] = []
-    for zoo_name in args.zoos.split(","):
+    for zoo_name in TASKS:
+        labels = [label for label, *_ in TASKS[zoo_name] if f"{zoo_name}/{label}" in wanted]
         folder = Path(args.zoo_dir) / zoo_name
+        if not labels:
+            continue
         if not (folder / "manifest.parquet").is_file():
             console.print(f"[yellow]{zoo_name}: no zoo in {folder}; skipped[/yellow]")
             continue
-        part = run_zoo(zoo_name, folder, args, seeds, epochs)
-        results[zoo_name] = part["rows"]
-        shifts += part["shifts"]
-        if not args.quick:
-            Path(args.parts).mkdir(parents=True, exist_ok=True)
-            (Path(args.parts) / f"{zoo_name}.json").write_text(json.dumps(part, default=float))
+        for part in run_zoo(zoo_name, folder, labels, args, seeds, epochs):
+            results.setdefault(zoo_name, []).append(part["row"])
+            shifts += part["shifts"]
     if results and not args.quick:
         write_docs(args, seeds, epochs)
     console.print(json.dumps(results, default=str)[:2000])
@@ -491,17 +496,35 @@ def _part_key(folder: Path, seeds: int, epochs: int) -> dict:
     }
 
 
-def run_zoo(zoo_name: str, folder: Path, args: argparse.Namespace, seeds: int, epochs: int) -> dict:
-    """Every task of one zoo (and its shift rows for the transfer zoo); ships when asked. JSON-ready."""
-    start = time.perf_counter()
-    zoo = load_zoo(folder)
-    if args.quick:  # a smoke run: the first 120 LoRAs
-        zoo = LoadedZoo(zoo.path, zoo.rows[:120], zoo.loras[:120])
-    features = zoo_features(zoo)
-    rows = []
-    for label, metric, _, _ in TASKS[zoo_name]:
+def _current_part(args: argparse.Namespace, zoo_name: str, label: str, seeds: int, epochs: int) -> dict | None:
+    """The kept results of one task, if they match the zoo files, seeds and epochs of this run."""
+    path, folder = Path(args.parts) / f"{zoo_name}--{label}.json", Path(args.zoo_dir) / zoo_name
+    if not path.is_file() or not (folder / "manifest.parquet").is_file():
+        return None
+    part = json.loads(path.read_text())
+    return part if part["key"] == _part_key(folder, seeds, epochs) else None
+
+
+def run_zoo(
+    zoo_name: str, folder: Path, labels: list[str], args: argparse.Namespace, seeds: int, epochs: int
+) -> list[dict]:
+    """Tasks ``labels`` of one zoo, each with its shift rows (transfer zoo, tasks with signal), shipped when asked
+    and kept in ``args.parts`` as soon as it is done; a task with current kept results is not run again."""
+    zoo = features = other = None
+    parts = []
+    for label, metric, _, _ in (t for t in TASKS[zoo_name] if t[0] in labels):
+        kept = None if args.quick or args.fresh else _current_part(args, zoo_name, label, seeds, epochs)
+        if kept is not None:
+            console.print(f"{zoo_name}/{label}: current results kept in {args.parts}; not run again (--fresh runs it)")
+            parts.append(kept)
+            continue
+        start = time.perf_counter()
+        if zoo is None:
+            zoo = load_zoo(folder)
+            if args.quick:  # a smoke run: the first 120 LoRAs
+                zoo = LoadedZoo(zoo.path, zoo.rows[:120], zoo.loras[:120])
+            features = zoo_features(zoo)
         r = run_task(zoo, label, metric, seeds, epochs, features, args.quick)
-        rows.append(r)
         console.print(
             f"{zoo_name}/{label}: LoL val {r['val'][0]:.3f} ± {r['val'][1]:.3f}, test {r['test'][0]:.3f} ± "
             f"{r['test'][1]:.3f} (epochs {r['epochs']}, {r['seconds']:.0f} s); best baseline "
@@ -515,61 +538,63 @@ def run_zoo(zoo_name: str, folder: Path, args: argparse.Namespace, seeds: int, e
         elif args.ship and not args.quick and (target / "config.json").is_file():
             shutil.rmtree(target)  # shipped by an earlier run; no signal now
             console.print(f"  removed {target.name}: no signal on this run")
-    shifts = [] if args.no_shifts or zoo_name != TRANSFER_ZOO else transfer_rows(zoo, rows, args, seeds, epochs)
-    return {
-        "key": _part_key(folder, seeds, epochs),
-        "sizes": {"all": len(zoo.rows)} | {s: len(zoo.split(s)) for s in ("train", "val", "cal", "test")},
-        "rows": [{k: v for k, v in r.items() if k not in ("trained", "runs")} for r in rows],
-        "shifts": shifts,
-        "seconds": time.perf_counter() - start,
-    }
+        shifts = []
+        if not args.no_shifts and zoo_name == TRANSFER_ZOO and (r["signal"] or args.quick):
+            shifts = rank_shift(zoo, r, seeds, epochs, features, args.quick)
+            other = other or cross_base_zoo(args)
+            if other is not None:
+                shifts.append(cross_base(zoo, other, r, args.quick))
+                console.print(f"  base shift · {label}: LoL {shifts[-1]['test'][0]:.3f} (base {r['test'][0]:.3f})")
+        part = {
+            "key": _part_key(folder, seeds, epochs),
+            "sizes": {"all": len(zoo.rows)} | {s: len(zoo.split(s)) for s in ("train", "val", "cal", "test")},
+            "row": {k: v for k, v in r.items() if k not in ("trained", "runs")},
+            "shifts": shifts,
+            "seconds": time.perf_counter() - start,
+        }
+        if not args.quick:
+            Path(args.parts).mkdir(parents=True, exist_ok=True)
+            (Path(args.parts) / f"{zoo_name}--{label}.json").write_text(json.dumps(part, default=float))
+        parts.append(part)
+    return parts
 
 
-def write_docs(args: argparse.Namespace, seeds: int, epochs: int) -> None:
-    """docs/RESULTS.md's section (and with --ship data/README.md's table) from the parts of every zoo that match
-    the zoo files, seeds and epochs of this run; a zoo without a current part is left out and said so."""
-    parts = {}
-    for zoo_name in TASKS:
-        path, folder = Path(args.parts) / f"{zoo_name}.json", Path(args.zoo_dir) / zoo_name
-        part = json.loads(path.read_text()) if path.is_file() else None
-        if (
-            part is None
-            or not (folder / "manifest.parquet").is_file()
-            or part["key"] != _part_key(folder, seeds, epochs)
-        ):
-            console.print(f"[yellow]{zoo_name}: no current results (run it with --zoos {zoo_name}); left out[/yellow]")
-            continue
-        parts[zoo_name] = part
-    if not parts:
-        return
-    results = {z: p["rows"] for z, p in parts.items()}
-    sizes = {z: p["sizes"] for z, p in parts.items()}
-    shifts = [row for p in parts.values() for row in p["shifts"]]
-    total = sum(p["seconds"] for p in parts.values())
-    write_section(Path(args.out), section(results, sizes, shifts, seeds, epochs, total))
-    if args.ship:
-        write_section(Path(args.readme), shipped_table(Path(args.ship), sizes, seeds, epochs, total), SHIPPED)
-    console.print(f"wrote {args.out} ({total / 60:.1f} CPU-min over {len(parts)} zoo(s))")
-
-
-def transfer_rows(zoo: Any, rows: list[dict], args: argparse.Namespace, seeds: int, epochs: int) -> list[dict]:
-    """Rank-shift and base-shift rows for the transfer zoo's tasks with signal."""
-    with_signal = [r for r in rows if r["signal"] or args.quick]
-    features = zoo_features(zoo)
-    shifts = [row for r in with_signal for row in rank_shift(zoo, r, seeds, epochs, features, args.quick)]
+def cross_base_zoo(args: argparse.Namespace) -> LoadedZoo | None:
+    """The transfer recipe's zoo on the continued-pretraining base (built when absent; with --quick only if given)."""
     if args.cross_base is None and args.quick:
-        return shifts
+        return None
     folder = Path(args.cross_base) if args.cross_base else ROOT / "benchmarks" / ".zoos" / f"{TRANSFER_ZOO}-base1"
     if not (folder / "manifest.parquet").is_file():
         console.print(f"building the cross-base zoo in {folder} ({CROSS_BASE.n} LoRAs)")
         build_zoo(TRANSFER_ZOO, folder, CROSS_BASE)
     other = load_zoo(folder)
-    if args.quick:  # a smoke run: 40 LoRAs
-        other = LoadedZoo(other.path, other.rows[:40], other.loras[:40])
-    for r in with_signal:
-        shifts.append(cross_base(zoo, other, r, args.quick))
-        console.print(f"  base shift · {r['label']}: LoL {shifts[-1]['test'][0]:.3f} (base {r['test'][0]:.3f})")
-    return shifts
+    return LoadedZoo(other.path, other.rows[:40], other.loras[:40]) if args.quick else other  # smoke: 40 LoRAs
+
+
+def write_docs(args: argparse.Namespace, seeds: int, epochs: int) -> None:
+    """docs/RESULTS.md's section (and with --ship data/README.md's table) from every task's kept results that match
+    the zoo files, seeds and epochs of this run; a task without current results is left out and said so."""
+    results: dict[str, list[dict]] = {}
+    sizes: dict[str, dict] = {}
+    shifts: list[dict] = []
+    total = 0.0
+    for zoo_name, tasks in TASKS.items():
+        for label, *_ in tasks:
+            part = _current_part(args, zoo_name, label, seeds, epochs)
+            if part is None:
+                console.print(f"[yellow]{zoo_name}/{label}: no current results; left out of the docs[/yellow]")
+                continue
+            results.setdefault(zoo_name, []).append(part["row"])
+            sizes[zoo_name] = part["sizes"]
+            shifts += part["shifts"]
+            total += part["seconds"]
+    shifts.sort(key=lambda row: row["shift"].startswith("base"))  # rank shifts first, then the base shift
+    if not results:
+        return
+    write_section(Path(args.out), section(results, sizes, shifts, seeds, epochs, total))
+    if args.ship:
+        write_section(Path(args.readme), shipped_table(Path(args.ship), sizes, seeds, epochs, total), SHIPPED)
+    console.print(f"wrote {args.out} ({total / 60:.1f} min of compute)")
 
 
 if __name__ == "__main__":

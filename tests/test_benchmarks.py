@@ -149,8 +149,10 @@ def test_bench_real_bases_smoke(tmp_path: Path) -> None:
     summary = module["main"](["--quick", "--out", str(tmp_path / "RESULTS.md"), "--cross-base", str(minilm)])
     shifts = summary.pop("shifts")
     assert set(summary) == {"minilm-wordnet", "mobilenet-fashion"}
-    assert [r["shift"] for r in shifts] == ["ranks ≤ 4 → ranks ≥ 8", "ranks ≥ 8 → ranks ≤ 4"] * 5 + [
-        "base → base after continued pretraining"
+    assert [r["shift"] for r in shifts] == [  # per task with signal (every task in a smoke run)
+        "ranks ≤ 4 → ranks ≥ 8",
+        "ranks ≥ 8 → ranks ≤ 4",
+        "base → base after continued pretraining",
     ] * 5
     for r in shifts:
         assert r["verdict"] in {"better", "tie", "worse", "no signal", "no skill on test"}
@@ -268,14 +270,13 @@ def test_real_bases_verdicts_by_hand() -> None:
 
 
 def test_real_bases_docs_combine_current_parts_only(tmp_path: Path) -> None:
-    """Zoos run in separate processes meet in one RESULTS.md section; a part of other zoo files or seeds stays out."""
+    """Tasks run in separate processes meet in one RESULTS.md section; results of other zoo files or seeds stay out."""
     import argparse
 
     module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_real_bases.py"))
     zoo_dir, parts = tmp_path / "zoo", tmp_path / "parts"
     parts.mkdir()
     row = {
-        "label": "probe_r10",
         "metric": "r2",
         "val": [0.6, 0.01],
         "test": [0.55, 0.02],
@@ -286,23 +287,33 @@ def test_real_bases_docs_combine_current_parts_only(tmp_path: Path) -> None:
         "verdict": "better",
         "per_rank": {"4": [12, 0.5]},
     }
-    for name in ("minilm-wordnet", "mobilenet-fashion"):
-        (zoo_dir / name).mkdir(parents=True)
+    for name, label in (
+        ("minilm-wordnet", "drift"),
+        ("minilm-wordnet", "probe_r10"),
+        ("mobilenet-fashion", "probe_kl"),
+    ):
+        (zoo_dir / name).mkdir(parents=True, exist_ok=True)
         (zoo_dir / name / "manifest.parquet").write_bytes(name.encode())
         part = {
             "key": module["_part_key"](zoo_dir / name, 3, 20),
             "sizes": {"all": 10, "train": 7, "val": 1, "cal": 1, "test": 1},
-            "rows": [row | {"label": f"{name}-task"}],
+            "row": row | {"label": label},
             "shifts": [],
             "seconds": 60.0,
         }
-        (parts / f"{name}.json").write_text(json.dumps(part))
-    (zoo_dir / "mobilenet-fashion" / "manifest.parquet").write_bytes(b"rebuilt since")  # its part is stale
+        (parts / f"{name}--{label}.json").write_text(json.dumps(part))
+    (zoo_dir / "mobilenet-fashion" / "manifest.parquet").write_bytes(b"rebuilt since")  # its results are stale
     out = tmp_path / "RESULTS.md"
     args = argparse.Namespace(parts=str(parts), zoo_dir=str(zoo_dir), out=str(out), ship=None)
     module["write_docs"](args, 3, 20)
     text = out.read_text()
-    assert "### minilm-wordnet (10 LoRAs: train 7, val 1, cal 1, test 1)" in text and "minilm-wordnet-task" in text
-    assert "mobilenet-fashion" not in text.split("### minilm-wordnet")[1]
-    module["write_docs"](args, 1, 20)  # other seeds: no current part at all, nothing is rewritten
+    assert "### minilm-wordnet (10 LoRAs: train 7, val 1, cal 1, test 1)" in text
+    assert text.index("| probe_r10 |") < text.index("| drift |")  # the task order of TASKS, not of the files
+    assert "### mobilenet-fashion" not in text and "probe_kl" not in text.split("What each task is")[0]
+    module["write_docs"](args, 1, 20)  # other seeds: no current results at all, nothing is rewritten
     assert out.read_text() == text
+    run = argparse.Namespace(**vars(args), quick=False, fresh=False, no_shifts=False, cross_base=None)
+    kept = module["run_zoo"]("minilm-wordnet", zoo_dir / "minilm-wordnet", ["drift"], run, 3, 20)
+    assert [p["row"]["label"] for p in kept] == ["drift"]  # current results come back; nothing is trained (no zoo)
+    with pytest.raises(ValueError, match="Parquet"):  # stale results: it runs, and the fake zoo cannot be read
+        module["run_zoo"]("mobilenet-fashion", zoo_dir / "mobilenet-fashion", ["probe_kl"], run, 3, 20)
