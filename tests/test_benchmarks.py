@@ -265,6 +265,8 @@ def test_real_bases_verdicts_by_hand() -> None:
     assert verdict(good_val, [-0.01, 0.0, -0.02], baselines, "r2")["verdict"] == "no skill on test"
     flat = verdict([0.01, -0.01, 0.0], [0.50, 0.52, 0.51], baselines, "r2")  # val mean 0 = constant: no signal
     assert flat["verdict"] == "no signal" and not flat["signal"]
+    tiny = verdict([0.04, 0.04, 0.04], [0.5, 0.5, 0.5], baselines, "r2")  # beyond its spread (0), below 0.05
+    assert tiny["verdict"] == "no signal"
     nan = {k: {s: {"r2": float("nan")} for s in ("val", "test")} for k in baselines}
     assert verdict(good_val, [0.5, 0.5, 0.5], nan, "r2")["verdict"] == "better"  # an undefined baseline ranks last
 
