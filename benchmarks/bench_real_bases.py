@@ -390,8 +390,16 @@ def _plain_words(results: dict[str, list[dict]]) -> str:
     return "In plain words (test split, LoL mean over seeds):\n\n" + "\n".join(f"- {t}." for t in said)
 
 
-def shipped_table(ship_dir: Path, sizes: dict[str, dict], seeds: int, epochs: int, total: float) -> str:
-    """data/README.md's table of the shipped real-base predictors, read back from their ``config.json``."""
+def shipped_table(
+    ship_dir: Path,
+    sizes: dict[str, dict],
+    seeds: int,
+    epochs: int,
+    total: float,
+    results: dict[str, list[dict]] | None = None,
+) -> str:
+    """data/README.md's table of the shipped real-base predictors, read back from their ``config.json``, and the
+    tasks of ``results`` that have no signal (not shipped)."""
     said = "; ".join(f"{name}: {n['all']} LoRAs, {n['cal']} for calibration" for name, n in sizes.items())
     lines = [
         SHIPPED[0],
@@ -417,6 +425,17 @@ def shipped_table(ship_dir: Path, sizes: dict[str, dict], seeds: int, epochs: in
             f"{sel['best_baseline']}: {sel['best_baseline_test']:.3f} | {c['result']['test']['r2']:.3f} | "
             f"{cal['test_coverage']:.2f} |"
         )
+    count = sum(line.startswith("| `") for line in lines)
+    lines += ["", f"All {count} record their base (`config.json` → `base`) and answer only for LoRAs of that base."]
+    unshipped = [
+        f"{zoo} `{r['label']}` (val {r['metric']} {r['val'][0]:.3f} ± {r['val'][1]:.3f}, constant "
+        f"{r['baselines']['constant']['val']:.3f})"
+        for zoo, rows in (results or {}).items()
+        for r in rows
+        if not r["signal"]
+    ]
+    if unshipped:
+        lines.append(f"No signal, not shipped: {'; '.join(unshipped)}.")
     return "\n".join([*lines, SHIPPED[1]])
 
 
@@ -597,7 +616,8 @@ def write_docs(args: argparse.Namespace, seeds: int, epochs: int) -> None:
         return
     write_section(Path(args.out), section(results, sizes, shifts, seeds, epochs, total))
     if args.ship:
-        write_section(Path(args.readme), shipped_table(Path(args.ship), sizes, seeds, epochs, total), SHIPPED)
+        table = shipped_table(Path(args.ship), sizes, seeds, epochs, total, results)
+        write_section(Path(args.readme), table, SHIPPED)
     console.print(f"wrote {args.out} ({total / 60:.1f} min of compute)")
 
 

@@ -18,7 +18,6 @@ SHIPPED = {  # the predictors shipped inside the package
     "minilm-wordnet-probe_r10",
     "minilm-wordnet-test_acc",
     "minilm-wordnet-val_loss",
-    "mobilenet-fashion-acc_own",
     "mobilenet-fashion-probe_agree",
     "mobilenet-fashion-probe_kl",
 }

@@ -240,7 +240,11 @@ def test_real_bases_shipped_table_reads_the_shipped_configs(tmp_path: Path) -> N
         assert cells[1] == f"{config['selection']['val'][0]:.3f} ± {config['selection']['val'][1]:.3f}"
         assert float(cells[4]) == pytest.approx(config["result"]["test"]["r2"], abs=5e-4)
         assert float(cells[5]) == pytest.approx(config["calibration"]["test_coverage"], abs=5e-3)
-    assert "10 LoRAs, 3 for calibration" in text
+    assert "10 LoRAs, 3 for calibration" in text and f"All {len(expected)} record their base" in text
+    flat = {"label": "sources", "metric": "accuracy", "signal": False, "val": [0.5, 0.01]}
+    flat["baselines"] = {"constant": {"val": 0.51, "test": 0.5}}
+    text = module["shipped_table"](shipped, sizes, 3, 20, 60.0, {"minilm-wordnet": [flat]})
+    assert "No signal, not shipped: minilm-wordnet `sources` (val accuracy 0.500 ± 0.010, constant 0.510)." in text
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{module['SHIPPED'][0]}\nold\n{module['SHIPPED'][1]}\nafter\n")
     module["write_section"](readme, text, module["SHIPPED"])
