@@ -103,6 +103,9 @@ def fmt(values: list[float]) -> str:
 SPLIT_COLUMNS = {"split": "grouped split", "split_lora": "per-LoRA split"}
 
 
+RUNS = {"asked": 0, "cached": 0}  # training runs asked for, and of those read from the cache
+
+
 def _code_digest() -> str:
     """What decides a trained model besides its data and settings: the model and training code."""
     digest = hashlib.sha256()
@@ -117,6 +120,7 @@ def cached_train(cache: Path | None, zoo: LoadedZoo, label: str, model_name: str
     decides the run — the zoo's LoRAs and splits, the label, the model, its settings and budget, the code of
     ``lol_engine/nn`` and ``lol_engine/train``, torch's version and thread count — so that a rerun retrains only
     what changed, and an interrupted run resumes."""
+    RUNS["asked"] += 1
     if cache is None:
         return train_on_zoo(zoo, label, model_name, ModelConfig(), config)
     key = {
@@ -133,6 +137,7 @@ def cached_train(cache: Path | None, zoo: LoadedZoo, label: str, model_name: str
     folder = cache / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     if (folder / "config.json").is_file():
         predictor = load_predictor(folder)
+        RUNS["cached"] += 1
         return predictor.model, predictor.task, predictor.config["bench_run"]
     model, task, result = train_on_zoo(zoo, label, model_name, ModelConfig(), config)
     partial = folder.with_name(folder.name + ".partial")
@@ -462,7 +467,8 @@ def write_results(
         f"{args.seeds} seeds; every model at most {args.epochs} epochs, "
         f"early stopping on validation (patience {args.patience}); "
         f"torch {torch.__version__}, {args.threads} threads, Python {platform.python_version()}; "
-        f"{seconds / 60:.1f} min; models: {', '.join(models)}"
+        f"{seconds / 60:.1f} min, {RUNS['cached']} of {RUNS['asked']} training runs read from the cache of an "
+        f"earlier run; models: {', '.join(models)}"
         + (
             f" — not run here: {', '.join(m for m in registered_models() if m not in models)}"
             if set(registered_models()) - set(models)
