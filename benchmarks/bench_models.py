@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import platform
@@ -106,6 +107,7 @@ SPLIT_COLUMNS = {"split": "grouped split", "split_lora": "per-LoRA split"}
 RUNS = {"asked": 0, "cached": 0}  # training runs asked for, and of those read from the cache
 
 
+@functools.cache
 def _code_digest() -> str:
     """What decides a trained model besides its data and settings: the model and training code."""
     digest = hashlib.sha256()

@@ -226,22 +226,27 @@ def rank_shift(zoo: Any, r: dict, seeds: int, epochs: int, features: dict, quick
     return out
 
 
-def cross_base(zoo: Any, other: Any, r: dict, quick: bool) -> dict:
-    """The models of ``r`` (trained on ``zoo``, chosen on its val) on every LoRA of ``other``, a zoo of the same
-    recipe on the base after continued pretraining; the baselines fit on ``zoo``'s train split, chosen on its val,
-    tested on ``other``."""
-    both = LoadedZoo(
+def joined(zoo: Any, other: Any) -> LoadedZoo:
+    """``zoo``'s train/val LoRAs and every LoRA of ``other`` (a zoo of the same recipe on the base after continued
+    pretraining) as the test split."""
+    return LoadedZoo(
         zoo.path,
         [row | {"split": row["split"] if row["split"] in ("train", "val") else "-"} for row in zoo.rows]
         + [row | {"split": "test"} for row in other.rows],
         zoo.loras + other.loras,
     )
+
+
+def cross_base(both: LoadedZoo, r: dict, features: dict, quick: bool) -> dict:
+    """The models of ``r`` (trained on the base's zoo, chosen on its val) on the test split of ``both``
+    (:func:`joined`); the baselines fit on the train split, chosen on val, tested there. ``features``:
+    ``zoo_features(both)``, computed once for every task."""
     test = both.split("test")
     metric = r["metric"]
     judged = _verdict(
         [run[3]["val"][metric] for run in r["runs"]],
         [_score(both, test, run, metric) for run in r["runs"]],
-        _baselines(both, r["label"], zoo_features(both), quick),
+        _baselines(both, r["label"], features, quick),
         metric,
     )
     return {
@@ -535,7 +540,7 @@ def run_zoo(
 ) -> list[dict]:
     """Tasks ``labels`` of one zoo, each with its shift rows (transfer zoo, tasks with signal), shipped when asked
     and kept in ``args.parts`` as soon as it is done; a task with current kept results is not run again."""
-    zoo = features = other = None
+    zoo = features = both = both_features = None
     parts = []
     for label, metric, _, _ in (t for t in TASKS[zoo_name] if t[0] in labels):
         kept = None if args.quick or args.fresh else _current_part(args, zoo_name, label, seeds, epochs)
@@ -566,9 +571,11 @@ def run_zoo(
         shifts = []
         if not args.no_shifts and zoo_name == TRANSFER_ZOO and (r["signal"] or args.quick):
             shifts = rank_shift(zoo, r, seeds, epochs, features, args.quick) if label in RANK_SHIFT_TASKS else []
-            other = other or cross_base_zoo(args)
-            if other is not None:
-                shifts.append(cross_base(zoo, other, r, args.quick))
+            if both is None and (other := cross_base_zoo(args)) is not None:
+                both = joined(zoo, other)
+                both_features = zoo_features(both)  # once for every task
+            if both is not None:
+                shifts.append(cross_base(both, r, both_features, args.quick))
                 console.print(f"  base shift · {label}: LoL {shifts[-1]['test'][0]:.3f} (base {r['test'][0]:.3f})")
         part = {
             "key": _part_key(folder, seeds, epochs),
