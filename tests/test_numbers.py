@@ -22,10 +22,10 @@ from sklearn.preprocessing import StandardScaler
 
 from lol_engine.fingerprint import FINGERPRINT_NAMES, fingerprint, module_role
 from lol_engine.lora.weights import LoraWeights
-from lol_engine.train.collection import SHARES, CollectionData, _split, baselines
+from lol_engine.train.collection import SHARES, CollectionData, _splits, baselines
 from lol_engine.train.loop import LoadedZoo
 from lol_engine.train.tasks import Task, infer_task, metrics
-from lol_engine.zoo.recipe import SPLITS, group_split, split_of
+from lol_engine.zoo.recipe import SPLITS, group_split, key_uniform, quota_splits, split_of
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics on fixed numbers
@@ -220,10 +220,10 @@ def test_fingerprint_of_a_known_spectrum(gen: torch.Generator) -> None:
 
 _N = 10_000
 Splits = tuple[dict[int, np.ndarray], tuple[tuple[str, float], ...]]  # split codes per seed, and the shares
-_SPLITTERS: dict[str, tuple[Callable[[int, int], str], tuple[tuple[str, float], ...]]] = {
-    "zoo": (split_of, SPLITS),  # a built zoo's manifest, per (zoo seed, LoRA index)
-    "collection": (lambda seed, i: _split(str(i), seed), SHARES),  # a stored collection, per (seed, id or group)
-    "zoo group": (lambda seed, i: split_of(seed, i, f"identity-{i}"), SPLITS),  # a zoo's group, per (seed, key)
+_SPLITTERS: dict[str, tuple[Callable[[int, int], list[str]], tuple[tuple[str, float], ...]]] = {
+    "zoo": (lambda seed, n: [split_of(seed, i) for i in range(n)], SPLITS),  # a built zoo, per (zoo seed, index)
+    "collection": (lambda seed, n: _splits([str(i) for i in range(n)], seed), SHARES),  # a stored collection's ids
+    "zoo group": (lambda seed, n: [split_of(seed, i, f"identity-{i}") for i in range(n)], SPLITS),  # per group key
 }
 
 
@@ -232,7 +232,7 @@ def splits(request: pytest.FixtureRequest) -> Splits:
     """Split codes of indices 0 … 9,999 under seeds 0 and 1, and the shares they should have."""
     split, shares = _SPLITTERS[request.param]
     names = [name for name, _ in shares]
-    return {seed: np.array([names.index(split(seed, i)) for i in range(_N)]) for seed in (0, 1)}, shares
+    return {seed: np.array([names.index(s) for s in split(seed, _N)]) for seed in (0, 1)}, shares
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -280,7 +280,44 @@ def test_group_split_is_the_sha256_of_seed_and_key() -> None:
     for key in ("identity-0", "identity-17", "a collection group"):
         u = int.from_bytes(hashlib.sha256(f"3:{key}".encode()).digest()[:8], "big") / 2**64
         expected = "train" if u < 0.7 else "val" if u < 0.8 else "cal" if u < 0.9 else "test"
-        assert group_split(3, key) == split_of(3, 12345, key) == _split(key, 3) == expected
+        assert group_split(3, key) == split_of(3, 12345, key) == expected
+        assert key_uniform(3, key) == u
+
+
+@pytest.mark.parametrize("n", [1, 7, 15, 20, 60, 61, 99, 1000])
+def test_collection_splits_take_their_shares_exactly(n: int) -> None:
+    """A collection's keys sorted by their sha256 uniform and cut by largest remainder, recomputed by hand: 60 keys are
+    42 / 6 / 6 / 6, 15 are 11 / 2 / 1 / 1 (the .5 remainders go to train and val, in order), 99 are 69 / 10 / 10 / 10
+    (val, cal and test have the larger remainders)."""
+    import hashlib
+
+    keys = [f"lora-{i}" for i in range(n)]
+    u = {k: int.from_bytes(hashlib.sha256(f"5:{k}".encode()).digest()[:8], "big") / 2**64 for k in keys}
+    ordered = sorted(keys, key=u.__getitem__)
+    hand = {
+        60: [42, 6, 6, 6],
+        15: [11, 2, 1, 1],
+        1: [1, 0, 0, 0],
+        7: [5, 1, 1, 0],
+        20: [14, 2, 2, 2],
+        99: [69, 10, 10, 10],
+    }
+    sizes = hand.get(n)
+    if sizes is None:  # the largest-remainder sizes in integer tenths of n: remainders 7n mod 10 and n mod 10
+        sizes = [7 * n // 10, n // 10, n // 10, n // 10]
+        remainders = [7 * n % 10, n % 10, n % 10, n % 10]
+        for i in sorted(range(4), key=lambda i: (-remainders[i], i))[: n - sum(sizes)]:
+            sizes[i] += 1
+    expected = {}
+    for (name, _), start, size in zip(SPLITS, np.cumsum([0, *sizes[:-1]]), sizes, strict=True):
+        expected.update(dict.fromkeys(ordered[start : start + size], name))
+    got = quota_splits(5, keys)
+    assert got == expected
+    assert [sum(v == name for v in got.values()) for name, _ in SPLITS] == sizes
+    assert quota_splits(5, list(reversed(keys)) + keys[:3]) == got  # order and repeats do not matter
+    assert _splits(keys + keys[:2], 5) == [got[k] for k in keys + keys[:2]]  # every LoRA of a group together
+    if n >= 60:
+        assert quota_splits(6, keys) != got  # the seed reshuffles
 
 
 def test_shipped_fashion_gen_keeps_identities_in_one_split() -> None:

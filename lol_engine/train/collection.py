@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ import numpy as np
 from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.train.loop import EpochCallback, LoadedZoo, TrainConfig, train_on_zoo
 from lol_engine.train.tasks import Task
-from lol_engine.zoo.recipe import SPLITS, group_split
+from lol_engine.zoo.recipe import SPLITS, quota_splits
 
 if TYPE_CHECKING:
     from lol_engine.explorer import Explorer
@@ -63,9 +63,12 @@ class CollectionData:
     class_names: tuple[str, ...] | None = None  # text classes, in code order
 
 
-def _split(value: str, seed: int) -> str:
-    """train / val / cal / test for a group value or LoRA id: fixed per (seed, value), as a zoo's groups are."""
-    return group_split(seed, value)
+def _splits(values: Sequence[str], seed: int) -> list[str]:
+    """train / val / cal / test for each group value or LoRA id: every LoRA of a value together, the values split
+    70 / 10 / 10 / 10 exactly (:func:`~lol_engine.zoo.recipe.quota_splits`), so that no split of a small collection
+    comes out empty by chance."""
+    of = quota_splits(seed, values)
+    return [of[v] for v in values]
 
 
 def collection_data(
@@ -120,7 +123,7 @@ def collection_data(
         key = group if group is not None else ("group" if all("group" in labels[r["id"]] for r in chosen) else None)
         if key is not None and not all(key in labels[r["id"]] for r in chosen):
             raise BadRequestError(f"group label {key!r} is missing on some of the chosen LoRAs")
-        splits = [_split(str(labels[r["id"]][key]) if key else r["id"], seed) for r in chosen]
+        splits = _splits([str(labels[r["id"]][key]) if key else r["id"] for r in chosen], seed)
         split_by = f"group label {key!r}" if key else "LoRA"
     sizes = Counter(splits)
     if min(sizes[s] for s in required) < MIN_PER_SPLIT:

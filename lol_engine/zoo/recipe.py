@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +24,17 @@ import numpy as np
 
 from lol_engine.errors import BadRequestError
 
-__all__ = ["SPLITS", "Recipe", "ZooSettings", "group_split", "lora_seed", "split_at", "split_of"]
+__all__ = [
+    "SPLITS",
+    "Recipe",
+    "ZooSettings",
+    "group_split",
+    "key_uniform",
+    "lora_seed",
+    "quota_splits",
+    "split_at",
+    "split_of",
+]
 
 # Ordered so that ``test`` is the top 10 % of the draw, as before ``cal`` existed (80 / 10 / 10 train/val/test):
 # a LoRA's per-LoRA draw puts it in the same test split as then; ``val`` now takes [.7, .8) and ``cal`` [.8, .9).
@@ -77,9 +89,36 @@ def split_of(zoo_seed: int, index: int, group: str | None = None) -> str:
 
 
 def group_split(seed: int, key: str) -> str:
-    """The split of every LoRA whose group (or collection id) is ``key``: sha256 of ``"seed:key"`` as a uniform."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return split_at(int.from_bytes(digest[:8], "big") / 2**64)
+    """The split of every LoRA whose group is ``key``: :func:`key_uniform` cut at the shares of :data:`SPLITS`."""
+    return split_at(key_uniform(seed, key))
+
+
+def key_uniform(seed: int, key: str) -> float:
+    """A uniform in [0, 1) fixed per ``(seed, key)``: the first 8 bytes of sha256 of ``"seed:key"``."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def quota_splits(seed: int, keys: Iterable[str]) -> dict[str, str]:
+    """The split of each distinct key when the splits must take their shares of a small set exactly.
+
+    A stored collection has tens of labelled LoRAs, not thousands: independent draws (:func:`group_split`) leave a
+    split of 60 empty now and then. Here the keys are ordered by :func:`key_uniform` (ties by key) and cut into runs
+    of the sizes the shares give by largest remainder (ties in the order of :data:`SPLITS`): 60 keys are always
+    42 / 6 / 6 / 6, the same keys give the same splits whatever their order, and which key lands where is as random
+    as the draws.
+    """
+    unique = sorted(set(keys), key=lambda k: (key_uniform(seed, k), k))
+    n = len(unique)
+    exact = [Fraction(str(share)) * n for _, share in SPLITS]
+    sizes = [int(e) for e in exact]  # floors of non-negative fractions
+    by_remainder = sorted(range(len(SPLITS)), key=lambda i: (-(exact[i] - sizes[i]), i))
+    for i in by_remainder[: n - sum(sizes)]:
+        sizes[i] += 1
+    out, start = {}, 0
+    for (name, _), size in zip(SPLITS, sizes, strict=True):
+        out.update(dict.fromkeys(unique[start : start + size], name))
+        start += size
+    return out
 
 
 def split_at(u: float) -> str:
