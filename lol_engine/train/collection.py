@@ -114,7 +114,7 @@ def collection_data(
         raise BadRequestError(f"{label!r} holds lists of names: learn one 0/1 label per name instead")
     elif not all(isinstance(v, (int, float, list)) and not isinstance(v, bool) for v in values):
         raise BadRequestError(f"{label!r} mixes numbers and text: give one kind per label")
-    splits = [labels[r["id"]].get("split") for r in chosen]
+    splits: list[Any] = [labels[r["id"]].get("split") for r in chosen]
     required = [name for name, _ in SHARES]
     if all(s in required for s in splits):
         split_by = "the collection's split label"
