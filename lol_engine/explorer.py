@@ -22,6 +22,7 @@ the app never reaches past this class to the store. Thread-safe: the app calls i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -29,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,7 @@ __all__ = [
     "neighbour_placement",
 ]
 
+StartProgress = Callable[[str, int, int], None]  # (step: "ingest" | "maps", done, total), see Explorer.start
 _CACHE_BYTES = 512 * 2**20  # factors kept in memory for neighbour search
 USER_PREDICTORS = "predictors"  # the collection's own predictors: a folder beside its database
 _ANALYSES = 8  # analysed uploads kept for their add (fewer when they hold more than _CACHE_BYTES of factors)
@@ -231,18 +233,24 @@ class Explorer:
         return self.store.path
 
     # ---------------------------------------------------------------- start-up
-    def start(self, zoos: Iterable[str | os.PathLike[str]] | None = None, progress: bool = True) -> bool:
+    def start(
+        self,
+        zoos: Iterable[str | os.PathLike[str]] | None = None,
+        progress: bool = True,
+        on_progress: StartProgress | None = None,
+    ) -> bool:
         """The start-up step of one writer process; returns whether the collection changed.
 
         Removes staging folders of adds killed midway, resolves estimates stored by schema version 1 with the
         predictors at hand, and (:meth:`ensure_default`) fills an empty collection with ``zoos`` (default: the
-        settings' default zoos) and fits every missing map.
+        settings' default zoos) and fits every missing map. ``on_progress(step, done, total)`` follows it (``step``:
+        ``"ingest"`` counting files, ``"maps"`` counting maps).
         """
         if self.uploads_dir.is_dir():
             for stale in self.uploads_dir.glob(".*"):  # staging folders, and uploads an earlier run held
                 shutil.rmtree(stale, ignore_errors=True)
         resolved = self._resolve_raw_estimates()
-        return self.ensure_default(zoos, progress=progress) or resolved > 0
+        return self.ensure_default(zoos, progress=progress, on_progress=on_progress) or resolved > 0
 
     def _resolve_raw_estimates(self) -> int:
         """Turn version-1 rows (bare numbers) into estimates for the predictors still present; returns how many."""
@@ -264,7 +272,12 @@ class Explorer:
             self._changed()
         return len(rows)
 
-    def ensure_default(self, zoos: Iterable[str | os.PathLike[str]] | None = None, progress: bool = True) -> bool:
+    def ensure_default(
+        self,
+        zoos: Iterable[str | os.PathLike[str]] | None = None,
+        progress: bool = True,
+        on_progress: StartProgress | None = None,
+    ) -> bool:
         """Ingest ``zoos`` into an empty store and fit its missing maps; returns whether anything was done."""
         done = False
         if self.store.count() == 0:
@@ -274,17 +287,26 @@ class Explorer:
                 zoos = settings().default_zoos
             paths = [str(Path(z).resolve()) for z in zoos]
             if paths:
-                self.ingest(paths, progress=progress)
+                hook = None if on_progress is None else functools.partial(on_progress, "ingest")
+                self.ingest(paths, progress=progress, on_progress=hook)
                 done = True
         missing = [name for name in self._embedded() if name not in self.store.maps()]
         if missing:
-            self.fit_maps(missing, progress=progress)  # ingest and fit_maps each checkpoint when done
+            for k, name in enumerate(missing):  # ingest and fit_maps each checkpoint when done
+                if on_progress is not None:
+                    on_progress("maps", k, len(missing))
+                self.fit_maps([name], progress=progress)
+            if on_progress is not None:
+                on_progress("maps", len(missing), len(missing))
             done = True
         return done
 
-    def ingest(self, paths: Iterable[str], progress: bool = True) -> IngestReport:
-        """Add every LoRA named by ``paths`` (files, folders, zoos, Hub repo ids) with this explorer's encoders."""
-        report = ingest(paths, self.store, self.encoders, progress=progress)
+    def ingest(
+        self, paths: Iterable[str], progress: bool = True, on_progress: Callable[[int, int], None] | None = None
+    ) -> IngestReport:
+        """Add every LoRA named by ``paths`` (files, folders, zoos, Hub repo ids) with this explorer's encoders;
+        ``on_progress(done, total)`` after each file."""
+        report = ingest(paths, self.store, self.encoders, progress=progress, on_progress=on_progress)
         self._changed()
         return report
 

@@ -9,7 +9,7 @@ it is stored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +78,7 @@ def ingest(
     batch: int = 64,
     labels: LabelTable | None = None,
     metadata: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
     """Add every LoRA named by ``paths`` to ``store`` with what ``encoders`` (default: the shipped ones) make of it.
 
@@ -86,7 +87,8 @@ def ingest(
     before it are stored, the failing one is not. The store is checkpointed at the end.
 
     ``labels``: a table joined by its key (every miss is in the report's ``labels``); ``metadata``: also store the
-    labels the files carry (kohya training fields and tags, PEFT config fields, modelspec).
+    labels the files carry (kohya training fields and tags, PEFT config fields, modelspec). ``on_progress(done,
+    total)`` is called after each file is read (for a page that shows the build).
     """
     from rich.progress import Progress
 
@@ -132,7 +134,7 @@ def ingest(
 
     with Progress(disable=not progress) as bar:
         task = bar.add_task("ingest", total=len(sources))
-        for source in sources:
+        for done, source in enumerate(sources, 1):
             try:
                 lora = load_lora(source.path)
                 pending.append((source, lora))
@@ -142,6 +144,8 @@ def ingest(
             if len(pending) >= batch:
                 flush()
             bar.advance(task)
+            if on_progress is not None:
+                on_progress(done, len(sources))
         if pending:
             flush()
     store.checkpoint()

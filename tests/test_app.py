@@ -134,8 +134,10 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(
 def test_repo_ids_are_checked_and_offline_fetches_fail_cleanly(collection: Explorer) -> None:
     with pytest.raises(BadRequestError, match="not a Hugging Face repo id"):
         handlers.analyse_upload(collection, None, "../../etc/passwd")
-    with pytest.raises(NotFoundError, match="could not fetch nobody/missing"):
+    with pytest.raises(NotFoundError, match="could not fetch nobody/missing") as caught:
         handlers.analyse_upload(collection, None, "nobody/missing")  # HF_HUB_OFFLINE=1 and not cached
+    assert "works offline (HF_HUB_OFFLINE) and the repo is not in its local cache" in str(caught.value)
+    assert "LocalEntryNotFoundError" not in str(caught.value)  # a reason people read, not an exception's name
     with pytest.raises(BadRequestError, match="no file uploaded"):
         handlers.analyse_upload(collection, None, "")
 
@@ -333,3 +335,30 @@ def test_neighbours_show_the_relation_the_explorer_found() -> None:
     assert list(frame["relation"]) == ["≈ 0.6·*x* + 0.4·y", "≈ 0.6·*x* + 0.4·y", ""]
     assert handlers.relations_note(found) == "\n\n**Near-duplicate of the collection:** ≈ 0\\.6·\\*x\\* \\+ 0\\.4·y"
     assert handlers.relations_note(found[2:]) == ""
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        ("GatedRepoError", "the repo is gated"),
+        ("RepositoryNotFoundError", "no such repo on the Hub, or it is private"),
+        ("LocalEntryNotFoundError", "not in its local cache"),
+    ],
+)
+def test_a_failed_hub_fetch_says_why_in_words(monkeypatch: pytest.MonkeyPatch, error: str, reason: str) -> None:
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    from lol_engine.hub import fetch_repo
+
+    cls = getattr(huggingface_hub.errors, error)
+    raised = cls.__new__(cls)  # as the Hub client raises it, without a real HTTP response to build it from
+    Exception.__init__(raised, "https://huggingface.co/api/models/owner/name failed at /srv/cache")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(NotFoundError) as caught:
+        fetch_repo("owner/name")
+    assert reason in str(caught.value) and error not in str(caught.value) and "/srv" not in str(caught.value)

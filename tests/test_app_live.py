@@ -90,9 +90,16 @@ def client(app_url: str) -> Iterator[Client]:
 
 def test_api_lists_every_action(client: Client) -> None:
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/analyse", "/add", "/card", "/compare", "/collection", "/inspect", "/status", "/labels", "/train"} <= set(
-        endpoints
-    )
+    actions = {"/analyse", "/add", "/inspect", "/status", "/labels", "/train"}
+    data = {"/collection_status", "/lora", "/neighbours", "/collection_rows", "/comparison", "/prediction", "/maps"}
+    assert actions | data | {"/map_points"} <= set(endpoints)
+    for name in data:  # typed parameters and one JSON output, no component choices (no empty Literal[])
+        described = endpoints[name]
+        assert all("Literal" not in p["python_type"]["type"] for p in described["parameters"]), name
+        assert len(described["returns"]) == 1 and described["returns"][0]["python_type"]["type"].startswith(
+            ("dict", "list")
+        ), name
+    assert not any(name.startswith("/value_") or "lambda" in name for name in endpoints)
 
 
 def test_api_upload_predict_and_neighbours(client: Client) -> None:
@@ -109,8 +116,13 @@ def test_api_upload_predict_and_neighbours(client: Client) -> None:
     assert len(neighbours["data"]) == 10 and first["by"] == "ΔW cosine" and first["relation"] == ""
     assert len(modules["data"]) == 3 and spectrum is not None and blocks is not None
     assert "AutoV2" in card
-    card_text, card_neighbours = client.predict(first["id"], None, "ΔW cosine", api_name="/card")
-    assert "labels:" in card_text and len(card_neighbours["data"]) == 10
+    stored = client.predict(first["id"], 10, "", api_name="/lora")
+    assert stored["labels"] and len(stored["neighbours"]) == 10 and stored["neighbours"][0]["by"] == "ΔW cosine"
+    data = client.predict(
+        [handle_file(str(FASHION[40] / "adapter_model.safetensors"))], "", 10, api_name="/prediction"
+    )
+    assert {p["predictor"] for p in data["predictions"]} == set(rows) and data["base_family"] == "fashion-vae"
+    assert [n["id"] for n in data["neighbours"]] == [r[-1] for r in neighbours["data"]]
 
 
 def test_api_add_bad_input_and_status(client: Client, live: Explorer, tmp_path: Path) -> None:
@@ -217,9 +229,13 @@ def test_api_compare_and_collection(client: Client, live: Explorer) -> None:
     ids = [r["id"] for r in live.records() if r["zoo"] == "digits"][:2]
     text, _, table = client.predict(ids[0], ids[1], api_name="/compare")
     assert "ΔW cosine over 2 shared modules" in text and [r[0] for r in table["data"]] == ["fc1", "fc2"]
-    frame = client.predict("", [], api_name="/collection")
-    assert len(frame["data"]) == live.store.count()
-    assert [row[-1] for row in client.predict(ids[0][:12], [], api_name="/collection")["data"]] == [ids[0]]
+    page = client.predict("", "", "", 10_000, 0, api_name="/collection_rows")
+    assert page["total"] == len(page["rows"]) == live.store.count()
+    assert [r["id"] for r in client.predict(ids[0][:12], "", "", 10, 0, api_name="/collection_rows")["rows"]] == [
+        ids[0]
+    ]
+    compared = client.predict(ids[0], ids[1], api_name="/comparison")
+    assert compared["comparable"] and sorted(m["module"] for m in compared["modules"]) == ["fc1", "fc2"]
 
 
 @pytest.mark.parametrize("same_file", [False, True], ids=["different-files", "one-file"])
@@ -366,3 +382,19 @@ def test_browser_trains_a_predictor_and_the_next_upload_uses_it(app_url: str, tm
         page.wait_for_function(
             "document.querySelector('#predictions')?.innerText.includes('acc_own-svd')", timeout=60_000
         )
+
+
+def test_the_readmes_gradio_client_example_runs(client: Client, app_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's ```python gradio_client block, run from the checkout against this live app."""
+    import re
+
+    root = Path(__file__).parent.parent
+    (block,) = re.findall(r"```python gradio_client\n(.*?)```", (root / "README.md").read_text(), flags=re.S)
+    assert "http://127.0.0.1:7860/" in block
+    monkeypatch.chdir(root)
+    printed: list[str] = []
+    scope = {"__name__": "__readme__", "print": lambda *a, **k: printed.append(" ".join(map(str, a)))}
+    exec(compile(block.replace("http://127.0.0.1:7860/", app_url), "README gradio_client", "exec"), scope)
+    assert scope["lora"]["id"] == scope["first"] and len(scope["lora"]["neighbours"]) == 5
+    assert scope["analysed"]["base_family"] == "digits-mlp" and scope["analysed"]["predictions"]
+    assert any("digits-acc_own" in line for line in printed)
