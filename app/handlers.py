@@ -160,7 +160,19 @@ PREDICTION_COLUMNS = [
 ]
 NEIGHBOUR_COLUMNS = ["name", "collection", "similarity", "relation", "by", "id"]
 COMPARE_COLUMNS = ["module", "ΔW cosine", "‖ΔW‖_F first", "‖ΔW‖_F second"]
-_TABLE_COLUMNS = ["name", "zoo", "format", "base_family", "rank", "modules", "size_kb", "dtype", "added", "id"]
+TABLE_COLUMNS = ["name", "zoo", "format", "base_family", "rank", "modules", "size_kb", "dtype", "added", "id"]
+TABLE_HEADERS = [
+    "name",
+    "collection",
+    "file format",
+    "base model family",
+    "rank",
+    "modules",
+    "size (KiB)",
+    "dtype",
+    "added",
+    "id",
+]
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
 # An absolute POSIX or Windows path of two or more parts (not "owner/name" or "1/2": no word character before it).
 _SERVER_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"`<>|:]+)+[/\\]([^\s/\\'\"`<>|:]+)")
@@ -600,19 +612,47 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+_FIELD_TITLES = {
+    "zoo": "collection",
+    "base_family": "base model family",
+    "format": "file format",
+    "modules": "modules",
+    "size_kb": "size (KiB)",
+}
+
+
+def column_title(column: str) -> str:
+    """A column's name for people: ``label:acc_all`` → ``acc_all (label)``, ``pred:x`` → ``x (predicted)``,
+    ``zoo`` → ``collection``."""
+    if column.startswith("label:"):
+        return f"{column.removeprefix('label:')} (label)"
+    if column.startswith("pred:"):
+        return f"{column.removeprefix('pred:')} (predicted)"
+    return _FIELD_TITLES.get(column, column)
+
+
+def _rounded(value: Any) -> Any:
+    """A table cell: floats to 4 significant digits (0.10000000149011612 → 0.1), anything else as it is."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
 def collection_frame(
-    explorer: Explorer, filters: Filters | None = None, ids: Sequence[str] | None = None
+    explorer: Explorer, filters: Filters | None = None, ids: Sequence[str] | None = None, for_people: bool = True
 ) -> pd.DataFrame:
-    """The collection as a table (one row per LoRA: fields, label and prediction summaries), filtered or by ids."""
+    """The collection as a table (one row per LoRA: fields, label and prediction summaries), filtered or by ids;
+    ``for_people``: floats rounded and columns named by :func:`column_title` (else the stored names and values)."""
     filters = filters or Filters()
     records = explorer.records()
     if ids is not None:
         wanted = set(ids)
         records = [r for r in records if r["id"] in wanted]
     rows = [r for r in records if filters.keep(r)]
-    extra = sorted({c for r in records for c in r if c not in _TABLE_COLUMNS})
-    frame = pd.DataFrame(rows, columns=[*_TABLE_COLUMNS[:-1], *extra, "id"])
-    return frame
+    extra = sorted({c for r in records for c in r if c not in TABLE_COLUMNS})
+    columns = [*TABLE_COLUMNS[:-1], *extra, "id"]
+    if not for_people:
+        return pd.DataFrame([[r.get(c) for c in columns] for r in rows], columns=columns)
+    frame = pd.DataFrame([[_rounded(r.get(c)) for c in columns] for r in rows], columns=columns)
+    return frame.rename(columns=column_title)
 
 
 def export_frame(frame: pd.DataFrame, fmt: str, folder: str | os.PathLike[str]) -> Path:

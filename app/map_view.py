@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from app.handlers import Filters, escape_html
+from app.handlers import Filters, column_title, escape_html
 from lol_engine.explorer import Explorer, map_title
 
 __all__ = [
@@ -56,24 +56,7 @@ PALETTE = (
     "#882255",
 )
 assert len(PALETTE) == MAX_CATEGORIES
-_FIELD_TITLES = {
-    "zoo": "collection",
-    "base_family": "base model family",
-    "format": "file format",
-    "rank": "rank",
-    "modules": "number of modules",
-    "dtype": "dtype",
-}
 _MARKER = 6
-
-
-def column_title(column: str) -> str:
-    """A column's name for people: ``label:acc_all`` → ``acc_all (label)``, ``pred:x`` → ``x (predicted)``."""
-    if column.startswith("label:"):
-        return f"{column.removeprefix('label:')} (label)"
-    if column.startswith("pred:"):
-        return f"{column.removeprefix('pred:')} (predicted)"
-    return _FIELD_TITLES.get(column, column)
 
 
 def _is_number(value: Any) -> bool:

@@ -189,14 +189,19 @@ def _event_value(evt: gr.EventData, key: str, default: Any) -> Any:
 
 
 @_guard
-def _export(frame: pd.DataFrame, fmt: str) -> str:
-    """Write a shown table for download (Gradio copies it into its own cache); exports older than an hour go."""
+def _export(explorer: Explorer, frame: pd.DataFrame, fmt: str) -> str:
+    """Write the LoRAs of a shown table for download, at full precision and with the stored column names (the table
+    shows rounded values under names for people); Gradio copies the file into its own cache. Exports older than an
+    hour go."""
     folder = Path(tempfile.gettempdir()) / "lol-explorer-exports"
     folder.mkdir(exist_ok=True)
     for old in folder.iterdir():
         if time.time() - old.stat().st_mtime > 3600:
             shutil.rmtree(old, ignore_errors=True)
-    return str(handlers.export_frame(frame, fmt, folder))
+    ids = [str(i) for i in frame["id"]] if frame is not None and "id" in frame.columns else []
+    stored = handlers.collection_frame(explorer, ids=ids, for_people=False)
+    rows = stored.set_index("id").reindex([i for i in ids if i in set(stored["id"])]).reset_index()
+    return str(handlers.export_frame(rows[[*stored.columns]], fmt, folder))
 
 
 def _nothing() -> None:
@@ -369,6 +374,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> tuple[_Refresher, ...]:
                 )
         with gr.Accordion("Lasso / box selection", open=True, elem_id="map-selection-box"):
             selected = gr.Dataframe(
+                headers=handlers.TABLE_HEADERS,
                 interactive=False,
                 label="Selected LoRAs (draw a lasso or box on the map)",
                 elem_id="map-selection",
@@ -492,8 +498,8 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> tuple[_Refresher, ...]:
 
         plot.select(on_select, None, [selected_ids, selected], api_visibility="private")
 
-        csv.click(lambda f: _export(f, "csv"), selected, download, api_visibility="private")
-        parquet.click(lambda f: _export(f, "parquet"), selected, download, api_visibility="private")
+        csv.click(lambda f: _export(explorer, f, "csv"), selected, download, api_visibility="private")
+        parquet.click(lambda f: _export(explorer, f, "parquet"), selected, download, api_visibility="private")
 
         @_guard
         def on_refit(encoder: str | None) -> str:
@@ -518,6 +524,8 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks, ledger: UploadLedger) -
             collections = gr.CheckboxGroup(label="Collection", choices=[], scale=2)
             refresh = gr.Button("Refresh", scale=1)
         table = gr.Dataframe(
+            headers=handlers.TABLE_HEADERS,
+            label="Stored LoRAs",
             interactive=False,
             max_height=600,
             show_search="filter",
@@ -566,8 +574,8 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks, ledger: UploadLedger) -
         for event in (search.submit, collections.change, refresh.click):
             event(show, [search, collections], table, api_visibility="private")
 
-        csv.click(lambda f: _export(f, "csv"), table, download, api_visibility="private")
-        parquet.click(lambda f: _export(f, "parquet"), table, download, api_visibility="private")
+        csv.click(lambda f: _export(explorer, f, "csv"), table, download, api_visibility="private")
+        parquet.click(lambda f: _export(explorer, f, "parquet"), table, download, api_visibility="private")
     return _Refresher(refreshed, [search, collections], [collections, table])
 
 

@@ -181,9 +181,14 @@ def test_lora_card_and_neighbours(collection: Explorer) -> None:
 
 
 def test_collection_table_and_exports(collection: Explorer, tmp_path: Path) -> None:
-    frame = handlers.collection_frame(collection, Filters(collections=("fashion-gen",)))
-    assert len(frame) == 30 and frame.columns[0] == "name" and frame.columns[-1] == "id"
+    shown = handlers.collection_frame(collection, Filters(collections=("fashion-gen",)))
+    frame = handlers.collection_frame(collection, Filters(collections=("fashion-gen",)), for_people=False)
+    assert len(frame) == len(shown) == 30 and frame.columns[0] == "name" and frame.columns[-1] == "id"
     assert "label:quality" in frame.columns and "pred:fashion-gen-quality" in frame.columns
+    assert [handlers.column_title(c) for c in frame.columns] == list(shown.columns)  # names for people
+    assert "quality (label)" in shown.columns and "collection" in shown.columns
+    for raw, people in zip(frame["label:quality"], shown["quality (label)"], strict=True):
+        assert people == float(f"{raw:.4g}") and abs(people - raw) <= 5e-4 * abs(raw)  # rounded for reading
     csv = handlers.export_frame(frame, "csv", tmp_path)
     parquet = handlers.export_frame(frame, "parquet", tmp_path)
     assert csv.name == "lol-selection.csv" and list(pd.read_csv(csv)["id"]) == list(frame["id"])
@@ -309,7 +314,7 @@ def test_a_labels_table_labels_the_stored_loras(tmp_path: Path) -> None:
         report = handlers.apply_labels(explorer, str(table), "name")
         assert "4 LoRA\\(s\\) labelled by name with my\\_score \\(numeric\\), style \\(categorical\\)" in report
         assert "matched no LoRA" in report and "<b>" not in report and "2 LoRA\\(s\\) have no row" in report
-        frame = handlers.collection_frame(explorer).set_index("name")
+        frame = handlers.collection_frame(explorer, for_people=False).set_index("name")
         assert frame.loc[names[:4], "label:my_score"].tolist() == [0.0, 0.1, 0.2, 0.3]
         assert frame.loc[names[1], "label:style"] == "b" and pd.isna(frame.loc[names[5], "label:my_score"])
         with pytest.raises(BadRequestError, match="no labels table uploaded"):

@@ -152,3 +152,20 @@ def test_faceted_maps_say_so(collection: Explorer) -> None:
     assert sorted(a.text for a in fig.layout.annotations) == ["digits-mlp", "fashion-vae"]
     lol = map_view(collection, "lol:digits-classes", "zoo").figure
     assert not lol.layout.annotations and "each base model" not in lol.layout.title.text
+
+
+def test_an_export_of_a_shown_table_has_full_precision_and_stored_names(collection: Explorer) -> None:
+    """The page shows rounded numbers under names for people; what it exports is the stored rows, in its order."""
+    import pandas as pd
+
+    from app import handlers
+    from app.ui import _export
+
+    shown = handlers.collection_frame(collection, Filters(collections=("digits",)))
+    shown = shown.iloc[[5, 1, 3]]  # sorted in the page
+    out = pd.read_csv(_export(collection, shown, "csv"))
+    stored = handlers.collection_frame(collection, for_people=False).set_index("id")
+    assert list(out["id"]) == list(shown["id"]) and "label:acc_all" in out.columns
+    assert out["label:acc_all"].tolist() == pytest.approx(
+        stored.loc[list(shown["id"]), "label:acc_all"].tolist(), rel=1e-12
+    )
