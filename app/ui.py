@@ -32,6 +32,7 @@ from app.training import TrainingJobs
 from app.uploads import UploadHold, UploadLedger, discard, held_root
 from app.web import PLOTLY_URL, max_upload_bytes
 from lol_engine import ReadLimits
+from lol_engine.card import MAX_NAME_CHARS
 from lol_engine.errors import BadRequestError, LolError
 from lol_engine.explorer import Explorer
 from lol_engine.settings import HOW_TO_GET_ZOOS
@@ -129,14 +130,15 @@ def _event_value(evt: gr.EventData, key: str, default: Any) -> Any:
 
 
 @_guard
-def _export(frame: pd.DataFrame, fmt: str) -> str:
-    """Write a shown table for download (Gradio copies it into its own cache); exports older than an hour go."""
+def _export(frame: pd.DataFrame, fmt: str, what: str = "selection") -> str:
+    """Write a shown table for download (Gradio copies it into its own cache); exports older than an hour go.
+    ``what``: the file's name for rows of several collections (:func:`handlers.export_name`)."""
     folder = Path(tempfile.gettempdir()) / "lol-explorer-exports"
     folder.mkdir(exist_ok=True)
     for old in folder.iterdir():
         if time.time() - old.stat().st_mtime > 3600:
             shutil.rmtree(old, ignore_errors=True)
-    return str(handlers.export_frame(frame, fmt, folder))
+    return str(handlers.export_frame(frame, fmt, folder, what))
 
 
 def _nothing() -> None:
@@ -166,6 +168,12 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
                     elem_id="upload-files",
                 )
                 repo = gr.Textbox(label="…or a Hugging Face repo id", placeholder="owner/name", max_length=96)
+                name = gr.Textbox(
+                    label="Name (optional)",
+                    placeholder="default: the folder, repo id or the file's own title",
+                    max_length=MAX_NAME_CHARS,
+                    elem_id="upload-name",
+                )
                 analyse = gr.Button("Analyse", variant="primary", elem_id="analyse-button")
                 add = gr.Button("Add to collection", elem_id="add-button")
                 added = gr.Markdown(elem_id="add-status")
@@ -194,10 +202,10 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
 
         @_guard
         @_gpu
-        def on_analyse(paths: list[str] | None, repo_id: str, token: str | None) -> tuple[Any, ...]:
+        def on_analyse(paths: list[str] | None, repo_id: str, typed: str, token: str | None) -> tuple[Any, ...]:
             hold.release(token)
             try:
-                result = handlers.analyse_upload(explorer, paths, repo_id, limits=limits)
+                result = handlers.analyse_upload(explorer, paths, repo_id, limits=limits, name=typed)
                 kept = hold.keep(paths) if paths else None
             finally:
                 discard(paths, uploads, ledger)
@@ -214,21 +222,20 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
             )
 
         @_guard
-        def on_add(paths: list[str] | None, repo_id: str, token: str | None) -> tuple[str, None]:
+        def on_add(paths: list[str] | None, repo_id: str, typed: str, token: str | None) -> tuple[str, None]:
             try:  # the files given, else the upload analysed last, else the repo id
-                message = handlers.add_upload(explorer, paths or hold.files(token) or None, repo_id, limits)
+                message = handlers.add_upload(explorer, paths or hold.files(token) or None, repo_id, limits, typed)
             finally:
                 discard(paths, uploads, ledger)
             hold.release(token)  # only once added: a failed add can be retried
             return message, None
 
         outputs = [card, predictions, spectrum, neighbours, modules, added, held, blocks]
+        inputs = [files, repo, name, held]  # the API takes (files, repo id, name); the name may be left out
         analysed = analyse.click(
-            on_analyse, [files, repo, held], outputs, api_name="analyse", concurrency_id="cpu", concurrency_limit=4
+            on_analyse, inputs, outputs, api_name="analyse", concurrency_id="cpu", concurrency_limit=4
         )
-        stored = add.click(
-            on_add, [files, repo, held], [added, held], api_name="add", concurrency_id="write", concurrency_limit=1
-        )
+        stored = add.click(on_add, inputs, [added, held], api_name="add", concurrency_id="write", concurrency_limit=1)
         for event in (analysed, stored):  # the upload is no longer on the server: the file box shows nothing
             event.then(_nothing, None, files, api_visibility="private")
 
@@ -399,8 +406,8 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks, ledger: UploadLedger) -
         for event in (search.submit, collections.change, refresh.click):
             event(show, [search, collections], table, api_visibility="private")
 
-        csv.click(lambda f: _export(f, "csv"), table, download, api_name="export_csv")
-        parquet.click(lambda f: _export(f, "parquet"), table, download, api_name="export_parquet")
+        csv.click(lambda f: _export(f, "csv", "collection"), table, download, api_name="export_csv")
+        parquet.click(lambda f: _export(f, "parquet", "collection"), table, download, api_name="export_parquet")
 
 
 def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
@@ -409,21 +416,27 @@ def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
             first = gr.Dropdown(label="First LoRA", choices=[], filterable=True, allow_custom_value=True)
             second = gr.Dropdown(label="Second LoRA", choices=[], filterable=True, allow_custom_value=True)
             go = gr.Button("Compare", variant="primary")
-        text = gr.Markdown()
-        plot = gr.Plot()
-        table = gr.Dataframe(interactive=False, max_height=420)
+        text = gr.Markdown(elem_id="compare-text")
+        with gr.Row(equal_height=False):
+            first_card = gr.Markdown(elem_id="compare-first")
+            second_card = gr.Markdown(elem_id="compare-second")
+        plot = gr.Plot(visible=False, elem_id="compare-plot")
+        table = gr.Dataframe(headers=handlers.COMPARE_COLUMNS, interactive=False, max_height=420)
+        with gr.Accordion("As JSON", open=False):
+            data = gr.JSON(elem_id="compare-data")
 
         def choices() -> tuple[Any, Any]:
             options = handlers.lora_choices(explorer)
             return gr.update(choices=options), gr.update(choices=options)
 
+        @_guard
+        def compare(one: str | None, other: str | None) -> tuple[Any, ...]:
+            result = handlers.compare_loras(explorer, one or "", other or "")
+            figure = gr.update(value=result.figure, visible=result.figure is not None)
+            return result.text, result.first_card, result.second_card, figure, result.table, result.data
+
         demo.load(choices, None, [first, second], api_visibility="private")
-        go.click(
-            _guard(functools.partial(handlers.compare_loras, explorer)),
-            [first, second],
-            [text, plot, table],
-            api_name="compare",
-        )
+        go.click(compare, [first, second], [text, first_card, second_card, plot, table, data], api_name="compare")
 
 
 def _train_tab(explorer: Explorer, demo: gr.Blocks, jobs: TrainingJobs) -> None:
