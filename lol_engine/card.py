@@ -243,11 +243,12 @@ def check_name(text: str) -> str:
         raise BadRequestError("the name is empty")
     if len(name) > MAX_NAME_CHARS:
         raise BadRequestError(f"the name has {len(name)} characters; at most {MAX_NAME_CHARS} are allowed")
-    if not _NAME.fullmatch(name):
-        bad = next((c for c in name if not _NAME.fullmatch("a" + c)), name[0])
+    if not _NAME.fullmatch(name[0]):
+        raise BadRequestError(f"the name starts with {name[0]!r}: start it with a letter or digit")
+    bad = next((c for c in name if not _NAME.fullmatch("a" + c)), None)
+    if bad is not None:
         raise BadRequestError(
-            f"the name may not hold {bad!r}: use letters, digits, spaces and . , + ( ) ' & @ # ~ = - _, starting "
-            "with a letter or digit"
+            f"the name may not hold {bad!r}: use letters, digits, spaces and . , + ( ) ' & @ # ~ = - _"
         )
     return name
 
@@ -257,12 +258,14 @@ def _meaningful(text: str) -> bool:
 
 
 def _from_metadata(meta: LoraMetadata | None) -> str | None:
-    """A name the file gives itself: ``modelspec.title``, else kohya's ``ss_output_name`` (one line, bounded)."""
+    """A name the file gives itself: ``modelspec.title``, else kohya's ``ss_output_name``, cut to what a typed name
+    may hold (:func:`check_name`'s characters, one line, at most 100 characters)."""
     if meta is None:
         return None
     for value in (meta.modelspec.get("title"), meta.kohya.get("ss_output_name")):
         if isinstance(value, str):
-            text = " ".join(value.split())[:MAX_NAME_CHARS]
+            kept = "".join(c if _NAME.fullmatch("a" + c) else " " for c in value[: 4 * MAX_NAME_CHARS])
+            text = " ".join(kept.split()).lstrip(" .,+()'&@#~=-")[:MAX_NAME_CHARS].strip()
             if text and _meaningful(text):
                 return text
     return None

@@ -193,7 +193,8 @@ def test_collection_table_and_exports(collection: Explorer, tmp_path: Path) -> N
     chosen = list(frame["id"][:3])
     assert list(handlers.collection_frame(collection, ids=chosen)["id"]) == chosen
     both = handlers.collection_frame(collection)  # two collections: named after what the rows are
-    assert handlers.export_frame(both, "csv", tmp_path, "collection").name.startswith(f"lol-collection-{len(both)}loras-")
+    named = handlers.export_frame(both, "csv", tmp_path, "collection").name
+    assert named.startswith(f"lol-collection-{len(both)}loras-")
     assert handlers.export_frame(both.iloc[:5], "csv", tmp_path).name.startswith("lol-digits-5loras-")
     mixed = both.iloc[[0, -1]]
     assert handlers.export_frame(mixed, "csv", tmp_path).name.startswith("lol-selection-2loras-")
