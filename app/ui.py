@@ -169,6 +169,7 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
                 )
                 repo = gr.Textbox(label="…or a Hugging Face repo id", placeholder="owner/name", max_length=96)
                 name = gr.Textbox(
+                    "",
                     label="Name (optional)",
                     placeholder="default: the folder, repo id or the file's own title",
                     max_length=MAX_NAME_CHARS,
@@ -202,7 +203,9 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
 
         @_guard
         @_gpu
-        def on_analyse(paths: list[str] | None, repo_id: str, typed: str, token: str | None) -> tuple[Any, ...]:
+        def on_analyse(
+            paths: list[str] | None, repo_id: str, token: str | None, typed: str | None = None
+        ) -> tuple[Any, ...]:
             hold.release(token)
             try:
                 result = handlers.analyse_upload(explorer, paths, repo_id, limits=limits, name=typed)
@@ -222,7 +225,9 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
             )
 
         @_guard
-        def on_add(paths: list[str] | None, repo_id: str, typed: str, token: str | None) -> tuple[str, None]:
+        def on_add(
+            paths: list[str] | None, repo_id: str, token: str | None, typed: str | None = None
+        ) -> tuple[str, None]:
             try:  # the files given, else the upload analysed last, else the repo id
                 message = handlers.add_upload(explorer, paths or hold.files(token) or None, repo_id, limits, typed)
             finally:
@@ -231,7 +236,7 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
             return message, None
 
         outputs = [card, predictions, spectrum, neighbours, modules, added, held, blocks]
-        inputs = [files, repo, name, held]  # the API takes (files, repo id, name); the name may be left out
+        inputs = [files, repo, held, name]  # the API takes (files, repo id, name); the name may be left out
         analysed = analyse.click(
             on_analyse, inputs, outputs, api_name="analyse", concurrency_id="cpu", concurrency_limit=4
         )

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lol_engine.errors import BadRequestError
 from lol_engine.estimate import Estimate
+from lol_engine.lora.metadata import training_parameters
 from lol_engine.lora.weights import LoraMetadata
 from lol_engine.report import card_facts
 
@@ -167,6 +168,14 @@ def _new_labels(facts: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str
     return {key: value for key, value in labels.items() if key not in shown or not _same(value, shown[key])}
 
 
+def _parameters(rows: Sequence[Mapping[str, str]]) -> tuple[Parameter, ...]:
+    """The parameters table, named and explained (:func:`lol_engine.lora.metadata.training_parameters`) from the
+    kept ``{"key", "value"}`` rows: kohya's ``ss_*`` fields, then the PEFT config's, each in its table's order."""
+    kohya = {r["key"]: r["value"] for r in rows if r["key"].startswith("ss_")}
+    config = {r["key"]: r["value"] for r in rows if not r["key"].startswith("ss_")}
+    return tuple(Parameter(**row) for row in training_parameters(kohya, config))
+
+
 def build_card(
     facts: Mapping[str, Any],
     *,
@@ -210,7 +219,7 @@ def build_card(
         trigger_phrase=words["trigger_phrase"],
         top_tags=tuple(Tag(t["tag"], t["count"]) for t in words["top_tags"]),
         n_tags=words["n_tags"],
-        training_parameters=tuple(Parameter(**p) for p in facts["training_parameters"]),
+        training_parameters=_parameters(facts["training_parameters"]),
         block_strength=tuple(Block(**b) for b in facts["block_strength"]),
         n_blocks=facts["n_blocks"],
         other_metadata=tuple((m["key"], m["value"]) for m in facts["other_metadata"]),

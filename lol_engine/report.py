@@ -270,10 +270,11 @@ def card_facts(report: Mapping[str, Any]) -> dict[str, Any]:
 
     Everything but the per-module spectra: format, base family and its evidence, dtype, modules, ranks, the range of
     scales, size, DoRA, ‖ΔW‖_F, the lookup hashes, trigger words (top tags with their counts), the training
-    parameters, strength per block (at most :data:`MAX_BLOCKS`) and the other ``ss_*`` / ``modelspec.*`` /
-    ``adapter_config`` fields (at most :data:`MAX_OTHER_METADATA`, one line of at most 200 characters each). The
-    store keeps it, so that a stored LoRA's card needs no file. Its size is bounded whatever the file holds (about
-    100 kB at most); every text in it is the file's, untrusted.
+    parameters (``{"key", "value"}``: :func:`lol_engine.lora.metadata.training_parameters` names them), strength
+    per block (at most :data:`MAX_BLOCKS`) and the other ``ss_*`` / ``modelspec.*`` / ``adapter_config`` fields (at
+    most :data:`MAX_OTHER_METADATA`, one line of at most 200 characters each). The store keeps it, so that a stored
+    LoRA's card needs no file. Its size is bounded whatever the file holds (about 100 kB at most); every text in it
+    is the file's, untrusted.
 
     A dict made by :func:`card_facts` gives the same dict again (the store's copy can be passed back in).
     """
@@ -304,8 +305,8 @@ def card_facts(report: Mapping[str, Any]) -> dict[str, Any]:
             ],
             "n_tags": int(words.get("n_tags", 0)),
         },
-        "training_parameters": [
-            {k: _line(p[k], _LINE_CHARS) for k in ("key", "name", "value", "meaning")}
+        "training_parameters": [  # key and value: the names and meanings are lol_engine.lora.metadata's
+            {"key": _line(p["key"], _KEY_CHARS), "value": _line(p["value"], _VALUE_CHARS)}
             for p in list(report.get("training_parameters", []))[:MAX_OTHER_METADATA]
         ],
         "block_strength": [
