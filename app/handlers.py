@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 
 from app.training import TrainingJob, TrainingJobs
 from lol_engine import ReadLimits
-from lol_engine.card import Card, build_card, check_name, lora_name
+from lol_engine.card import Card, build_card, check_name, lora_name, report_metadata
 from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.estimate import Estimate
 from lol_engine.explorer import Analysis, Explorer, Neighbour, describe_file, hub_lora, map_title
@@ -103,7 +103,7 @@ def inspect_upload(paths: Sequence[str] | str | None, limits: ReadLimits | None 
     file, config_path = _pick_files([paths] if isinstance(paths, str) else paths)
     report = describe_file(file, config_path, limits)
     rows = inspect_rows(report)
-    return InspectResult(_summary(report, file.name), rows, report)
+    return InspectResult(_summary(report, lora_name(file, config_path, report_metadata(report))), rows, report)
 
 
 def _summary(report: dict[str, Any], name: str) -> str:

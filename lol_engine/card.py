@@ -38,6 +38,7 @@ __all__ = [
     "build_card",
     "check_name",
     "lora_name",
+    "report_metadata",
 ]
 
 MAX_NAME_CHARS = 100
@@ -278,6 +279,18 @@ def _from_metadata(meta: LoraMetadata | None) -> str | None:
             if text and _meaningful(text):
                 return text
     return None
+
+
+def report_metadata(report: Mapping[str, Any]) -> LoraMetadata:
+    """What :func:`lora_name` reads of a file, from its :func:`lol_engine.report.describe` report."""
+    return LoraMetadata(
+        format=str(report.get("format", "unknown")),
+        base_family=str(report.get("base_family", "unknown")),
+        sha256=str(report.get("sha256") or ""),
+        kohya=dict(report.get("kohya_metadata", {})),
+        modelspec=dict(report.get("modelspec", {})),
+        adapter_config=dict(report.get("adapter_config", {})),
+    )
 
 
 def lora_name(

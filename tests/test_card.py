@@ -532,6 +532,8 @@ def test_the_upload_tab_names_and_stores_a_peft_upload(tmp_path: Path) -> None:
         sha = hashlib.sha256(weights.read_bytes()).hexdigest()
         analysed = handlers.analyse_upload(explorer, [str(weights), str(config)])
         assert analysed.card.startswith(f"### Base\\-7B\\-lora\\-{sha[:8]}") and "adapter_model" not in analysed.card
+        inspected = handlers.inspect_upload([str(weights), str(config)]).summary  # the Inspect tab names it alike
+        assert inspected.startswith(f"### Base\\-7B\\-lora\\-{sha[:8]}\n")
         with pytest.raises(BadRequestError, match="may not hold"):
             handlers.add_upload(explorer, files, name="x<b>")
         assert explorer.count() == 0  # a refused name stores nothing
