@@ -168,7 +168,7 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
                     elem_id="upload-files",
                 )
                 repo = gr.Textbox(label="…or a Hugging Face repo id", placeholder="owner/name", max_length=96)
-                name = gr.Textbox(
+                name_box = gr.Textbox(
                     "",
                     label="Name (optional)",
                     placeholder="default: the folder, repo id or the file's own title",
@@ -204,11 +204,11 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
         @_guard
         @_gpu
         def on_analyse(
-            paths: list[str] | None, repo_id: str, token: str | None, typed: str | None = None
+            paths: list[str] | None, repo_id: str, token: str | None, name: str | None = None
         ) -> tuple[Any, ...]:
             hold.release(token)
             try:
-                result = handlers.analyse_upload(explorer, paths, repo_id, limits=limits, name=typed)
+                result = handlers.analyse_upload(explorer, paths, repo_id, limits=limits, name=name)
                 kept = hold.keep(paths) if paths else None
             finally:
                 discard(paths, uploads, ledger)
@@ -226,17 +226,17 @@ def _upload_tab(explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger
 
         @_guard
         def on_add(
-            paths: list[str] | None, repo_id: str, token: str | None, typed: str | None = None
+            paths: list[str] | None, repo_id: str, token: str | None, name: str | None = None
         ) -> tuple[str, None]:
             try:  # the files given, else the upload analysed last, else the repo id
-                message = handlers.add_upload(explorer, paths or hold.files(token) or None, repo_id, limits, typed)
+                message = handlers.add_upload(explorer, paths or hold.files(token) or None, repo_id, limits, name)
             finally:
                 discard(paths, uploads, ledger)
             hold.release(token)  # only once added: a failed add can be retried
             return message, None
 
         outputs = [card, predictions, spectrum, neighbours, modules, added, held, blocks]
-        inputs = [files, repo, held, name]  # the API takes (files, repo id, name); the name may be left out
+        inputs = [files, repo, held, name_box]  # the API takes (files, repo id, name); the name may be left out
         analysed = analyse.click(
             on_analyse, inputs, outputs, api_name="analyse", concurrency_id="cpu", concurrency_limit=4
         )
@@ -418,8 +418,8 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks, ledger: UploadLedger) -
 def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
     with gr.Tab("Compare", id="compare"):
         with gr.Row():
-            first = gr.Dropdown(label="First LoRA", choices=[], filterable=True, allow_custom_value=True)
-            second = gr.Dropdown(label="Second LoRA", choices=[], filterable=True, allow_custom_value=True)
+            first_pick = gr.Dropdown(label="First LoRA", choices=[], filterable=True, allow_custom_value=True)
+            second_pick = gr.Dropdown(label="Second LoRA", choices=[], filterable=True, allow_custom_value=True)
             go = gr.Button("Compare", variant="primary")
         text = gr.Markdown(elem_id="compare-text")
         with gr.Row(equal_height=False):
@@ -435,13 +435,14 @@ def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> None:
             return gr.update(choices=options), gr.update(choices=options)
 
         @_guard
-        def compare(one: str | None, other: str | None) -> tuple[Any, ...]:
-            result = handlers.compare_loras(explorer, one or "", other or "")
+        def compare(first: str | None, second: str | None) -> tuple[Any, ...]:
+            result = handlers.compare_loras(explorer, first or "", second or "")
             figure = gr.update(value=result.figure, visible=result.figure is not None)
             return result.text, result.first_card, result.second_card, figure, result.table, result.data
 
-        demo.load(choices, None, [first, second], api_visibility="private")
-        go.click(compare, [first, second], [text, first_card, second_card, plot, table, data], api_name="compare")
+        demo.load(choices, None, [first_pick, second_pick], api_visibility="private")
+        outputs = [text, first_card, second_card, plot, table, data]
+        go.click(compare, [first_pick, second_pick], outputs, api_name="compare")
 
 
 def _train_tab(explorer: Explorer, demo: gr.Blocks, jobs: TrainingJobs) -> None:
