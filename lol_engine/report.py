@@ -239,9 +239,50 @@ def _line(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _datasets(value: list[Any]) -> str:
+    """kohya's ``ss_datasets`` (one object per dataset, its tag counts included) as a line: images, resolution,
+    batch size and subsets of each."""
+    parts = []
+    for dataset in value[:8]:
+        if not isinstance(dataset, dict):
+            continue
+        fields = (
+            ("num_train_images", "{} images"),
+            ("resolution", "resolution {}"),
+            ("batch_size_per_device", "batch {}"),
+            ("num_reg_images", "{} regularisation images"),
+        )
+        bits = [form.format(_line(dataset[key], 40)) for key, form in fields if dataset.get(key) not in (None, 0)]
+        if isinstance(dataset.get("subsets"), list):
+            bits.append(f"{len(dataset['subsets'])} subset(s)")
+        parts.append(", ".join(bits) or "?")
+    return f"{len(value)} dataset(s): " + "; ".join(parts)
+
+
+def _readable(key: str, value: Any) -> Any:
+    """kohya's structured fields as a line a person reads (never a dump of nested objects); others as they are."""
+    if key == "ss_dataset_dirs" and isinstance(value, dict):
+        return "; ".join(
+            f"{folder}: {d.get('n_repeats', '?')} repeats × {d.get('img_count', '?')} images"
+            for folder, d in list(value.items())[:32]
+            if isinstance(d, dict)
+        )
+    if key == "ss_datasets" and isinstance(value, list):
+        return _datasets(value)
+    if key == "ss_bucket_info" and isinstance(value, dict):
+        buckets = value.get("buckets")
+        error = value.get("mean_img_ar_error")
+        n = f"{len(buckets)} aspect-ratio buckets" if isinstance(buckets, dict) else "aspect-ratio buckets"
+        return n + (f", mean aspect error {error:.3g}" if isinstance(error, int | float) else "")
+    if key == "modelspec.thumbnail":  # an image as a data URI: not text to show
+        return "(an image; not kept)"
+    return value
+
+
 def _other_metadata(report: Mapping[str, Any]) -> list[dict[str, str]]:
     """``ss_*``, ``modelspec.*`` and ``adapter_config`` fields that the parameters table and trigger words leave out,
-    as ``{"key", "value"}`` one-line texts (at most :data:`MAX_OTHER_METADATA`; a thumbnail is not kept)."""
+    as ``{"key", "value"}`` one-line texts (at most :data:`MAX_OTHER_METADATA`; structures summarised by
+    :func:`_readable`, else compact JSON; a thumbnail is not kept)."""
     tabled = {p["key"] for p in report.get("training_parameters", [])} | {"ss_tag_frequency"}
     pairs: list[tuple[str, Any]] = [
         (str(k), v) for k, v in sorted(report.get("kohya_metadata", {}).items()) if k not in tabled
@@ -252,12 +293,10 @@ def _other_metadata(report: Mapping[str, Any]) -> list[dict[str, str]]:
         for k, v in sorted(report.get("adapter_config", {}).items())
         if k not in tabled and v not in (None, "", [], {})
     ]
-    out = []
-    for key, value in pairs[:MAX_OTHER_METADATA]:
-        if key == "modelspec.thumbnail":  # an image as a data URI: not text to show
-            value = "(an image; not kept)"
-        out.append({"key": _line(key, _KEY_CHARS), "value": _line(value, _VALUE_CHARS)})
-    return out
+    return [
+        {"key": _line(key, _KEY_CHARS), "value": _line(_readable(key, value), _VALUE_CHARS)}
+        for key, value in pairs[:MAX_OTHER_METADATA]
+    ]
 
 
 def _scales(report: Mapping[str, Any]) -> list[float]:

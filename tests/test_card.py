@@ -434,6 +434,37 @@ def test_an_older_store_is_migrated_and_its_cards_made_once(tmp_path: Path) -> N
         explorer.close()
 
 
+def test_kohyas_structured_fields_are_summarised_never_dumped(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from app import handlers
+    from lol_engine.card import build_card
+
+    datasets = [
+        {
+            "is_dreambooth": True,
+            "batch_size_per_device": 2,
+            "num_train_images": 250,
+            "resolution": [512, 512],
+            "subsets": [{"image_dir": "10_mychar", "num_repeats": 10}, {"image_dir": "5_extra"}],
+            "tag_frequency": FREQUENCY,
+        }
+    ]
+    metadata = {
+        "ss_tag_frequency": json.dumps(FREQUENCY),
+        "ss_datasets": json.dumps(datasets),
+        "ss_dataset_dirs": json.dumps({"10_mychar": {"n_repeats": 10, "img_count": 25}, "5_extra": {"n_repeats": 5}}),
+        "ss_bucket_info": json.dumps({"buckets": {"0": {}, "1": {}, "2": {}}, "mean_img_ar_error": 0.0125}),
+    }
+    report = describe(load_lora(save(tmp_path / "x.safetensors", _sd1_tensors(), metadata)))
+    card = build_card(report, name="x")
+    other = dict(card.other_metadata)
+    assert other["ss_datasets"] == "1 dataset(s): 250 images, resolution [512,512], batch 2, 2 subset(s)"
+    assert other["ss_dataset_dirs"] == "10_mychar: 10 repeats × 25 images; 5_extra: 5 repeats × ? images"
+    assert other["ss_bucket_info"] == "3 aspect-ratio buckets, mean aspect error 0.0125"
+    text = handlers.render_card(card)
+    assert "{" not in text and "mychar (40)" in text  # no object dumped, the tags counted once, from their field
+
+
 def test_card_facts_are_bounded_whatever_the_file_holds(tmp_path: Path) -> None:
     from lol_engine.report import MAX_OTHER_METADATA, card_facts
 
