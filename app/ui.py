@@ -36,6 +36,7 @@ from app.training import TrainingJobs
 from app.uploads import UploadHold, UploadLedger, discard, held_root
 from app.web import PLOTLY_URL, max_upload_bytes
 from lol_engine import ReadLimits
+from lol_engine.card import MAX_NAME_CHARS
 from lol_engine.errors import BadRequestError, LolError
 from lol_engine.explorer import Explorer
 from lol_engine.settings import HOW_TO_GET_ZOOS
@@ -189,10 +190,10 @@ def _event_value(evt: gr.EventData, key: str, default: Any) -> Any:
 
 
 @_guard
-def _export(explorer: Explorer, frame: pd.DataFrame, fmt: str) -> str:
+def _export(explorer: Explorer, frame: pd.DataFrame, fmt: str, what: str = "selection") -> str:
     """Write the LoRAs of a shown table for download, at full precision and with the stored column names (the table
     shows rounded values under names for people); Gradio copies the file into its own cache. Exports older than an
-    hour go."""
+    hour go. ``what``: the file's name for rows of several collections (:func:`handlers.export_name`)."""
     folder = Path(tempfile.gettempdir()) / "lol-explorer-exports"
     folder.mkdir(exist_ok=True)
     for old in folder.iterdir():
@@ -201,7 +202,7 @@ def _export(explorer: Explorer, frame: pd.DataFrame, fmt: str) -> str:
     ids = [str(i) for i in frame["id"]] if frame is not None and "id" in frame.columns else []
     stored = handlers.collection_frame(explorer, ids=ids, for_people=False)
     rows = stored.set_index("id").reindex([i for i in ids if i in set(stored["id"])]).reset_index()
-    return str(handlers.export_frame(rows[[*stored.columns]], fmt, folder))
+    return str(handlers.export_frame(rows[[*stored.columns]], fmt, folder, what))
 
 
 def _nothing() -> None:
@@ -234,6 +235,13 @@ def _upload_tab(
                     elem_id="upload-files",
                 )
                 repo = gr.Textbox(label="…or a Hugging Face repo id", placeholder="owner/name", max_length=96)
+                name_box = gr.Textbox(
+                    "",
+                    label="Name (optional)",
+                    placeholder="default: the folder, repo id or the file's own title",
+                    max_length=MAX_NAME_CHARS,
+                    elem_id="upload-name",
+                )
                 analyse = gr.Button("Analyse", variant="primary", elem_id="analyse-button")
                 add = gr.Button("Add to collection", elem_id="add-button")
                 added = gr.Markdown(label="Add status", elem_id="add-status")
@@ -264,10 +272,12 @@ def _upload_tab(
 
         @_guard
         @_gpu
-        def on_analyse(paths: list[str] | None, repo_id: str, token: str | None) -> tuple[Any, ...]:
+        def on_analyse(
+            paths: list[str] | None, repo_id: str, token: str | None, name: str | None = None
+        ) -> tuple[Any, ...]:
             hold.release(token)
             try:
-                result = handlers.analyse_upload(explorer, paths, repo_id, limits=limits)
+                result = handlers.analyse_upload(explorer, paths, repo_id, limits=limits, name=name)
                 kept = hold.keep(paths) if paths else None
             finally:
                 discard(paths, uploads, ledger)
@@ -284,11 +294,13 @@ def _upload_tab(
             )
 
         @_guard
-        def on_add(paths: list[str] | None, repo_id: str, token: str | None) -> tuple[str, None]:
+        def on_add(
+            paths: list[str] | None, repo_id: str, token: str | None, name: str | None = None
+        ) -> tuple[str, None]:
             try:  # the files given, else the upload analysed last, else the repo id
                 if startup is not None:
                     startup.check_can_write()
-                message = handlers.add_upload(explorer, paths or hold.files(token) or None, repo_id, limits)
+                message = handlers.add_upload(explorer, paths or hold.files(token) or None, repo_id, limits, name)
             finally:
                 discard(paths, uploads, ledger)
             hold.release(token)  # only once added: a failed add can be retried
@@ -301,16 +313,15 @@ def _upload_tab(
             empty = pd.DataFrame()
             return "*Analysing…*", pd.DataFrame(columns=PREDICTION_COLUMNS), None, empty, [], "", None
 
+        inputs = [files, repo, held, name_box]  # the API takes (files, repo id, name); the name may be left out
         analysed = analyse.click(
             cleared,
             None,
             [card, predictions, spectrum, neighbours, modules, added, blocks],
             api_visibility="private",
             queue=False,
-        ).then(on_analyse, [files, repo, held], outputs, api_name="analyse", concurrency_id="cpu", concurrency_limit=4)
-        stored = add.click(
-            on_add, [files, repo, held], [added, held], api_name="add", concurrency_id="write", concurrency_limit=1
-        )
+        ).then(on_analyse, inputs, outputs, api_name="analyse", concurrency_id="cpu", concurrency_limit=4)
+        stored = add.click(on_add, inputs, [added, held], api_name="add", concurrency_id="write", concurrency_limit=1)
         for event in (analysed, stored):  # the upload is no longer on the server: the file box shows nothing
             event.then(_nothing, None, files, api_visibility="private")
     return stored
@@ -574,33 +585,42 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks, ledger: UploadLedger) -
         for event in (search.submit, collections.change, refresh.click):
             event(show, [search, collections], table, api_visibility="private")
 
-        csv.click(lambda f: _export(explorer, f, "csv"), table, download, api_visibility="private")
-        parquet.click(lambda f: _export(explorer, f, "parquet"), table, download, api_visibility="private")
+        csv.click(lambda f: _export(explorer, f, "csv", "collection"), table, download, api_visibility="private")
+        parquet.click(
+            lambda f: _export(explorer, f, "parquet", "collection"), table, download, api_visibility="private"
+        )
     return _Refresher(refreshed, [search, collections], [collections, table])
 
 
 def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> _Refresher:
     with gr.Tab("Compare", id="compare"):
         with gr.Row():
-            first = gr.Dropdown(label="First LoRA", choices=[], filterable=True, allow_custom_value=True)
-            second = gr.Dropdown(label="Second LoRA", choices=[], filterable=True, allow_custom_value=True)
+            first_pick = gr.Dropdown(label="First LoRA", choices=[], filterable=True, allow_custom_value=True)
+            second_pick = gr.Dropdown(label="Second LoRA", choices=[], filterable=True, allow_custom_value=True)
             go = gr.Button("Compare", variant="primary")
-        text = gr.Markdown()
-        plot = gr.Plot()
-        table = gr.Dataframe(interactive=False, max_height=420)
+        text = gr.Markdown(elem_id="compare-text")
+        with gr.Row(equal_height=False):
+            first_card = gr.Markdown(elem_id="compare-first")
+            second_card = gr.Markdown(elem_id="compare-second")
+        plot = gr.Plot(visible=False, elem_id="compare-plot")
+        table = gr.Dataframe(headers=handlers.COMPARE_COLUMNS, interactive=False, max_height=420)
+        with gr.Accordion("As JSON", open=False):
+            data = gr.JSON(elem_id="compare-data")
 
         def choices() -> tuple[Any, Any]:
             options = handlers.lora_choices(explorer)
             return gr.update(choices=options), gr.update(choices=options)
 
-        demo.load(choices, None, [first, second], api_visibility="private")
-        go.click(
-            _guard(functools.partial(handlers.compare_loras, explorer)),
-            [first, second],
-            [text, plot, table],
-            api_name="compare",
-        )
-    return _Refresher(choices, [], [first, second])
+        @_guard
+        def compare(first: str | None, second: str | None) -> tuple[Any, ...]:
+            result = handlers.compare_loras(explorer, first or "", second or "")
+            figure = gr.update(value=result.figure, visible=result.figure is not None)
+            return result.text, result.first_card, result.second_card, figure, result.table, result.data
+
+        demo.load(choices, None, [first_pick, second_pick], api_visibility="private")
+        outputs = [text, first_card, second_card, plot, table, data]
+        go.click(compare, [first_pick, second_pick], outputs, api_visibility="private")  # the API: /comparison
+    return _Refresher(choices, [], [first_pick, second_pick])
 
 
 def _train_tab(explorer: Explorer, demo: gr.Blocks, jobs: TrainingJobs) -> _Refresher:

@@ -31,12 +31,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lol_engine.card import lora_name
 from lol_engine.encoders import (
     FINGERPRINT,
     Encoder,
@@ -46,17 +48,17 @@ from lol_engine.encoders import (
     load_predictors,
     map_title,
 )
-from lol_engine.errors import BadRequestError, LoraFormatError, NotFoundError
+from lol_engine.errors import BadRequestError, LoraFormatError, NotFoundError, StoreError
 from lol_engine.estimate import Estimate
 from lol_engine.hub import fetch_repo
 from lol_engine.ingest import IngestReport, ingest
 from lol_engine.lora.config import read_adapter_config
-from lol_engine.lora.locate import LoraLocation, display_name, locate_lora
+from lol_engine.lora.locate import LoraLocation, locate_lora
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import ReadLimits, file_sha256
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.relations import Relation, relate
-from lol_engine.report import describe
+from lol_engine.report import card_facts, describe
 from lol_engine.similarity import cosine_to_many, module_cosines
 
 if TYPE_CHECKING:
@@ -394,6 +396,21 @@ class Explorer:
         """A stored LoRA, or None."""
         return self.store.get(lora_id)
 
+    def card_facts(self, lora_id: str) -> dict[str, Any]:
+        """What a stored LoRA's card shows about its file (:func:`lol_engine.report.card_facts`), as the store keeps
+        it: no file is read. A LoRA stored by an earlier release has none kept: its report is made from its file
+        once (the factors are read anyway for its neighbours) and kept; if the store cannot be written (read-only),
+        it is made again next time.
+        """
+        facts = self.store.card(lora_id)
+        if facts is not None:
+            return facts
+        self.get(lora_id)  # NotFoundError for an unknown id
+        facts = card_facts(describe(self.weights(lora_id)))
+        with suppress(StoreError):
+            self.store.set_card(lora_id, facts)
+        return facts
+
     def labels(self, lora_id: str) -> dict[str, Any]:
         """The labels stored for a LoRA."""
         return self.store.labels(lora_id)
@@ -505,8 +522,10 @@ class Explorer:
     ) -> AddResult:
         """Store a LoRA file (and its config): copied under ``uploads/<sha256>/`` first, then one transaction.
 
-        An analysis of the same bytes (:meth:`analyse`, kept by sha256) is reused: nothing is parsed or predicted
-        again. Adding a LoRA that is already stored changes nothing.
+        ``name``: the name to store it under (default: :func:`lol_engine.card.lora_name` of the files and the
+        metadata, never an adapter file's name nor an upload folder's hash). An analysis of the same bytes
+        (:meth:`analyse`, kept by sha256) is reused: nothing is parsed or predicted again. Adding a LoRA that is
+        already stored changes nothing.
         """
         weights, config = _located(lora_file, config_file)
         lora_id = file_sha256(weights)
@@ -514,7 +533,7 @@ class Explorer:
         if stored is not None:
             return AddResult(lora_id, stored.name, existed=True)
         analysis = self._analysed((lora_id, _config_digest(config))) or self.analyse(weights, config, limits)
-        display = name or display_name(analysis.lora.meta.source)
+        display = name or lora_name(weights, config, analysis.lora.meta)
         with self._add_lock:  # one add at a time from here: two adds of the same bytes store it once
             stored = self.find(analysis.sha256)
             if stored is not None:
@@ -523,7 +542,13 @@ class Explorer:
             try:
                 copy = folder / "adapter_model.safetensors"
                 lora = replace(analysis.lora, meta=replace(analysis.lora.meta, source=str(copy)))
-                self.store.add(lora, name=display, embeddings=analysis.embeddings, estimates=analysis.estimates)
+                self.store.add(
+                    lora,
+                    name=display,
+                    embeddings=analysis.embeddings,
+                    estimates=analysis.estimates,
+                    card=analysis.report,
+                )
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)  # nothing half-written: the copy goes with the failed add
                 raise

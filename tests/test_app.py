@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -190,11 +192,19 @@ def test_collection_table_and_exports(collection: Explorer, tmp_path: Path) -> N
     for raw, people in zip(frame["label:quality"], shown["quality (label)"], strict=True):
         assert people == float(f"{raw:.4g}") and abs(people - raw) <= 5e-4 * abs(raw)  # rounded for reading
     csv = handlers.export_frame(frame, "csv", tmp_path)
-    parquet = handlers.export_frame(frame, "parquet", tmp_path)
-    assert csv.name == "lol-selection.csv" and list(pd.read_csv(csv)["id"]) == list(frame["id"])
+    parquet = handlers.export_frame(frame, "parquet", tmp_path, "collection")
+    assert re.fullmatch(r"lol-fashion-gen-30loras-\d{8}-\d{4}\.csv", csv.name), csv.name  # its one collection
+    assert re.fullmatch(r"lol-fashion-gen-30loras-\d{8}-\d{4}\.parquet", parquet.name), parquet.name
+    assert csv.parent.parent == tmp_path and list(pd.read_csv(csv)["id"]) == list(frame["id"])
     assert pd.read_parquet(parquet)["label:quality"].tolist() == pytest.approx(frame["label:quality"].tolist())
     chosen = list(frame["id"][:3])
     assert list(handlers.collection_frame(collection, ids=chosen)["id"]) == chosen
+    both = handlers.collection_frame(collection)  # two collections: named after what the rows are
+    named = handlers.export_frame(both, "csv", tmp_path, "collection").name
+    assert named.startswith(f"lol-collection-{len(both)}loras-")
+    assert handlers.export_frame(both.iloc[:5], "csv", tmp_path).name.startswith("lol-digits-5loras-")
+    mixed = both.iloc[[0, -1]]
+    assert handlers.export_frame(mixed, "csv", tmp_path).name.startswith("lol-selection-2loras-")
     with pytest.raises(BadRequestError, match="empty"):
         handlers.export_frame(frame.iloc[:0], "csv", tmp_path)
     with pytest.raises(BadRequestError, match="unknown export format"):
@@ -204,12 +214,24 @@ def test_collection_table_and_exports(collection: Explorer, tmp_path: Path) -> N
 def test_compare_loras(collection: Explorer) -> None:
     options = handlers.lora_choices(collection)
     digits = [v for label, v in options if " · digits · " in label]
-    text, fig, frame = handlers.compare_loras(collection, digits[0], digits[1])
-    assert "ΔW cosine over 2 shared modules" in text and list(frame["module"]) == ["fc1", "fc2"]
-    assert len(fig.data) == 1
+    result = handlers.compare_loras(collection, digits[0], digits[1])
+    assert "ΔW cosine over 2 shared modules" in result.text and list(result.table["module"]) == ["fc1", "fc2"]
+    assert result.figure is not None and len(result.figure.data) == 1
+    assert list(result.figure.data[0].y) == pytest.approx(list(result.table["ΔW cosine"]), abs=1e-4)
+    for card, lora_id in ((result.first_card, digits[0]), (result.second_card, digits[1])):  # both cards, in full
+        assert card.startswith("### ") and lora_id in card and "**AutoV2**" in card
+    data = result.data
+    assert json.loads(json.dumps(data, allow_nan=False)) == data  # strict JSON for the API
+    assert data["first"]["id"] == digits[0] and data["second"]["id"] == digits[1] and data["reason"] is None
+    assert data["overall_cosine"] == pytest.approx(collection.compare(digits[0], digits[1])[0])
+    assert [m["module"] for m in data["modules"]] == ["fc1", "fc2"]
     fashion = next(v for label, v in options if " · fashion-gen · " in label)
-    with pytest.raises(BadRequestError, match="LoRAs of different base models cannot be compared"):
-        handlers.compare_loras(collection, digits[0], fashion)
+    across = handlers.compare_loras(collection, digits[0], fashion)  # a sentence, two cards, and no (empty) plot
+    assert "LoRAs of different base models cannot be compared" in across.text
+    assert across.figure is None and len(across.table) == 0
+    assert across.data["reason"] == "different base models" and across.data["overall_cosine"] is None
+    assert across.data["modules"] == [] and across.data["second"]["id"] == fashion
+    assert fashion in across.second_card
     with pytest.raises(BadRequestError, match="pick two"):
         handlers.compare_loras(collection, digits[0], None)
     with pytest.raises(NotFoundError, match="no LoRA 'nope' in the collection"):
