@@ -112,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("predictors", nargs="+", help="predictor folders (config.json is updated in place)")
     calibrate.add_argument("--zoo", default=None, help="zoo folder (default: the zoo recorded in config.json)")
     calibrate.add_argument("--coverage", type=float, default=0.9, help="nominal coverage of intervals and sets")
+    predictors = commands.add_parser("predictors", help="predictors in words, and their out-of-domain references")
+    predictor_commands = predictors.add_subparsers(dest="predictors_command", required=True)
+    reference = predictor_commands.add_parser(
+        "reference", help="write each predictor's domain reference and threshold (and its label's description)"
+    )
+    reference.add_argument("folders", nargs="+", help="predictor folders (config.json is updated in place)")
+    reference.add_argument("--zoo", default=None, help="zoo folder (default: the zoo recorded in config.json)")
+    reference.add_argument("--k", type=int, default=5, help="nearest training LoRAs averaged per distance")
+    reference.add_argument("--quantile", type=float, default=0.99, help="held-out quantile that sets the threshold")
+    glossary = predictor_commands.add_parser("glossary", help="what each predictor predicts and what it knows")
+    glossary.add_argument("folders", nargs="*", help="predictor folders (default: the shipped predictors)")
+    glossary.add_argument("--json", action="store_true", help="print one JSON list")
     serve = commands.add_parser("serve", help="start the explorer app (ingests the default zoo on first run)")
     serve.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
     serve.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
@@ -145,6 +157,48 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(
             f"{folder}: q = {result['q']:.4g}, test coverage {result['test_coverage']:.3f} "
             f"(nominal {args.coverage}), mean size {result['test_mean_size']:.3g}"
+        )
+    return 0
+
+
+def _predictors(args: argparse.Namespace) -> int:
+    """``lol predictors reference|glossary``."""
+    from lol_engine.train import load_predictor
+    from lol_engine.train.domain import reference_folder
+    from lol_engine.train.loop import load_zoo
+
+    if args.predictors_command == "glossary":
+        from lol_engine.encoders import load_predictors
+
+        try:
+            found = [load_predictor(f) for f in args.folders] if args.folders else list(load_predictors().values())
+        except (LolError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        entries = [p.glossary.to_json() for p in found]
+        if args.json:
+            json.dump(_strict(entries), sys.stdout, indent=2, allow_nan=False)
+            sys.stdout.write("\n")
+        for g in [] if args.json else entries:
+            print(f"{g['predictor']}: {g['title']}\n  {g['meaning']}\n  held-out skill: {g['skill_text']}")
+        return 0
+    zoos: dict[str, Any] = {}
+    for folder in args.folders:
+        zoo_path = args.zoo or json.loads((Path(folder) / "config.json").read_text()).get("zoo")
+        if zoo_path is None:
+            print(f"error: {folder}: no zoo recorded in config.json; pass --zoo", file=sys.stderr)
+            return 2
+        try:
+            if zoo_path not in zoos:
+                zoos[zoo_path] = load_zoo(zoo_path)
+            entry = reference_folder(folder, zoos[zoo_path], k=args.k, quantile=args.quantile)
+        except (LolError, OSError) as exc:
+            print(f"error: {folder}: {exc}", file=sys.stderr)
+            return 2
+        size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+        print(
+            f"{folder}: threshold {entry['threshold']:.4g} (held-out median {entry['held_out_median']:.4g}, "
+            f"{entry['n_reference']} training LoRAs × {entry['embedding_dim']}), folder {size / 1024:.0f} KiB"
         )
     return 0
 
@@ -585,6 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _predict(args)
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "predictors":
+        return _predictors(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "export":
