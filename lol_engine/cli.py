@@ -396,7 +396,8 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         shown = f"{estimate.value:.4g}" if isinstance(estimate.value, float) else str(estimate.value)
         shown += "" if estimate.probability is None else f" (p = {estimate.probability:.3f})"
-    extra = [text for text in (estimate.range_text(), "in its training set" if estimate.in_sample else "") if text]
+    far = "FAR from its training LoRAs" if estimate.out_of_domain else ""
+    extra = [t for t in (estimate.range_text(), "in its training set" if estimate.in_sample else "", far) if t]
     print(f"{estimate.label} ({predictor.config['model']}): {shown}" + (f"  [{'; '.join(extra)}]" if extra else ""))
     return 0
 
@@ -429,12 +430,15 @@ def _strict(value: Any) -> Any:
     return value
 
 
-def _analysis_json(analysis: Any, neighbours: list[dict[str, Any]], collection: dict[str, Any]) -> dict[str, Any]:
+def _analysis_json(
+    analysis: Any, neighbours: list[dict[str, Any]], collection: dict[str, Any], titles: dict[str, str]
+) -> dict[str, Any]:
     report = analysis.report
     card = {key: report.get(key) for key in _CARD_KEYS}
     card["metadata"] = {k: report[k] for k in ("kohya_metadata", "modelspec", "adapter_config")}
     predictions = [
-        {"target": e.label, **e.to_json(), "calibrated_range": e.range_text() or None}
+        {"target": e.label, "title": titles.get(e.predictor, e.label), **e.to_json()}
+        | {"calibrated_range": e.range_text() or None}
         for e in analysis.estimates.values()
     ]
     return _strict({"card": card, "predictions": predictions, "neighbours": neighbours, "collection": collection})
@@ -453,6 +457,7 @@ def _analyse(args: argparse.Namespace) -> int:
             exists = db.is_file()  # else: predictions only, through a throw-away collection that stays empty
             explorer = Explorer.open(db if exists else Path(scratch) / "lol.duckdb")
             try:
+                titles = {name: p.glossary.title for name, p in explorer.predictors.items()}
                 analysis = explorer.analyse(args.path)
                 neighbours: list[dict[str, Any]] = []
                 for n in explorer.neighbours(analysis.lora, k=10, exclude=analysis.sha256) if exists else []:
@@ -468,7 +473,7 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     note = None if exists else f"no collection at {db}: neighbours were not searched (none was created)"
-    out = _analysis_json(analysis, neighbours, {"path": str(db), "exists": exists, "note": note})
+    out = _analysis_json(analysis, neighbours, {"path": str(db), "exists": exists, "note": note}, titles)
     if args.json:
         json.dump(out, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
@@ -518,15 +523,17 @@ def _print_analysis(out: dict[str, Any]) -> None:
     console.print(f"format {card['format']} · base {card['base_family']} · sha256 {card['sha256']}")
     console.print(f"evidence: {escape('; '.join(card['evidence']))}")
     _print_card(console, card)
-    table = Table("predictor", "target", "prediction", "calibrated range", "in its training set", title="predictions")
+    table = Table("predictor", "what it predicts", "prediction", "calibrated range", "in its training set", "domain")
+    table.title = "predictions"
+    domain = {None: "unknown", False: "near its training LoRAs", True: "FAR from its training LoRAs"}
     for p in out["predictions"]:
         value = (
             p["value"] if p["kind"] != "multilabel" else f"{sum(v >= 0.5 for v in p['probabilities'].values())} ones"
         )
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        table.add_row(
-            p["predictor"], p["target"], escape(shown), p["calibrated_range"] or "", "yes" if p["in_sample"] else ""
-        )
+        seen = "yes (in-sample)" if p["in_sample"] else ""
+        range_text = p["calibrated_range"] or ""
+        table.add_row(p["predictor"], escape(p["title"]), escape(shown), range_text, seen, domain[p["out_of_domain"]])
     console.print(table if out["predictions"] else "predictions: no shipped predictor fits this base and layout")
     if out["collection"]["note"]:
         console.print(escape(out["collection"]["note"]))

@@ -15,8 +15,8 @@ Light (no torch): the app, the CLI and exports read it without loading models.
   user's.
 
 >>> d = LabelDescription("Accuracy", "Share of images classified right.", percent=True, bounds=(0.0, 1.0))
->>> d.format(0.8567), d.format(1.07), d.range_text()
-('85.7 %', '100 %', '0 % to 100 %')
+>>> d.format(0.8567), d.format(1.07), d.format_range(0.604, 1.2), d.range_text()
+('85.7 %', '100 %', '60.4 – 100 %', '0 % to 100 %')
 >>> LabelDescription("Loss", "Cross-entropy.", unit="nats", bounds=(0.0, None)).format(1234.5)
 '1230 nats'
 """
@@ -95,6 +95,13 @@ class LabelDescription:
         if self.percent:
             return f"{significant(100 * value)} %"
         return significant(value) + (f" {self.unit}" if self.unit else "")
+
+    def format_range(self, low: float, high: float) -> str:
+        """A range of this label as shown, the unit written once: ``60.4 – 99.4 %``, ``0 – 4.95 nats``."""
+        low, high = self.clip(low), self.clip(high)
+        if self.percent:
+            return f"{significant(100 * low)} – {significant(100 * high)} %"
+        return f"{significant(low)} – {significant(high)}" + (f" {self.unit}" if self.unit else "")
 
     def range_text(self) -> str:
         """The values the label can take, in words (``""`` when unbounded)."""

@@ -95,7 +95,7 @@ class DigitsRecipe(Recipe):
     name = "digits"
     description = "MLP pretrained on sklearn digits 0-4; LoRAs on every non-empty class subset (fast; tests and CI)"
     version = "1"
-    base_title = "an MLP pretrained here on scikit-learn digits 0–4 (digits-mlp)"
+    base_title = "an MLP pretrained here on scikit-learn digits 0–4"
     base_family = "digits-mlp"
     data_title = (
         "scikit-learn's 8×8 handwritten digits: each LoRA finetunes on 8–30 images per class of one subset of the "

@@ -177,7 +177,7 @@ class FashionGenRecipe(Recipe):
     name = "fashion-gen"
     description = "conditional VAE on Fashion-MNIST; LoRAs on 21 images of one identity; judge-scored quality"
     version = "1"
-    base_title = "a conditional VAE pretrained here on Fashion-MNIST (fashion-vae)"
+    base_title = "a conditional VAE pretrained here on Fashion-MNIST"
     base_family = "fashion-vae"
     data_title = (
         "Fashion-MNIST: each LoRA finetunes the VAE on 21 images of one identity (a k-means cluster of one class) "
