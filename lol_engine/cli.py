@@ -184,11 +184,10 @@ def _predictors(args: argparse.Namespace) -> int:
         return 0
     zoos: dict[str, Any] = {}
     for folder in args.folders:
-        zoo_path = args.zoo or json.loads((Path(folder) / "config.json").read_text()).get("zoo")
-        if zoo_path is None:
-            print(f"error: {folder}: no zoo recorded in config.json; pass --zoo", file=sys.stderr)
-            return 2
         try:
+            zoo_path = args.zoo or json.loads((Path(folder) / "config.json").read_text()).get("zoo")
+            if zoo_path is None:
+                raise BadRequestError("no zoo recorded in config.json; pass --zoo")
             if zoo_path not in zoos:
                 zoos[zoo_path] = load_zoo(zoo_path)
             entry = reference_folder(folder, zoos[zoo_path], k=args.k, quantile=args.quantile)
