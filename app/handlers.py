@@ -12,11 +12,11 @@ import html
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -27,6 +27,7 @@ from lol_engine.card import Card, build_card, check_name, lora_name, report_meta
 from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.estimate import Estimate
 from lol_engine.explorer import Analysis, Explorer, Neighbour, describe_file, hub_lora, map_title
+from lol_engine.glossary import Glossary, LabelDescription, significant
 from lol_engine.labels import read_labels
 from lol_engine.report import block_of
 
@@ -253,12 +254,12 @@ def render_card(card: Card) -> str:
 
 PREDICTION_COLUMNS = [
     "predictor",
-    "target",
+    "what it predicts",
     "prediction",
-    "probability",
-    "calibrated range",
+    "likely range (90 %)",
     "held-out skill",
     "in its training set",
+    "domain",
 ]
 NEIGHBOUR_COLUMNS = ["name", "collection", "similarity", "relation", "by", "id"]
 COMPARE_COLUMNS = ["module", "ΔW cosine", "‖ΔW‖_F first", "‖ΔW‖_F second"]
@@ -403,7 +404,7 @@ def analyse_upload(
     text += relations_note(neighbours)
     return UploadResult(
         text,
-        predictions_frame(analysis.estimates.values()),
+        predictions_frame(analysis.estimates.values(), prediction_glossaries(explorer)),
         spectrum_figure(report),
         neighbours_frame(neighbours),
         inspect_rows(report),
@@ -455,20 +456,26 @@ def inspect_rows(report: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def predictions_frame(estimates: Iterable[Estimate]) -> pd.DataFrame:
-    """One row per estimate (a multilabel one: the positions predicted 1), with its calibrated range and skill."""
+def predictions_frame(estimates: Iterable[Estimate], glossaries: Mapping[str, Glossary] | None = None) -> pd.DataFrame:
+    """One row per estimate, in words (:data:`PREDICTION_COLUMNS`): what the predictor predicts (its glossary's
+    title), the prediction (percentages where the glossary says the label is a share, else 3 significant digits and
+    its unit; class names, with the probability), its calibrated range, its held-out skill beside the best simple
+    baseline and the constant, whether the LoRA was in its training set, and whether it lies far from its training
+    LoRAs. A predictor without a glossary in ``glossaries`` is shown by its raw label."""
     rows = []
     for e in estimates:
-        if e.kind == "multilabel":
-            probs = list(e.probabilities.values())
-            ones = [i for i, p in enumerate(probs) if p >= 0.5]
-            value = f"1 at {ones}" if ones else "all 0"
-            probability = f"{sum(probs[i] for i in ones) / len(ones):.3f}" if ones else ""
-        else:
-            value = f"{e.value:.4g}" if isinstance(e.value, float) else str(e.value)
-            probability = "" if e.probability is None else f"{e.probability:.3f}"
-        seen = "yes: a memory, not an estimate" if e.in_sample else ""
-        rows.append([e.predictor, e.label, value, probability, e.range_text(), str(e.skill or ""), seen])
+        glossary = (glossaries or {}).get(e.predictor)
+        rows.append(
+            [
+                e.predictor,
+                glossary.title if glossary is not None else e.label,
+                _prediction_text(e, glossary),
+                _range_text(e, glossary),
+                glossary.skill_text() if glossary is not None else str(e.skill or ""),
+                "yes — in-sample, optimistic" if e.in_sample else "no",
+                _domain_text(e, glossary),
+            ]
+        )
     return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
 
 
@@ -508,6 +515,115 @@ def _block_axis(names: Sequence[str]) -> _BlockAxis:
     ticks = [(a + b - 1) / 2 for a, b in zip(starts, ends, strict=True)][::step]
     labels = [escape_html(blocks[a], 40) for a in starts][::step]
     return _BlockAxis(order, blocks, ticks, labels, [x - 0.5 for x in starts[1:]])
+
+
+def prediction_glossaries(explorer: Explorer) -> dict[str, Glossary]:
+    """Every predictor's glossary, by name (what :func:`predictions_frame` reads)."""
+    return {name: predictor.glossary for name, predictor in explorer.predictors.items()}
+
+
+def _percent(p: float) -> str:
+    return f"{significant(100 * p)} %"
+
+
+def _description(e: Estimate, glossary: Glossary | None) -> LabelDescription:
+    return glossary.description if glossary is not None else LabelDescription(e.label, "")
+
+
+def _name(e: Estimate, glossary: Glossary | None, output: str) -> str:
+    return glossary.class_name(output) if glossary is not None else output
+
+
+def _prediction_text(e: Estimate, glossary: Glossary | None) -> str:
+    """The prediction in words: a number with its unit, a class with its probability, or the entries that are 1."""
+    if e.kind == "regression":
+        return _description(e, glossary).format(float(cast(float, e.value)))
+    if e.kind == "multilabel":
+        ones = [_name(e, glossary, k) for k, p in e.probabilities.items() if p >= 0.5]
+        return ", ".join(ones) if ones else "none"
+    p = e.probabilities[e.label] if e.kind == "binary" else e.probabilities[str(e.value)]
+    if e.kind == "binary" and e.value == "0":
+        p = 1.0 - p
+    return f"{_name(e, glossary, str(e.value))} ({_percent(p)})"
+
+
+def _range_text(e: Estimate, glossary: Glossary | None) -> str:
+    """The calibrated range in the prediction's words (its coverage added when it is not the column's 90 %)."""
+    if e.coverage is None:
+        return "not calibrated"
+    at = "" if abs(e.coverage - 0.9) < 1e-9 else f" ({_percent(e.coverage)})"
+    if e.interval is not None:
+        return _description(e, glossary).format_range(*e.interval) + at
+    if e.sets is None:
+        return ""
+    if e.kind == "multilabel":
+        sure_1 = sum(s == ("1",) for s in e.sets.values())
+        sure_0 = sum(s == ("0",) for s in e.sets.values())
+        return f"{sure_1} surely yes · {sure_0} surely no · {len(e.sets) - sure_1 - sure_0} unsure{at}"
+    chosen = [_name(e, glossary, v) for v in e.sets[e.label]]
+    if not chosen:
+        return f"none (∅){at}"
+    return (" or " if e.kind == "binary" else ", ").join(chosen) + at
+
+
+def _domain_text(e: Estimate, glossary: Glossary | None) -> str:
+    """Near or far from the predictor's training LoRAs (:mod:`lol_engine.train.domain`), or unknown."""
+    if e.out_of_domain is None or e.domain_distance is None:
+        return "unknown (no reference)"
+    if not e.out_of_domain:
+        return "✅ near its training LoRAs"
+    threshold = glossary.domain_threshold if glossary is not None else None
+    times = f" ({e.domain_distance / threshold:.1f}× its limit)" if threshold else ""
+    return f"⚠️ far from its training LoRAs{times}"
+
+
+def predictor_glossary(explorer: Explorer) -> list[dict[str, Any]]:
+    """One JSON-ready dict per predictor of the collection (:meth:`lol_engine.glossary.Glossary.to_json`), by name."""
+    return [predictor.glossary.to_json() for _, predictor in sorted(explorer.predictors.items())]
+
+
+def glossary_markdown(entries: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`predictor_glossary`'s entries as Markdown for the app; every text from a predictor folder (names,
+    descriptions, a user's label and class names) is escaped."""
+    if not entries:
+        return "No predictor is loaded."
+    blocks = []
+    for g in entries:
+        base = g["base"]
+        lines = [
+            f"#### {escape(g['title'])}",
+            f"{code(g['predictor'], 80)} predicts {code(g['label'], 80)}: {escape(g['meaning'], 600)}",
+        ]
+        if g["users_label"]:
+            lines.append("⚠️ A label of your own collection: what it means is yours, not lol-explorer's.")
+        unit = "percent" if g["percent"] else (escape(g["unit"]) or "no unit")
+        lines.append(f"**unit** {unit}" + (f" · **range** {escape(g['range'])}" if g["range"] else ""))
+        if g["classes"]:
+            lines.append("**classes** " + escape(", ".join(g["classes"]), 600))
+        learned = [
+            f"**base** {escape(base['name'] or 'not recorded')} ({escape(base['family'] or 'family not recorded')})",
+            f"**zoo** {escape(g['zoo'] or 'not recorded')}"
+            + (f" — {escape(g['zoo_description'], 300)}" if g["zoo_description"] else ""),
+        ]
+        if g["data"]:
+            learned.append(f"**data** {escape(g['data'], 600)}")
+        if g["n_train"] is not None:
+            learned.append(f"**trained on** {g['n_train']} LoRAs")
+        lines.append(" · ".join(learned))
+        lines.append(f"**held-out skill** {escape(g['skill_text'], 400)}")
+        if g["coverage"] is not None:
+            held = g["held_out_coverage"]
+            lines.append(
+                f"**likely ranges** {_percent(g['coverage'])} nominal, calibrated on {escape(g['calibration_split'])}"
+                + ("" if held is None else f"; {_percent(held)} of test LoRAs fell inside")
+            )
+        if g["domain_threshold"] is not None:
+            lines.append(
+                f"**far from its training LoRAs** when the mean distance to its {g['domain_k']} nearest training "
+                f"LoRAs exceeds {g['domain_threshold']:.3g} (farther than 99 % of its held-out LoRAs)"
+            )
+        blocks.append("\n\n".join(lines))
+    return "\n\n---\n\n".join(blocks)
 
 
 def spectrum_figure(report: dict[str, Any], max_curves: int = 8) -> go.Figure:

@@ -254,6 +254,11 @@ def _upload_tab(
                     elem_id="predictions",
                     max_height=360,
                 )
+                with gr.Accordion("What each predictor predicts, and what it knows", open=False):
+                    gr.Markdown(  # a callable: re-read on each page load, so predictors trained since appear
+                        lambda: handlers.glossary_markdown(handlers.predictor_glossary(explorer)),
+                        elem_id="predictor-glossary",
+                    )
         spectrum = gr.Plot(label="Spectrum", elem_id="spectrum")
         blocks = gr.Plot(label="Strength per block", elem_id="block-strength")
         neighbours = gr.Dataframe(

@@ -20,7 +20,11 @@ from app import handlers
 from app.handlers import MODULE_COLUMNS, Filters, inspect_upload
 from lol_engine.encoders import FINGERPRINT
 from lol_engine.errors import BadRequestError, LolError, LoraFormatError, NotFoundError
+from lol_engine.estimate import Estimate
 from lol_engine.explorer import Explorer
+from lol_engine.glossary import glossary_of
+from lol_engine.lora.parse import load_lora
+from lol_engine.zoo.datasets import FASHION_CLASSES
 
 DIGIT = ZOOS / "digits" / "loras" / "00011"
 FASHION = ZOOS / "fashion-gen" / "loras" / "00005"
@@ -84,9 +88,32 @@ def test_analyse_upload_predicts_with_calibrated_ranges(collection: Explorer) ->
     frame = result.predictions
     assert list(frame.columns) == handlers.PREDICTION_COLUMNS
     assert set(frame["predictor"]) == {"fashion-gen-bold", "fashion-gen-class", "fashion-gen-quality"}
-    quality = frame[frame["predictor"] == "fashion-gen-quality"].iloc[0]
-    assert quality["calibrated range"].startswith("[") and quality["calibrated range"].endswith("@90%")
-    assert "test R²" in quality["held-out skill"]
+    rows = {row["predictor"]: row for _, row in frame.iterrows()}
+    lora = load_lora(FASHION)  # the same LoRA, predicted here by each predictor on its own
+    est = {name: collection.predictors[name].predict(lora) for name in rows}
+
+    quality, q = rows["fashion-gen-quality"], est["fashion-gen-quality"]
+    clip = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731  (a share: 0 to 100 %)
+    lo, hi = q.interval  # type: ignore[misc]
+    assert quality["what it predicts"] == "Generation quality (judge score)"
+    assert quality["prediction"] == f"{100 * clip(q.value):.3g} %"  # type: ignore[arg-type]
+    assert quality["likely range (90 %)"] == f"{100 * clip(lo):.3g} – {100 * clip(hi):.3g} %"
+    # hand-worked from config.json: test R² .820, gbt · spectra .700 on val (the best of the baselines), constant
+    assert quality["held-out skill"] == (
+        "test R² 0.82 · best simple baseline (gbt · spectra) 0.70 on val · constant −0.00 on val"
+    )
+    klass, c = rows["fashion-gen-class"], est["fashion-gen-class"]
+    assert klass["prediction"] == f"{FASHION_CLASSES[int(c.value)]} ({100 * c.probabilities[c.value]:.3g} %)"  # type: ignore[index,arg-type]
+    assert klass["likely range (90 %)"] == ", ".join(FASHION_CLASSES[int(k)] for k in c.sets["class"])  # type: ignore[index]
+    bold, b = rows["fashion-gen-bold"], est["fashion-gen-bold"]
+    p_bold = b.probabilities["bold"]
+    shown = f"bold ({100 * p_bold:.3g} %)" if p_bold >= 0.5 else f"not bold ({100 * (1 - p_bold):.3g} %)"
+    assert bold["what it predicts"] == "Bold: finetuned on heavily inked images" and bold["prediction"] == shown
+    for name, row in rows.items():
+        seen = collection.predictors[name].has_seen(lora)
+        assert row["in its training set"] == ("yes — in-sample, optimistic" if seen else "no")
+        assert est[name].out_of_domain is not None
+        assert row["domain"].startswith("⚠️ far" if est[name].out_of_domain else "✅ near its training LoRAs")
     assert "fashion" in result.card and f"3 of {len(SHIPPED)} fit" in result.card
     assert "already in the collection" in result.card
     assert len(result.spectrum.data) == 4  # rank 4: σ1…σ4
@@ -301,7 +328,7 @@ def test_a_hub_snapshot_is_read_like_any_folder(
     n_digits = sum(n.startswith("digits-") for n in SHIPPED)
     assert result.card.startswith("### someone/style") and len(result.predictions) == n_digits
     # the same bytes as a LoRA of the digits zoo's training split: every estimate says it is a memory
-    assert set(result.predictions["in its training set"]) == {"yes: a memory, not an estimate"}
+    assert set(result.predictions["in its training set"]) == {"yes — in-sample, optimistic"}
     shutil.copyfile(digits / "adapter_model.safetensors", snapshot / "unet" / "other.safetensors")
     with pytest.raises(LoraFormatError, match=r"^someone/style: folder has 2 \.safetensors files"):
         handlers.analyse_upload(collection, None, "someone/style")
@@ -389,3 +416,98 @@ def test_a_failed_hub_fetch_says_why_in_words(monkeypatch: pytest.MonkeyPatch, e
     with pytest.raises(NotFoundError) as caught:
         fetch_repo("owner/name")
     assert reason in str(caught.value) and error not in str(caught.value) and "/srv" not in str(caught.value)
+
+
+def test_predictions_frame_in_words_hand_worked() -> None:
+    """Each kind of estimate against strings worked out by hand from its glossary."""
+    share = {"title": "Recall", "meaning": "A share.", "percent": True, "bounds": [0.0, 1.0]}
+    loss = {"title": "Loss", "meaning": "Nats.", "unit": "nats", "bounds": [0.0, None]}
+    bold = {"title": "Bold", "meaning": "Ink.", "classes": ["not bold", "bold"]}
+    digits = {"title": "Digits", "meaning": "Which.", "classes": ["digit 0", "digit 1", "digit 2"]}
+    recorded = {"result": {"test": {"r2": 0.5}}, "domain": {"threshold": 2.0, "k": 5}}
+    glossaries = {
+        "share": glossary_of("share", "r", "regression", ("r",), {**recorded, "target": share}),
+        "loss": glossary_of("loss", "l", "regression", ("l",), {"target": loss}),
+        "bold": glossary_of("bold", "bold", "binary", ("bold",), {"target": bold}),
+        "digits": glossary_of("digits", "d", "multilabel", ("d[0]", "d[1]", "d[2]"), {"target": digits}),
+    }
+    estimates = [
+        Estimate(
+            "share",
+            "r",
+            "regression",
+            1.0234,
+            interval=(0.93, 1.12),
+            coverage=0.9,
+            domain_distance=5.0,
+            out_of_domain=True,
+        ),
+        Estimate("loss", "l", "regression", 0.123456, interval=(-0.1, 0.35), coverage=0.8, in_sample=True),
+        Estimate(
+            "bold",
+            "bold",
+            "binary",
+            "0",
+            {"bold": 0.1},
+            sets={"bold": ("0", "1")},
+            coverage=0.9,
+            domain_distance=0.5,
+            out_of_domain=False,
+        ),
+        Estimate(
+            "digits",
+            "d",
+            "multilabel",
+            ("d[0]", "d[2]"),
+            {"d[0]": 0.9, "d[1]": 0.2, "d[2]": 0.6},
+            sets={"d[0]": ("1",), "d[1]": ("0", "1"), "d[2]": ("1", "0")},
+            coverage=0.9,
+        ),
+        Estimate("raw", "class", "categorical", "7", {"7": 0.75, "3": 0.25}, sets={"class": ()}, coverage=0.9),
+    ]
+    frame = handlers.predictions_frame(estimates, glossaries)
+    rows = frame.to_dict("records")
+    assert [r["what it predicts"] for r in rows] == ["Recall", "Loss", "Bold", "Digits", "class"]
+    assert [r["prediction"] for r in rows] == [
+        "100 %",
+        "0.123 nats",
+        "not bold (90 %)",
+        "digit 0, digit 2",
+        "7 (75 %)",
+    ]
+    assert [r["likely range (90 %)"] for r in rows] == [
+        "93 – 100 %",  # clipped to the label's bounds
+        "0 – 0.35 nats (80 %)",  # another coverage is said
+        "not bold or bold",
+        "1 surely yes · 0 surely no · 2 unsure",
+        "none (∅)",
+    ]
+    assert [r["in its training set"] for r in rows] == ["no", "yes — in-sample, optimistic", "no", "no", "no"]
+    assert rows[0]["domain"] == "⚠️ far from its training LoRAs (2.5× its limit)"  # 5.0 / 2.0
+    assert rows[2]["domain"] == "✅ near its training LoRAs" and rows[1]["domain"] == "unknown (no reference)"
+    assert rows[0]["held-out skill"] == "test R² 0.50" and rows[4]["held-out skill"] == ""
+    assert handlers.predictions_frame([], glossaries).columns.tolist() == handlers.PREDICTION_COLUMNS
+
+
+def test_glossary_for_the_app_is_json_and_escapes_a_users_words(collection: Explorer) -> None:
+    import json
+
+    entries = handlers.predictor_glossary(collection)
+    assert [e["predictor"] for e in entries] == sorted(collection.predictors)
+    assert json.loads(json.dumps(entries, allow_nan=False)) == entries
+    quality = next(e for e in entries if e["predictor"] == "fashion-gen-quality")
+    assert quality["title"] == "Generation quality (judge score)" and quality["n_train"] == 717
+    text = handlers.glossary_markdown(entries)
+    assert "Retrieval recall@10 on the WordNet gloss → lemma probe" in text and "Ankle boot" in text
+    hostile = {
+        "zoo": None,
+        "provenance": {"collection": "/srv/x/lol.duckdb", "collection_filter": HOSTILE, "base_family": HOSTILE},
+        "baselines": {"mean r2": 0.0},
+    }
+    users = glossary_of(HOSTILE, HOSTILE, "categorical", (HOSTILE, "b"), hostile).to_json()
+    shown = handlers.glossary_markdown([users])
+    unescaped = shown.replace("\\`", "")  # escaped backticks are text
+    outside_code = re.sub(r"`[^`]*`", "", unescaped)  # a code span shows its text as it is: markup there is inert
+    assert unescaped.count("`") % 2 == 0 and "<img" not in outside_code and "](javascript" not in outside_code
+    assert "/srv" not in shown
+    assert "what it means is yours" in shown

@@ -111,7 +111,9 @@ def test_api_upload_predict_and_neighbours(client: Client) -> None:
     assert "fashion" in card and f"3 of {len(SHIPPED)} fit" in card
     rows = {row[0]: row for row in predictions["data"]}
     assert set(rows) == {"fashion-gen-bold", "fashion-gen-class", "fashion-gen-quality"}
-    assert rows["fashion-gen-quality"][4].endswith("@90%")
+    quality = dict(zip(predictions["headers"], rows["fashion-gen-quality"], strict=True))
+    assert quality["what it predicts"] == "Generation quality (judge score)"
+    assert quality["likely range (90 %)"].endswith(" %") and " – " in quality["likely range (90 %)"]
     first = dict(zip(neighbours["headers"], neighbours["data"][0], strict=True))
     assert len(neighbours["data"]) == 10 and first["by"] == "ΔW cosine" and first["relation"] == ""
     assert len(modules["data"]) == 3 and spectrum is not None and blocks is not None
@@ -314,7 +316,7 @@ def test_browser_upload_predict_map_click_and_lasso(app_url: str, tmp_path: Path
         page.wait_for_function(
             "document.querySelector('#predictions')?.innerText.includes('fashion-gen-quality')", timeout=60_000
         )
-        assert "@90%" in page.inner_text("#predictions")
+        assert "Generation quality (judge score)" in page.inner_text("#predictions")
         assert "ΔW cosine" in page.inner_text("#upload-neighbours")
         page.wait_for_selector("#spectrum .js-plotly-plot", timeout=30_000)
         page.screenshot(path=str(shots / "upload.png"), full_page=True)
