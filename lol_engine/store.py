@@ -60,7 +60,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
            FROM predictions GROUP BY lora_id, predictor""",
         "DROP TABLE predictions",
     ),
-    2: ("ALTER TABLE loras ADD COLUMN card_json VARCHAR",),
+    2: ("ALTER TABLE loras ADD COLUMN IF NOT EXISTS card_json VARCHAR",),  # absent unless made as version 3
 }
 
 

@@ -171,7 +171,7 @@ def test_schema_1_predictions_become_estimates(tmp_path: Path) -> None:
     pytest.importorskip("duckdb")
     from lol_engine.encoders import load_predictors
     from lol_engine.explorer import Explorer
-    from lol_engine.store import LoraStore
+    from lol_engine.store import SCHEMA_VERSION, LoraStore
 
     predictors = load_predictors()
     loras = [load_lora(p) for p in DIGITS[:3]]
@@ -198,7 +198,9 @@ def test_schema_1_predictions_become_estimates(tmp_path: Path) -> None:
             cur.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     store = LoraStore(db)
     n_digits = sum(n.startswith("digits-") for n in predictors)
-    assert store.schema_version == 2 and len(store.raw_estimates()) == 3 * n_digits + 1  # 3 LoRAs × digits predictors
+    assert (
+        store.schema_version == SCHEMA_VERSION == 3 and len(store.raw_estimates()) == 3 * n_digits + 1
+    )  # 3 LoRAs × digits predictors
     explorer = Explorer(store, predictors, tmp_path)
     try:
         explorer.start(zoos=[], progress=False)
