@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from app.handlers import Filters, analyse_upload
+from app.handlers import Filters, analyse_upload, card_data, predictor_glossary
 from app.startup import StartupJob
 from lol_engine import ReadLimits
 from lol_engine.errors import BadRequestError
@@ -34,6 +34,7 @@ __all__ = [
     "maps",
     "neighbours",
     "prediction",
+    "predictors",
 ]
 
 ENDPOINTS = (
@@ -112,6 +113,7 @@ def lora(explorer: Explorer, lora_id: str, k: int = 10, by: str = "") -> dict[st
             "labels": explorer.labels(stored.id),
             "predictions": [e.to_json() for e in explorer.estimates(stored.id).values()],
             "neighbours": neighbours(explorer, stored.id, k, by),
+            "card": card_data(explorer, stored.id),
         }
     )
 
@@ -196,8 +198,15 @@ def prediction(
                 for n in explorer.neighbours(result.analysis.lora, k=_k(k), exclude=result.analysis.sha256)
             ],
             "stored": explorer.find(result.analysis.sha256) is not None,
+            "card": result.card_data,
         }
     )
+
+
+def predictors(explorer: Explorer) -> list[dict[str, Any]]:
+    """Every predictor's glossary: what it predicts and in which unit, its base, zoo and data, its held-out skill
+    beside the baselines, its calibration and its out-of-domain threshold."""
+    return _clean(predictor_glossary(explorer))
 
 
 def maps(explorer: Explorer) -> list[dict[str, Any]]:

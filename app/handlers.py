@@ -50,7 +50,6 @@ __all__ = [
     "inspect_upload",
     "lora_card",
     "lora_choices",
-    "map_figure",
     "map_options",
     "neighbours_frame",
     "no_comparable",
@@ -705,109 +704,6 @@ def map_options(explorer: Explorer) -> tuple[list[tuple[str, str]], list[str], d
         columns += [c for c in row if c.startswith(("label:", "pred:")) and c not in columns]
     choices = {key: sorted({str(r[key]) for r in records}) for key in ("zoo", "base_family", "format")}
     return maps, columns, choices
-
-
-def map_figure(
-    explorer: Explorer,
-    encoder: str,
-    color_by: str = "zoo",
-    filters: Filters | None = None,
-    highlight: Sequence[str] = (),
-) -> tuple[go.Figure, int]:
-    """The 2-D map of ``encoder``'s stored coordinates, coloured by a column, filtered; returns it and its size.
-
-    Each point carries its LoRA id in ``customdata`` (the page's click and lasso handlers send those back).
-    """
-    filters = filters or Filters()
-    ids, xy = explorer.map_points(encoder)
-    records = {r["id"]: r for r in explorer.records()}
-    keep = [i for i, lora_id in enumerate(ids) if lora_id in records and filters.keep(records[lora_id])]
-    rows = [records[ids[i]] for i in keep]
-    values = [r.get(color_by) for r in rows]
-    fig = go.Figure()
-    hover = "%{text}<extra></extra>"
-
-    def text(r: dict[str, Any], v: Any) -> str:
-        where = f"{escape_html(r['zoo'])} · {escape_html(r['base_family'])}"
-        return f"{escape_html(r['name'], 80)}<br>{where}<br>{escape_html(color_by)}: {escape_html(_short(v), 40)}"
-
-    numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if values and len(numeric) == len(values) and len(set(numeric)) > 12:
-        fig.add_trace(
-            go.Scatter(
-                x=xy[keep, 0],
-                y=xy[keep, 1],
-                mode="markers",
-                customdata=[[r["id"]] for r in rows],
-                text=[text(r, v) for r, v in zip(rows, values, strict=True)],
-                hovertemplate=hover,
-                name=color_by,
-                marker={
-                    "color": values,
-                    "colorscale": "Viridis",
-                    "size": 6,
-                    "showscale": True,
-                    "colorbar": {"title": {"text": escape_html(color_by, 30)}},
-                },
-            )
-        )
-    else:
-        groups: dict[str, list[int]] = {}
-        for j, v in enumerate(values):
-            groups.setdefault("—" if v is None else str(v), []).append(j)
-        for group, members in sorted(groups.items(), key=lambda kv: _natural(kv[0])):
-            fig.add_trace(
-                go.Scatter(
-                    x=xy[[keep[j] for j in members], 0],
-                    y=xy[[keep[j] for j in members], 1],
-                    mode="markers",
-                    customdata=[[rows[j]["id"]] for j in members],
-                    name=escape_html(group, 40),
-                    marker={"size": 6},
-                    text=[text(rows[j], values[j]) for j in members],
-                    hovertemplate=hover,
-                )
-            )
-    marked = [i for i, lora_id in enumerate(ids) if lora_id in set(highlight)]
-    if marked:
-        fig.add_trace(
-            go.Scatter(
-                x=xy[marked, 0],
-                y=xy[marked, 1],
-                mode="markers",
-                name="selected",
-                customdata=[[ids[i]] for i in marked],
-                hoverinfo="skip",
-                marker={"size": 14, "symbol": "circle-open", "color": "#d62728", "line": {"width": 2}},
-            )
-        )
-    axis = {"showticklabels": False, "zeroline": False}
-    tiles = explorer.map_tiles(encoder)
-    title = map_title(encoder)
-    if len(tiles) > 1:  # a faceted map: one layout per base family; say so, and name each
-        title += ": each base model on its own, distances across them mean nothing"
-        for family, (x0, _, x1, y1) in tiles.items():
-            fig.add_annotation(
-                x=(x0 + x1) / 2, y=y1, text=escape_html(family, 40), showarrow=False, yshift=12, font={"size": 12}
-            )
-    fig.update_layout(
-        dragmode="lasso",
-        height=560,
-        margin={"l": 10, "r": 10, "t": 30, "b": 10},
-        title=escape_html(title),
-        legend={"itemsizing": "constant"},
-        xaxis=axis,
-        yaxis=axis,
-        uirevision=encoder,
-    )
-    return fig, len(rows)
-
-
-def _natural(text: str) -> tuple[Any, ...]:
-    try:
-        return (0, float(text), "")
-    except ValueError:
-        return (1, 0.0, text)
 
 
 def stored_card(explorer: Explorer, lora_id: str) -> Card:

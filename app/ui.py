@@ -751,6 +751,11 @@ def _data_api(explorer: Explorer, limits: ReadLimits, ledger: UploadLedger, star
             discard(paths, get_upload_folder(), ledger)
 
     @_guard
+    def predictors() -> list[dict[str, Any]]:
+        """Every predictor's glossary: target, unit, base, zoo, held-out skill beside baselines, calibration."""
+        return api.predictors(explorer)
+
+    @_guard
     def maps() -> list[dict[str, Any]]:
         """Every stored map: encoder name, title, number of points."""
         return api.maps(explorer)
@@ -760,7 +765,8 @@ def _data_api(explorer: Explorer, limits: ReadLimits, ledger: UploadLedger, star
         """A map's coordinates: ids, x, y."""
         return api.map_points(explorer, encoder, limit)
 
-    for fn in (collection_status, lora, neighbours, collection_rows, comparison, prediction, maps, map_points):
+    endpoints = (collection_status, lora, neighbours, collection_rows, comparison, prediction, predictors, maps)
+    for fn in (*endpoints, map_points):
         fn.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]  # types, not strings
         gr.api(fn, api_name=fn.__name__, concurrency_id="cpu" if fn is prediction else None)
 

@@ -35,6 +35,7 @@ def test_lora_returns_fields_labels_predictions_and_neighbours(collection: Explo
     stored = collection.estimates(record["id"])
     assert {p["predictor"] for p in got["predictions"]} == set(stored)
     assert [n["id"] for n in got["neighbours"]] == [n.id for n in collection.neighbours_of(record["id"], k=5)]
+    assert got["card"]["hashes"]["sha256"] == record["id"] and got["card"]["base_family"] == "digits-mlp"
     sims = [n["similarity"] for n in got["neighbours"]]
     assert sims == sorted(sims, reverse=True) and len(sims) == 5
     by_map = api.neighbours(collection, record["id"], 3, FINGERPRINT)
@@ -186,3 +187,10 @@ def test_collection_status(collection: Explorer) -> None:
     got = _json(api.collection_status(collection))
     assert got["loras"] == collection.count() and got["maps"] == collection.maps() and not got["building"]
     assert got["predictors"] == sorted(collection.predictors) and got["progress"] == 1.0 and got["message"] is None
+
+
+def test_predictors_are_their_glossaries(collection: Explorer) -> None:
+    got = _json(api.predictors(collection))
+    assert [g["predictor"] for g in got] == sorted(collection.predictors)
+    quality = next(g for g in got if g["predictor"] == "fashion-gen-quality")
+    assert quality["title"] and quality["meaning"] and quality["base"]["family"] == "fashion-vae"

@@ -171,25 +171,6 @@ def test_repo_ids_are_checked_and_offline_fetches_fail_cleanly(collection: Explo
         handlers.analyse_upload(collection, None, "")
 
 
-def test_map_figure_colours_filters_and_carries_ids(collection: Explorer) -> None:
-    fig, n = handlers.map_figure(collection, FINGERPRINT, "zoo")
-    assert n == collection.store.maps()[FINGERPRINT]
-    assert sorted(t.name for t in fig.data) == ["digits", "fashion-gen"]  # categorical: one trace per value
-    ids = {c[0] for t in fig.data for c in t.customdata}
-    assert ids == set(collection.map_points(FINGERPRINT)[0])
-    numeric, _ = handlers.map_figure(collection, FINGERPRINT, "label:acc_all", Filters(collections=("digits",)))
-    assert len(numeric.data) == 1 and numeric.data[0].marker.showscale  # continuous colour scale
-    assert len(numeric.data[0].customdata) == 40
-    one_id = next(iter(ids))
-    found, m = handlers.map_figure(collection, FINGERPRINT, "zoo", Filters(search=one_id[:10]), highlight=[one_id])
-    assert m == 1 and found.data[-1].name == "selected"
-    assert all("<" not in str(t.name) for t in fig.data)
-    assert "each base model on its own" in fig.layout.title.text  # the fingerprint map is faceted, and says so
-    assert sorted(a.text for a in fig.layout.annotations) == ["digits-mlp", "fashion-vae"]
-    lol_map, _ = handlers.map_figure(collection, "lol:digits-classes", "zoo")  # one module layout: one layout
-    assert not lol_map.layout.annotations and "each base model" not in lol_map.layout.title.text
-
-
 def test_map_options(collection: Explorer) -> None:
     maps, columns, choices = handlers.map_options(collection)
     assert maps[0] == ("fingerprint (every LoRA, any base)", FINGERPRINT) and len(maps) == 1 + len(TOY_SHIPPED)

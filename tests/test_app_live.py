@@ -91,8 +91,10 @@ def client(app_url: str) -> Iterator[Client]:
 def test_api_lists_every_action(client: Client) -> None:
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     actions = {"/analyse", "/add", "/inspect", "/status", "/labels", "/train"}
-    data = {"/collection_status", "/lora", "/neighbours", "/collection_rows", "/comparison", "/prediction", "/maps"}
-    assert actions | data | {"/map_points"} <= set(endpoints)
+    from app.api import ENDPOINTS
+
+    data = {f"/{name}" for name in ENDPOINTS}
+    assert actions | data <= set(endpoints) and "/predictors" in data
     for name in data:  # typed parameters and one JSON output, no component choices (no empty Literal[])
         described = endpoints[name]
         assert all("Literal" not in p["python_type"]["type"] for p in described["parameters"]), name
