@@ -380,6 +380,14 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> tuple[_Refresher, ...]:
                 )
             with gr.Column(scale=2, min_width=320, elem_id="map-side"):
                 card = gr.Markdown("Click a point to see its card and neighbours.", elem_id="map-card")
+                side_predictions = gr.Dataframe(
+                    headers=PREDICTION_COLUMNS,
+                    interactive=False,
+                    label="Predicted scores (stored when it was added)",
+                    elem_id="map-predictions",
+                    max_height=260,
+                    wrap=True,
+                )
                 by = gr.Radio(["ΔW cosine", "this map's embedding"], value="ΔW cosine", label="Neighbours by")
                 neighbours = gr.Dataframe(
                     headers=NEIGHBOUR_COLUMNS,
@@ -405,6 +413,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> tuple[_Refresher, ...]:
             refit = gr.Button("Refit this map", size="sm")
         selected_ids = gr.State([])
         picked = gr.Textbox(visible=False, elem_id="map-picked")  # the clicked id
+        side = [card, side_predictions, neighbours]
         inputs = [map_choice, color, search, zoom, density, collections, families, formats, selected_ids, picked]
 
         @_guard
@@ -473,10 +482,15 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> tuple[_Refresher, ...]:
             return gr.update(choices=colours, value=color_by if color_by in {c for _, c in colours} else "zoo")
 
         @_guard
-        def card_of(lora_id: str, encoder: str | None = None, mode: str = "ΔW cosine") -> tuple[str, pd.DataFrame]:
+        def card_of(
+            lora_id: str, encoder: str | None = None, mode: str = "ΔW cosine"
+        ) -> tuple[str, pd.DataFrame, pd.DataFrame]:
             if not lora_id:
-                return "Click a point to see its card and neighbours.", handlers.neighbours_frame([])
-            return handlers.lora_card(explorer, lora_id, by=encoder if mode == "this map's embedding" else None)
+                empty = handlers.predictions_frame([])
+                return "Click a point to see its card and neighbours.", empty, handlers.neighbours_frame([])
+            text, near = handlers.lora_card(explorer, lora_id, by=encoder if mode == "this map's embedding" else None)
+            stored = explorer.estimates(lora_id).values()
+            return text, handlers.predictions_frame(stored, handlers.prediction_glossaries(explorer)), near
 
         def remember(encoder: str | None, color_by: str | None, lora_id: str, text: str) -> None:
             """Nothing on the server: the page's script writes the view into its address."""
@@ -492,7 +506,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> tuple[_Refresher, ...]:
         def shown(event: Any, card_too: bool = False) -> None:
             """Chain the map's redraw (and the side card) after ``event``, then write the view into the address."""
             if card_too:
-                event = event.then(card_of, [picked, map_choice, by], [card, neighbours], api_visibility="private")
+                event = event.then(card_of, [picked, map_choice, by], side, api_visibility="private")
             event = event.then(draw, inputs, [plot, status], api_visibility="private")
             event.then(remember, [map_choice, color, picked, search], None, js=_URL_JS, api_visibility="private")
 
@@ -504,7 +518,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> tuple[_Refresher, ...]:
         shown(search.submit(lambda: None, None, None, api_visibility="private", queue=False))
         shown(plot.click(on_click, None, picked, api_visibility="private"), card_too=True)
         shown(neighbours.select(on_row, neighbours, picked, api_visibility="private"), card_too=True)
-        by.input(card_of, [picked, map_choice, by], [card, neighbours], api_visibility="private")
+        by.input(card_of, [picked, map_choice, by], side, api_visibility="private")
 
         def on_select(evt: gr.EventData) -> tuple[list[str], pd.DataFrame]:
             raw = _event_value(evt, "ids", [])
