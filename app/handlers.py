@@ -479,6 +479,7 @@ def predictions_frame(estimates: Iterable[Estimate], glossaries: Mapping[str, Gl
 
 
 _MAX_BLOCK_TICKS = 40
+_MAX_BLOCK_LINES = 200  # more blocks than this (a hostile file): no separators, the ticks still say where
 
 
 @dataclass(frozen=True)
@@ -500,8 +501,14 @@ class _BlockAxis:
             tickangle=-45,
             range=[-0.5, len(self.order) - 0.5],
         )
-        for x in self.bounds:
-            fig.add_vline(x=x, line={"width": 1, "dash": "dot", "color": "#999"})
+        if len(self.bounds) <= _MAX_BLOCK_LINES:  # one layout update: add_vline per line is quadratic in lines
+            line = {"width": 1, "dash": "dot", "color": "#999"}
+            fig.update_layout(
+                shapes=[
+                    {"type": "line", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1, "line": line}
+                    for x in self.bounds
+                ]
+            )
 
 
 def _block_axis(names: Sequence[str]) -> _BlockAxis:
