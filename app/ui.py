@@ -62,7 +62,13 @@ const render = () => {
   box._lolIds = meta.ids || [];
   if (narrow()) fig.layout.legend = Object.assign({}, fig.layout.legend || {},
     {orientation: 'h', x: 0, y: -0.02, yanchor: 'top'});
-  if (narrow()) fig.layout.height = Math.min(fig.layout.height || 560, 420);
+  if (narrow()) {  // a phone: a shorter map, its title small and on its own lines below the mode bar
+    const title = fig.layout.title || {};
+    fig.layout.height = Math.min(fig.layout.height || 560, 420);
+    fig.layout.title = Object.assign({}, title, {text: String(title.text || '').replace(': ', ':<br>'),
+      font: {size: 11}, x: 0.02, xanchor: 'left', y: 1, yref: 'container', yanchor: 'top', pad: {t: 36}});
+    fig.layout.margin = Object.assign({}, fig.layout.margin || {}, {t: 72});
+  }
   Plotly.react(box, fig.data, fig.layout, {responsive: true, displaylogo: false, scrollZoom: true,
     modeBarButtonsToRemove: ['toImage']});
   box.dataset.points = String(meta.shown || 0);
@@ -407,7 +413,7 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> tuple[_Refresher, ...]:
             with gr.Row():
                 csv = gr.Button("Export selection as CSV", size="sm")
                 parquet = gr.Button("Export selection as Parquet", size="sm")
-            download = gr.File(label="Download", interactive=False)
+            download = gr.File(label="Download", interactive=False, elem_id="map-download")
         with gr.Accordion("Map maintenance", open=False):
             gr.Markdown("Refitting recomputes the layout from every stored embedding (seconds to minutes).")
             refit = gr.Button("Refit this map", size="sm")
@@ -822,7 +828,7 @@ def build_demo(
             elem_id="app-title",
         )
         header = gr.Markdown(label="Collection status", elem_id="collection-status")
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs", overflow_behavior="wrap"):  # every tab in view on a phone, no "…" menu
             added = _upload_tab(explorer, limits, hold, ledger, startup)
             refreshers = [
                 *_explore_tab(explorer, demo),
