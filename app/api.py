@@ -44,6 +44,7 @@ ENDPOINTS = (
     "collection_rows",
     "comparison",
     "prediction",
+    "predictors",
     "maps",
     "map_points",
 )

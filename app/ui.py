@@ -220,7 +220,12 @@ def _filters(search: str, collections: list[str], families: list[str], formats: 
 
 
 def _upload_tab(
-    explorer: Explorer, limits: ReadLimits, hold: UploadHold, ledger: UploadLedger, startup: StartupJob | None
+    explorer: Explorer,
+    demo: gr.Blocks,
+    limits: ReadLimits,
+    hold: UploadHold,
+    ledger: UploadLedger,
+    startup: StartupJob | None,
 ) -> Any:
     """The Upload & predict tab; returns its *Add to collection* event (the other tabs refresh after it)."""
     with gr.Tab("Upload & predict", id="upload"):
@@ -261,10 +266,7 @@ def _upload_tab(
                     max_height=360,
                 )
                 with gr.Accordion("What each predictor predicts, and what it knows", open=False):
-                    gr.Markdown(  # a callable: re-read on each page load, so predictors trained since appear
-                        lambda: handlers.glossary_markdown(handlers.predictor_glossary(explorer)),
-                        elem_id="predictor-glossary",
-                    )
+                    glossary = gr.Markdown(elem_id="predictor-glossary")  # filled on each page load: new ones too
         spectrum = gr.Plot(label="Spectrum", elem_id="spectrum")
         blocks = gr.Plot(label="Strength per block", elem_id="block-strength")
         neighbours = gr.Dataframe(
@@ -332,6 +334,19 @@ def _upload_tab(
             api_visibility="private",
             queue=False,
         ).then(on_analyse, inputs, outputs, api_name="analyse", concurrency_id="cpu", concurrency_limit=4)
+        demo.load(
+            lambda: handlers.glossary_markdown(handlers.predictor_glossary(explorer)),
+            None,
+            glossary,
+            api_visibility="private",
+        )
+        analysed.failure(
+            lambda: "*Nothing to show: the upload was refused (the message says why).*",
+            None,
+            card,
+            api_visibility="private",
+            queue=False,
+        )
         stored = add.click(on_add, inputs, [added, held], api_name="add", concurrency_id="write", concurrency_limit=1)
         for event in (analysed, stored):  # the upload is no longer on the server: the file box shows nothing
             event.then(_nothing, None, files, api_visibility="private")
@@ -828,8 +843,8 @@ def build_demo(
             elem_id="app-title",
         )
         header = gr.Markdown(label="Collection status", elem_id="collection-status")
-        with gr.Tabs(elem_id="tabs", overflow_behavior="wrap"):  # every tab in view on a phone, no "…" menu
-            added = _upload_tab(explorer, limits, hold, ledger, startup)
+        with gr.Tabs(elem_id="tabs", overflow_behavior="wrap") as tabs:  # every tab in view on a phone, no "…" menu
+            added = _upload_tab(explorer, demo, limits, hold, ledger, startup)
             refreshers = [
                 *_explore_tab(explorer, demo),
                 _collection_tab(explorer, demo, ledger),
@@ -850,6 +865,13 @@ def build_demo(
             return text if n else f"{text}\n\nThe collection is empty: {HOW_TO_GET_ZOOS}, or upload a LoRA below."
 
         demo.load(status, None, header, api_name="status")
+
+        def opened_on(request: gr.Request | None = None) -> Any:
+            """A shared address (?map=, ?color=, ?lora=, ?q=) opens on the Explore tab, where it points."""
+            query = request.query_params if request is not None else {}
+            return gr.Tabs(selected="explore") if any(k in query for k in ("map", "color", "lora", "q")) else gr.skip()
+
+        demo.load(opened_on, None, tabs, api_visibility="private", queue=False)
         _data_api(explorer, limits, ledger, startup)
         event = added.then(status, None, header, api_visibility="private")  # an add shows up without a reload
         for refresher in refreshers:

@@ -99,7 +99,8 @@ def test_api_lists_every_action(client: Client) -> None:
     from app.api import ENDPOINTS
 
     data = {f"/{name}" for name in ENDPOINTS}
-    assert actions | data <= set(endpoints) and "/predictors" in data
+    assert not (actions | data) - set(endpoints), (actions | data) - set(endpoints)
+    assert "/predictors" in data
     for name in data:  # typed parameters and one JSON output, no component choices (no empty Literal[])
         described = endpoints[name]
         assert all("Literal" not in p["python_type"]["type"] for p in described["parameters"]), name
@@ -236,8 +237,6 @@ def test_api_reports_a_failing_database_and_keeps_serving(
 
 def test_api_compare_and_collection(client: Client, live: Explorer) -> None:
     ids = [r["id"] for r in live.records() if r["zoo"] == "digits"][:2]
-    text, _, table = client.predict(ids[0], ids[1], api_name="/compare")
-    assert "ΔW cosine over 2 shared modules" in text and [r[0] for r in table["data"]] == ["fc1", "fc2"]
     page = client.predict("", "", "", 10_000, 0, api_name="/collection_rows")
     assert page["total"] == len(page["rows"]) == live.store.count()
     assert [r["id"] for r in client.predict(ids[0][:12], "", "", 10, 0, api_name="/collection_rows")["rows"]] == [
@@ -574,7 +573,9 @@ def test_browser_walk_upload_add_map_click_neighbour_lasso_export(
 
         errors: list[str] = []  # the shared address shows the same LoRA in a new page
         fresh = _open(page.context.browser, shared, viewport, errors)
-        _tab(fresh, "explore")
+        fresh.wait_for_function(  # it opens on the Explore tab by itself
+            "document.querySelector('[role=tab][data-tab-id=explore]')?.ariaSelected === 'true'", timeout=60_000
+        )
         fresh.wait_for_function(
             f"document.querySelector('#map-card')?.innerText.includes('{neighbour}')", timeout=60_000
         )
@@ -599,6 +600,9 @@ def test_browser_error_toast_is_plain_text_and_clears_the_card(app_url: str, tmp
         text = toast.inner_text()
         assert "notes.safetensors" in text and "\\" not in text and str(tmp_path) not in text, text
         assert previous not in page.inner_text("#upload-card")
+        page.wait_for_function(  # and the card says why it is empty, not "Analysing…"
+            "document.querySelector('#upload-card')?.innerText.includes('Nothing to show')", timeout=30_000
+        )
         assert "fashion-gen" not in page.inner_text("#predictions")
         assert "ΔW cosine" not in page.inner_text("#upload-neighbours")
         violations = _serious_violations(page)
