@@ -370,3 +370,14 @@ def test_bench_map_render_smoke(tmp_path: Path) -> None:
         new.layout.meta["shown"] == 200 and sum(len(t.x) for t in new.data) == sum(len(t.x) for t in old.data) == 200
     )
     assert {t.type for t in new.data} == {"scattergl"} and {t.type for t in old.data} == {"scatter"}
+
+
+def test_the_suite_keeps_the_sections_other_scripts_write(tmp_path: Path) -> None:
+    """``make bench`` rewrites its own table; a ``## `` section holding ``<!-- name:begin -->…<!-- name:end -->``
+    (bench_map_render.py --write) survives it, and nothing else does."""
+    kept_sections = runpy.run_path(str(BENCH.parent / "run_all.py"))["kept_sections"]
+    out = tmp_path / "BENCHMARKS.md"
+    assert kept_sections(out) == ""
+    section = "## Map rendering\n\n<!-- map-render:begin -->\n| a | b |\n<!-- map-render:end -->\n"
+    out.write_text("# Benchmarks\n\n| old | table |\n\n" + section + "\n## Notes\n\nfree text\n")
+    assert kept_sections(out) == "\n" + section
