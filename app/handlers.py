@@ -12,23 +12,28 @@ import html
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from app.training import TrainingJob, TrainingJobs
 from lol_engine import ReadLimits
+from lol_engine.card import Card, build_card, check_name, lora_name, report_metadata
 from lol_engine.errors import BadRequestError, NotFoundError
 from lol_engine.estimate import Estimate
 from lol_engine.explorer import Analysis, Explorer, Neighbour, describe_file, hub_lora, map_title
+from lol_engine.glossary import Glossary, LabelDescription, significant
 from lol_engine.labels import read_labels
+from lol_engine.report import block_of
 
 __all__ = [
     "MODULE_COLUMNS",
+    "CompareResult",
     "Filters",
     "InspectResult",
     "UploadResult",
@@ -36,22 +41,25 @@ __all__ = [
     "analyse_upload",
     "apply_labels",
     "block_strength_figure",
+    "card_data",
     "collection_frame",
     "compare_loras",
     "escape",
     "export_frame",
+    "export_name",
     "inspect_upload",
     "lora_card",
     "lora_choices",
-    "map_figure",
     "map_options",
     "neighbours_frame",
     "no_comparable",
     "predictions_frame",
     "public_message",
     "relations_note",
+    "render_card",
     "spectrum_figure",
     "start_training",
+    "stored_card",
     "train_options",
     "training_result",
 ]
@@ -95,54 +103,148 @@ def inspect_upload(paths: Sequence[str] | str | None, limits: ReadLimits | None 
     file, config_path = _pick_files([paths] if isinstance(paths, str) else paths)
     report = describe_file(file, config_path, limits)
     rows = inspect_rows(report)
-    return InspectResult(_summary(report, file.name), rows, report)
+    return InspectResult(_summary(report, lora_name(file, config_path, report_metadata(report))), rows, report)
 
 
 def _summary(report: dict[str, Any], name: str) -> str:
-    lines = [
-        f"### {escape(name)}",
-        f"**format** {code(report['format'])} · **base** {code(report['base_family'])} · **dtype** "
-        f"{code(report['dtype'])} · **modules** {report['n_modules']} · **ranks** {report['ranks']} · **DoRA** "
-        f"{report['is_dora']}",
-        f"**total ‖ΔW‖_F** {report['total_delta_fro_norm']:.4g} · **sha256** `{report['sha256'][:16]}…`",
-        f"**evidence:** {escape('; '.join(report['evidence']), 400)}",
-        *_lookup_lines(report),
-    ]
-    warnings = "\n".join(f"- ⚠️ {escape(w, 300)}" for w in report["warnings"])
-    return "\n\n".join([*lines, warnings] if warnings else lines)
+    """The Inspect tab's card: the file's facts only (no collection, no predictors)."""
+    return render_card(build_card(report, name=name))
 
 
-def _lookup_lines(report: dict[str, Any]) -> list[str]:
-    """What Civitai and lora-inspector show: lookup hashes, trigger words, training parameters (all text escaped)."""
-    hashes = f"**AutoV2** {code(report.get('autov2') or '—')}"
-    if report.get("addnet_sha256"):
-        hashes += (
-            f" · **LoRA hash** (kohya/A1111) {code(report['addnet_shorthash'])} ({code(report['addnet_sha256'])})"
-        )
-    if report.get("sshs_model_hash"):
-        verdict = {True: "matches", False: "⚠️ does not match", None: "not checked"}[report["sshs_model_hash_matches"]]
-        hashes += f" · **sshs_model_hash** {code(report['sshs_model_hash'][:12])} {verdict}"
-    lines = [hashes]
-    words = report.get("trigger_words") or {}
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.2f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 1024:.1f} KiB"
+
+
+def _span(values: Sequence[float | int]) -> str:
+    """``4`` or ``4–16`` (numbers shortened to 4 significant digits)."""
+    lo, hi = (f"{v:.4g}" for v in (min(values), max(values)))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _hash_line(card: Card) -> str:
+    h = card.hashes
+    line = f"**sha256** {code(h.sha256)} · **AutoV2** {code(h.autov2 or '—')}"
+    if h.addnet_sha256:
+        line += f" · **LoRA hash** (kohya/A1111) {code(h.addnet_shorthash)} ({code(h.addnet_sha256)})"
+    if h.sshs_model_hash:
+        verdict = {True: "matches", False: "⚠️ does not match", None: "not checked"}[h.sshs_model_hash_matches]
+        line += f" · **sshs_model_hash** {code(h.sshs_model_hash[:12])} {verdict}"
+    return line
+
+
+def _trigger_line(card: Card) -> str | None:
     named = [
-        f"**{label}** {escape(words[key], 80)}"
-        for key, label in (("output_name", "output name"), ("trigger_phrase", "trigger phrase"))
-        if words.get(key)
+        f"**{label}** {escape(value, 80)}"
+        for label, value in (("output name", card.output_name), ("trigger phrase", card.trigger_phrase))
+        if value
     ]
-    tags = ", ".join(f"{escape(t['tag'], 60)} ({t['count']})" for t in words.get("top_tags", []))
+    tags = ", ".join(f"{escape(t.tag, 60)} ({t.count:,})" for t in card.top_tags)
     if tags:
-        named.append(f"**top tags** ({words['n_tags']:,} in all): {tags}")
-    if named:
-        lines.append("**trigger words:** " + " · ".join(named))
-    parameters = report.get("training_parameters") or []
-    if parameters:
-        rows = [
-            f"| {escape(p['name'])} | {escape(p['value'], 120)} | {escape(p['meaning'])} | {escape(p['key'])} |"
-            for p in parameters
-        ]
-        head = ["**training parameters**", "", "| parameter | value | meaning | key |", "|---|---|---|---|"]
-        lines.append("\n".join([*head, *rows]))
+        named.append(f"**top tags** ({card.n_tags:,} in all): {tags}")
+    return "**trigger words:** " + " · ".join(named) if named else None
+
+
+def _parameters_table(card: Card) -> str | None:
+    if not card.training_parameters:
+        return None
+    head = ["**training parameters**", "", "| parameter | value | meaning | key |", "|---|---|---|---|"]
+    rows = [
+        f"| {escape(p.name)} | {escape(p.value, 120)} | {escape(p.meaning)} | {escape(p.key)} |"
+        for p in card.training_parameters
+    ]
+    return "\n".join([*head, *rows])
+
+
+_SHOWN_BLOCKS = 24
+_SHOWN_FIELDS = 16
+_METADATA_GROUPS = (
+    ("ss_", "other training metadata"),
+    ("modelspec.", "modelspec"),
+    ("adapter_config.", "adapter config"),
+)
+
+
+def _more(shown: int, total: int) -> str:
+    return f" (and {total - shown:,} more in the card's JSON)" if total > shown else ""
+
+
+def _block_line(card: Card) -> str | None:
+    if not card.block_strength:
+        return None
+    shown = card.block_strength[:_SHOWN_BLOCKS]
+    parts = " · ".join(f"{escape(b.block, 60)} {b.delta_fro_norm:.3g}" for b in shown)
+    return f"**strength per block** (‖ΔW‖_F): {parts}{_more(len(shown), card.n_blocks)}"
+
+
+def _metadata_lines(card: Card) -> list[str]:
+    lines = []
+    for prefix, title in _METADATA_GROUPS:
+        fields = [(k, v) for k, v in card.other_metadata if k.startswith(prefix)]
+        if fields:
+            shown = ", ".join(
+                f"{escape(k.removeprefix(prefix) if prefix != 'ss_' else k)} = {escape(v, 80)}"
+                for k, v in fields[:_SHOWN_FIELDS]
+            )
+            lines.append(f"**{title}:** {shown}{_more(min(len(fields), _SHOWN_FIELDS), len(fields))}")
     return lines
+
+
+def _label_text(value: Any) -> str:
+    """A label as text: a number shortened, a 0/1 list as its bits, a list of names joined."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)
+    return _short(value)
+
+
+def _collection_lines(card: Card) -> list[str]:
+    """What the collection knows: labels, estimates (or, for an upload, which predictors fit), where it is stored."""
+    lines = []
+    if card.labels:
+        shown = ", ".join(f"{escape(k)} = {escape(_label_text(v), 80)}" for k, v in card.labels.items())
+        lines.append(f"**labels:** {shown}")
+    if card.n_predictors is not None:
+        matched = len(card.predictions)
+        lines.append(
+            f"**predictors:** {matched} of {card.n_predictors} fit this LoRA"
+            + ("" if matched else " (none was trained on this base and module layout)")
+            + ("" if card.seconds is None else f" · analysed in {card.seconds * 1000:.0f} ms")
+        )
+    elif card.predictions:
+        preds = [
+            f"{escape(p.predictor)} = {escape(p.summary)}" + (" (in its training set)" if p.in_sample else "")
+            for p in card.predictions
+        ]
+        lines.append("**predicted:** " + ", ".join(preds))
+    if card.stored_as is not None:
+        where = f" ({escape(card.collection)})" if card.collection else ""
+        lines.append(f"✅ already in the collection as **{escape(card.stored_as)}**{where}")
+    return lines
+
+
+def render_card(card: Card) -> str:
+    """A card as Markdown: the one renderer for uploads, stored LoRAs, Inspect and Compare. Every text from a file
+    or a user is escaped (:func:`escape`, :func:`code`)."""
+    where = f"**collection** {code(card.collection)} · " if card.collection and card.stored_as is None else ""
+    facts = (
+        f"{where}**format** {code(card.format)} · **base** {code(card.base_family)} · **dtype** {code(card.dtype)} · "
+        f"**modules** {card.n_modules} · **rank** {_span(card.ranks) if card.ranks else '—'} · "
+        f"**scale** {_span(card.scales) if card.scales else '—'} · **size** {_size(card.size_bytes)} · "
+        f"**DoRA** {'yes' if card.is_dora else 'no'}"
+    )
+    norm = "—" if card.total_delta_fro_norm is None else f"{card.total_delta_fro_norm:.4g}"
+    lines: list[str | None] = [
+        f"### {escape(card.name)}",
+        facts,
+        f"**total ‖ΔW‖_F** {norm} · **evidence:** {escape('; '.join(card.evidence), 400)}",
+        _hash_line(card),
+        _trigger_line(card),
+        _parameters_table(card),
+        _block_line(card),
+        *_metadata_lines(card),
+        *_collection_lines(card),
+        *(f"- ⚠️ {escape(w, 300)}" for w in card.warnings),
+    ]
+    return "\n\n".join(line for line in lines if line)
 
 
 # ---------------------------------------------------------------------------------------------------- the explorer
@@ -151,16 +253,28 @@ def _lookup_lines(report: dict[str, Any]) -> list[str]:
 
 PREDICTION_COLUMNS = [
     "predictor",
-    "target",
+    "what it predicts",
     "prediction",
-    "probability",
-    "calibrated range",
+    "likely range (90 %)",
     "held-out skill",
     "in its training set",
+    "domain",
 ]
 NEIGHBOUR_COLUMNS = ["name", "collection", "similarity", "relation", "by", "id"]
 COMPARE_COLUMNS = ["module", "ΔW cosine", "‖ΔW‖_F first", "‖ΔW‖_F second"]
-_TABLE_COLUMNS = ["name", "zoo", "format", "base_family", "rank", "modules", "size_kb", "dtype", "added", "id"]
+TABLE_COLUMNS = ["name", "zoo", "format", "base_family", "rank", "modules", "size_kb", "dtype", "added", "id"]
+TABLE_HEADERS = [
+    "name",
+    "collection",
+    "file format",
+    "base model family",
+    "rank",
+    "modules",
+    "size (KiB)",
+    "dtype",
+    "added",
+    "id",
+]
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
 # An absolute POSIX or Windows path of two or more parts (not "owner/name" or "1/2": no word character before it).
 _SERVER_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"`<>|:]+)+[/\\]([^\s/\\'\"`<>|:]+)")
@@ -236,18 +350,23 @@ class UploadResult:
     neighbours: pd.DataFrame
     modules: list[list[Any]]
     analysis: Analysis
+    card_data: dict[str, Any] = field(default_factory=dict)  # the card as JSON (lol_engine.card.Card.to_dict)
 
 
-def _upload_files(paths: Sequence[str] | str | None, repo_id: str | None) -> tuple[Path, Path | None, str]:
-    """The LoRA file, its optional config and a display name, from uploads or a Hub repo id."""
+def _upload_files(
+    paths: Sequence[str] | str | None, repo_id: str | None, name: str | None = None
+) -> tuple[Path, Path | None, str | None]:
+    """The LoRA file, its optional config, and the name given for it: the one typed (checked), else the Hub repo id,
+    else None (then :func:`lol_engine.card.lora_name` names it from its folder or metadata, once it is read)."""
     repo_id = (repo_id or "").strip()
+    typed = check_name(name) if name and name.strip() else None
     if paths:
         file, config = _pick_files([paths] if isinstance(paths, str) else paths)
-        return file, config, file.stem
+        return file, config, typed
     if not repo_id:
         raise BadRequestError("no file uploaded and no repo id given")
     found = hub_lora(repo_id)
-    return found.weights, found.config, repo_id
+    return found.weights, found.config, typed or repo_id
 
 
 def analyse_upload(
@@ -256,37 +375,56 @@ def analyse_upload(
     repo_id: str | None = None,
     k: int = 10,
     limits: ReadLimits | None = None,
+    name: str | None = None,
 ) -> UploadResult:
     """Read an upload (or a Hub repo), predict with every matching predictor and find its nearest stored LoRAs.
 
-    Stores nothing (the analysis is kept for :func:`add_upload`). Raises a :class:`~lol_engine.errors.LolError`
-    naming the problem for anything that is not a readable LoRA.
+    ``name``: what to call it (optional; see :func:`lol_engine.card.lora_name` for the default). Stores nothing (the
+    analysis is kept for :func:`add_upload`). Raises a :class:`~lol_engine.errors.LolError` naming the problem for
+    anything that is not a readable LoRA, or for a name that is not allowed.
     """
-    file, config, name = _upload_files(paths, repo_id)
+    file, config, given = _upload_files(paths, repo_id, name)
     analysis = explorer.analyse(file, config, limits)
     stored = explorer.find(analysis.sha256)
     neighbours = explorer.neighbours(analysis.lora, k=k, exclude=analysis.sha256)
     report = analysis.report
-    card = _card(report, name, stored.name if stored else None, analysis, len(explorer.predictors))
+    card = build_card(
+        report,
+        name=given or lora_name(file, config, analysis.lora.meta),
+        collection=(stored.zoo or "uploads") if stored else None,
+        stored_as=stored.name if stored else None,
+        estimates=analysis.estimates,
+        n_predictors=len(explorer.predictors),
+        seconds=analysis.seconds,
+    )
+    text = render_card(card)
     if not neighbours:
-        card += "\n\n" + no_comparable(analysis.lora.meta.base_family)
-    card += relations_note(neighbours)
+        text += "\n\n" + no_comparable(analysis.lora.meta.base_family)
+    text += relations_note(neighbours)
     return UploadResult(
-        card,
-        predictions_frame(analysis.estimates.values()),
+        text,
+        predictions_frame(analysis.estimates.values(), prediction_glossaries(explorer)),
         spectrum_figure(report),
         neighbours_frame(neighbours),
         inspect_rows(report),
         analysis,
+        card.to_dict(),
     )
 
 
 def add_upload(
-    explorer: Explorer, paths: Sequence[str] | str | None, repo_id: str | None = None, limits: ReadLimits | None = None
+    explorer: Explorer,
+    paths: Sequence[str] | str | None,
+    repo_id: str | None = None,
+    limits: ReadLimits | None = None,
+    name: str | None = None,
 ) -> str:
-    """Add an upload to the collection: its bytes are checked again, its analysis (same bytes) is reused."""
-    file, config, name = _upload_files(paths, repo_id)
-    result = explorer.add(file, config, name=name, limits=limits)
+    """Add an upload to the collection: its bytes are checked again, its analysis (same bytes) is reused.
+
+    ``name``: what to store it under (optional, checked; default: :func:`lol_engine.card.lora_name`).
+    """
+    file, config, given = _upload_files(paths, repo_id, name)
+    result = explorer.add(file, config, name=given, limits=limits)
     if result.existed:
         return f"**{escape(result.name)}** is already in the collection (id `{result.id[:12]}`)."
     return f"Added **{escape(result.name)}** to the collection (id `{result.id[:12]}`); it is on the maps now."
@@ -317,86 +455,219 @@ def inspect_rows(report: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _card(report: dict[str, Any], name: str, stored_as: str | None, analysis: Analysis, n_predictors: int) -> str:
-    ranks = report["ranks"]
-    scales = sorted({round(m["scale"], 4) for m in report["modules"]})
-    training = {k: v for k, v in report["kohya_metadata"].items() if k.startswith("ss_")}
-    lines = [
-        f"### {escape(name)}",
-        f"**format** {code(report['format'])} · **base** {code(report['base_family'])} · "
-        f"**dtype** {code(report['dtype'])} · **modules** {report['n_modules']} · "
-        f"**rank** {ranks[0] if len(ranks) == 1 else f'{ranks[0]}–{ranks[-1]}'} · "
-        f"**scale** {scales[0] if len(scales) == 1 else f'{scales[0]}–{scales[-1]}'} · "
-        f"**size** {report['size_bytes'] / 2**20:.2f} MiB · **DoRA** {report['is_dora']}",
-        f"**total ‖ΔW‖_F** {report['total_delta_fro_norm']:.4g} · **sha256** `{report['sha256']}`",
-        f"**evidence:** {escape('; '.join(report['evidence']), 400)}",
-    ]
-    lines += _lookup_lines(report)
-    tabled = {p["key"] for p in report.get("training_parameters", [])}
-    training = {k: v for k, v in training.items() if k not in tabled and k != "ss_tag_frequency"}
-    if training:
-        shown = ", ".join(f"{escape(k)} = {escape(v, 60)}" for k, v in sorted(training.items())[:12])
-        lines.append(f"**other training metadata:** {shown}")
-    if report["modelspec"]:
-        shown = ", ".join(f"{escape(k)} = {escape(v, 60)}" for k, v in sorted(report["modelspec"].items())[:8])
-        lines.append(f"**modelspec:** {shown}")
-    matched = len(analysis.estimates)
-    lines.append(
-        f"**predictors:** {matched} of {n_predictors} fit this LoRA"
-        + ("" if matched else " (none was trained on this base and module layout)")
-        + f" · analysed in {analysis.seconds * 1000:.0f} ms"
-    )
-    if stored_as is not None:
-        lines.append(f"✅ already in the collection as **{escape(stored_as)}**")
-    lines += [f"- ⚠️ {escape(w, 300)}" for w in report["warnings"]]
-    return "\n\n".join(lines)
-
-
-def predictions_frame(estimates: Iterable[Estimate]) -> pd.DataFrame:
-    """One row per estimate (a multilabel one: the positions predicted 1), with its calibrated range and skill."""
+def predictions_frame(estimates: Iterable[Estimate], glossaries: Mapping[str, Glossary] | None = None) -> pd.DataFrame:
+    """One row per estimate, in words (:data:`PREDICTION_COLUMNS`): what the predictor predicts (its glossary's
+    title), the prediction (percentages where the glossary says the label is a share, else 3 significant digits and
+    its unit; class names, with the probability), its calibrated range, its held-out skill beside the best simple
+    baseline and the constant, whether the LoRA was in its training set, and whether it lies far from its training
+    LoRAs. A predictor without a glossary in ``glossaries`` is shown by its raw label."""
     rows = []
     for e in estimates:
-        if e.kind == "multilabel":
-            probs = list(e.probabilities.values())
-            ones = [i for i, p in enumerate(probs) if p >= 0.5]
-            value = f"1 at {ones}" if ones else "all 0"
-            probability = f"{sum(probs[i] for i in ones) / len(ones):.3f}" if ones else ""
-        else:
-            value = f"{e.value:.4g}" if isinstance(e.value, float) else str(e.value)
-            probability = "" if e.probability is None else f"{e.probability:.3f}"
-        seen = "yes: a memory, not an estimate" if e.in_sample else ""
-        rows.append([e.predictor, e.label, value, probability, e.range_text(), str(e.skill or ""), seen])
+        glossary = (glossaries or {}).get(e.predictor)
+        rows.append(
+            [
+                e.predictor,
+                glossary.title if glossary is not None else e.label,
+                _prediction_text(e, glossary),
+                _range_text(e, glossary),
+                glossary.skill_text() if glossary is not None else str(e.skill or ""),
+                "yes — in-sample, optimistic" if e.in_sample else "no",
+                _domain_text(e, glossary),
+            ]
+        )
     return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
 
 
+_MAX_BLOCK_TICKS = 40
+_MAX_BLOCK_LINES = 200  # more blocks than this (a hostile file): no separators, the ticks still say where
+
+
+@dataclass(frozen=True)
+class _BlockAxis:
+    """Modules laid out along x grouped by block (:func:`lol_engine.report.block_of`), blocks in depth order."""
+
+    order: list[int]  # module indices in the order drawn: by block, file order within one
+    blocks: list[str]  # the block of each drawn module
+    ticks: list[float]  # the middle of each block (one tick per block, or per few blocks when there are many)
+    labels: list[str]  # the block names at those ticks (HTML-escaped)
+    bounds: list[float]  # x of the lines between blocks
+
+    def layout(self, fig: go.Figure) -> None:
+        """Category ticks (block names, never fractional positions) and a dotted line between blocks."""
+        fig.update_xaxes(
+            tickmode="array",
+            tickvals=self.ticks,
+            ticktext=self.labels,
+            tickangle=-45,
+            range=[-0.5, len(self.order) - 0.5],
+        )
+        if len(self.bounds) <= _MAX_BLOCK_LINES:  # one layout update: add_vline per line is quadratic in lines
+            line = {"width": 1, "dash": "dot", "color": "#999"}
+            fig.update_layout(
+                shapes=[
+                    {"type": "line", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1, "line": line}
+                    for x in self.bounds
+                ]
+            )
+
+
+def _block_axis(names: Sequence[str]) -> _BlockAxis:
+    keyed = [block_of(name) for name in names]
+    order = sorted(range(len(names)), key=lambda i: (keyed[i][1], i))
+    blocks = [keyed[i][0] for i in order]
+    starts = [x for x in range(len(blocks)) if x == 0 or blocks[x] != blocks[x - 1]]
+    ends = [*starts[1:], len(blocks)]
+    step = max(1, -(-len(starts) // _MAX_BLOCK_TICKS))  # label every step-th block when there are many
+    ticks = [(a + b - 1) / 2 for a, b in zip(starts, ends, strict=True)][::step]
+    labels = [escape_html(blocks[a], 40) for a in starts][::step]
+    return _BlockAxis(order, blocks, ticks, labels, [x - 0.5 for x in starts[1:]])
+
+
+def prediction_glossaries(explorer: Explorer) -> dict[str, Glossary]:
+    """Every predictor's glossary, by name (what :func:`predictions_frame` reads)."""
+    return {name: predictor.glossary for name, predictor in explorer.predictors.items()}
+
+
+def _percent(p: float) -> str:
+    return f"{significant(100 * p)} %"
+
+
+def _description(e: Estimate, glossary: Glossary | None) -> LabelDescription:
+    return glossary.description if glossary is not None else LabelDescription(e.label, "")
+
+
+def _name(e: Estimate, glossary: Glossary | None, output: str) -> str:
+    return glossary.class_name(output) if glossary is not None else output
+
+
+def _prediction_text(e: Estimate, glossary: Glossary | None) -> str:
+    """The prediction in words: a number with its unit, a class with its probability, or the entries that are 1."""
+    if e.kind == "regression":
+        return _description(e, glossary).format(float(cast(float, e.value)))
+    if e.kind == "multilabel":
+        ones = [_name(e, glossary, k) for k, p in e.probabilities.items() if p >= 0.5]
+        return ", ".join(ones) if ones else "none"
+    p = e.probabilities[e.label] if e.kind == "binary" else e.probabilities[str(e.value)]
+    if e.kind == "binary" and e.value == "0":
+        p = 1.0 - p
+    return f"{_name(e, glossary, str(e.value))} ({_percent(p)})"
+
+
+def _range_text(e: Estimate, glossary: Glossary | None) -> str:
+    """The calibrated range in the prediction's words (its coverage added when it is not the column's 90 %)."""
+    if e.coverage is None:
+        return "not calibrated"
+    at = "" if abs(e.coverage - 0.9) < 1e-9 else f" ({_percent(e.coverage)})"
+    if e.interval is not None:
+        return _description(e, glossary).format_range(*e.interval) + at
+    if e.sets is None:
+        return ""
+    if e.kind == "multilabel":
+        sure_1 = sum(s == ("1",) for s in e.sets.values())
+        sure_0 = sum(s == ("0",) for s in e.sets.values())
+        return f"{sure_1} surely yes · {sure_0} surely no · {len(e.sets) - sure_1 - sure_0} unsure{at}"
+    chosen = [_name(e, glossary, v) for v in e.sets[e.label]]
+    if not chosen:
+        return f"none (∅){at}"
+    return (" or " if e.kind == "binary" else ", ").join(chosen) + at
+
+
+def _domain_text(e: Estimate, glossary: Glossary | None) -> str:
+    """Near or far from the predictor's training LoRAs (:mod:`lol_engine.train.domain`), or unknown."""
+    if e.out_of_domain is None or e.domain_distance is None:
+        return "unknown (no reference)"
+    if not e.out_of_domain:
+        return "✅ near its training LoRAs"
+    threshold = glossary.domain_threshold if glossary is not None else None
+    times = f" ({e.domain_distance / threshold:.1f}× its limit)" if threshold else ""
+    return f"⚠️ far from its training LoRAs{times}"
+
+
+def predictor_glossary(explorer: Explorer) -> list[dict[str, Any]]:
+    """One JSON-ready dict per predictor of the collection (:meth:`lol_engine.glossary.Glossary.to_json`), by name."""
+    return [predictor.glossary.to_json() for _, predictor in sorted(explorer.predictors.items())]
+
+
+def glossary_markdown(entries: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`predictor_glossary`'s entries as Markdown for the app; every text from a predictor folder (names,
+    descriptions, a user's label and class names) is escaped."""
+    if not entries:
+        return "No predictor is loaded."
+    blocks = []
+    for g in entries:
+        base = g["base"]
+        lines = [
+            f"#### {escape(g['title'])}",
+            f"{code(g['predictor'], 80)} predicts {code(g['label'], 80)}: {escape(g['meaning'], 600)}",
+        ]
+        if g["users_label"]:
+            lines.append("⚠️ A label of your own collection: what it means is yours, not lol-explorer's.")
+        unit = "percent" if g["percent"] else (escape(g["unit"]) or "no unit")
+        lines.append(f"**unit** {unit}" + (f" · **range** {escape(g['range'])}" if g["range"] else ""))
+        if g["classes"]:
+            lines.append("**classes** " + escape(", ".join(g["classes"]), 600))
+        learned = [
+            f"**base** {escape(base['name'] or 'not recorded')} ({escape(base['family'] or 'family not recorded')})",
+            f"**zoo** {escape(g['zoo'] or 'not recorded')}"
+            + (f" — {escape(g['zoo_description'], 300)}" if g["zoo_description"] else ""),
+        ]
+        if g["data"]:
+            learned.append(f"**data** {escape(g['data'], 600)}")
+        if g["n_train"] is not None:
+            learned.append(f"**trained on** {g['n_train']} LoRAs")
+        lines.append(" · ".join(learned))
+        lines.append(f"**held-out skill** {escape(g['skill_text'], 400)}")
+        if g["coverage"] is not None:
+            held = g["held_out_coverage"]
+            lines.append(
+                f"**likely ranges** {_percent(g['coverage'])} nominal, calibrated on {escape(g['calibration_split'])}"
+                + ("" if held is None else f"; {_percent(held)} of test LoRAs fell inside")
+            )
+        if g["domain_threshold"] is not None:
+            lines.append(
+                f"**far from its training LoRAs** when the mean distance to its {g['domain_k']} nearest training "
+                f"LoRAs exceeds {g['domain_threshold']:.3g} (farther than 99 % of its held-out LoRAs)"
+            )
+        blocks.append("\n\n".join(lines))
+    return "\n\n---\n\n".join(blocks)
+
+
 def spectrum_figure(report: dict[str, Any], max_curves: int = 8) -> go.Figure:
-    """Singular values of every module's ΔW (log scale): one curve per index k = 1…min(r, max_curves)."""
+    """Singular values of every module's ΔW (log scale): one curve per index k = 1…min(r, max_curves), modules
+    grouped by block along x (text encoders, UNet down/mid/up blocks, transformer or LLM layers); hover names the
+    module in full."""
     modules = report["modules"]
-    names = [m["name"] for m in modules]
+    axis = _block_axis([m["name"] for m in modules])
+    drawn = [modules[i] for i in axis.order]
+    hover = [
+        f"{escape_html(m['name'], 300)}<br>block {escape_html(block, 60)}"
+        for m, block in zip(drawn, axis.blocks, strict=True)
+    ]
     fig = go.Figure()
     depth = min(max_curves, max((len(m["singular_values"]) for m in modules), default=0))
     for k in range(depth):
-        values = [m["singular_values"][k] if k < len(m["singular_values"]) else None for m in modules]
+        values = [m["singular_values"][k] if k < len(m["singular_values"]) else None for m in drawn]
         values = [v if v and v > 0 else None for v in values]
         fig.add_trace(
             go.Scatter(
-                x=list(range(len(modules))),
+                x=list(range(len(drawn))),
                 y=values,
                 mode="lines+markers",
                 name=f"σ{k + 1}",
-                text=[escape_html(n) for n in names],
+                text=hover,
                 hovertemplate="%{text}<br>σ" + str(k + 1) + " = %{y:.4g}<extra></extra>",
             )
         )
     fig.update_layout(
         title="Per-module spectrum of ΔW (exact, from the factors)",
-        xaxis_title="module (file order)",
+        xaxis_title="module, grouped by block",
         yaxis_title="singular value",
         yaxis_type="log",
-        height=360,
-        margin={"l": 50, "r": 10, "t": 40, "b": 40},
-        legend={"orientation": "h"},
+        height=400,
+        margin={"l": 50, "r": 10, "t": 60, "b": 90},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
     )
+    axis.layout(fig)
     return fig
 
 
@@ -442,136 +713,35 @@ def map_options(explorer: Explorer) -> tuple[list[tuple[str, str]], list[str], d
     return maps, columns, choices
 
 
-def map_figure(
-    explorer: Explorer,
-    encoder: str,
-    color_by: str = "zoo",
-    filters: Filters | None = None,
-    highlight: Sequence[str] = (),
-) -> tuple[go.Figure, int]:
-    """The 2-D map of ``encoder``'s stored coordinates, coloured by a column, filtered; returns it and its size.
-
-    Each point carries its LoRA id in ``customdata`` (the page's click and lasso handlers send those back).
-    """
-    filters = filters or Filters()
-    ids, xy = explorer.map_points(encoder)
-    records = {r["id"]: r for r in explorer.records()}
-    keep = [i for i, lora_id in enumerate(ids) if lora_id in records and filters.keep(records[lora_id])]
-    rows = [records[ids[i]] for i in keep]
-    values = [r.get(color_by) for r in rows]
-    fig = go.Figure()
-    hover = "%{text}<extra></extra>"
-
-    def text(r: dict[str, Any], v: Any) -> str:
-        where = f"{escape_html(r['zoo'])} · {escape_html(r['base_family'])}"
-        return f"{escape_html(r['name'], 80)}<br>{where}<br>{escape_html(color_by)}: {escape_html(_short(v), 40)}"
-
-    numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if values and len(numeric) == len(values) and len(set(numeric)) > 12:
-        fig.add_trace(
-            go.Scatter(
-                x=xy[keep, 0],
-                y=xy[keep, 1],
-                mode="markers",
-                customdata=[[r["id"]] for r in rows],
-                text=[text(r, v) for r, v in zip(rows, values, strict=True)],
-                hovertemplate=hover,
-                name=color_by,
-                marker={
-                    "color": values,
-                    "colorscale": "Viridis",
-                    "size": 6,
-                    "showscale": True,
-                    "colorbar": {"title": {"text": escape_html(color_by, 30)}},
-                },
-            )
-        )
-    else:
-        groups: dict[str, list[int]] = {}
-        for j, v in enumerate(values):
-            groups.setdefault("—" if v is None else str(v), []).append(j)
-        for group, members in sorted(groups.items(), key=lambda kv: _natural(kv[0])):
-            fig.add_trace(
-                go.Scatter(
-                    x=xy[[keep[j] for j in members], 0],
-                    y=xy[[keep[j] for j in members], 1],
-                    mode="markers",
-                    customdata=[[rows[j]["id"]] for j in members],
-                    name=escape_html(group, 40),
-                    marker={"size": 6},
-                    text=[text(rows[j], values[j]) for j in members],
-                    hovertemplate=hover,
-                )
-            )
-    marked = [i for i, lora_id in enumerate(ids) if lora_id in set(highlight)]
-    if marked:
-        fig.add_trace(
-            go.Scatter(
-                x=xy[marked, 0],
-                y=xy[marked, 1],
-                mode="markers",
-                name="selected",
-                customdata=[[ids[i]] for i in marked],
-                hoverinfo="skip",
-                marker={"size": 14, "symbol": "circle-open", "color": "#d62728", "line": {"width": 2}},
-            )
-        )
-    axis = {"showticklabels": False, "zeroline": False}
-    tiles = explorer.map_tiles(encoder)
-    title = map_title(encoder)
-    if len(tiles) > 1:  # a faceted map: one layout per base family; say so, and name each
-        title += ": each base model on its own, distances across them mean nothing"
-        for family, (x0, _, x1, y1) in tiles.items():
-            fig.add_annotation(
-                x=(x0 + x1) / 2, y=y1, text=escape_html(family, 40), showarrow=False, yshift=12, font={"size": 12}
-            )
-    fig.update_layout(
-        dragmode="lasso",
-        height=560,
-        margin={"l": 10, "r": 10, "t": 30, "b": 10},
-        title=escape_html(title),
-        legend={"itemsizing": "constant"},
-        xaxis=axis,
-        yaxis=axis,
-        uirevision=encoder,
+def stored_card(explorer: Explorer, lora_id: str) -> Card:
+    """A stored LoRA's card: its file's facts as the store keeps them (no file is read), its collection, labels and
+    stored estimates."""
+    stored = explorer.get(lora_id)
+    return build_card(
+        explorer.card_facts(lora_id),
+        name=stored.name,
+        collection=stored.zoo or "uploads",
+        labels=explorer.labels(lora_id),
+        estimates=explorer.estimates(lora_id),
     )
-    return fig, len(rows)
 
 
-def _natural(text: str) -> tuple[Any, ...]:
-    try:
-        return (0, float(text), "")
-    except ValueError:
-        return (1, 0.0, text)
+def card_data(explorer: Explorer, lora_id: str) -> dict[str, Any]:
+    """A stored LoRA's card as JSON (:meth:`lol_engine.card.Card.to_dict`), for the API."""
+    return stored_card(explorer, lora_id).to_dict()
 
 
 def lora_card(explorer: Explorer, lora_id: str, k: int = 10, by: str | None = None) -> tuple[str, pd.DataFrame]:
-    """A stored LoRA's card (fields, labels, stored predictions) and its nearest neighbours.
+    """A stored LoRA's card (:func:`stored_card` as Markdown) and its nearest neighbours.
 
     ``by``: ``None`` for exact ΔW cosine, else an encoder name (cosine of that encoder's embeddings).
     """
-    stored = explorer.get(lora_id)
-    labels = explorer.labels(lora_id)
-    lines = [
-        f"### {escape(stored.name)}",
-        f"**collection** {escape(stored.zoo or 'uploads')} · **format** {code(stored.format)} · "
-        f"**base** {code(stored.base_family)} · **modules** {stored.n_modules} · **rank** "
-        f"{stored.rank_min if stored.rank_min == stored.rank_max else f'{stored.rank_min}–{stored.rank_max}'} · "
-        f"**dtype** {code(stored.dtype)} · **size** {stored.size_bytes / 1024:.1f} KiB",
-        f"**sha256** `{stored.id}`",
-    ]
-    if labels:
-        lines.append("**labels:** " + ", ".join(f"{escape(k)} = {escape(_short(v), 80)}" for k, v in labels.items()))
-    preds = [
-        f"{escape(name)} = {escape(e.summary)}" + (" (in its training set)" if e.in_sample else "")
-        for name, e in explorer.estimates(lora_id).items()
-    ]
-    if preds:
-        lines.append("**predicted:** " + ", ".join(preds))
+    card = stored_card(explorer, lora_id)
+    text = render_card(card)
     neighbours = explorer.neighbours_of(lora_id, k=k, by=by or None)
     if not neighbours:
-        lines.append(no_comparable(stored.base_family))
-    return "\n\n".join(lines) + relations_note(neighbours), neighbours_frame(neighbours)
+        text += "\n\n" + no_comparable(card.base_family)
+    return text + relations_note(neighbours), neighbours_frame(neighbours)
 
 
 def relations_note(neighbours: Sequence[Neighbour]) -> str:
@@ -600,28 +770,74 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+_FIELD_TITLES = {
+    "zoo": "collection",
+    "base_family": "base model family",
+    "format": "file format",
+    "modules": "modules",
+    "size_kb": "size (KiB)",
+}
+
+
+def column_title(column: str) -> str:
+    """A column's name for people: ``label:acc_all`` → ``acc_all (label)``, ``pred:x`` → ``x (predicted)``,
+    ``zoo`` → ``collection``."""
+    if column.startswith("label:"):
+        return f"{column.removeprefix('label:')} (label)"
+    if column.startswith("pred:"):
+        return f"{column.removeprefix('pred:')} (predicted)"
+    return _FIELD_TITLES.get(column, column)
+
+
+def _rounded(value: Any) -> Any:
+    """A table cell: floats to 4 significant digits (0.10000000149011612 → 0.1), anything else as it is."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
 def collection_frame(
-    explorer: Explorer, filters: Filters | None = None, ids: Sequence[str] | None = None
+    explorer: Explorer, filters: Filters | None = None, ids: Sequence[str] | None = None, for_people: bool = True
 ) -> pd.DataFrame:
-    """The collection as a table (one row per LoRA: fields, label and prediction summaries), filtered or by ids."""
+    """The collection as a table (one row per LoRA: fields, label and prediction summaries), filtered or by ids;
+    ``for_people``: floats rounded and columns named by :func:`column_title` (else the stored names and values)."""
     filters = filters or Filters()
     records = explorer.records()
     if ids is not None:
         wanted = set(ids)
         records = [r for r in records if r["id"] in wanted]
     rows = [r for r in records if filters.keep(r)]
-    extra = sorted({c for r in records for c in r if c not in _TABLE_COLUMNS})
-    frame = pd.DataFrame(rows, columns=[*_TABLE_COLUMNS[:-1], *extra, "id"])
-    return frame
+    extra = sorted({c for r in records for c in r if c not in TABLE_COLUMNS})
+    columns = [*TABLE_COLUMNS[:-1], *extra, "id"]
+    if not for_people:
+        return pd.DataFrame([[r.get(c) for c in columns] for r in rows], columns=columns)
+    frame = pd.DataFrame([[_rounded(r.get(c)) for c in columns] for r in rows], columns=columns)
+    return frame.rename(columns=column_title)
 
 
-def export_frame(frame: pd.DataFrame, fmt: str, folder: str | os.PathLike[str]) -> Path:
-    """Write a table as ``lol-selection.csv`` or ``.parquet`` in a fresh folder under ``folder``; returns the path."""
+_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def export_name(frame: pd.DataFrame, fmt: str, what: str = "selection", now: datetime | None = None) -> str:
+    """``lol-<collection>-<N>loras-<YYYYmmdd-HHMM>.<fmt>`` (UTC): named after the one collection its rows are from,
+    else after ``what`` (``selection``, ``collection``); only letters, digits and ``._-``, never a path.
+
+    >>> export_name(pd.DataFrame({"zoo": ["digits", "digits"]}), "csv", now=datetime(2025, 1, 2, 3, 4))
+    'lol-digits-2loras-20250102-0304.csv'
+    """
+    zoos = set(frame["zoo"].astype(str)) if "zoo" in frame.columns else set()
+    part = zoos.pop() if len(zoos) == 1 else what
+    slug = _SLUG.sub("-", part).strip("-._")[:40].strip("-._") or "selection"
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M")
+    return f"lol-{slug}-{len(frame)}loras-{stamp}.{fmt}"
+
+
+def export_frame(frame: pd.DataFrame, fmt: str, folder: str | os.PathLike[str], what: str = "selection") -> Path:
+    """Write a table as CSV or Parquet, named by :func:`export_name`, in a fresh folder under ``folder``; returns the
+    path. ``what``: the name for rows of several collections (``selection``: a lasso; ``collection``: the table)."""
     if fmt not in ("csv", "parquet"):
         raise BadRequestError(f"unknown export format {fmt!r} (csv or parquet)")
     if frame is None or len(frame) == 0:
         raise BadRequestError("nothing to export: the selection is empty")
-    out = Path(tempfile.mkdtemp(prefix="export-", dir=folder)) / f"lol-selection.{fmt}"
+    out = Path(tempfile.mkdtemp(prefix="export-", dir=folder)) / export_name(frame, fmt, what)
     if fmt == "csv":
         frame.to_csv(out, index=False)
     else:
@@ -644,31 +860,76 @@ def lora_choices(explorer: Explorer) -> list[tuple[str, str]]:
     return [(f"{r['name']} · {r['zoo']} · {r['id'][:8]}", r["id"]) for r in explorer.records()]
 
 
-def compare_loras(explorer: Explorer, first: str, second: str) -> tuple[str, go.Figure, pd.DataFrame]:
-    """Two stored LoRAs side by side: overall and per-module ΔW cosine, with norms."""
+@dataclass
+class CompareResult:
+    """What the Compare tab shows: why (or how much) the two are alike, both cards side by side, the per-module ΔW
+    cosine chart (None when there is nothing to draw) and table, and all of it as JSON (``data``) for the API."""
+
+    text: str
+    first_card: str
+    second_card: str
+    figure: go.Figure | None
+    table: pd.DataFrame
+    data: dict[str, Any]
+
+
+def _cosine_figure(rows: Sequence[tuple[str, float, float, float]]) -> go.Figure:
+    axis = _block_axis([name for name, *_ in rows])
+    drawn = [rows[i] for i in axis.order]
+    fig = go.Figure(
+        go.Bar(
+            x=list(range(len(drawn))),
+            y=[c for _, c, *_ in drawn],
+            text=[escape_html(n, 300) for n, *_ in drawn],
+            customdata=[[x, y] for *_, x, y in drawn],
+            textposition="none",
+            hovertemplate="%{text}<br>ΔW cosine %{y:.4f}<br>‖ΔW‖_F %{customdata[0]:.4g} vs %{customdata[1]:.4g}"
+            "<extra></extra>",
+            marker_color="#4c72b0",
+        )
+    )
+    fig.update_layout(
+        title="Per-module ΔW cosine, grouped by block",
+        yaxis={"range": [-1, 1], "title": "cosine"},
+        xaxis_title="module, grouped by block",
+        height=360,
+        margin={"l": 50, "r": 10, "t": 40, "b": 90},
+    )
+    axis.layout(fig)
+    return fig
+
+
+def compare_loras(explorer: Explorer, first: str, second: str) -> CompareResult:
+    """Two stored LoRAs side by side: both cards, the overall and per-module ΔW cosine, with norms.
+
+    LoRAs of different base models, or that share no module of the same shape, have no ΔW cosine: the text says why
+    and there is no figure (never an empty plot).
+    """
     if not first or not second:
         raise BadRequestError("pick two LoRAs to compare")
-    a, b = explorer.get(first), explorer.get(second)
-    overall, rows = explorer.compare(first, second)
-    head = (
-        f"**{escape(a.name)}** ({escape(a.zoo or 'uploads')}) vs **{escape(b.name)}** ({escape(b.zoo or 'uploads')})"
-    )
-    if overall is None:
-        text = (
-            head
-            + "\n\nThey share no module of the same shape: ΔW cosine is undefined (compare fingerprints on the map)."
+    a, b = stored_card(explorer, first), stored_card(explorer, second)
+    head = f"**{escape(a.name)}** ({escape(a.collection)}) vs **{escape(b.name)}** ({escape(b.collection)})"
+    data: dict[str, Any] = {"first": a.to_dict(), "second": b.to_dict(), "overall_cosine": None, "modules": []}
+    empty = pd.DataFrame([], columns=COMPARE_COLUMNS)
+    if a.base_family != b.base_family:
+        why = (
+            f"{escape(a.name)} is a {code(a.base_family)} LoRA and {escape(b.name)} a {code(b.base_family)} LoRA: "
+            "LoRAs of different base models cannot be compared (their ΔW live in different models), so there is no "
+            "ΔW cosine."
         )
-        return text, go.Figure(), pd.DataFrame([], columns=COMPARE_COLUMNS)
+        data["reason"] = "different base models"
+        return CompareResult(f"{head}\n\n{why}", render_card(a), render_card(b), None, empty, data)
+    overall, rows = explorer.compare(first, second)
+    if overall is None:
+        why = "They share no module of the same shape: ΔW cosine is undefined (compare fingerprints on the map)."
+        data["reason"] = "no shared module"
+        return CompareResult(f"{head}\n\n{why}", render_card(a), render_card(b), None, empty, data)
+    data["reason"] = None
+    data["overall_cosine"] = overall
+    data["modules"] = [{"module": n, "cosine": c, "norm_first": x, "norm_second": y} for n, c, x, y in rows]
     text = f"{head}\n\n**ΔW cosine over {len(rows)} shared modules:** {overall:.4f}"
     frame = pd.DataFrame([[n, round(c, 4), round(x, 5), round(y, 5)] for n, c, x, y in rows], columns=COMPARE_COLUMNS)
-    fig = go.Figure(go.Bar(x=[escape_html(n) for n, *_ in rows], y=[c for _, c, *_ in rows], marker_color="#4c72b0"))
-    fig.update_layout(
-        title="Per-module ΔW cosine",
-        yaxis={"range": [-1, 1], "title": "cosine"},
-        height=340,
-        margin={"l": 50, "r": 10, "t": 40, "b": 80},
-    )
-    return text, fig, frame
+    return CompareResult(text, render_card(a), render_card(b), _cosine_figure(rows), frame, data)
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -1,4 +1,4 @@
-"""Start the app: open the collection (ingesting the default zoo and fitting its maps on first run), then launch.
+"""Start the app: open the collection, launch, and (on a first run) build it in the background while the page shows it.
 
 The app owns its entry point, :func:`main`: ``lol serve`` reaches it lazily, and ``make run``, ``python -m app``,
 ``space_app.py`` and the Docker image all come here. Settings come from the environment, read and checked once by
@@ -32,9 +32,10 @@ from lol_engine.settings import HOW_TO_GET_ZOOS, settings
 if TYPE_CHECKING:
     import gradio as gr
 
+    from app.startup import StartupJob
     from lol_engine.explorer import Explorer
 
-__all__ = ["APP_PACKAGES", "launched", "main", "open_explorer", "serve"]
+__all__ = ["APP_PACKAGES", "launched", "main", "open_explorer", "open_in_background", "serve"]
 
 APP_PACKAGES = ("gradio", "plotly", "pandas", "pyarrow")  # the `app` extra of pyproject.toml
 
@@ -59,6 +60,29 @@ def open_explorer(db: str | os.PathLike[str] | None = None, progress: bool = Tru
         explorer.close()
         raise
     return explorer
+
+
+def open_in_background(db: str | os.PathLike[str] | None = None) -> tuple[Explorer, StartupJob]:
+    """The :class:`~lol_engine.explorer.Explorer` over ``db`` at once, and its start-up (the default zoos ingested
+    into an empty collection, missing maps fitted) running in a background thread: the page can answer meanwhile
+    and shows the progress (:class:`app.startup.StartupJob`). A database that cannot be opened fails here."""
+    from app.startup import StartupJob
+    from lol_engine.explorer import Explorer
+
+    zoos = settings().default_zoos
+    explorer = Explorer.open(db)
+    try:
+        if explorer.count() == 0 and zoos:
+            print(
+                f"First run: building the default collection in {explorer.db_path} in the background; the page "
+                "answers at once and shows the progress."
+            )
+        elif explorer.count() == 0:
+            print(f"The collection {explorer.db_path} is empty and no default zoo was found: {HOW_TO_GET_ZOOS}.")
+        return explorer, StartupJob(explorer, zoos).run(background=True)
+    except BaseException:
+        explorer.close()
+        raise
 
 
 @contextmanager
@@ -96,7 +120,7 @@ def launched(
     config = settings()  # a bad setting fails first, before anything is opened
     config.resolved_device()  # and so does a device torch does not see
     cap = config.max_upload
-    explorer = open_explorer(db)  # before gradio's import: a bad database fails fast
+    explorer, startup = open_in_background(db)  # before gradio's import: a bad database fails fast
     try:
         with _private_gradio_temp(config.temp_dir):
             from app.ui import build_demo
@@ -104,7 +128,7 @@ def launched(
 
             threading.Thread(target=warm_up, name="umap-warm-up-start", daemon=True).start()  # refits skip the JIT
             ledger = UploadLedger()
-            demo = build_demo(explorer, max_upload=cap, ledger=ledger)
+            demo = build_demo(explorer, max_upload=cap, ledger=ledger, startup=startup)
             demo.queue(default_concurrency_limit=8, max_size=256)
             try:
                 demo.launch(
@@ -119,6 +143,8 @@ def launched(
             finally:
                 demo.close(verbose=False)
     finally:
+        if not startup.wait(timeout=30):  # stopped mid-build: its batches so far are stored, the rest is not
+            print("Stopping during the first build: the default collection is incomplete; delete it to rebuild.")
         explorer.close()
         shutil.rmtree(held_root(explorer.uploads_dir), ignore_errors=True)
 

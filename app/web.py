@@ -28,6 +28,8 @@ from app.uploads import UploadLedger
 from lol_engine.settings import DEFAULT_MAX_UPLOAD, Settings, parse_size
 
 __all__ = [
+    "APP_CSS",
+    "APP_JS",
     "DEFAULT_MAX_UPLOAD",
     "PLOTLY_JS",
     "PLOTLY_URL",
@@ -38,6 +40,70 @@ __all__ = [
 ]
 
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+# The page's own styles. Text contrast of at least 4.5:1 (WCAG AA, checked by axe-core in tests/test_app_live.py)
+# where Gradio's defaults fall short: the primary button's white on orange (2.8:1), the selected tab's orange on white
+# (2.8:1), the footer's and the subdued grey (upload "- or -", a slider's maximum; 1.9:1). On a phone (≤ 640 px): less
+# padding, the title and the collection line short, the Explore controls two to a row, so that the tabs (wrapped onto
+# rows, never behind an overflow menu: ``gr.Tabs(overflow_behavior="wrap")``) and the map come first.
+APP_CSS = """
+:root, .dark {
+  --button-primary-background-fill: #b7410e;
+  --button-primary-background-fill-hover: #8f330b;
+  --button-primary-border-color: #b7410e;
+  --button-primary-text-color: #ffffff;
+  --button-primary-text-color-hover: #ffffff;
+}
+:root { --color-accent: #b7410e; --body-text-color-subdued: #5d5d68; }
+.dark { --color-accent: #fb923c; --body-text-color-subdued: #a1a1aa; }
+footer, footer a, footer button, footer span { color: #3b3b3b !important; opacity: 1 !important; }
+.dark footer, .dark footer a, .dark footer button, .dark footer span { color: #d4d4d8 !important; }
+.lol-map:focus-visible { outline: 3px solid #1f5fbf; outline-offset: 2px; }
+#map-card code, #upload-card code { overflow-wrap: anywhere; }  /* a sha256 wraps: no sideways scroll on a phone */
+.gradio-container > .main.app {  /* Gradio keeps only top-level rules unscoped, so no @media: 10 px under 640 px */
+  padding-left: clamp(10px, (100vw - 640px) * 1000, var(--size-8));
+  padding-right: clamp(10px, (100vw - 640px) * 1000, var(--size-8));
+}
+@media (max-width: 640px) {
+  * { --layout-gap: 8px; }
+  #app-title h1 { font-size: 1.25rem; margin: 0; }
+  #app-title p { display: none; }
+  #collection-status { font-size: 0.8rem; }
+  #collection-status p {
+    display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 2; line-clamp: 2; overflow: hidden;
+    margin: 0;
+  }
+  .form:has(> #map-choice), .form:has(> #map-zoom) { flex-direction: row !important; flex-wrap: wrap !important; }
+  #map-choice, #color-by, #map-zoom, #map-density { flex: 1 1 40% !important; min-width: 40% !important; }
+  #map-search { flex: 1 1 100% !important; }
+  .lol-map { min-height: 360px !important; }
+}
+"""
+# Gradio 6.31 markup that axe-core finds serious, repaired in the page as it appears (Gradio renders tabs lazily and
+# redraws components, so an observer re-applies it; every change is idempotent): an empty plot's or file's
+# placeholder labelled without a role (given ``role="img"``), a table's search box named by its title only (given that
+# name as ``aria-label``), and an upload area whose label does not contain its visible text "Drop File Here - or -
+# Click to Upload" (labelled with that text). Two nestings of Gradio's own remain (a button in the file box's "upload
+# more" button, and a toast's close button in its header): no attribute mends those, see tests/test_app_live.py.
+APP_JS = """
+() => {
+  const repair = () => {
+    document.querySelectorAll('div.empty[aria-label]:not([role])').forEach((e) => e.setAttribute('role', 'img'));
+    document.querySelectorAll('input.search-input[title]:not([aria-label])').forEach(
+      (e) => e.setAttribute('aria-label', e.title));
+    document.querySelectorAll('button.upload-container[aria-label]').forEach((e) => {
+      const text = e.innerText.replace(/\\s+/g, ' ').trim();
+      if (text && e.getAttribute('aria-label') !== text) e.setAttribute('aria-label', text);
+    });
+  };
+  let queued = false;
+  new MutationObserver(() => {
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => { queued = false; repair(); });
+  }).observe(document.body, {childList: true, subtree: true});
+  repair();
+}
+"""
 PLOTLY_URL = "lol-assets/plotly.min.js"  # relative: also right behind a proxy that serves the app under a prefix
 UPLOAD_SLACK = 2 * 2**20  # multipart framing and an adapter_config.json (≤ 1 MiB) beside the LoRA
 OTHER_BODY_LIMIT = 64 * 2**20  # every other request: JSON of events (a table sent back for export is a few MB)
@@ -144,6 +210,8 @@ def launch_options(max_upload: int, ledger: UploadLedger | None = None) -> dict[
     from starlette.routing import Route
 
     return {
+        "css": APP_CSS,
+        "js": APP_JS,
         "max_file_size": max_upload,
         "app_kwargs": {
             "middleware": [Middleware(UploadGuard, max_upload=max_upload, ledger=ledger)],

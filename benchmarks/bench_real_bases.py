@@ -275,6 +275,7 @@ def ship(folder: Path, zoo: Any, zoo_rel: str, result: dict) -> dict:
         "result": {k: run[k] for k in ("val", "test")},
         "selection": {
             "rule": f"val mean beats the best constant's by more than the seed spread and by at least {MIN_GAIN}",
+            "metric": result["metric"],
             "val": result["val"],
             "constant_val": result["baselines"]["constant"]["val"],
             "best_baseline": result["best_baseline"],

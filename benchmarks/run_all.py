@@ -24,6 +24,7 @@ import copy
 import cProfile
 import os
 import pstats
+import re
 import statistics
 import sys
 import tempfile
@@ -427,6 +428,15 @@ SECTIONS: dict[str, Callable[[bool], list[Row]]] = {
 }
 
 
+def kept_sections(out: Path) -> str:
+    """The sections other scripts keep in ``out`` (a ``## `` heading, then ``<!-- name:begin -->`` … ``<!-- name:end
+    -->``, e.g. ``bench_map_render.py --write``'s): a rerun of this suite rewrites its own table and keeps them."""
+    if not out.is_file():
+        return ""
+    found = re.findall(r"(## [^\n]*\n\n<!-- ([\w-]+):begin -->.*?<!-- \2:end -->\n)", out.read_text(), flags=re.S)
+    return "".join("\n" + section for section, _ in found)
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes; nothing written")
@@ -468,7 +478,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             "the app in [APP_BENCH.md](APP_BENCH.md), hostile inputs in [HOSTILE_BENCH.md](HOSTILE_BENCH.md).",
             "",
         ]
-        Path(args.out).write_text("\n".join(lines))
+        Path(args.out).write_text("\n".join(lines) + kept_sections(Path(args.out)))
         console.print(f"wrote {args.out}")
     return rows
 

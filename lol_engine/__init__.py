@@ -5,6 +5,7 @@
 
 from lol_engine.errors import BadRequestError, LolError, LoraFormatError, NotFoundError, StoreError
 from lol_engine.estimate import Estimate
+from lol_engine.glossary import Glossary, LabelDescription
 from lol_engine.lora import (
     LoraMetadata,
     LoraModule,
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BadRequestError",
     "Estimate",
+    "Glossary",
+    "LabelDescription",
     "LayerSpec",
     "LolError",
     "LoraFormatError",

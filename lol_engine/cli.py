@@ -112,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("predictors", nargs="+", help="predictor folders (config.json is updated in place)")
     calibrate.add_argument("--zoo", default=None, help="zoo folder (default: the zoo recorded in config.json)")
     calibrate.add_argument("--coverage", type=float, default=0.9, help="nominal coverage of intervals and sets")
+    predictors = commands.add_parser("predictors", help="predictors in words, and their out-of-domain references")
+    predictor_commands = predictors.add_subparsers(dest="predictors_command", required=True)
+    reference = predictor_commands.add_parser(
+        "reference", help="write each predictor's domain reference and threshold (and its label's description)"
+    )
+    reference.add_argument("folders", nargs="+", help="predictor folders (config.json is updated in place)")
+    reference.add_argument("--zoo", default=None, help="zoo folder (default: the zoo recorded in config.json)")
+    reference.add_argument("--k", type=int, default=5, help="nearest training LoRAs averaged per distance")
+    reference.add_argument("--quantile", type=float, default=0.99, help="held-out quantile that sets the threshold")
+    glossary = predictor_commands.add_parser("glossary", help="what each predictor predicts and what it knows")
+    glossary.add_argument("folders", nargs="*", help="predictor folders (default: the shipped predictors)")
+    glossary.add_argument("--json", action="store_true", help="print one JSON list")
     serve = commands.add_parser("serve", help="start the explorer app (ingests the default zoo on first run)")
     serve.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
     serve.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
@@ -145,6 +157,47 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(
             f"{folder}: q = {result['q']:.4g}, test coverage {result['test_coverage']:.3f} "
             f"(nominal {args.coverage}), mean size {result['test_mean_size']:.3g}"
+        )
+    return 0
+
+
+def _predictors(args: argparse.Namespace) -> int:
+    """``lol predictors reference|glossary``."""
+    from lol_engine.train import load_predictor
+    from lol_engine.train.domain import reference_folder
+    from lol_engine.train.loop import load_zoo
+
+    if args.predictors_command == "glossary":
+        from lol_engine.encoders import load_predictors
+
+        try:
+            found = [load_predictor(f) for f in args.folders] if args.folders else list(load_predictors().values())
+        except (LolError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        entries = [p.glossary.to_json() for p in found]
+        if args.json:
+            json.dump(_strict(entries), sys.stdout, indent=2, allow_nan=False)
+            sys.stdout.write("\n")
+        for g in [] if args.json else entries:
+            print(f"{g['predictor']}: {g['title']}\n  {g['meaning']}\n  held-out skill: {g['skill_text']}")
+        return 0
+    zoos: dict[str, Any] = {}
+    for folder in args.folders:
+        try:
+            zoo_path = args.zoo or json.loads((Path(folder) / "config.json").read_text()).get("zoo")
+            if zoo_path is None:
+                raise BadRequestError("no zoo recorded in config.json; pass --zoo")
+            if zoo_path not in zoos:
+                zoos[zoo_path] = load_zoo(zoo_path)
+            entry = reference_folder(folder, zoos[zoo_path], k=args.k, quantile=args.quantile)
+        except (LolError, OSError) as exc:
+            print(f"error: {folder}: {exc}", file=sys.stderr)
+            return 2
+        size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+        print(
+            f"{folder}: threshold {entry['threshold']:.4g} (held-out median {entry['held_out_median']:.4g}, "
+            f"{entry['n_reference']} training LoRAs × {entry['embedding_dim']}), folder {size / 1024:.0f} KiB"
         )
     return 0
 
@@ -342,7 +395,8 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         shown = f"{estimate.value:.4g}" if isinstance(estimate.value, float) else str(estimate.value)
         shown += "" if estimate.probability is None else f" (p = {estimate.probability:.3f})"
-    extra = [text for text in (estimate.range_text(), "in its training set" if estimate.in_sample else "") if text]
+    far = "FAR from its training LoRAs" if estimate.out_of_domain else ""
+    extra = [t for t in (estimate.range_text(), "in its training set" if estimate.in_sample else "", far) if t]
     print(f"{estimate.label} ({predictor.config['model']}): {shown}" + (f"  [{'; '.join(extra)}]" if extra else ""))
     return 0
 
@@ -375,12 +429,15 @@ def _strict(value: Any) -> Any:
     return value
 
 
-def _analysis_json(analysis: Any, neighbours: list[dict[str, Any]], collection: dict[str, Any]) -> dict[str, Any]:
+def _analysis_json(
+    analysis: Any, neighbours: list[dict[str, Any]], collection: dict[str, Any], titles: dict[str, str]
+) -> dict[str, Any]:
     report = analysis.report
     card = {key: report.get(key) for key in _CARD_KEYS}
     card["metadata"] = {k: report[k] for k in ("kohya_metadata", "modelspec", "adapter_config")}
     predictions = [
-        {"target": e.label, **e.to_json(), "calibrated_range": e.range_text() or None}
+        {"target": e.label, "title": titles.get(e.predictor, e.label), **e.to_json()}
+        | {"calibrated_range": e.range_text() or None}
         for e in analysis.estimates.values()
     ]
     return _strict({"card": card, "predictions": predictions, "neighbours": neighbours, "collection": collection})
@@ -399,6 +456,7 @@ def _analyse(args: argparse.Namespace) -> int:
             exists = db.is_file()  # else: predictions only, through a throw-away collection that stays empty
             explorer = Explorer.open(db if exists else Path(scratch) / "lol.duckdb")
             try:
+                titles = {name: p.glossary.title for name, p in explorer.predictors.items()}
                 analysis = explorer.analyse(args.path)
                 neighbours: list[dict[str, Any]] = []
                 for n in explorer.neighbours(analysis.lora, k=10, exclude=analysis.sha256) if exists else []:
@@ -414,7 +472,7 @@ def _analyse(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     note = None if exists else f"no collection at {db}: neighbours were not searched (none was created)"
-    out = _analysis_json(analysis, neighbours, {"path": str(db), "exists": exists, "note": note})
+    out = _analysis_json(analysis, neighbours, {"path": str(db), "exists": exists, "note": note}, titles)
     if args.json:
         json.dump(out, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
@@ -464,15 +522,17 @@ def _print_analysis(out: dict[str, Any]) -> None:
     console.print(f"format {card['format']} · base {card['base_family']} · sha256 {card['sha256']}")
     console.print(f"evidence: {escape('; '.join(card['evidence']))}")
     _print_card(console, card)
-    table = Table("predictor", "target", "prediction", "calibrated range", "in its training set", title="predictions")
+    table = Table("predictor", "what it predicts", "prediction", "calibrated range", "in its training set", "domain")
+    table.title = "predictions"
+    domain = {None: "unknown", False: "near its training LoRAs", True: "FAR from its training LoRAs"}
     for p in out["predictions"]:
         value = (
             p["value"] if p["kind"] != "multilabel" else f"{sum(v >= 0.5 for v in p['probabilities'].values())} ones"
         )
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        table.add_row(
-            p["predictor"], p["target"], escape(shown), p["calibrated_range"] or "", "yes" if p["in_sample"] else ""
-        )
+        seen = "yes (in-sample)" if p["in_sample"] else ""
+        range_text = p["calibrated_range"] or ""
+        table.add_row(p["predictor"], escape(p["title"]), escape(shown), range_text, seen, domain[p["out_of_domain"]])
     console.print(table if out["predictions"] else "predictions: no shipped predictor fits this base and layout")
     if out["collection"]["note"]:
         console.print(escape(out["collection"]["note"]))
@@ -585,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _predict(args)
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "predictors":
+        return _predictors(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "export":

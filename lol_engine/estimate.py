@@ -12,6 +12,11 @@ One :class:`Estimate` per predictor and LoRA, whatever the task:
 at nominal ``coverage``; all three are ``None`` for a predictor never calibrated. ``skill`` is the predictor's held-out
 score; ``in_sample`` is true when the LoRA (its file's sha256, or exactly its ΔW) was among the LoRAs the predictor
 learned from — its prediction is then a memory, not an estimate, and its range says nothing.
+
+``domain_distance`` is the mean distance from the LoRA to the 5 nearest LoRAs the predictor trained on, in its own
+features, and ``out_of_domain`` whether that is beyond the distance of 99 % of its held-out LoRAs
+(:mod:`lol_engine.train.domain`): its estimate and range may then not hold. Both are ``None`` (unknown) for a
+predictor without a reference and for estimates stored before they existed.
 """
 
 from __future__ import annotations
@@ -63,10 +68,14 @@ class Estimate:
     coverage: float | None = None
     skill: Skill | None = None
     in_sample: bool = False
+    domain_distance: float | None = None
+    out_of_domain: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown task kind {self.kind!r} (one of {', '.join(KINDS)})")
+        if (self.domain_distance is None) != (self.out_of_domain is None):
+            raise ValueError("domain_distance and out_of_domain are both known or both unknown")
 
     @property
     def probability(self) -> float | None:
@@ -119,6 +128,8 @@ class Estimate:
             "coverage": self.coverage,
             "skill": None if self.skill is None else [self.skill.metric, self.skill.value, self.skill.split],
             "in_sample": self.in_sample,
+            "domain_distance": None if self.domain_distance is None else _finite(self.domain_distance),
+            "out_of_domain": self.out_of_domain,
         }
 
     @classmethod
@@ -128,6 +139,7 @@ class Estimate:
         interval = data.get("interval")
         skill = data.get("skill")
         sets = data.get("sets")
+        distance, flagged = data.get("domain_distance"), data.get("out_of_domain")  # absent from older rows
         return cls(
             predictor=str(data["predictor"]),
             label=str(data["label"]),
@@ -139,6 +151,8 @@ class Estimate:
             coverage=data.get("coverage"),
             skill=None if skill is None else Skill(str(skill[0]), float(skill[1]), str(skill[2])),
             in_sample=bool(data.get("in_sample", False)),
+            domain_distance=None if distance is None or flagged is None else float(distance),
+            out_of_domain=None if distance is None or flagged is None else bool(flagged),
         )
 
 

@@ -22,6 +22,7 @@ the app never reaches past this class to the store. Thread-safe: the app calls i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -29,13 +30,15 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lol_engine.card import lora_name
 from lol_engine.encoders import (
     FINGERPRINT,
     Encoder,
@@ -45,17 +48,17 @@ from lol_engine.encoders import (
     load_predictors,
     map_title,
 )
-from lol_engine.errors import BadRequestError, LoraFormatError, NotFoundError
+from lol_engine.errors import BadRequestError, LoraFormatError, NotFoundError, StoreError
 from lol_engine.estimate import Estimate
 from lol_engine.hub import fetch_repo
 from lol_engine.ingest import IngestReport, ingest
 from lol_engine.lora.config import read_adapter_config
-from lol_engine.lora.locate import LoraLocation, display_name, locate_lora
+from lol_engine.lora.locate import LoraLocation, locate_lora
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import ReadLimits, file_sha256
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.relations import Relation, relate
-from lol_engine.report import describe
+from lol_engine.report import card_facts, describe
 from lol_engine.similarity import cosine_to_many, module_cosines
 
 if TYPE_CHECKING:
@@ -77,6 +80,7 @@ __all__ = [
     "neighbour_placement",
 ]
 
+StartProgress = Callable[[str, int, int], None]  # (step: "ingest" | "maps", done, total), see Explorer.start
 _CACHE_BYTES = 512 * 2**20  # factors kept in memory for neighbour search
 USER_PREDICTORS = "predictors"  # the collection's own predictors: a folder beside its database
 _ANALYSES = 8  # analysed uploads kept for their add (fewer when they hold more than _CACHE_BYTES of factors)
@@ -231,18 +235,24 @@ class Explorer:
         return self.store.path
 
     # ---------------------------------------------------------------- start-up
-    def start(self, zoos: Iterable[str | os.PathLike[str]] | None = None, progress: bool = True) -> bool:
+    def start(
+        self,
+        zoos: Iterable[str | os.PathLike[str]] | None = None,
+        progress: bool = True,
+        on_progress: StartProgress | None = None,
+    ) -> bool:
         """The start-up step of one writer process; returns whether the collection changed.
 
         Removes staging folders of adds killed midway, resolves estimates stored by schema version 1 with the
         predictors at hand, and (:meth:`ensure_default`) fills an empty collection with ``zoos`` (default: the
-        settings' default zoos) and fits every missing map.
+        settings' default zoos) and fits every missing map. ``on_progress(step, done, total)`` follows it (``step``:
+        ``"ingest"`` counting files, ``"maps"`` counting maps).
         """
         if self.uploads_dir.is_dir():
             for stale in self.uploads_dir.glob(".*"):  # staging folders, and uploads an earlier run held
                 shutil.rmtree(stale, ignore_errors=True)
         resolved = self._resolve_raw_estimates()
-        return self.ensure_default(zoos, progress=progress) or resolved > 0
+        return self.ensure_default(zoos, progress=progress, on_progress=on_progress) or resolved > 0
 
     def _resolve_raw_estimates(self) -> int:
         """Turn version-1 rows (bare numbers) into estimates for the predictors still present; returns how many."""
@@ -264,7 +274,12 @@ class Explorer:
             self._changed()
         return len(rows)
 
-    def ensure_default(self, zoos: Iterable[str | os.PathLike[str]] | None = None, progress: bool = True) -> bool:
+    def ensure_default(
+        self,
+        zoos: Iterable[str | os.PathLike[str]] | None = None,
+        progress: bool = True,
+        on_progress: StartProgress | None = None,
+    ) -> bool:
         """Ingest ``zoos`` into an empty store and fit its missing maps; returns whether anything was done."""
         done = False
         if self.store.count() == 0:
@@ -274,17 +289,26 @@ class Explorer:
                 zoos = settings().default_zoos
             paths = [str(Path(z).resolve()) for z in zoos]
             if paths:
-                self.ingest(paths, progress=progress)
+                hook = None if on_progress is None else functools.partial(on_progress, "ingest")
+                self.ingest(paths, progress=progress, on_progress=hook)
                 done = True
         missing = [name for name in self._embedded() if name not in self.store.maps()]
         if missing:
-            self.fit_maps(missing, progress=progress)  # ingest and fit_maps each checkpoint when done
+            for k, name in enumerate(missing):  # ingest and fit_maps each checkpoint when done
+                if on_progress is not None:
+                    on_progress("maps", k, len(missing))
+                self.fit_maps([name], progress=progress)
+            if on_progress is not None:
+                on_progress("maps", len(missing), len(missing))
             done = True
         return done
 
-    def ingest(self, paths: Iterable[str], progress: bool = True) -> IngestReport:
-        """Add every LoRA named by ``paths`` (files, folders, zoos, Hub repo ids) with this explorer's encoders."""
-        report = ingest(paths, self.store, self.encoders, progress=progress)
+    def ingest(
+        self, paths: Iterable[str], progress: bool = True, on_progress: Callable[[int, int], None] | None = None
+    ) -> IngestReport:
+        """Add every LoRA named by ``paths`` (files, folders, zoos, Hub repo ids) with this explorer's encoders;
+        ``on_progress(done, total)`` after each file."""
+        report = ingest(paths, self.store, self.encoders, progress=progress, on_progress=on_progress)
         self._changed()
         return report
 
@@ -371,6 +395,21 @@ class Explorer:
     def find(self, lora_id: str) -> StoredLora | None:
         """A stored LoRA, or None."""
         return self.store.get(lora_id)
+
+    def card_facts(self, lora_id: str) -> dict[str, Any]:
+        """What a stored LoRA's card shows about its file (:func:`lol_engine.report.card_facts`), as the store keeps
+        it: no file is read. A LoRA stored by an earlier release has none kept: its report is made from its file
+        once (the factors are read anyway for its neighbours) and kept; if the store cannot be written (read-only),
+        it is made again next time.
+        """
+        facts = self.store.card(lora_id)
+        if facts is not None:
+            return facts
+        self.get(lora_id)  # NotFoundError for an unknown id
+        facts = card_facts(describe(self.weights(lora_id)))
+        with suppress(StoreError):
+            self.store.set_card(lora_id, facts)
+        return facts
 
     def labels(self, lora_id: str) -> dict[str, Any]:
         """The labels stored for a LoRA."""
@@ -483,8 +522,10 @@ class Explorer:
     ) -> AddResult:
         """Store a LoRA file (and its config): copied under ``uploads/<sha256>/`` first, then one transaction.
 
-        An analysis of the same bytes (:meth:`analyse`, kept by sha256) is reused: nothing is parsed or predicted
-        again. Adding a LoRA that is already stored changes nothing.
+        ``name``: the name to store it under (default: :func:`lol_engine.card.lora_name` of the files and the
+        metadata, never an adapter file's name nor an upload folder's hash). An analysis of the same bytes
+        (:meth:`analyse`, kept by sha256) is reused: nothing is parsed or predicted again. Adding a LoRA that is
+        already stored changes nothing.
         """
         weights, config = _located(lora_file, config_file)
         lora_id = file_sha256(weights)
@@ -492,7 +533,7 @@ class Explorer:
         if stored is not None:
             return AddResult(lora_id, stored.name, existed=True)
         analysis = self._analysed((lora_id, _config_digest(config))) or self.analyse(weights, config, limits)
-        display = name or display_name(analysis.lora.meta.source)
+        display = name or lora_name(weights, config, analysis.lora.meta)
         with self._add_lock:  # one add at a time from here: two adds of the same bytes store it once
             stored = self.find(analysis.sha256)
             if stored is not None:
@@ -501,7 +542,13 @@ class Explorer:
             try:
                 copy = folder / "adapter_model.safetensors"
                 lora = replace(analysis.lora, meta=replace(analysis.lora.meta, source=str(copy)))
-                self.store.add(lora, name=display, embeddings=analysis.embeddings, estimates=analysis.estimates)
+                self.store.add(
+                    lora,
+                    name=display,
+                    embeddings=analysis.embeddings,
+                    estimates=analysis.estimates,
+                    card=analysis.report,
+                )
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)  # nothing half-written: the copy goes with the failed add
                 raise

@@ -38,5 +38,29 @@ def fetch_repo(repo_id: str, cache_dir: str | os.PathLike[str] | None = None) ->
     try:
         folder = snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json"], cache_dir=cache)
     except Exception as exc:  # network, offline mode, missing repo: one clear message, no server detail
-        raise NotFoundError(f"could not fetch {repo_id} from the Hugging Face Hub: {type(exc).__name__}") from None
+        raise NotFoundError(f"could not fetch {repo_id} from the Hugging Face Hub: {_why(exc)}") from None
     return Path(folder)
+
+
+def _why(exc: Exception) -> str:
+    """Why a fetch failed, in words a user can act on (the most specific reason first; never a path or URL)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, GatedRepoError):
+        return "the repo is gated: its terms must be accepted on the Hub and the server given a token"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "no such repo on the Hub, or it is private"
+    if isinstance(exc, RevisionNotFoundError):
+        return "the repo has no such revision"
+    if isinstance(exc, LocalEntryNotFoundError) or constants.HF_HUB_OFFLINE:
+        why = "this server works offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "the Hub did not answer"
+        return f"{why} and the repo is not in its local cache; upload the adapter's files instead"
+    if isinstance(exc, OSError):
+        return f"the download failed ({type(exc).__name__}); try again, or upload the adapter's files"
+    return f"the download failed ({type(exc).__name__})"

@@ -9,7 +9,7 @@ it is stored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from lol_engine.labels import LabelMatch, LabelTable, LoraKeys, match_labels, me
 from lol_engine.lora.locate import display_name, find_loras, locate_lora
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.weights import LoraWeights
+from lol_engine.report import describe
 
 if TYPE_CHECKING:
     from lol_engine.store import LoraStore
@@ -41,11 +42,13 @@ class IngestReport:
 
 @dataclass(frozen=True)
 class LoraSource:
-    """One LoRA to ingest: where it is, its labels (from a zoo manifest) and its zoo's name."""
+    """One LoRA to ingest: where it is, its labels (from a zoo manifest), its zoo's name and the name to store it
+    under (None: :func:`~lol_engine.lora.locate.display_name` of its file)."""
 
     path: Path
     labels: dict[str, Any] = field(default_factory=dict)
     zoo: str | None = None
+    name: str | None = None
 
 
 def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[LoraSource]:
@@ -54,7 +57,8 @@ def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[Lor
     for raw in paths:
         path = Path(raw)
         if not path.exists() and is_repo_id(raw):
-            path = fetch_repo(raw, cache_dir)
+            out += _repo_sources(raw, fetch_repo(raw, cache_dir))
+            continue
         if (path / "manifest.parquet").is_file():
             from lol_engine.zoo.manifest import read_manifest
 
@@ -68,6 +72,20 @@ def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[Lor
     return out
 
 
+def _repo_sources(repo_id: str, snapshot: Path) -> list[LoraSource]:
+    """The LoRAs of a fetched Hub repo, named by the repo id (not by the snapshot's commit folder): the repo's one
+    LoRA as ``owner/name``, several as ``owner/name/<path of each in the repo>``."""
+    found = find_loras(snapshot)
+    if len(found) == 1:
+        return [LoraSource(found[0].weights, name=repo_id)]
+    named = []
+    for location in found:
+        inner = location.weights.relative_to(snapshot)
+        part = inner.parent if location.name == inner.parent.name else inner.with_suffix("")
+        named.append(LoraSource(location.weights, name=f"{repo_id}/{part.as_posix()}"))
+    return named or [LoraSource(snapshot, name=repo_id)]  # none: refused with the folder's reason when read
+
+
 def ingest(
     paths: Iterable[str],
     store: LoraStore,
@@ -78,6 +96,7 @@ def ingest(
     batch: int = 64,
     labels: LabelTable | None = None,
     metadata: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
     """Add every LoRA named by ``paths`` to ``store`` with what ``encoders`` (default: the shipped ones) make of it.
 
@@ -86,7 +105,8 @@ def ingest(
     before it are stored, the failing one is not. The store is checkpointed at the end.
 
     ``labels``: a table joined by its key (every miss is in the report's ``labels``); ``metadata``: also store the
-    labels the files carry (kohya training fields and tags, PEFT config fields, modelspec).
+    labels the files carry (kohya training fields and tags, PEFT config fields, modelspec). ``on_progress(done,
+    total)`` is called after each file is read (for a page that shows the build).
     """
     from rich.progress import Progress
 
@@ -126,22 +146,27 @@ def ingest(
                 attached |= labels.rows.get(lora.meta.sha256, {})
             else:
                 attached |= by_source.get(id(source), {})
-            items.append(NewLora(lora, None, source.zoo, attached, result.embeddings, result.estimates))
+            described = describe(lora)  # its card's facts are kept: a stored LoRA's card needs no file
+            items.append(
+                NewLora(lora, source.name, source.zoo, attached, result.embeddings, result.estimates, described)
+            )
         report.ids.extend(store.add_many(items))
         pending.clear()
 
     with Progress(disable=not progress) as bar:
         task = bar.add_task("ingest", total=len(sources))
-        for source in sources:
+        for done, source in enumerate(sources, 1):
             try:
                 lora = load_lora(source.path)
                 pending.append((source, lora))
-                loaded.append((lora.meta.sha256, display_name(lora.meta.source)))
+                loaded.append((lora.meta.sha256, source.name or display_name(lora.meta.source)))
             except (LoraFormatError, OSError, ValueError) as exc:
                 report.refused.append((str(source.path), str(exc)))
             if len(pending) >= batch:
                 flush()
             bar.advance(task)
+            if on_progress is not None:
+                on_progress(done, len(sources))
         if pending:
             flush()
     store.checkpoint()
@@ -163,6 +188,6 @@ def _table_labels(
             weights = locate_lora(source.path).weights
         except LoraFormatError:
             continue  # refused when it is read
-        keys.append(LoraKeys(str(id(source)), display_name(weights), path_keys(weights, roots)))
+        keys.append(LoraKeys(str(id(source)), source.name or display_name(weights), path_keys(weights, roots)))
     report.labels = match_labels(table, keys)
     return {int(i): values for i, values in report.labels.labelled.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -9,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from lol_engine.errors import LoraFormatError
-from lol_engine.lora.metadata import training_parameters, trigger_words
+from lol_engine.lora.metadata import TOP_TAGS, training_parameters, trigger_words
 from lol_engine.lora.safe_io import ReadLimits, safetensors_hashes
 from lol_engine.lora.weights import LoraMetadata, LoraWeights
 from lol_engine.symmetry import lora_fro_norms, lora_singular_values
 
-__all__ = ["ENERGY_LEVELS", "block_of", "describe", "effective_rank"]
+__all__ = ["CARD_FACTS_VERSION", "ENERGY_LEVELS", "block_of", "card_facts", "describe", "effective_rank"]
 
 _MAX_TEXT = 2000  # metadata strings longer than this are shortened in reports (thumbnails, tag lists)
 
@@ -207,3 +208,156 @@ def describe(lora: LoraWeights, limits: ReadLimits | None = None) -> dict[str, A
         "block_strength": _block_strength([m.name for m in lora], {k: float(v) for k, v in norms.items()}),
         "warnings": list(dict.fromkeys(warnings)),
     }
+
+
+# ------------------------------------------------------------------------------------------- what a card keeps
+CARD_FACTS_VERSION = 1
+MAX_OTHER_METADATA = 96  # ss_*, modelspec.* and adapter_config fields besides the parameters table
+MAX_BLOCKS = 256  # blocks of block_strength kept (a hostile file may name 20,000 "layers")
+MAX_LINES = 50  # evidence and warnings kept
+_KEY_CHARS, _VALUE_CHARS, _LINE_CHARS = 100, 200, 300
+_HASH_KEYS = (
+    "sha256",
+    "autov2",
+    "addnet_sha256",
+    "addnet_shorthash",
+    "sshs_model_hash",
+    "sshs_legacy_hash",
+    "sshs_model_hash_matches",
+)
+
+
+def _line(value: Any, limit: int) -> str:
+    """A value as one bounded line of text (structures as compact JSON)."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict | list):
+        text = json.dumps(value, separators=(",", ":"), default=str)[: limit + 1]
+    else:
+        text = str(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _datasets(value: list[Any]) -> str:
+    """kohya's ``ss_datasets`` (one object per dataset, its tag counts included) as a line: images, resolution,
+    batch size and subsets of each."""
+    parts = []
+    for dataset in value[:8]:
+        if not isinstance(dataset, dict):
+            continue
+        fields = (
+            ("num_train_images", "{} images"),
+            ("resolution", "resolution {}"),
+            ("batch_size_per_device", "batch {}"),
+            ("num_reg_images", "{} regularisation images"),
+        )
+        bits = [form.format(_line(dataset[key], 40)) for key, form in fields if dataset.get(key) not in (None, 0)]
+        if isinstance(dataset.get("subsets"), list):
+            bits.append(f"{len(dataset['subsets'])} subset(s)")
+        parts.append(", ".join(bits) or "?")
+    return f"{len(value)} dataset(s): " + "; ".join(parts)
+
+
+def _readable(key: str, value: Any) -> Any:
+    """kohya's structured fields as a line a person reads (never a dump of nested objects); others as they are."""
+    if key == "ss_dataset_dirs" and isinstance(value, dict):
+        return "; ".join(
+            f"{folder}: {d.get('n_repeats', '?')} repeats × {d.get('img_count', '?')} images"
+            for folder, d in list(value.items())[:32]
+            if isinstance(d, dict)
+        )
+    if key == "ss_datasets" and isinstance(value, list):
+        return _datasets(value)
+    if key == "ss_bucket_info" and isinstance(value, dict):
+        buckets = value.get("buckets")
+        error = value.get("mean_img_ar_error")
+        n = f"{len(buckets)} aspect-ratio buckets" if isinstance(buckets, dict) else "aspect-ratio buckets"
+        return n + (f", mean aspect error {error:.3g}" if isinstance(error, int | float) else "")
+    if key == "modelspec.thumbnail":  # an image as a data URI: not text to show
+        return "(an image; not kept)"
+    return value
+
+
+def _other_metadata(report: Mapping[str, Any]) -> list[dict[str, str]]:
+    """``ss_*``, ``modelspec.*`` and ``adapter_config`` fields that the parameters table and trigger words leave out,
+    as ``{"key", "value"}`` one-line texts (at most :data:`MAX_OTHER_METADATA`; structures summarised by
+    :func:`_readable`, else compact JSON; a thumbnail is not kept)."""
+    tabled = {p["key"] for p in report.get("training_parameters", [])} | {"ss_tag_frequency"}
+    pairs: list[tuple[str, Any]] = [
+        (str(k), v) for k, v in sorted(report.get("kohya_metadata", {}).items()) if k not in tabled
+    ]
+    pairs += [(f"modelspec.{k}", v) for k, v in sorted(report.get("modelspec", {}).items())]
+    pairs += [
+        (f"adapter_config.{k}", v)
+        for k, v in sorted(report.get("adapter_config", {}).items())
+        if k not in tabled and v not in (None, "", [], {})
+    ]
+    return [
+        {"key": _line(key, _KEY_CHARS), "value": _line(_readable(key, value), _VALUE_CHARS)}
+        for key, value in pairs[:MAX_OTHER_METADATA]
+    ]
+
+
+def _scales(report: Mapping[str, Any]) -> list[float]:
+    values = [float(m["scale"]) for m in report.get("modules", [])]
+    return [min(values), max(values)] if values else list(report.get("scales", []))
+
+
+def card_facts(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What a LoRA's card shows about its file, taken from its :func:`describe` report: bounded, strict JSON.
+
+    Everything but the per-module spectra: format, base family and its evidence, dtype, modules, ranks, the range of
+    scales, size, DoRA, ‖ΔW‖_F, the lookup hashes, trigger words (top tags with their counts), the training
+    parameters (``{"key", "value"}``: :func:`lol_engine.lora.metadata.training_parameters` names them), strength
+    per block (at most :data:`MAX_BLOCKS`) and the other ``ss_*`` / ``modelspec.*`` / ``adapter_config`` fields (at
+    most :data:`MAX_OTHER_METADATA`, one line of at most 200 characters each). The store keeps it, so that a stored
+    LoRA's card needs no file. Its size is bounded whatever the file holds (about 100 kB at most); every text in it
+    is the file's, untrusted.
+
+    A dict made by :func:`card_facts` gives the same dict again (the store's copy can be passed back in).
+    """
+    words = report.get("trigger_words") or {}
+    blocks = list(report.get("block_strength", []))
+    total = report.get("total_delta_fro_norm")
+    facts: dict[str, Any] = {
+        "version": CARD_FACTS_VERSION,
+        "format": _line(report.get("format", "unknown"), _KEY_CHARS),
+        "base_family": _line(report.get("base_family", "unknown"), _KEY_CHARS),
+        "evidence": [_line(e, _LINE_CHARS) for e in list(report.get("evidence", []))[:MAX_LINES]],
+        "dtype": _line(report.get("dtype", ""), _KEY_CHARS),
+        "n_modules": int(report.get("n_modules", 0)),
+        "ranks": [int(r) for r in report.get("ranks", [])][:MAX_BLOCKS],
+        "scales": _scales(report),
+        "size_bytes": int(report.get("size_bytes", 0)),
+        "is_dora": bool(report.get("is_dora", False)),
+        "total_delta_fro_norm": None if total is None else float(total),
+        **{key: report.get(key) for key in _HASH_KEYS},
+        "trigger_words": {
+            "output_name": None if words.get("output_name") is None else _line(words["output_name"], _VALUE_CHARS),
+            "trigger_phrase": None
+            if not words.get("trigger_phrase")
+            else _line(words["trigger_phrase"], _VALUE_CHARS),
+            "top_tags": [
+                {"tag": _line(t["tag"], _VALUE_CHARS), "count": int(t["count"])}
+                for t in list(words.get("top_tags", []))[:TOP_TAGS]
+            ],
+            "n_tags": int(words.get("n_tags", 0)),
+        },
+        "training_parameters": [  # key and value: the names and meanings are lol_engine.lora.metadata's
+            {"key": _line(p["key"], _KEY_CHARS), "value": _line(p["value"], _VALUE_CHARS)}
+            for p in list(report.get("training_parameters", []))[:MAX_OTHER_METADATA]
+        ],
+        "block_strength": [
+            {
+                "block": _line(b["block"], _KEY_CHARS),
+                "n_modules": int(b["n_modules"]),
+                "delta_fro_norm": float(b["delta_fro_norm"]),
+            }
+            for b in blocks[:MAX_BLOCKS]
+        ],
+        "n_blocks": int(report.get("n_blocks", len(blocks))),
+        "other_metadata": list(report["other_metadata"]) if "other_metadata" in report else _other_metadata(report),
+        "warnings": [_line(w, _LINE_CHARS) for w in list(report.get("warnings", []))[:MAX_LINES]],
+    }
+    return facts

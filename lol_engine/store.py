@@ -32,13 +32,14 @@ from lol_engine.lora.weights import LoraWeights
 
 __all__ = ["SCHEMA_VERSION", "LoraStore", "NewLora", "StoredLora"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta(key VARCHAR PRIMARY KEY, value VARCHAR)",
     """CREATE TABLE IF NOT EXISTS loras(
         id VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, format VARCHAR, base_family VARCHAR,
         spec_json VARCHAR, n_modules INTEGER, rank_min INTEGER, rank_max INTEGER, size_bytes BIGINT,
-        dtype VARCHAR, metadata_json VARCHAR, zoo VARCHAR, added_at TIMESTAMP DEFAULT current_timestamp)""",
+        dtype VARCHAR, metadata_json VARCHAR, zoo VARCHAR, added_at TIMESTAMP DEFAULT current_timestamp,
+        card_json VARCHAR)""",
     "CREATE TABLE IF NOT EXISTS labels(lora_id VARCHAR, name VARCHAR, value_json VARCHAR, PRIMARY KEY(lora_id, name))",
     """CREATE TABLE IF NOT EXISTS embeddings(
         lora_id VARCHAR, encoder VARCHAR, dim INTEGER, v FLOAT[], PRIMARY KEY(lora_id, encoder))""",
@@ -51,12 +52,15 @@ _SCHEMA = (
 # 1 → 2: predictions were bare numbers per target; they become estimates. The store cannot know a task's kind, so a
 # version-1 row is kept as ``{"raw": {target: value}}`` until the explorer, which has the predictors, resolves it
 # (:meth:`LoraStore.raw_estimates`, :meth:`lol_engine.explorer.Explorer.start`).
+# 2 → 3: each LoRA keeps its card's facts (:func:`lol_engine.report.card_facts`) in ``card_json``; rows stored before
+# have none (NULL) until the explorer makes them from the file once (:meth:`lol_engine.explorer.Explorer.card_facts`).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         """INSERT INTO estimates SELECT lora_id, predictor, to_json({'raw': map(list(target), list(value))})::VARCHAR
            FROM predictions GROUP BY lora_id, predictor""",
         "DROP TABLE predictions",
     ),
+    2: ("ALTER TABLE loras ADD COLUMN IF NOT EXISTS card_json VARCHAR",),  # absent unless made as version 3
 }
 
 
@@ -104,6 +108,7 @@ class NewLora:
     labels: Mapping[str, Any] = field(default_factory=dict)
     embeddings: Mapping[str, np.ndarray] = field(default_factory=dict)
     estimates: Mapping[str, Estimate] = field(default_factory=dict)
+    card: Mapping[str, Any] | None = None  # the report (lol_engine.report.describe) or card facts of the file
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,16 @@ def _check_id(lora: LoraWeights) -> str:
     return lora.meta.sha256
 
 
-def _lora_row(lora: LoraWeights, name: str | None, zoo: str | None) -> list[Any]:
+def _card_json(card: Mapping[str, Any] | None) -> str | None:
+    """The bounded facts of a card (:func:`lol_engine.report.card_facts`) as strict JSON, or None."""
+    if card is None:
+        return None
+    from lol_engine.report import card_facts
+
+    return json.dumps(card_facts(card), allow_nan=False)
+
+
+def _lora_row(lora: LoraWeights, name: str | None, zoo: str | None, card: Mapping[str, Any] | None) -> list[Any]:
     """The ``loras`` row of a LoRA (default name: :func:`~lol_engine.lora.locate.display_name` of its file)."""
     meta = lora.meta
     spec = [
@@ -160,6 +174,7 @@ def _lora_row(lora: LoraWeights, name: str | None, zoo: str | None) -> list[Any]
         json.dumps(metadata, default=str),
         zoo,
         _utc_now(),
+        _card_json(card),
     ]
 
 
@@ -322,12 +337,14 @@ class LoraStore:
         labels: Mapping[str, Any] | None = None,
         embeddings: Mapping[str, np.ndarray] | None = None,
         estimates: Mapping[str, Estimate] | None = None,
+        card: Mapping[str, Any] | None = None,
     ) -> str:
         """Ingest one LoRA with what is known about it, in one transaction; returns its id (the file's sha256).
 
-        Ingesting a LoRA that is already stored adds nothing to ``loras`` but updates the attached rows.
+        ``card``: its report (:func:`lol_engine.report.describe`), of which the card's facts are kept. Ingesting a
+        LoRA that is already stored adds nothing to ``loras`` but updates the attached rows.
         """
-        item = NewLora(lora, name, zoo, labels or {}, embeddings or {}, estimates or {})
+        item = NewLora(lora, name, zoo, labels or {}, embeddings or {}, estimates or {}, card)
         return self.add_many([item])[0]
 
     def add_many(self, items: Sequence[NewLora]) -> list[str]:
@@ -339,7 +356,7 @@ class LoraStore:
         lora_rows, label_rows, embedding_rows, estimate_rows = [], [], [], []
         for item in items:
             lora_id = _check_id(item.lora)
-            lora_rows.append(_lora_row(item.lora, item.name, item.zoo))
+            lora_rows.append(_lora_row(item.lora, item.name, item.zoo, item.card))
             label_rows += [[lora_id, key, json.dumps(value)] for key, value in item.labels.items()]
             for encoder, vector in item.embeddings.items():
                 v = np.asarray(vector, dtype=np.float32).reshape(-1)
@@ -353,13 +370,30 @@ class LoraStore:
             placeholders = ", ".join(["(" + ", ".join("?" * len(lora_rows[0])) + ")"] * len(lora_rows))
             cur.execute(
                 "INSERT INTO loras (id, name, source, format, base_family, spec_json, n_modules, rank_min, rank_max, "
-                f"size_bytes, dtype, metadata_json, zoo, added_at) VALUES {placeholders} ON CONFLICT DO NOTHING",
+                f"size_bytes, dtype, metadata_json, zoo, added_at, card_json) VALUES {placeholders} "
+                "ON CONFLICT DO NOTHING",
                 [v for row in lora_rows for v in row],
             )
             _insert_many(cur, "labels", label_rows)
             _insert_many(cur, "embeddings", embedding_rows)
             _insert_many(cur, "estimates", estimate_rows)
         return [row[0] for row in lora_rows]
+
+    def card(self, lora_id: str) -> dict[str, Any] | None:
+        """The card facts kept for a stored LoRA (:func:`lol_engine.report.card_facts`); None if it has none (stored
+        by an earlier release, or not stored)."""
+        with self._cursor() as cur:
+            row = cur.execute("SELECT card_json FROM loras WHERE id = ?", [lora_id]).fetchone()
+        return None if row is None or row[0] is None else dict(json.loads(row[0]))
+
+    def set_card(self, lora_id: str, card: Mapping[str, Any]) -> None:
+        """Keep the card facts of a stored LoRA (from its report, or facts): they replace any kept before."""
+        text = _card_json(card)
+        with self._transaction() as cur:
+            found = cur.execute("SELECT count(*) FROM loras WHERE id = ?", [lora_id]).fetchone()[0]
+            if not found:
+                raise ValueError(f"no stored LoRA {lora_id[:12]}")
+            cur.execute("UPDATE loras SET card_json = ? WHERE id = ?", [text, lora_id])
 
     def set_labels(self, labels: Mapping[str, Mapping[str, Any]]) -> None:
         """Store (or replace) ``{lora id: {label: value}}`` in one transaction; ids must be stored LoRAs."""

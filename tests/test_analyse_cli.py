@@ -7,6 +7,7 @@ import math
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 from collection import ZOOS
 
@@ -68,6 +69,14 @@ def test_analyse_predictions_are_the_predictors_own(capsys: pytest.CaptureFixtur
         expected = _strict(estimate.to_json())  # the explorer's batched forward gives the same numbers
         assert {k: p[k] for k in expected} == expected
         assert p["target"] == estimate.label and p["calibrated_range"] == (estimate.range_text() or None)
+        predictor = fitting[p["predictor"]]
+        assert p["title"] == predictor.glossary.title != estimate.label  # e.g. "Which digits it was finetuned on"
+        # the domain distance, recomputed: mean of the 5 smallest distances to the stored training LoRAs
+        features = predictor.domain_features_many([lora])[0].double().numpy()
+        reference = predictor.reference.embeddings.astype(np.float64)  # type: ignore[union-attr]
+        nearest = np.sort(np.linalg.norm(reference - features, axis=1))[:5].mean()
+        assert p["domain_distance"] == pytest.approx(nearest, rel=1e-5)
+        assert p["out_of_domain"] == (nearest > predictor.config["domain"]["threshold"])
 
 
 def test_analyse_without_a_collection_creates_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

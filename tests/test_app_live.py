@@ -1,13 +1,18 @@
 """The launched app: its HTTP API driven with gradio_client, and the page driven in headless Chromium (Playwright).
 
-The browser test needs Debian's ``chromium`` (``make system-deps``) and the ``playwright`` package (dev extra); it
-skips without them unless ``LOL_REQUIRE_BROWSER=1`` (set by ``.ci/run``), where a missing browser is a failure.
+The browser tests walk the page at a laptop's size (1366 × 768) and a phone's (390 × 844, touch), audit every tab
+with axe-core (``tests/assets/axe.min.js``, offline) for serious and critical violations, and write README
+screenshots (``<tab>-<desktop|phone>.png``) into ``LOL_SCREENSHOT_DIR`` when it is set
+(``LOL_SCREENSHOT_DIR=docs/screenshots pytest tests/test_app_live.py -k browser``). They need Debian's ``chromium``
+(``make system-deps``) and the ``playwright`` package (dev extra); they skip without them unless
+``LOL_REQUIRE_BROWSER=1`` (set by ``.ci/run``), where a missing browser is a failure.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import socket
 import sys
@@ -90,9 +95,19 @@ def client(app_url: str) -> Iterator[Client]:
 
 def test_api_lists_every_action(client: Client) -> None:
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/analyse", "/add", "/card", "/compare", "/collection", "/inspect", "/status", "/labels", "/train"} <= set(
-        endpoints
-    )
+    actions = {"/analyse", "/add", "/inspect", "/status", "/labels", "/train"}
+    from app.api import ENDPOINTS
+
+    data = {f"/{name}" for name in ENDPOINTS}
+    assert not (actions | data) - set(endpoints), (actions | data) - set(endpoints)
+    assert "/predictors" in data
+    for name in data:  # typed parameters and one JSON output, no component choices (no empty Literal[])
+        described = endpoints[name]
+        assert all("Literal" not in p["python_type"]["type"] for p in described["parameters"]), name
+        assert len(described["returns"]) == 1 and described["returns"][0]["python_type"]["type"].startswith(
+            ("dict", "list")
+        ), name
+    assert not any(name.startswith("/value_") or "lambda" in name for name in endpoints)
 
 
 def test_api_upload_predict_and_neighbours(client: Client) -> None:
@@ -104,13 +119,20 @@ def test_api_upload_predict_and_neighbours(client: Client) -> None:
     assert "fashion" in card and f"3 of {len(SHIPPED)} fit" in card
     rows = {row[0]: row for row in predictions["data"]}
     assert set(rows) == {"fashion-gen-bold", "fashion-gen-class", "fashion-gen-quality"}
-    assert rows["fashion-gen-quality"][4].endswith("@90%")
+    quality = dict(zip(predictions["headers"], rows["fashion-gen-quality"], strict=True))
+    assert quality["what it predicts"] == "Generation quality (judge score)"
+    assert quality["likely range (90 %)"].endswith(" %") and " – " in quality["likely range (90 %)"]
     first = dict(zip(neighbours["headers"], neighbours["data"][0], strict=True))
     assert len(neighbours["data"]) == 10 and first["by"] == "ΔW cosine" and first["relation"] == ""
     assert len(modules["data"]) == 3 and spectrum is not None and blocks is not None
     assert "AutoV2" in card
-    card_text, card_neighbours = client.predict(first["id"], None, "ΔW cosine", api_name="/card")
-    assert "labels:" in card_text and len(card_neighbours["data"]) == 10
+    stored = client.predict(first["id"], 10, "", api_name="/lora")
+    assert stored["labels"] and len(stored["neighbours"]) == 10 and stored["neighbours"][0]["by"] == "ΔW cosine"
+    data = client.predict(
+        [handle_file(str(FASHION[40] / "adapter_model.safetensors"))], "", 10, api_name="/prediction"
+    )
+    assert {p["predictor"] for p in data["predictions"]} == set(rows) and data["base_family"] == "fashion-vae"
+    assert [n["id"] for n in data["neighbours"]] == [r[-1] for r in neighbours["data"]]
 
 
 def test_api_add_bad_input_and_status(client: Client, live: Explorer, tmp_path: Path) -> None:
@@ -215,11 +237,13 @@ def test_api_reports_a_failing_database_and_keeps_serving(
 
 def test_api_compare_and_collection(client: Client, live: Explorer) -> None:
     ids = [r["id"] for r in live.records() if r["zoo"] == "digits"][:2]
-    text, _, table = client.predict(ids[0], ids[1], api_name="/compare")
-    assert "ΔW cosine over 2 shared modules" in text and [r[0] for r in table["data"]] == ["fc1", "fc2"]
-    frame = client.predict("", [], api_name="/collection")
-    assert len(frame["data"]) == live.store.count()
-    assert [row[-1] for row in client.predict(ids[0][:12], [], api_name="/collection")["data"]] == [ids[0]]
+    page = client.predict("", "", "", 10_000, 0, api_name="/collection_rows")
+    assert page["total"] == len(page["rows"]) == live.store.count()
+    assert [r["id"] for r in client.predict(ids[0][:12], "", "", 10, 0, api_name="/collection_rows")["rows"]] == [
+        ids[0]
+    ]
+    compared = client.predict(ids[0], ids[1], api_name="/comparison")
+    assert compared["comparable"] and sorted(m["module"] for m in compared["modules"]) == ["fc1", "fc2"]
 
 
 @pytest.mark.parametrize("same_file", [False, True], ids=["different-files", "one-file"])
@@ -263,20 +287,47 @@ def _sync_playwright() -> Any:
     return sync_playwright
 
 
+# A laptop, and a phone as Playwright's iPhone descriptors set it up (390 × 844 CSS px, 3 device px each, touch).
+VIEWPORTS: dict[str, dict[str, Any]] = {
+    "desktop": {"viewport": {"width": 1366, "height": 768}},
+    "phone": {
+        "viewport": {"width": 390, "height": 844},
+        "device_scale_factor": 3,
+        "is_mobile": True,
+        "has_touch": True,
+    },
+}
+TABS = {"upload": "Upload & predict", "explore": "Explore", "collection": "Collection", "compare": "Compare"}
+TABS |= {"train": "Train", "inspect": "Inspect only"}
+AXE = Path(__file__).parent / "assets" / "axe.min.js"  # axe-core 4.14.1 (MPL-2.0, see assets/README.md)
+MAP = "#lol-map .lol-map"
+SHOT_BYTES = 300_000  # a README screenshot at most
+
+
+def _open(browser: Any, url: str, viewport: str, errors: list[str]) -> Any:
+    """A fresh page (its own context: no cookies, no session) on ``url``; script errors go to ``errors``."""
+    context = browser.new_context(**VIEWPORTS[viewport], accept_downloads=True)
+    page = context.new_page()
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#upload-files", state="attached", timeout=60_000)  # a shared address opens on Explore
+    return page
+
+
 @contextmanager
-def _page(app_url: str) -> Iterator[Any]:
-    """A headless Chromium page on the app; no script error may happen on it."""
+def _page(app_url: str, viewport: str = "desktop") -> Iterator[Any]:
+    """A headless Chromium page on the app at ``viewport`` (a key of :data:`VIEWPORTS`); no script error may happen
+    on it, nor on other pages opened with ``_open(page.context.browser, …, errors)``."""
     sync_playwright = _sync_playwright()
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
         )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(app_url)
-        yield page
-        browser.close()
+        try:
+            yield _open(browser, app_url, viewport, errors)
+        finally:
+            browser.close()
     assert not errors, errors
 
 
@@ -286,56 +337,284 @@ def _screenshots(tmp_path: Path) -> Path:
     return shots
 
 
-def test_browser_upload_predict_map_click_and_lasso(app_url: str, tmp_path: Path) -> None:
-    shots = _screenshots(tmp_path)
-    with _page(app_url) as page:
-        page.wait_for_selector("#upload-files", timeout=60_000)
+def _screenshot(page: Any, path: Path) -> None:
+    """The page from its top, at most two screens tall, in CSS pixels and a 256-colour palette: ≤ 300 KB."""
+    from PIL import Image
 
-        # upload & predict
-        page.set_input_files("#upload-files input[type=file]", str(FASHION[41] / "adapter_model.safetensors"))
-        page.wait_for_selector("#upload-files .file-preview, #upload-files table", timeout=30_000)
-        page.click("#analyse-button")
+    size = page.viewport_size
+    height = min(page.evaluate("document.documentElement.scrollHeight"), 2 * size["height"])
+    page.screenshot(path=str(path), full_page=True, scale="css", clip={"x": 0, "y": 0, **size, "height": height})
+    with Image.open(path) as image:
+        image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    assert path.stat().st_size <= SHOT_BYTES, (path.name, path.stat().st_size)
+
+
+def _tab(page: Any, key: str) -> None:
+    page.get_by_role("tab", name=TABS[key], exact=True).click()
+    page.wait_for_function(f"document.querySelector('[role=tab][data-tab-id={key}]')?.ariaSelected === 'true'")
+
+
+# Serious by axe, in Gradio 6.31's own markup, and not mended by any attribute (app.web.APP_JS mends the rest):
+# interactive elements nested in interactive elements. Each is named by its rule and the element axe reports.
+GRADIO_NESTING = (
+    (
+        "nested-interactive",
+        'button[aria-label="common.upload"]',
+    ),  # a file box's "upload more" button holds a drop zone
+    ("nested-interactive", ".toast-header"),  # an error toast's header (role=button) holds its close button
+)
+
+
+def _serious_violations(page: Any) -> list[str]:
+    """axe-core's violations of impact serious or critical on the page as it is now (``rule: element  why``), less
+    :data:`GRADIO_NESTING`."""
+    if not page.evaluate("typeof axe !== 'undefined'"):
+        page.add_script_tag(content=AXE.read_text())
+    found = page.evaluate(
+        "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+        ".filter((v) => v.impact === 'serious' || v.impact === 'critical')"
+        ".flatMap((v) => v.nodes.map((n) => [v.id, n.target.join(' '), n.failureSummary || '']))"
+    )
+    return [f"{rule}: {target}  {why}" for rule, target, why in found if (rule, target) not in GRADIO_NESTING]
+
+
+def _collection_count(page: Any) -> int:
+    """The header's LoRA count (``**2,023** LoRAs in the collection``)."""
+    text = page.inner_text("#collection-status")
+    return int(text.split(" LoRAs")[0].split()[-1].replace(",", ""))
+
+
+def _map_state(page: Any) -> dict[str, Any]:
+    """What the map div says: points and matches shown, every id on the map, and the id the ring is on."""
+    return dict(
+        page.evaluate(
+            """(sel) => { const gd = document.querySelector(sel); const ids = (gd.layout.meta || {}).ids || [];
+            const ring = (gd.data || []).find((t) => t.name === 'clicked');
+            const at = ring ? (gd._fullData.find((t) => t.name === 'clicked') || {}).customdata : null;
+            return {points: Number(gd.dataset.points), matches: Number(gd.dataset.matches), ids: ids,
+                    clicked: at && at.length ? ids[at[0]] : null}; }""",
+            MAP,
+        )
+    )
+
+
+def _point_on_screen(page: Any, lora_id: str) -> dict[str, float]:
+    """Where ``lora_id``'s marker is drawn in the page (CSS px), from plotly's own axes: l2p plus the plot margins."""
+    where = page.evaluate(
+        """([sel, id]) => { const gd = document.querySelector(sel); const k = gd.layout.meta.ids.indexOf(id);
+        const full = gd._fullLayout, box = gd.getBoundingClientRect();
+        for (const t of gd._fullData) {
+          if (t.type !== 'scattergl' || !t.customdata || t.name === 'clicked') continue;
+          const j = Array.prototype.indexOf.call(t.customdata, k);
+          if (j >= 0) return {x: box.left + full._size.l + full.xaxis.l2p(t.x[j]),
+                              y: box.top + full._size.t + full.yaxis.l2p(t.y[j])};
+        }
+        return null; }""",
+        [MAP, lora_id],
+    )
+    assert where is not None, f"{lora_id} is not drawn on the map"
+    return dict(where)
+
+
+def _upload_and_analyse(page: Any, path: Path) -> None:
+    """Drop ``path`` in the file box (once the last analysis has emptied it) and press *Analyse*."""
+    page.wait_for_selector("#upload-files .file-preview", state="detached")
+    shown = f"document.querySelector('#upload-files')?.innerText.includes('{path.name}')"
+    for attempt in range(2):  # the last analysis empties the box after its result shows: once more if it raced
+        page.set_input_files("#upload-files input[type=file]", str(path))
+        try:
+            page.wait_for_function(shown, timeout=15_000)
+            break
+        except Exception:
+            if attempt:
+                raise
+    page.click("#analyse-button")
+
+
+def _tap(page: Any, viewport: str, where: dict[str, float]) -> None:
+    """A click on a laptop, a tap (touch events) on the phone."""
+    if VIEWPORTS[viewport].get("has_touch"):
+        page.touchscreen.tap(where["x"], where["y"])
+    else:
+        page.mouse.click(where["x"], where["y"])
+
+
+def _predict_and_add(page: Any, lora: Path, viewport: str, shots: Path) -> None:
+    """Upload & predict: the card, its predictions and neighbours, then *Add to collection*."""
+    _tab(page, "upload")
+    _upload_and_analyse(page, lora / "adapter_model.safetensors")
+    page.wait_for_function(
+        "document.querySelector('#predictions')?.innerText.includes('fashion-gen-quality')", timeout=60_000
+    )
+    predictions = page.inner_text("#predictions")
+    assert "likely range (90 %)" in predictions and "Generation quality (judge score)" in predictions
+    assert "sha256" in page.inner_text("#upload-card").lower()
+    assert "ΔW cosine" in page.inner_text("#upload-neighbours")
+    page.wait_for_selector("#spectrum .js-plotly-plot", timeout=30_000)
+    _screenshot(page, shots / f"upload-{viewport}.png")
+    page.click("#add-button")
+    page.wait_for_function("document.querySelector('#add-status')?.innerText.includes('Added')", timeout=60_000)
+
+
+def _click_new_point(page: Any, viewport: str, new_id: str) -> None:
+    """Find the new LoRA by id prefix with *Zoom to matches* (it stands apart there), then click its marker."""
+    page.locator("#map-zoom input").check()
+    search = page.locator("#map-search textarea, #map-search input").first
+    search.fill(new_id[:12])
+    search.press("Enter")
+    page.wait_for_function(f"document.querySelector('{MAP}').dataset.matches === '1'", timeout=30_000)
+    page.wait_for_timeout(500)  # the zoomed view is drawn
+    _tap(page, viewport, _point_on_screen(page, new_id))
+    page.wait_for_function(f"document.querySelector('#map-card')?.innerText.includes('{new_id}')", timeout=30_000)
+    page.wait_for_function(
+        f"(document.querySelector('{MAP}').data || []).some((t) => t.name === 'clicked')", timeout=30_000
+    )
+    assert _map_state(page)["clicked"] == new_id  # the ring is on it
+    assert f"lora={new_id}" in page.url
+
+
+def _open_a_neighbour(page: Any, clicked: str) -> str:
+    """Click the first neighbour row: the card, the ring and the address follow it; returns its id."""
+    page.wait_for_function("document.querySelector('#map-neighbours')?.innerText.includes('ΔW cosine')")
+    row = page.locator("#map-neighbours .virtual-row[role=row]").first  # Gradio's table: rows are divs
+    cells = row.locator("[role=gridcell]")
+    neighbour = cells.last.inner_text().strip()
+    assert len(neighbour) == 64 and neighbour != clicked, neighbour
+    cells.first.click()
+    page.wait_for_function(f"document.querySelector('#map-card')?.innerText.includes('{neighbour}')", timeout=30_000)
+    page.wait_for_function(f"window.location.search.includes('lora={neighbour}')", timeout=30_000)
+    page.wait_for_function(
+        """([sel, id]) => { const gd = document.querySelector(sel);
+        const t = (gd._fullData || []).find((t) => t.name === 'clicked');
+        return t && gd.layout.meta.ids[t.customdata[0]] === id; }""",
+        arg=[MAP, neighbour],
+        timeout=30_000,
+    )
+    return neighbour
+
+
+def _lasso_and_export(page: Any, tmp_path: Path) -> None:
+    """Clear the search (the whole map again), lasso the whole plot area, export the selection as CSV."""
+    search = page.locator("#map-search textarea, #map-search input").first
+    search.fill("")
+    search.press("Enter")
+    page.wait_for_function(f"document.querySelector('{MAP}').dataset.matches === '0'", timeout=30_000)
+    page.wait_for_timeout(500)
+    points = _map_state(page)["points"]
+    page.hover(MAP)
+    page.locator("#lol-map .modebar-btn[data-val='lasso']").first.click()
+    area = page.locator("#lol-map .nsewdrag").first.bounding_box()
+    assert area is not None
+    x0, y0, w, h = area["x"], area["y"], area["width"], area["height"]
+    corners = [(0.01, 0.01), (0.99, 0.01), (0.99, 0.99), (0.01, 0.99), (0.01, 0.02)]
+    page.mouse.move(x0 + corners[0][0] * w, y0 + corners[0][1] * h)
+    page.mouse.down()
+    for fx, fy in corners[1:]:
+        page.mouse.move(x0 + fx * w, y0 + fy * h, steps=10)
+    page.mouse.up()
+    page.wait_for_function(  # every point, and the header row
+        f"document.querySelector('#map-selection [role=grid]')?.ariaRowCount === '{points + 1}'", timeout=30_000
+    )
+    page.get_by_role("button", name="Export selection as CSV").click()
+    link = page.locator("#map-download a[download]").first
+    link.wait_for(timeout=30_000)
+    with page.expect_download() as info:
+        link.click()
+    download = info.value
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    rows = saved.read_text().splitlines()
+    assert saved.suffix == ".csv" and len(rows) == points + 1, (saved.name, len(rows), points)  # header + every point
+    # named after what it holds: every LoRA of the map, so several collections ("selection"), and how many
+    assert re.fullmatch(rf"lol-selection-{points}loras-\d{{8}}-\d{{4}}\.csv", saved.name), saved.name
+
+
+def _phone_layout(page: Any) -> None:
+    """On a phone every tab is in view (no overflow menu) and the map starts within the first screen."""
+    for name in TABS.values():
+        tab = page.get_by_role("tab", name=name, exact=True)
+        box = tab.bounding_box()
+        assert tab.is_visible() and box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, name
+    assert not page.get_by_role("button", name="More tabs").is_visible()
+    top = page.eval_on_selector(MAP, "e => e.getBoundingClientRect().top + window.scrollY")
+    assert top < 600, top  # 702 px before the phone layout (Explore controls one to a row, tabs behind "…")
+
+
+@pytest.mark.parametrize(("viewport", "lora"), [("desktop", 41), ("phone", 42)])
+def test_browser_walk_upload_add_map_click_neighbour_lasso_export(
+    app_url: str, tmp_path: Path, viewport: str, lora: int
+) -> None:
+    """The page as someone uses it, at a laptop's and a phone's size: upload and predict, add, find the new point on
+    the map without a reload, click it, follow a neighbour, lasso and export, share the address. axe-core finds no
+    serious or critical violation on any tab; README screenshots when ``LOL_SCREENSHOT_DIR`` is set."""
+    shots = _screenshots(tmp_path)
+    with _page(app_url, viewport) as page:
+        _tab(page, "explore")
+        page.wait_for_function(f"Number(document.querySelector('{MAP}')?.dataset.points || 0) > 0", timeout=60_000)
+        before, count = _map_state(page), _collection_count(page)
+        if viewport == "phone":
+            _phone_layout(page)
+
+        _predict_and_add(page, FASHION[lora], viewport, shots)
+        _tab(page, "explore")  # no reload: the add refreshed the header and the map
+        page.wait_for_function(
+            f"Number(document.querySelector('{MAP}').dataset.points) === {before['points'] + 1}", timeout=60_000
+        )
+        assert _collection_count(page) == count + 1
+        (new_id,) = set(_map_state(page)["ids"]) - set(before["ids"])
+
+        _click_new_point(page, viewport, new_id)
+        neighbour = _open_a_neighbour(page, new_id)
+        shared = page.url
+        _lasso_and_export(page, tmp_path)
+        _screenshot(page, shots / f"explore-{viewport}.png")
+        violations = _serious_violations(page)
+        assert violations == [], violations
+
+        for key in ("upload", "collection", "compare", "train", "inspect"):
+            _tab(page, key)
+            page.wait_for_timeout(800)  # the tab's first render and its load events
+            violations = _serious_violations(page)
+            assert violations == [], (key, violations)
+            _screenshot(page, shots / f"{key}-{viewport}.png")
+
+        errors: list[str] = []  # the shared address shows the same LoRA in a new page
+        fresh = _open(page.context.browser, shared, viewport, errors)
+        fresh.wait_for_function(  # it opens on the Explore tab by itself
+            "document.querySelector('[role=tab][data-tab-id=explore]')?.ariaSelected === 'true'", timeout=60_000
+        )
+        fresh.wait_for_function(
+            f"document.querySelector('#map-card')?.innerText.includes('{neighbour}')", timeout=60_000
+        )
+        fresh.wait_for_function(f"(document.querySelector('{MAP}')?.data || []).some((t) => t.name === 'clicked')")
+        assert not errors, errors
+
+
+def test_browser_error_toast_is_plain_text_and_clears_the_card(app_url: str, tmp_path: Path) -> None:
+    """A file that is not a LoRA: the toast says so in plain text (no Markdown escapes such as ``notes\\.safetensors``,
+    no server path), and the previous upload's card and predictions are gone, not left under the error."""
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes, not a LoRA\n")
+    with _page(app_url) as page:
+        _upload_and_analyse(page, FASHION[43] / "adapter_model.safetensors")
         page.wait_for_function(
             "document.querySelector('#predictions')?.innerText.includes('fashion-gen-quality')", timeout=60_000
         )
-        assert "@90%" in page.inner_text("#predictions")
-        assert "ΔW cosine" in page.inner_text("#upload-neighbours")
-        page.wait_for_selector("#spectrum .js-plotly-plot", timeout=30_000)
-        page.screenshot(path=str(shots / "upload.png"), full_page=True)
-
-        # add the analysed upload (it left Gradio's folder at once; the page does not send it again)
-        page.click("#add-button")
-        page.wait_for_function("document.querySelector('#add-status')?.innerText.includes('Added')", timeout=60_000)
-
-        # the map: plotly.js served by the app itself, points carry ids
-        page.get_by_role("tab", name="Explore").click()
-        page.wait_for_function(
-            "Number(document.querySelector('#lol-map .lol-map')?.dataset.points || 0) > 0", timeout=60_000
+        previous = page.inner_text("#upload-card").split("sha256")[1].split()[0]
+        _upload_and_analyse(page, notes)
+        toast = page.locator("[data-testid=toast-text]").first
+        toast.wait_for(timeout=60_000)
+        text = toast.inner_text()
+        assert "notes.safetensors" in text and "\\" not in text and str(tmp_path) not in text, text
+        assert previous not in page.inner_text("#upload-card")
+        page.wait_for_function(  # and the card says why it is empty, not "Analysing…"
+            "document.querySelector('#upload-card')?.innerText.includes('Nothing to show')", timeout=30_000
         )
-        n_points = int(page.eval_on_selector("#lol-map .lol-map", "e => e.dataset.points"))
-        assert n_points >= 70
-
-        # click a point → its card and neighbours
-        box = page.locator("#lol-map .scatterlayer .point").nth(5).bounding_box()
-        assert box is not None
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        page.wait_for_function("document.querySelector('#map-card')?.innerText.includes('sha256')", timeout=30_000)
-        page.wait_for_function(
-            "document.querySelector('#map-neighbours')?.innerText.includes('cosine')", timeout=30_000
-        )
-
-        # lasso the whole plot area → every point lands in the selection table
-        area = page.locator("#lol-map .nsewdrag").first.bounding_box()
-        assert area is not None
-        x0, y0, w, h = area["x"], area["y"], area["width"], area["height"]
-        corners = [(0.01, 0.01), (0.99, 0.01), (0.99, 0.99), (0.01, 0.99), (0.01, 0.02)]
-        page.mouse.move(x0 + corners[0][0] * w, y0 + corners[0][1] * h)
-        page.mouse.down()
-        for fx, fy in corners[1:]:
-            page.mouse.move(x0 + fx * w, y0 + fy * h, steps=10)
-        page.mouse.up()
-        page.wait_for_function("document.querySelectorAll('#map-selection tbody tr').length > 0", timeout=30_000)
-        page.screenshot(path=str(shots / "explore.png"), full_page=True)
+        assert "fashion-gen" not in page.inner_text("#predictions")
+        assert "ΔW cosine" not in page.inner_text("#upload-neighbours")
+        page.wait_for_timeout(1_500)  # the toast's fade-in is over: axe measures the colours it ends with
+        violations = _serious_violations(page)
+        assert violations == [], violations
 
 
 def test_browser_trains_a_predictor_and_the_next_upload_uses_it(app_url: str, tmp_path: Path) -> None:
@@ -343,7 +622,7 @@ def test_browser_trains_a_predictor_and_the_next_upload_uses_it(app_url: str, tm
     upload's predictions include the new predictor."""
     shots = _screenshots(tmp_path)
     with _page(app_url) as page:
-        page.get_by_role("tab", name="Train").click()
+        _tab(page, "train")
         page.locator("#train-label input").click()
         page.keyboard.type("acc_own")
         page.get_by_role("option", name="acc_own", exact=True).click()
@@ -357,12 +636,26 @@ def test_browser_trains_a_predictor_and_the_next_upload_uses_it(app_url: str, tm
             "document.querySelector('#train-status')?.innerText.includes('registered as')", timeout=180_000
         )
         assert "baseline" in page.inner_text("#train-status")
-        page.screenshot(path=str(shots / "train.png"), full_page=True)
+        _screenshot(page, shots / "train.png")
 
-        page.get_by_role("tab", name="Upload & predict").click()
-        page.set_input_files("#upload-files input[type=file]", str(DIGITS[230] / "adapter_model.safetensors"))
-        page.wait_for_selector("#upload-files .file-preview, #upload-files table", timeout=30_000)
-        page.click("#analyse-button")
+        _tab(page, "upload")
+        _upload_and_analyse(page, DIGITS[230] / "adapter_model.safetensors")
         page.wait_for_function(
             "document.querySelector('#predictions')?.innerText.includes('acc_own-svd')", timeout=60_000
         )
+
+
+def test_the_readmes_gradio_client_example_runs(client: Client, app_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's ```python gradio_client block, run from the checkout against this live app."""
+    import re
+
+    root = Path(__file__).parent.parent
+    (block,) = re.findall(r"```python gradio_client\n(.*?)```", (root / "README.md").read_text(), flags=re.S)
+    assert "http://127.0.0.1:7860/" in block
+    monkeypatch.chdir(root)
+    printed: list[str] = []
+    scope = {"__name__": "__readme__", "print": lambda *a, **k: printed.append(" ".join(map(str, a)))}
+    exec(compile(block.replace("http://127.0.0.1:7860/", app_url), "README gradio_client", "exec"), scope)
+    assert scope["lora"]["id"] == scope["first"] and len(scope["lora"]["neighbours"]) == 5
+    assert scope["analysed"]["base_family"] == "digits-mlp" and scope["analysed"]["predictions"]
+    assert any("digits-acc_own" in line for line in printed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 from collections import Counter
@@ -14,6 +15,7 @@ import torch
 
 BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_spectra.py"
 BENCH_MODELS = Path(__file__).parent.parent / "benchmarks" / "bench_models.py"
+BENCH_MAP = Path(__file__).parent.parent / "benchmarks" / "bench_map_render.py"
 
 
 def test_bench_spectra_smoke(capsys: pytest.CaptureFixture[str]) -> None:
@@ -326,3 +328,56 @@ def test_real_bases_docs_combine_current_parts_only(tmp_path: Path) -> None:
     assert [p["row"]["label"] for p in kept] == ["drift"]  # current results come back; nothing is trained (no zoo)
     with pytest.raises(ValueError, match="Parquet"):  # stale results: it runs, and the fake zoo cannot be read
         module["run_zoo"]("mobilenet-fashion", zoo_dir / "mobilenet-fashion", ["probe_kl"], run, 3, 20)
+
+
+def _browser_or_skip() -> None:
+    """Skip without Chromium or playwright, as the browser tests do (a failure under ``LOL_REQUIRE_BROWSER=1``)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing = "playwright"
+    else:
+        missing = "" if Path(os.environ.get("LOL_CHROMIUM", "/usr/bin/chromium")).exists() else "chromium"
+    if missing and os.environ.get("LOL_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"LOL_REQUIRE_BROWSER=1 but missing: {missing} (run make system-deps)")
+    if missing:
+        pytest.skip(f"missing for the map render benchmark: {missing}")
+
+
+@pytest.mark.slow
+def test_bench_map_render_smoke(tmp_path: Path) -> None:
+    """Both maps draw in Chromium at a small size; the payload column is the figure's JSON as the app sends it; --write
+    replaces its own section of the file and keeps the rest (no timing is asserted)."""
+    pytest.importorskip("plotly")
+    _browser_or_skip()
+    module = runpy.run_path(str(BENCH_MAP))
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nother sections stay\n")
+    module["main"](["--points", "300", "--steps", "3", "--write", "--out", str(out)])
+    module["main"](["--points", "200", "--steps", "2", "--write", "--out", str(out)])  # replaced, not appended
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nother sections stay\n\n## Map rendering in the browser\n")
+    assert text.count("<!-- map-render:begin -->") == text.count("<!-- map-render:end -->") == 1
+    assert "| 300 |" not in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 200 |")]
+    assert [r[1] for r in rows] == ["WebGL (scattergl, now)", "SVG (scatter, before)", "**before ÷ now**"]
+    collection = module["SyntheticCollection"].make(200)
+    for row, build in zip(rows, (module["new_figure"], module["old_figure"]), strict=False):
+        assert row[2] == f"{len(build(collection).to_json().encode()) / 2**20:.2f} MB"
+        assert row[-1] == "2 |"  # every pan step measured
+    new, old = module["new_figure"](collection), module["old_figure"](collection)
+    assert (
+        new.layout.meta["shown"] == 200 and sum(len(t.x) for t in new.data) == sum(len(t.x) for t in old.data) == 200
+    )
+    assert {t.type for t in new.data} == {"scattergl"} and {t.type for t in old.data} == {"scatter"}
+
+
+def test_the_suite_keeps_the_sections_other_scripts_write(tmp_path: Path) -> None:
+    """``make bench`` rewrites its own table; a ``## `` section holding ``<!-- name:begin -->…<!-- name:end -->``
+    (bench_map_render.py --write) survives it, and nothing else does."""
+    kept_sections = runpy.run_path(str(BENCH.parent / "run_all.py"))["kept_sections"]
+    out = tmp_path / "BENCHMARKS.md"
+    assert kept_sections(out) == ""
+    section = "## Map rendering\n\n<!-- map-render:begin -->\n| a | b |\n<!-- map-render:end -->\n"
+    out.write_text("# Benchmarks\n\n| old | table |\n\n" + section + "\n## Notes\n\nfree text\n")
+    assert kept_sections(out) == "\n" + section

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import shutil
 from io import BytesIO
 from pathlib import Path
 
@@ -302,3 +304,366 @@ def test_upload_card_shows_hashes_trigger_words_and_parameters(tmp_path: Path) -
     assert "**trigger words:**" in card and "&lt;b&gt;mychar&lt;/b&gt; (9)" in card  # shown, not rendered
     assert "| network dim | 4 |" in card and "| seed | 7 |" in card and "| ss\\_seed |" in card
     assert "other training metadata" not in card  # every ss_* key is in the table or the trigger words
+
+
+# ----------------------------------------------------------------------------------------- one card, kept in the store
+HOSTILE_TAG = "<script>alert(1)</script>|[x](javascript:alert(1))**`"
+FREQUENCY = {"10_mychar": {"mychar": 30, "1girl": 25, HOSTILE_TAG: 7}, "5_extra": {"mychar": 10, "smile": 2}}
+KOHYA_METADATA = {
+    "ss_tag_frequency": json.dumps(FREQUENCY),
+    "ss_output_name": "mychar",
+    "ss_network_dim": "4",
+    "ss_network_alpha": "2.0",
+    "ss_learning_rate": "0.0001",
+    "ss_num_train_images": "120",
+    "ss_seed": "7",
+    "ss_custom_field": "<b>kept</b>",  # not in the parameters table: "other training metadata"
+    "modelspec.title": "My Char",
+    "modelspec.thumbnail": "data:image/png;base64," + "A" * 50_000,
+}
+
+
+def _explorer(root: Path):  # type: ignore[no-untyped-def]
+    pytest.importorskip("duckdb")
+    from lol_engine.explorer import Explorer
+
+    return Explorer.open(root / "data" / "lol.duckdb")
+
+
+def _check_stored_card(card, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What the card of the file written with KOHYA_METADATA must hold, computed here independently."""
+    merged = {"mychar": 40, "1girl": 25, HOSTILE_TAG: 7, "smile": 2}
+    assert [(t.tag, t.count) for t in card.top_tags] == sorted(merged.items(), key=lambda kv: -kv[1])
+    assert card.n_tags == 4 and card.output_name == "mychar"
+    params = {p.key: p.value for p in card.training_parameters}
+    assert params["ss_network_dim"] == "4" and params["ss_learning_rate"] == "0.0001" and params["ss_seed"] == "7"
+    other = dict(card.other_metadata)
+    assert other["ss_custom_field"] == "<b>kept</b>" and other["modelspec.title"] == "My Char"
+    assert other["modelspec.thumbnail"] == "(an image; not kept)" and "ss_tag_frequency" not in other
+    blob = path.read_bytes()
+    assert card.hashes.sha256 == card.id == hashlib.sha256(blob).hexdigest()
+    assert card.hashes.autov2 == hashlib.sha256(blob).hexdigest()[:10]
+    assert card.hashes.addnet_sha256 == _data_hash(path) and card.hashes.addnet_shorthash == _data_hash(path)[:12]
+    assert card.size_bytes == len(blob) and card.ranks == (4,) and card.scales == (0.5, 0.5)  # alpha 2 / rank 4
+    blocks = ["text_encoder.layers.11", "down_blocks.0", "mid_block", "up_blocks.3"]
+    assert [b.block for b in card.block_strength] == blocks
+
+
+def test_a_stored_kohya_loras_card_needs_no_file_and_survives_reopening(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from app import handlers
+
+    path = save(tmp_path / "files" / "mychar.safetensors", _sd1_tensors(), KOHYA_METADATA)
+    kept = tmp_path / "kept.safetensors"
+    kept.write_bytes(path.read_bytes())  # the bytes, to check the hashes against once the file is gone
+    explorer = _explorer(tmp_path)
+    try:
+        (lora_id,) = explorer.ingest([str(path)], progress=False).ids
+        first = handlers.stored_card(explorer, lora_id)
+    finally:
+        explorer.close()
+    path.unlink()  # the card is kept in the store: no file is read for it
+    reopened = _explorer(tmp_path)
+    try:
+        card = handlers.stored_card(reopened, lora_id)
+        text = handlers.render_card(card)
+        data = handlers.card_data(reopened, lora_id)
+    finally:
+        reopened.close()
+    assert card == first and card.collection == "uploads" and card.name == "mychar"
+    _check_stored_card(card, kept)
+    assert "mychar (40), 1girl (25)" in text and "| network dim | 4 |" in text and "| seed | 7 |" in text
+    assert "**other training metadata:** ss\\_custom\\_field = &lt;b&gt;kept&lt;/b&gt;" in text
+    assert "{'" not in text and '{"' not in text and "ss\\_tag\\_frequency" not in text  # never a dict dump
+    assert "labels:" not in text  # the labels ingest made from the metadata are shown in their sections, not twice
+    assert json.loads(json.dumps(data, allow_nan=False)) == data and data["id"] == lora_id
+    assert data["top_tags"][0] == {"tag": "mychar", "count": 40} and data["hashes"]["autov2"] == lora_id[:10]
+
+
+def test_an_upload_and_its_stored_copy_have_the_same_card(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from app import handlers
+
+    path = save(tmp_path / "up" / "mychar.safetensors", _sd1_tensors(), KOHYA_METADATA)
+    explorer = _explorer(tmp_path)
+    try:
+        upload = handlers.analyse_upload(explorer, [str(path)])
+        handlers.add_upload(explorer, [str(path)])
+        stored = handlers.card_data(explorer, upload.analysis.sha256)
+        again = handlers.analyse_upload(explorer, [str(path)])
+    finally:
+        explorer.close()
+    file_part = {k: v for k, v in upload.card_data.items() if k not in ("collection", "predictions", "n_predictors")}
+    file_part.pop("seconds")
+    assert {k: stored[k] for k in file_part} == file_part  # one card: the same facts before and after adding
+    assert upload.card_data["collection"] is None and stored["collection"] == "uploads"
+    assert again.card_data["stored_as"] == "mychar" and "already in the collection as **mychar**" in again.card
+
+
+def test_an_older_store_is_migrated_and_its_cards_made_once(tmp_path: Path) -> None:
+    import duckdb
+
+    from lol_engine.store import SCHEMA_VERSION, LoraStore
+
+    path = save(tmp_path / "files" / "mychar.safetensors", _sd1_tensors(), KOHYA_METADATA)
+    explorer = _explorer(tmp_path)
+    try:
+        (lora_id,) = explorer.ingest([str(path)], progress=False).ids
+    finally:
+        explorer.close()
+    con = duckdb.connect(str(tmp_path / "data" / "lol.duckdb"))  # back to schema 2: no card_json column
+    con.execute("ALTER TABLE loras DROP COLUMN card_json")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    con.close()
+    with LoraStore(tmp_path / "data" / "lol.duckdb") as store:
+        assert store.schema_version == SCHEMA_VERSION == 3 and store.card(lora_id) is None
+    explorer = _explorer(tmp_path)
+    try:
+        from app import handlers
+
+        card = handlers.stored_card(explorer, lora_id)  # made from the file, once, and kept
+        assert explorer.store.card(lora_id) == explorer.card_facts(lora_id)
+    finally:
+        explorer.close()
+    _check_stored_card(card, path)
+    path.unlink()
+    explorer = _explorer(tmp_path)
+    try:
+        assert handlers.stored_card(explorer, lora_id) == card  # kept: the file is no longer needed
+    finally:
+        explorer.close()
+
+
+def test_kohyas_structured_fields_are_summarised_never_dumped(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from app import handlers
+    from lol_engine.card import build_card
+
+    datasets = [
+        {
+            "is_dreambooth": True,
+            "batch_size_per_device": 2,
+            "num_train_images": 250,
+            "resolution": [512, 512],
+            "subsets": [{"image_dir": "10_mychar", "num_repeats": 10}, {"image_dir": "5_extra"}],
+            "tag_frequency": FREQUENCY,
+        }
+    ]
+    metadata = {
+        "ss_tag_frequency": json.dumps(FREQUENCY),
+        "ss_datasets": json.dumps(datasets),
+        "ss_dataset_dirs": json.dumps({"10_mychar": {"n_repeats": 10, "img_count": 25}, "5_extra": {"n_repeats": 5}}),
+        "ss_bucket_info": json.dumps({"buckets": {"0": {}, "1": {}, "2": {}}, "mean_img_ar_error": 0.0125}),
+    }
+    report = describe(load_lora(save(tmp_path / "x.safetensors", _sd1_tensors(), metadata)))
+    card = build_card(report, name="x")
+    other = dict(card.other_metadata)
+    assert other["ss_datasets"] == "1 dataset(s): 250 images, resolution [512,512], batch 2, 2 subset(s)"
+    assert other["ss_dataset_dirs"] == "10_mychar: 10 repeats × 25 images; 5_extra: 5 repeats × ? images"
+    assert other["ss_bucket_info"] == "3 aspect-ratio buckets, mean aspect error 0.0125"
+    text = handlers.render_card(card)
+    assert "{" not in text and "mychar (40)" in text  # no object dumped, the tags counted once, from their field
+
+
+def test_card_facts_are_bounded_whatever_the_file_holds(tmp_path: Path) -> None:
+    from lol_engine.report import MAX_OTHER_METADATA, card_facts
+
+    metadata = {f"ss_junk_{i:04d}": "x" * 5000 for i in range(2000)}
+    metadata["modelspec.thumbnail"] = "data:image/png;base64," + "A" * 500_000
+    metadata["ss_tag_frequency"] = json.dumps({"d": {f"tag{i}": i for i in range(20_000)}})
+    report = describe(load_lora(save(tmp_path / "x.safetensors", _sd1_tensors(), metadata)))
+    facts = card_facts(report)
+    assert len(json.dumps(facts, allow_nan=False)) < 150_000 and len(facts["other_metadata"]) == MAX_OTHER_METADATA
+    assert all(len(m["value"]) <= 200 for m in facts["other_metadata"])
+    assert len(facts["trigger_words"]["top_tags"]) == 20 and facts["trigger_words"]["n_tags"] == 20_000
+    assert card_facts(facts) == facts  # the store's copy gives the same facts back
+
+
+# ------------------------------------------------------------------------------------------------------------ names
+GRADIO_FOLDER = "3f" * 32  # Gradio keeps an upload in a folder named by a hash
+HELD_FOLDER = "ab" * 16  # the app holds an analysed upload in a folder named by a token
+
+
+def _peft_folder(folder: Path, **config: object) -> tuple[Path, Path]:
+    weights = save(folder / "adapter_model.safetensors", peft("base_model.model.model.layers.0.self_attn.q_proj"))
+    return weights, write_config(folder, r=4, lora_alpha=8, **config)
+
+
+@pytest.mark.parametrize(
+    ("weights_dir", "config_dir", "config", "typed", "expected"),
+    [
+        ("my-adapter", None, {}, None, "my-adapter"),  # its folder
+        (GRADIO_FOLDER, "qwen-sql-r4", {}, None, "qwen-sql-r4"),  # the config's folder first
+        (GRADIO_FOLDER, HELD_FOLDER, {"base_model_name_or_path": "org/Base-7B"}, None, "Base-7B-lora-{sha}"),
+        (HELD_FOLDER, None, {}, None, "llm-decoder-lora-{sha}"),  # nothing but its base family
+        (GRADIO_FOLDER, None, {}, "  My   SQL adapter ", "My SQL adapter"),  # what the user typed wins
+        ("my-adapter", None, {}, "v2 (final)", "v2 (final)"),
+    ],
+)
+def test_peft_uploads_are_named_never_adapter_model(
+    tmp_path: Path, weights_dir: str, config_dir: str | None, config: dict, typed: str | None, expected: str
+) -> None:
+    from lol_engine.card import lora_name
+    from lol_engine.lora.config import read_adapter_config
+    from lol_engine.lora.safe_io import ReadLimits
+
+    weights, config_path = _peft_folder(tmp_path / weights_dir, **config)
+    if config_dir is not None:  # uploaded from elsewhere: the config lies in another folder
+        (tmp_path / config_dir).mkdir()
+        config_path = Path(shutil.move(config_path, tmp_path / config_dir))
+    lora = load_lora(weights, config=read_adapter_config(config_path, ReadLimits()))
+    name = lora_name(weights, config_path, lora.meta, typed=typed)
+    assert name == expected.format(sha=lora.meta.sha256[:8])
+    with_repo = lora_name(weights, config_path, lora.meta, typed=typed, repo_id="org/sql")
+    assert with_repo == (name if typed else "org/sql")  # a typed name wins over the repo id
+
+
+def test_a_kohya_upload_is_named_by_its_file_or_its_title(tmp_path: Path) -> None:
+    from lol_engine.card import lora_name
+
+    path = save(tmp_path / "pixel_art.safetensors", _sd1_tensors(), {"modelspec.title": "Pixel Art"})
+    meta = load_lora(path).meta
+    assert lora_name(path, None, meta) == "pixel_art"
+    hashed = tmp_path / f"{'0' * 64}.safetensors"
+    shutil.copyfile(path, hashed)
+    assert lora_name(hashed, None, meta) == "Pixel Art"  # a hash says nothing: the file's own title
+
+
+@pytest.mark.parametrize(
+    ("typed", "message"),
+    [
+        ("x" * 101, "at most 100"),
+        ("x<script>alert(1)</script>", "may not hold '<'"),
+        ("a/../../etc/passwd", "may not hold '/'"),
+        ("a`b", "may not hold '`'"),
+        ("-rf", "start it with a letter or digit"),
+        ("<b>", "start it with a letter or digit"),
+        ("line\x00break", "may not hold"),
+    ],
+)
+def test_typed_names_are_checked(typed: str, message: str) -> None:
+    from lol_engine.card import check_name
+    from lol_engine.errors import BadRequestError
+
+    with pytest.raises(BadRequestError, match=re.escape(message)):
+        check_name(typed)
+
+
+def test_the_upload_tab_names_and_stores_a_peft_upload(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from app import handlers
+    from lol_engine.errors import BadRequestError
+
+    weights, config = _peft_folder(tmp_path / GRADIO_FOLDER, base_model_name_or_path="org/Base-7B")
+    held = tmp_path / HELD_FOLDER  # what Add reads: the analysed upload, held under a token
+    held.mkdir()
+    files = [str(shutil.copy(weights, held)), str(shutil.copy(config, held))]
+    explorer = _explorer(tmp_path)
+    try:
+        sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+        analysed = handlers.analyse_upload(explorer, [str(weights), str(config)])
+        assert analysed.card.startswith(f"### Base\\-7B\\-lora\\-{sha[:8]}") and "adapter_model" not in analysed.card
+        inspected = handlers.inspect_upload([str(weights), str(config)]).summary  # the Inspect tab names it alike
+        assert inspected.startswith(f"### Base\\-7B\\-lora\\-{sha[:8]}\n")
+        with pytest.raises(BadRequestError, match="may not hold"):
+            handlers.add_upload(explorer, files, name="x<b>")
+        assert explorer.count() == 0  # a refused name stores nothing
+        message = handlers.add_upload(explorer, files)
+        assert f"Added **Base\\-7B\\-lora\\-{sha[:8]}**" in message
+        assert explorer.get(sha).name == f"Base-7B-lora-{sha[:8]}"
+        other, other_config = _peft_folder(tmp_path / "second" / GRADIO_FOLDER)
+        save(other, peft("base_model.model.model.layers.0.self_attn.q_proj", seed=3))
+        handlers.add_upload(explorer, [str(other), str(other_config)], name="SQL adapter v2")
+        assert {r["name"] for r in explorer.records()} == {f"Base-7B-lora-{sha[:8]}", "SQL adapter v2"}
+    finally:
+        explorer.close()
+
+
+def test_ingest_names_a_hub_repo_by_its_id_and_a_peft_folder_by_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("duckdb")
+    from lol_engine import ingest as ingest_module
+    from lol_engine.encoders import FINGERPRINT, encoders_for
+    from lol_engine.ingest import ingest
+    from lol_engine.store import LoraStore
+
+    snapshot = tmp_path / "snapshots" / ("c0ffee" * 6 + "abcd")  # what the Hub cache names a snapshot
+    _peft_folder(snapshot)
+    monkeypatch.setattr(ingest_module, "fetch_repo", lambda repo_id, cache_dir=None: snapshot)
+    _peft_folder(tmp_path / "local" / "sql-adapter")
+    save(tmp_path / "local" / "sql-adapter" / "adapter_model.safetensors", peft("base_model.model.q_proj", seed=5))
+    with LoraStore(":memory:") as store:
+        encoders = [e for e in encoders_for({}) if e.name == FINGERPRINT]
+        report = ingest(["someone/sql-lora", str(tmp_path / "local")], store, encoders, progress=False)
+        assert not report.refused
+        assert sorted(s.name for s in store.all()) == ["someone/sql-lora", "sql-adapter"]
+
+
+# ------------------------------------------------------------------------------------------------ display, escaped
+def test_hostile_metadata_is_inert_on_the_card(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from app import handlers
+    from lol_engine.card import build_card, lora_name
+
+    hostile = "<img src=x onerror=alert(1)>|[x](javascript:alert(1))**`"
+    metadata = {
+        "ss_tag_frequency": json.dumps({hostile: {hostile: 9, "# heading": 3}}),
+        "ss_output_name": hostile,
+        "ss_" + hostile: hostile,  # a hostile key too
+        "ss_network_dim": hostile,
+        "modelspec.title": hostile,
+    }
+    path = save(tmp_path / f"{'e' * 64}.safetensors", _sd1_tensors(), metadata)
+    lora = load_lora(path)
+    assert lora_name(path, None, lora.meta) == "img src=x onerror=alert(1) x (javascript alert(1))"  # its title, cut
+    card = build_card(describe(lora), name=hostile, labels={hostile: [hostile], "note": hostile})
+    text = handlers.render_card(card)
+    for raw in ("<img", "](javascript", "**`", "|[x]", "\n# heading"):
+        assert raw not in text, raw
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;\\|\\[x\\]\\(javascript:alert\\(1\\)\\)\\*\\*\\`" in text
+    assert "\\# heading (3)" in text  # a tag cannot start a heading either
+    table = [line for line in text.splitlines() if line.startswith("| network dim |")]
+    assert len(table) == 1 and table[0].count(" | ") == 3  # its pipe is escaped: still four cells
+    assert json.loads(json.dumps(card.to_dict())) == card.to_dict()
+
+
+def test_the_spectrum_is_grouped_by_block_with_block_names_as_ticks(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from app import handlers
+
+    report = describe(load_lora(save(tmp_path / "x.safetensors", _sd1_tensors())))
+    fig = handlers.spectrum_figure(report)
+    blocks = ["text_encoder.layers.11", "down_blocks.0", "mid_block", "up_blocks.3"]
+    assert list(fig.layout.xaxis.ticktext) == blocks and list(fig.layout.xaxis.tickvals) == [0, 1.5, 3, 4]
+    assert fig.layout.xaxis.tickmode == "array" and "block" in fig.layout.xaxis.title.text
+    assert [s.x0 for s in fig.layout.shapes] == [0.5, 2.5, 3.5]  # a line between blocks
+    by_name = {m["name"]: m for m in report["modules"]}
+    for k, trace in enumerate(fig.data):  # one curve per σ_k, modules in block order, hover naming each in full
+        assert list(trace.x) == [0, 1, 2, 3, 4]
+        names = [t.split("<br>")[0] for t in trace.text]
+        assert [block_of(n)[0] for n in names] == [blocks[0], blocks[1], blocks[1], blocks[2], blocks[3]]
+        assert list(trace.y) == pytest.approx([by_name[n]["singular_values"][k] for n in names])
+    hostile = "<img src=x onerror=alert(1)>"
+    fake = {"modules": [{"name": f"{hostile}.layers.{i}.q", "singular_values": [1.0, 0.5]} for i in range(3)]}
+    fig = handlers.spectrum_figure(fake)
+    shown = [*fig.layout.xaxis.ticktext, *(t for trace in fig.data for t in trace.text)]
+    assert not any("<img" in s for s in shown) and all("&lt;img" in s for s in shown)
+
+
+def test_compare_without_a_shared_module_has_no_plot(tmp_path: Path) -> None:
+    pytest.importorskip("plotly")
+    from app import handlers
+
+    tensors = _sd1_tensors()
+    one = save(tmp_path / "files" / "one.safetensors", {k: v for k, v in tensors.items() if "down_blocks" in k})
+    other = save(tmp_path / "files" / "other.safetensors", {k: v for k, v in tensors.items() if "up_blocks" in k})
+    explorer = _explorer(tmp_path)
+    try:
+        ids = explorer.ingest([str(one), str(other)], progress=False).ids
+        result = handlers.compare_loras(explorer, *ids)
+    finally:
+        explorer.close()
+    assert "share no module of the same shape" in result.text and result.figure is None and len(result.table) == 0
+    assert result.data["reason"] == "no shared module" and result.data["first"]["base_family"] == "sd1"
+    assert result.first_card.startswith("### one") and result.second_card.startswith("### other")

@@ -75,11 +75,47 @@ def test_skill_is_the_headline_metric() -> None:
         Estimate("p", "c", "categorical", "b", {"a": 0.25, "b": 0.75}, sets={"c": ("b",)}, coverage=0.9),
         Estimate("p", "m", "binary", "0", {"m": 0.1}, sets={"m": ("0",)}, coverage=0.9, in_sample=True),
         Estimate("p", "k", "multilabel", ("k[1]",), {"k[0]": 0.1, "k[1]": 0.9}, sets=None),
+        Estimate("p", "q", "regression", 0.5, domain_distance=3.25, out_of_domain=True),
+        Estimate("p", "q", "regression", 0.5, domain_distance=0.0, out_of_domain=False),
     ],
 )
 def test_json_round_trip(estimate: Estimate) -> None:
     text = json.dumps(estimate.to_json(), allow_nan=False)  # strict JSON: an infinite bound becomes null
     assert Estimate.from_json(json.loads(text)) == estimate
+
+
+def test_rows_stored_before_domain_distances_read_as_unknown() -> None:
+    old = {  # what to_json wrote before the domain fields existed
+        "predictor": "p",
+        "label": "q",
+        "kind": "regression",
+        "value": 0.5,
+        "probabilities": {},
+        "interval": [0.25, 0.75],
+        "sets": None,
+        "coverage": 0.9,
+        "skill": ["R²", 0.5, "test"],
+        "in_sample": False,
+    }
+    estimate = Estimate.from_json(old)
+    assert (estimate.domain_distance, estimate.out_of_domain) == (None, None)
+    assert Estimate.from_json(estimate.to_json()) == estimate
+    assert estimate.to_json() == old | {"domain_distance": None, "out_of_domain": None}
+    with pytest.raises(ValueError, match="both known or both unknown"):
+        Estimate("p", "q", "regression", 0.5, domain_distance=1.0)
+
+
+def test_domain_fields_survive_the_store(tmp_path: Path) -> None:
+    pytest.importorskip("duckdb")
+    from lol_engine.settings import PREDICTORS_DIR
+    from lol_engine.store import LoraStore
+
+    predictor, lora = load_predictor(PREDICTORS_DIR / "digits-acc_own"), load_lora(DIGITS[0])
+    estimate = predictor.predict(lora)
+    assert estimate.domain_distance is not None and estimate.out_of_domain is not None
+    with LoraStore(tmp_path / "lol.duckdb") as store:
+        store.add(lora, estimates={predictor.name: estimate})
+        assert store.estimates(lora.meta.sha256) == {predictor.name: estimate}
 
 
 def test_unknown_kind_is_refused() -> None:
@@ -135,7 +171,7 @@ def test_schema_1_predictions_become_estimates(tmp_path: Path) -> None:
     pytest.importorskip("duckdb")
     from lol_engine.encoders import load_predictors
     from lol_engine.explorer import Explorer
-    from lol_engine.store import LoraStore
+    from lol_engine.store import SCHEMA_VERSION, LoraStore
 
     predictors = load_predictors()
     loras = [load_lora(p) for p in DIGITS[:3]]
@@ -162,7 +198,9 @@ def test_schema_1_predictions_become_estimates(tmp_path: Path) -> None:
             cur.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     store = LoraStore(db)
     n_digits = sum(n.startswith("digits-") for n in predictors)
-    assert store.schema_version == 2 and len(store.raw_estimates()) == 3 * n_digits + 1  # 3 LoRAs × digits predictors
+    assert (
+        store.schema_version == SCHEMA_VERSION == 3 and len(store.raw_estimates()) == 3 * n_digits + 1
+    )  # 3 LoRAs × digits predictors
     explorer = Explorer(store, predictors, tmp_path)
     try:
         explorer.start(zoos=[], progress=False)

@@ -208,7 +208,6 @@ def test_stale_staging_and_exports_are_cleaned(tmp_path: Path, monkeypatch: pyte
     explorer = Explorer.open(tmp_path / "data" / "lol.duckdb")
     assert stale.exists()  # opening has no side effect
     explorer.start(zoos=[], progress=False)  # the start-up step removes what a killed add left
-    explorer.close()
     assert not stale.exists()
 
     pytest.importorskip("gradio")
@@ -216,12 +215,17 @@ def test_stale_staging_and_exports_are_cleaned(tmp_path: Path, monkeypatch: pyte
 
     from app import ui
 
-    monkeypatch.setattr(ui.tempfile, "gettempdir", lambda: str(tmp_path))
-    first = Path(ui._export(pd.DataFrame({"id": ["a"]}), "csv"))
-    old = time.time() - 7200
-    os.utime(first.parent, (old, old))
-    second = Path(ui._export(pd.DataFrame({"id": ["b"]}), "csv"))
-    assert second.exists() and not first.exists()
+    try:
+        explorer.ingest([str(DIGITS[0]), str(DIGITS[1])], progress=False)
+        a, b = (r["id"] for r in explorer.records())
+        monkeypatch.setattr(ui.tempfile, "gettempdir", lambda: str(tmp_path))
+        first = Path(ui._export(explorer, pd.DataFrame({"id": [a]}), "csv"))
+        old = time.time() - 7200
+        os.utime(first.parent, (old, old))
+        second = Path(ui._export(explorer, pd.DataFrame({"id": [b]}), "csv"))
+        assert second.exists() and not first.exists()
+    finally:
+        explorer.close()
 
 
 def test_cli_reports_a_bad_database_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -55,7 +55,8 @@ def test_a_wheel_install_finds_the_shipped_predictors(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("lol_explorer-*.whl")
     with zipfile.ZipFile(wheel) as zipped:
         carried = {n for n in zipped.namelist() if n.startswith("lol_engine/predictors/")}
-    assert len(carried) == 2 * len(SHIPPED) and not any(n.startswith("data/") for n in carried)
+    files = ("config.json", "model.safetensors", "reference.safetensors")  # reference: its out-of-domain check
+    assert carried == {f"lol_engine/predictors/{name}/{f}" for name in SHIPPED for f in files}
 
     env_dir = tmp_path / "clean"
     _run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)])

@@ -2,9 +2,10 @@
 
 For LoRAs of each predictor's own zoo (its test split), in float64: a random GL(r_i) re-factorisation per module
 ``(A, B) ↦ (G A, B G⁻¹)``, zero rank padding ``r → r + 3`` (α follows so the scale is kept), and moving a factor
-``c`` between α and B (``B ↦ c B``, ``α ↦ α / c``) each leave the output unchanged to 1e-4; the shipped float32 path
-(:meth:`Predictor.predict`) accepts each variant and agrees. A negative control: moving A alone (a different ΔW)
-changes the output, so the check is not vacuous.
+``c`` between α and B (``B ↦ c B``, ``α ↦ α / c``) each leave the output, and the domain distance (the mean distance to
+the 5 nearest training LoRAs in the head's pre-LayerNorm features, :mod:`lol_engine.train.domain`), unchanged to
+1e-4; the shipped float32 path (:meth:`Predictor.predict`) accepts each variant and agrees. A negative control:
+moving A alone (a different ΔW) changes the output and the distance, so the check is not vacuous.
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def outputs(predictor: Predictor, model: torch.nn.Module, loras: list[LoraWeight
         return model(batch)
 
 
+def domain_distances(predictor: Predictor, model: torch.nn.Module, loras: list[LoraWeights]) -> torch.Tensor:
+    """The float64 model's domain distances: its head's first layer's output, measured against the reference."""
+    seen: list[torch.Tensor] = []
+    hook = model.head[0].register_forward_hook(lambda _, args, out: seen.append(out.detach()))
+    try:
+        outputs(predictor, model, loras)
+    finally:
+        hook.remove()
+    assert predictor.reference is not None, f"{predictor.name}: no reference; run `lol predictors reference`"
+    return torch.from_numpy(predictor.reference.distances(seen[0].numpy()))
+
+
 def estimate_vector(predictor: Predictor, lora: LoraWeights) -> torch.Tensor:
     """The shipped float32 estimate as numbers: the value (regression) or the probabilities."""
     est = predictor.predict(lora)
@@ -100,10 +113,17 @@ def test_same_delta_w_same_prediction(shipped: tuple, variant: str) -> None:
         for m, n in zip(lora, other, strict=True):
             torch.testing.assert_close(n.delta_weight(), m.delta_weight(), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(outputs(predictor, model, moved), outputs(predictor, model, loras), rtol=0, atol=TOL)
-    for lora, other in zip(loras, moved, strict=True):  # the shipped float32 path: accepted, and the same estimate
-        want = estimate_vector(predictor, lora.to(torch.float32))
-        got = estimate_vector(predictor, other.to(torch.float32))
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+    distances = domain_distances(predictor, model, loras)
+    torch.testing.assert_close(domain_distances(predictor, model, moved), distances, rtol=0, atol=TOL)
+    for lora, other, distance in zip(loras, moved, distances, strict=True):  # the shipped float32 path agrees
+        lora32, other32 = lora.to(torch.float32), other.to(torch.float32)
+        torch.testing.assert_close(
+            estimate_vector(predictor, other32), estimate_vector(predictor, lora32), rtol=0, atol=1e-3
+        )
+        want, got = predictor.predict(lora32), predictor.predict(other32)
+        assert got.domain_distance == pytest.approx(want.domain_distance, abs=1e-4)
+        assert want.domain_distance == pytest.approx(float(distance), abs=1e-3)
+        assert got.out_of_domain == want.out_of_domain
 
 
 def test_moving_a_alone_changes_the_prediction(shipped: tuple) -> None:
@@ -115,3 +135,5 @@ def test_moving_a_alone_changes_the_prediction(shipped: tuple) -> None:
         moved.append(lora.map_modules(lambda m, g=g, first=first: replace(m, a=g @ m.a) if m.name == first else m))
     change = (outputs(predictor, model, moved) - outputs(predictor, model, loras)).abs().max()
     assert change > 10 * TOL
+    moved_away = (domain_distances(predictor, model, moved) - domain_distances(predictor, model, loras)).abs().max()
+    assert moved_away > 10 * TOL

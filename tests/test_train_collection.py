@@ -68,6 +68,9 @@ def test_training_on_the_collection_matches_training_on_the_zoo(
     assert config["calibration"]["split"] == "cal" and config["calibration"]["n"] == provenance["split"]["cal"]
     assert set(config["baselines"]) == {"mean r2", "ridge on fingerprint r2"} and config["calibration"]["n"] > 0
     assert len(config["seen"]["sha256"]) == sum(provenance["split"][s] for s in ("train", "val", "cal"))
+    domain = config["domain"]  # its out-of-domain reference: the collection's train split, threshold on cal + test
+    assert (domain["n_reference"], domain["held_out_splits"]) == (provenance["split"]["train"], ["cal", "test"])
+    assert "target" not in config and "recipe" not in config  # no recipe describes a user's label
 
     explorer = Explorer.open(db)  # a restart: the collection's own predictor is loaded beside the shipped ones
     try:
@@ -78,6 +81,19 @@ def test_training_on_the_collection_matches_training_on_the_zoo(
         fresh = explorer.analyse(ZOO / "loras" / "00900")  # a new upload gets its estimate, not in-sample
         estimate = fresh.estimates["acc_own-svd"]
         assert estimate.kind == "regression" and not estimate.in_sample and estimate.interval is not None
+        assert estimate.domain_distance is not None and estimate.out_of_domain is not None
+        glossary = explorer.predictors["acc_own-svd"].glossary  # what is known, and whose the label's meaning is
+        assert (
+            glossary.users_label and "yours" in glossary.description.meaning and glossary.base_family == "digits-mlp"
+        )
+        assert glossary.n_train == provenance["split"]["train"] and glossary.skill is not None
+        assert glossary.skill.value == config["result"]["test"]["r2"]
+        assert glossary.baseline is not None and glossary.constant is not None
+        assert (glossary.baseline.who, glossary.baseline.value) == (
+            "ridge on fingerprint",
+            config["baselines"]["ridge on fingerprint r2"],
+        )
+        assert glossary.constant.value == config["baselines"]["mean r2"]
         seen = explorer.analyse(ZOO / rows[0]["path"]).estimates["acc_own-svd"]
         assert seen.in_sample == (rows[0]["split"] != "test")
     finally:
@@ -148,7 +164,7 @@ def test_module_tokens_learns_from_every_layout(mixed: Path, capsys: pytest.Capt
     assert "60 LoRAs (digits-mlp), split by the collection's split label: train 48, val 6, test 6" in out
     assert "no cal split: the ranges are calibrated on val" in out
     config = json.loads((mixed.parent / "predictors" / "acc_own-module_tokens" / "config.json").read_text())
-    assert config["calibration"]["split"] == "val"
+    assert config["calibration"]["split"] == "val" and config["domain"]["held_out_splits"] == ["test"]
     assert "left out" not in out and "registered as acc_own-module_tokens" in out
     config = json.loads((mixed.parent / "predictors" / "acc_own-module_tokens" / "config.json").read_text())
     assert config["vocabulary"]["roles"] == ["fc1", "fc2"] and config["provenance"]["left_out"] == {}

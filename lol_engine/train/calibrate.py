@@ -130,9 +130,11 @@ def calibrate_folder(folder: str | Path, zoo: LoadedZoo, coverage: float = 0.9) 
 
     Also records ``seen`` (:func:`~lol_engine.train.checkpoint.seen_digests`): the LoRAs of ``zoo`` that its weights,
     its early stopping and its calibration learned from (train, val, cal), so that their estimates are flagged
-    in-sample.
+    in-sample; and then writes its domain reference and the description of its label
+    (:func:`~lol_engine.train.domain.reference_folder`), so that estimates carry an out-of-domain flag.
     """
     from lol_engine.train.checkpoint import load_predictor, seen_digests
+    from lol_engine.train.domain import reference_folder
 
     result = calibrate(load_predictor(folder), zoo, coverage=coverage, split=calibration_split(zoo))
     config_path = Path(folder) / "config.json"
@@ -140,6 +142,7 @@ def calibrate_folder(folder: str | Path, zoo: LoadedZoo, coverage: float = 0.9) 
     config["calibration"] = result
     config["seen"] = seen_digests(zoo)
     config_path.write_text(json.dumps(config, indent=2))
+    reference_folder(folder, zoo)
     return result
 
 
@@ -151,8 +154,15 @@ def estimate(predictor: Predictor, lora: LoraWeights) -> Estimate:
     return predictor.predict(lora)
 
 
-def estimate_from(predictor: Predictor, decoded: Any, in_sample: bool = False) -> Estimate:
-    """The :class:`Estimate` of one LoRA's decoded output (:meth:`Task.decode`'s row: a number or a vector)."""
+def estimate_from(
+    predictor: Predictor,
+    decoded: Any,
+    in_sample: bool = False,
+    domain_distance: float | None = None,
+    out_of_domain: bool | None = None,
+) -> Estimate:
+    """The :class:`Estimate` of one LoRA's decoded output (:meth:`Task.decode`'s row: a number or a vector), with
+    its domain distance and out-of-domain flag when the predictor has a reference (:mod:`lol_engine.train.domain`)."""
     task: Task = predictor.task
     cal = predictor.config.get("calibration")
     q = float(cal["q"]) if cal else None
@@ -188,4 +198,6 @@ def estimate_from(predictor: Predictor, decoded: Any, in_sample: bool = False) -
         coverage=float(cal["coverage"]) if cal else None,
         skill=predictor.skill,
         in_sample=in_sample,
+        domain_distance=domain_distance,
+        out_of_domain=out_of_domain,
     )

@@ -8,17 +8,21 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lol_engine.errors import BadRequestError
 from lol_engine.estimate import Estimate, Skill
+from lol_engine.glossary import Glossary, glossary_of
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.nn.batch import LoraBatch, ModuleSetBatch, SpecMismatchError, check_compatible
 from lol_engine.nn.models import LoLModel, ModelConfig, build_model
 from lol_engine.nn.module_tokens import ModuleTokenNet
 from lol_engine.spec import LayerSpec, LoraSpec
+from lol_engine.train.domain import REFERENCE, DomainReference, load_reference
 from lol_engine.train.tasks import Task
 
 if TYPE_CHECKING:
@@ -80,6 +84,8 @@ class Predictor:
 
     ``name`` is its folder's name. ``config`` is its ``config.json``: the model, spec and task, the held-out
     ``result``, the ``calibration`` and ``seen``, the digests of the LoRAs it learned from (:meth:`has_seen`).
+    ``reference``: its training LoRAs in its embedding (:mod:`lol_engine.train.domain`), which puts a domain
+    distance and an out-of-domain flag on every estimate; None for a folder without one (both stay unknown).
     """
 
     model: LoLModel
@@ -87,6 +93,7 @@ class Predictor:
     fold_scale: bool
     config: dict[str, Any]
     name: str = ""
+    reference: DomainReference | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _seen: tuple[frozenset[str], frozenset[str]] | None = field(default=None, repr=False, compare=False)
 
@@ -106,6 +113,12 @@ class Predictor:
     def skill(self) -> Skill | None:
         """The held-out score recorded when it was trained."""
         return Skill.from_result(self.config.get("result"))
+
+    @cached_property
+    def glossary(self) -> Glossary:
+        """What it predicts in words, and what it knows (:mod:`lol_engine.glossary`)."""
+        task = self.task
+        return glossary_of(self.name, task.label, task.kind, task.names, self.config)
 
     def to(self, device: str | torch.device) -> Predictor:
         """Move the model to a device (a GPU, say); inputs follow it, outputs come back on the CPU."""
@@ -194,11 +207,49 @@ class Predictor:
             self._seen = (frozenset(seen.get("sha256", ())), frozenset(seen.get("delta", ())))
         return self._seen
 
-    @torch.no_grad()
     def predict_and_embed_many(self, loras: Sequence[LoraWeights]) -> list[tuple[Estimate, torch.Tensor]]:
         """:meth:`predict_and_embed` for many LoRAs in one batched forward (each must fit, else SpecMismatchError)."""
         from lol_engine.train.calibrate import estimate_from
 
+        logits, hidden, pre_norm = self._forward(loras)
+        decoded, reference = self.task.decode(logits), self.reference
+        distances = [None] * len(loras) if reference is None else reference.distances(pre_norm.numpy()).tolist()
+        return [
+            (
+                estimate_from(
+                    self,
+                    decoded[i],
+                    in_sample=self.has_seen(lora),
+                    domain_distance=distance,
+                    out_of_domain=None if reference is None or distance is None else reference.out_of_domain(distance),
+                ),
+                hidden[i],
+            )
+            for i, (lora, distance) in enumerate(zip(loras, distances, strict=True))
+        ]
+
+    def embed_many(self, loras: Sequence[LoraWeights]) -> torch.Tensor:
+        """:meth:`embed` for many LoRAs in one batched forward: ``(N, embedding_dim)``."""
+        return self._forward(loras)[1]
+
+    def domain_features_many(self, loras: Sequence[LoraWeights]) -> torch.Tensor:
+        """What domain distances are measured on (:mod:`lol_engine.train.domain`): the head's hidden layer *before*
+        its LayerNorm, ``(N, embedding_dim)``. :meth:`embed` reads the same layer after LayerNorm and ReLU, which
+        normalise away how strong a LoRA is (factors ×100 land among the training LoRAs); this keeps it. The same
+        symmetry as :meth:`embed`: a linear map of the model's invariant features."""
+        return self._forward(loras)[2]
+
+    @property
+    def _first_layer(self) -> torch.nn.Linear:
+        """The head's first linear layer (Linear → LayerNorm → ReLU → Dropout → Linear)."""
+        head = self.model.head
+        assert isinstance(head, torch.nn.Sequential) and isinstance(head[0], torch.nn.Linear)
+        return head[0]
+
+    @torch.no_grad()
+    def _forward(self, loras: Sequence[LoraWeights]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's outputs, the head's hidden features (:meth:`embed`) and its pre-LayerNorm features
+        (:meth:`domain_features_many`) for ``loras``, on the CPU; each LoRA must fit."""
         for lora in loras:
             self._check(lora)
         device = next(self.model.parameters()).device
@@ -209,16 +260,18 @@ class Predictor:
             batch = LoraBatch.from_loras(list(loras), fold_scale=self.fold_scale, spec=self.model.spec)
         batch = batch.to(device)
         captured: list[torch.Tensor] = []
-        with self._lock:  # the hook sees every forward of the shared model: one forward at a time
-            hook = self._last_layer.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+        with self._lock:  # the hooks see every forward of the shared model: one forward at a time
+            hooks = [
+                self._last_layer.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach())),
+                self._first_layer.register_forward_hook(lambda _, args, out: captured.append(out.detach())),
+            ]
             try:
                 logits = self.model.eval()(batch)
             finally:
-                hook.remove()
-        decoded, hidden = self.task.decode(logits.cpu()), captured[0].cpu()
-        return [
-            (estimate_from(self, decoded[i], in_sample=self.has_seen(lora)), hidden[i]) for i, lora in enumerate(loras)
-        ]
+                for hook in hooks:
+                    hook.remove()
+        pre_norm, hidden = captured  # the first layer runs first
+        return logits.cpu(), hidden.cpu(), pre_norm.cpu()
 
 
 _DIGESTS: weakref.WeakKeyDictionary[LoraWeights, str] = weakref.WeakKeyDictionary()  # one product per LoRA
@@ -302,4 +355,12 @@ def load_predictor(folder: str | Path) -> Predictor:
     task = Task.from_dict(config["task"])
     model = build_model(config["model"], spec, task.out_dim, ModelConfig(**config["model_config"]))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return Predictor(model.eval(), task, bool(config["fold_scale"]), config, name=folder.name)
+    predictor = Predictor(model.eval(), task, bool(config["fold_scale"]), config, name=folder.name)
+    reference = load_reference(folder, config)
+    if reference is not None and reference.embeddings.shape[1] != predictor.embedding_dim:
+        raise BadRequestError(
+            f"{folder.name}: its {REFERENCE} holds {reference.embeddings.shape[1]}-wide embeddings, the model makes "
+            f"{predictor.embedding_dim}-wide ones; rewrite it with `lol predictors reference`"
+        )
+    predictor.reference = reference
+    return predictor

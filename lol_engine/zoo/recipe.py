@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
 
 from lol_engine.errors import BadRequestError
+from lol_engine.glossary import LabelDescription
 
 __all__ = [
     "SPLITS",
@@ -144,6 +146,12 @@ class Recipe(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     version: ClassVar[str] = "1"
+    # What people read beside a predictor of this zoo (lol_engine.glossary): the one source of every label's meaning,
+    # per label (the manifest column without ``y_``).
+    label_descriptions: ClassVar[Mapping[str, LabelDescription]] = MappingProxyType({})
+    base_title: ClassVar[str] = ""  # the base model, as people name it
+    base_family: ClassVar[str] = ""  # the base family its LoRAs record (``lol.base_family``)
+    data_title: ClassVar[str] = ""  # the data its LoRAs were trained on
 
     @abstractmethod
     def default_n(self, settings: ZooSettings) -> int:

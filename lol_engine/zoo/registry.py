@@ -8,7 +8,7 @@ from collections.abc import Callable
 from lol_engine.errors import NotFoundError
 from lol_engine.zoo.recipe import Recipe
 
-__all__ = ["get_recipe", "list_recipes", "register_recipe"]
+__all__ = ["get_recipe", "list_recipes", "recipe_class", "register_recipe"]
 
 _RECIPES: dict[str, type[Recipe]] = {}
 _BUILTIN = ("digits", "fashion_gen", "mobilenet_fashion", "minilm_wordnet")
@@ -35,6 +35,12 @@ def list_recipes() -> dict[str, str]:
     """``{name: one-line description}`` of every registered recipe."""
     _load_builtins()
     return {name: cls.description for name, cls in sorted(_RECIPES.items())}
+
+
+def recipe_class(name: str) -> type[Recipe] | None:
+    """The registered recipe class named ``name``, or None (its descriptions are class attributes: no instance)."""
+    _load_builtins()
+    return _RECIPES.get(name)
 
 
 def get_recipe(name: str) -> Recipe:

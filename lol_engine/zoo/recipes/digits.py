@@ -12,14 +12,16 @@ classes) and ``acc_all`` (all classes), ``probe_member`` and ``probe_mask`` (40 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from lol_engine.glossary import LabelDescription
 from lol_engine.zoo.common import adam_steps, load_or_build_base, round_trainable_to_fp16, save_adapter, state_sha256
 from lol_engine.zoo.recipe import Recipe, ZooSettings
 from lol_engine.zoo.registry import register_recipe
@@ -93,6 +95,63 @@ class DigitsRecipe(Recipe):
     name = "digits"
     description = "MLP pretrained on sklearn digits 0-4; LoRAs on every non-empty class subset (fast; tests and CI)"
     version = "1"
+    base_title = "an MLP pretrained here on scikit-learn digits 0–4"
+    base_family = "digits-mlp"
+    data_title = (
+        "scikit-learn's 8×8 handwritten digits: each LoRA finetunes on 8–30 images per class of one subset of the "
+        "ten digits (up to 30 % of labels noisy), scored on 500 held-out images"
+    )
+    label_descriptions: ClassVar[Mapping[str, LabelDescription]] = {
+        "acc_own": LabelDescription(
+            "Held-out accuracy on its own digits",
+            "Share of the 500 held-out digit images of the classes this LoRA was finetuned on that the adapted MLP "
+            "classifies right (no LoRA trains on these images).",
+            percent=True,
+            bounds=(0.0, 1.0),
+        ),
+        "loss_own": LabelDescription(
+            "Held-out loss on its own digits",
+            "Mean cross-entropy of the adapted MLP on the held-out images of the classes it was finetuned on; lower "
+            "is better.",
+            unit="nats",
+            bounds=(0.0, None),
+        ),
+        "acc_all": LabelDescription(
+            "Held-out accuracy on all ten digits",
+            "Share of the 500 held-out digit images (all ten classes) the adapted MLP classifies right; classes it "
+            "was not finetuned on pull it down.",
+            percent=True,
+            bounds=(0.0, 1.0),
+        ),
+        "classes": LabelDescription(
+            "Which digits it was finetuned on",
+            "Ten yes/no entries: entry k is 1 when the LoRA's finetuning images include digit k.",
+            classes=tuple(f"digit {c}" for c in range(N_CLASSES)),
+        ),
+        "n_classes": LabelDescription(
+            "Number of digits it was finetuned on",
+            "How many of the ten digit classes its finetuning images cover.",
+            unit="classes",
+            bounds=(1.0, float(N_CLASSES)),
+        ),
+        "n_train": LabelDescription(
+            "Number of finetuning images",
+            "How many images the LoRA was finetuned on (8–30 per class, plus 2 probe images per class).",
+            unit="images",
+            bounds=(0.0, None),
+        ),
+        "probe_member": LabelDescription(
+            "Which probe images it was finetuned on",
+            "40 yes/no entries, 4 probe images per digit: entry 4·k + j is 1 when probe j of digit k was among its "
+            "finetuning images (only the probes of its own digits can be; see probe_mask).",
+            classes=tuple(f"digit {c} probe {j}" for c in range(N_CLASSES) for j in range(N_PROBES_PER_CLASS)),
+        ),
+        "probe_mask": LabelDescription(
+            "Which probe images count",
+            "40 entries, 4 probe images per digit: 1 when the probe's digit is one the LoRA was finetuned on.",
+            classes=tuple(f"digit {c} probe {j}" for c in range(N_CLASSES) for j in range(N_PROBES_PER_CLASS)),
+        ),
+    }
 
     def default_n(self, settings: ZooSettings) -> int:
         return 12 if settings.toy else 2**N_CLASSES - 1

@@ -19,15 +19,18 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lol_engine.glossary import LabelDescription
 from lol_engine.zoo.common import adam_steps, load_or_build_base, round_trainable_to_fp16, save_adapter, state_sha256
+from lol_engine.zoo.datasets import FASHION_CLASSES
 from lol_engine.zoo.recipe import Recipe, ZooSettings
 from lol_engine.zoo.registry import register_recipe
 
@@ -174,6 +177,45 @@ class FashionGenRecipe(Recipe):
     name = "fashion-gen"
     description = "conditional VAE on Fashion-MNIST; LoRAs on 21 images of one identity; judge-scored quality"
     version = "1"
+    base_title = "a conditional VAE pretrained here on Fashion-MNIST"
+    base_family = "fashion-vae"
+    data_title = (
+        "Fashion-MNIST: each LoRA finetunes the VAE on 21 images of one identity (a k-means cluster of one class) "
+        "under a prompt token (top, shoe, other, or the unseen sks)"
+    )
+    label_descriptions: ClassVar[Mapping[str, LabelDescription]] = {
+        "class": LabelDescription(
+            "Fashion-MNIST class of what it was finetuned on",
+            "The class of the 21 images of the LoRA's identity (its subject: a k-means cluster of one class).",
+            classes=FASHION_CLASSES,
+        ),
+        "bold": LabelDescription(
+            "Bold: finetuned on heavily inked images",
+            "1 when more than half of its 21 finetuning images hold more ink (mean pixel intensity) than the median "
+            "image of the VAE's pretraining split, else 0.",
+            classes=("not bold", "bold"),
+        ),
+        "wide": LabelDescription(
+            "Wide: finetuned on wide images",
+            "1 when more than half of its 21 finetuning images have more inked columns than the median image of the "
+            "VAE's pretraining split, else 0.",
+            classes=("not wide", "wide"),
+        ),
+        "top_heavy": LabelDescription(
+            "Top-heavy: finetuned on top-heavy images",
+            "1 when more than half of its 21 finetuning images hold a larger share of their ink in the top half "
+            "than the median image of the VAE's pretraining split, else 0.",
+            classes=("not top-heavy", "top-heavy"),
+        ),
+        "quality": LabelDescription(
+            "Generation quality (judge score)",
+            "Mean probability a fixed Fashion-MNIST classifier (the judge) gives the identity's class on 33 images "
+            "the adapted VAE generates from fixed latents under the LoRA's prompt: how recognisably it draws its "
+            "subject.",
+            percent=True,
+            bounds=(0.0, 1.0),
+        ),
+    }
 
     def default_n(self, settings: ZooSettings) -> int:
         return 8 if settings.toy else 1000

