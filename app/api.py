@@ -194,10 +194,7 @@ def prediction(
             "autov2": report.get("autov2"),
             "warnings": report["warnings"],
             "predictions": [e.to_json() for e in result.analysis.estimates.values()],
-            "neighbours": [
-                _neighbour(n)
-                for n in explorer.neighbours(result.analysis.lora, k=_k(k), exclude=result.analysis.sha256)
-            ],
+            "neighbours": [_neighbour(n) for n in result.nearest],
             "stored": explorer.find(result.analysis.sha256) is not None,
             "card": result.card_data,
         }

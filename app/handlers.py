@@ -351,6 +351,7 @@ class UploadResult:
     modules: list[list[Any]]
     analysis: Analysis
     card_data: dict[str, Any] = field(default_factory=dict)  # the card as JSON (lol_engine.card.Card.to_dict)
+    nearest: list[Neighbour] = field(default_factory=list)  # the neighbours behind the ``neighbours`` table
 
 
 def _upload_files(
@@ -409,6 +410,7 @@ def analyse_upload(
         inspect_rows(report),
         analysis,
         card.to_dict(),
+        list(neighbours),
     )
 
 

@@ -465,42 +465,33 @@ def _explore_tab(explorer: Explorer, demo: gr.Blocks) -> tuple[_Refresher, ...]:
             )
             return view.figure.to_json(), handlers.escape(view.status(color_by or "zoo", text or ""), 400)
 
-        def controls(request: gr.Request | None = None) -> tuple[Any, ...]:
-            """The map and filter choices; on a page load, the view its address asks for (?map=&color=&lora=&q=)."""
-            query = dict(request.query_params) if request is not None and request.query_params else {}
-            maps, _, choices = handlers.map_options(explorer)
-            encoders = [e for _, e in maps]
-            encoder = query.get("map") if query.get("map") in encoders else (encoders[0] if encoders else None)
+        def colours_of(encoder: str | None, color_by: str | None) -> Any:
+            """The colourings ``encoder``'s map offers, ``color_by`` kept when it is one of them."""
             colours = colour_options(explorer, encoder) if encoder else []
-            wanted = query.get("color", "zoo")
-            lora_id = str(query.get("lora", ""))[:64]
-            return (
-                gr.update(choices=maps, value=encoder),
-                gr.update(choices=colours, value=wanted if wanted in {c for _, c in colours} else "zoo"),
-                gr.update(choices=choices["zoo"]),
-                gr.update(choices=choices["base_family"]),
-                gr.update(choices=choices["format"]),
-                str(query.get("q", ""))[:100],
-                lora_id if explorer.find(lora_id) is not None else "",
-            )
+            return gr.update(choices=colours, value=color_by if color_by in {c for _, c in colours} else "zoo")
 
         def refreshed(encoder: str | None, color_by: str | None) -> tuple[Any, ...]:
-            """After an add: new choices, the current ones kept."""
+            """The map, colour and filter choices, the given map and colour kept where they still exist."""
             maps, _, choices = handlers.map_options(explorer)
             encoders = [e for _, e in maps]
             encoder = encoder if encoder in encoders else (encoders[0] if encoders else None)
-            colours = colour_options(explorer, encoder) if encoder else []
             return (
                 gr.update(choices=maps, value=encoder),
-                gr.update(choices=colours, value=color_by if color_by in {c for _, c in colours} else "zoo"),
+                colours_of(encoder, color_by),
                 gr.update(choices=choices["zoo"]),
                 gr.update(choices=choices["base_family"]),
                 gr.update(choices=choices["format"]),
             )
 
-        def colours_of(encoder: str | None, color_by: str | None) -> Any:
-            colours = colour_options(explorer, encoder) if encoder else []
-            return gr.update(choices=colours, value=color_by if color_by in {c for _, c in colours} else "zoo")
+        def controls(request: gr.Request | None = None) -> tuple[Any, ...]:
+            """On a page load: the choices, and the view its address asks for (?map=&color=&lora=&q=)."""
+            query = dict(request.query_params) if request is not None and request.query_params else {}
+            lora_id = str(query.get("lora", ""))[:64]
+            return (
+                *refreshed(query.get("map"), query.get("color", "zoo")),
+                str(query.get("q", ""))[:100],
+                lora_id if explorer.find(lora_id) is not None else "",
+            )
 
         @_guard
         def card_of(

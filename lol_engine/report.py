@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lol_engine.errors import LoraFormatError
-from lol_engine.lora.metadata import TOP_TAGS, training_parameters, trigger_words
+from lol_engine.lora.metadata import TOP_TAGS, one_line, training_parameters, trigger_words
 from lol_engine.lora.safe_io import ReadLimits, safetensors_hashes
 from lol_engine.lora.weights import LoraMetadata, LoraWeights
 from lol_engine.symmetry import lora_fro_norms, lora_singular_values
@@ -227,18 +226,6 @@ _HASH_KEYS = (
 )
 
 
-def _line(value: Any, limit: int) -> str:
-    """A value as one bounded line of text (structures as compact JSON)."""
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, dict | list):
-        text = json.dumps(value, separators=(",", ":"), default=str)[: limit + 1]
-    else:
-        text = str(value)
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _datasets(value: list[Any]) -> str:
     """kohya's ``ss_datasets`` (one object per dataset, its tag counts included) as a line: images, resolution,
     batch size and subsets of each."""
@@ -252,7 +239,7 @@ def _datasets(value: list[Any]) -> str:
             ("batch_size_per_device", "batch {}"),
             ("num_reg_images", "{} regularisation images"),
         )
-        bits = [form.format(_line(dataset[key], 40)) for key, form in fields if dataset.get(key) not in (None, 0)]
+        bits = [form.format(one_line(dataset[key], 40)) for key, form in fields if dataset.get(key) not in (None, 0)]
         if isinstance(dataset.get("subsets"), list):
             bits.append(f"{len(dataset['subsets'])} subset(s)")
         parts.append(", ".join(bits) or "?")
@@ -294,7 +281,7 @@ def _other_metadata(report: Mapping[str, Any]) -> list[dict[str, str]]:
         if k not in tabled and v not in (None, "", [], {})
     ]
     return [
-        {"key": _line(key, _KEY_CHARS), "value": _line(_readable(key, value), _VALUE_CHARS)}
+        {"key": one_line(key, _KEY_CHARS), "value": one_line(_readable(key, value), _VALUE_CHARS)}
         for key, value in pairs[:MAX_OTHER_METADATA]
     ]
 
@@ -322,10 +309,10 @@ def card_facts(report: Mapping[str, Any]) -> dict[str, Any]:
     total = report.get("total_delta_fro_norm")
     facts: dict[str, Any] = {
         "version": CARD_FACTS_VERSION,
-        "format": _line(report.get("format", "unknown"), _KEY_CHARS),
-        "base_family": _line(report.get("base_family", "unknown"), _KEY_CHARS),
-        "evidence": [_line(e, _LINE_CHARS) for e in list(report.get("evidence", []))[:MAX_LINES]],
-        "dtype": _line(report.get("dtype", ""), _KEY_CHARS),
+        "format": one_line(report.get("format", "unknown"), _KEY_CHARS),
+        "base_family": one_line(report.get("base_family", "unknown"), _KEY_CHARS),
+        "evidence": [one_line(e, _LINE_CHARS) for e in list(report.get("evidence", []))[:MAX_LINES]],
+        "dtype": one_line(report.get("dtype", ""), _KEY_CHARS),
         "n_modules": int(report.get("n_modules", 0)),
         "ranks": [int(r) for r in report.get("ranks", [])][:MAX_BLOCKS],
         "scales": _scales(report),
@@ -334,23 +321,23 @@ def card_facts(report: Mapping[str, Any]) -> dict[str, Any]:
         "total_delta_fro_norm": None if total is None else float(total),
         **{key: report.get(key) for key in _HASH_KEYS},
         "trigger_words": {
-            "output_name": None if words.get("output_name") is None else _line(words["output_name"], _VALUE_CHARS),
+            "output_name": None if words.get("output_name") is None else one_line(words["output_name"], _VALUE_CHARS),
             "trigger_phrase": None
             if not words.get("trigger_phrase")
-            else _line(words["trigger_phrase"], _VALUE_CHARS),
+            else one_line(words["trigger_phrase"], _VALUE_CHARS),
             "top_tags": [
-                {"tag": _line(t["tag"], _VALUE_CHARS), "count": int(t["count"])}
+                {"tag": one_line(t["tag"], _VALUE_CHARS), "count": int(t["count"])}
                 for t in list(words.get("top_tags", []))[:TOP_TAGS]
             ],
             "n_tags": int(words.get("n_tags", 0)),
         },
         "training_parameters": [  # key and value: the names and meanings are lol_engine.lora.metadata's
-            {"key": _line(p["key"], _KEY_CHARS), "value": _line(p["value"], _VALUE_CHARS)}
+            {"key": one_line(p["key"], _KEY_CHARS), "value": one_line(p["value"], _VALUE_CHARS)}
             for p in list(report.get("training_parameters", []))[:MAX_OTHER_METADATA]
         ],
         "block_strength": [
             {
-                "block": _line(b["block"], _KEY_CHARS),
+                "block": one_line(b["block"], _KEY_CHARS),
                 "n_modules": int(b["n_modules"]),
                 "delta_fro_norm": float(b["delta_fro_norm"]),
             }
@@ -358,6 +345,6 @@ def card_facts(report: Mapping[str, Any]) -> dict[str, Any]:
         ],
         "n_blocks": int(report.get("n_blocks", len(blocks))),
         "other_metadata": list(report["other_metadata"]) if "other_metadata" in report else _other_metadata(report),
-        "warnings": [_line(w, _LINE_CHARS) for w in list(report.get("warnings", []))[:MAX_LINES]],
+        "warnings": [one_line(w, _LINE_CHARS) for w in list(report.get("warnings", []))[:MAX_LINES]],
     }
     return facts

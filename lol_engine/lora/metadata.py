@@ -18,7 +18,15 @@ from lol_engine.errors import LoraFormatError
 from lol_engine.lora.keys import NameOrigin
 from lol_engine.lora.safe_io import ReadLimits, parse_json
 
-__all__ = ["Notes", "decode_kohya", "format_name", "training_parameters", "trigger_words", "unknown_layout"]
+__all__ = [
+    "Notes",
+    "decode_kohya",
+    "format_name",
+    "one_line",
+    "training_parameters",
+    "trigger_words",
+    "unknown_layout",
+]
 
 
 class Notes:
@@ -174,8 +182,8 @@ def trigger_words(kohya: Mapping[str, Any], modelspec: Mapping[str, Any], warnin
     output_name = kohya.get("ss_output_name")
     phrase = modelspec.get("trigger_phrase")
     return {
-        "output_name": _shown_value(output_name) if output_name is not None else None,
-        "trigger_phrase": _shown_value(phrase) if phrase else None,
+        "output_name": one_line(output_name) if output_name is not None else None,
+        "trigger_phrase": one_line(phrase) if phrase else None,
         "top_tags": [{"tag": tag, "count": n} for tag, n in top],
         "n_tags": len(counts),
     }
@@ -188,16 +196,16 @@ def _utc(value: Any) -> str | None:
     return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _shown_value(value: Any) -> str:
-    """A metadata value as one bounded line of text (structures as compact JSON)."""
+def one_line(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
+    """A metadata value as one line of at most ``limit`` characters (structures as compact JSON)."""
     if isinstance(value, str):
         text = value
     elif isinstance(value, dict | list):
-        text = json.dumps(value, separators=(",", ":"), default=str)[: MAX_VALUE_CHARS + 1]
+        text = json.dumps(value, separators=(",", ":"), default=str)[: limit + 1]
     else:
         text = str(value)
     text = " ".join(text.split())
-    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # (metadata key, readable name, what it means). Keys absent from a file are not listed.
@@ -264,5 +272,5 @@ def training_parameters(kohya: Mapping[str, Any], adapter_config: Mapping[str, A
             if value is None or value == "":
                 continue
             shown = _utc(value) if key.endswith(("_started_at", "_finished_at")) else None
-            rows.append({"key": key, "name": name, "value": shown or _shown_value(value), "meaning": meaning})
+            rows.append({"key": key, "name": name, "value": shown or one_line(value), "meaning": meaning})
     return rows
