@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,19 @@ from lol_engine.report import describe
 from lol_engine.scale.sources import download, url_name
 from lol_engine.store import LoraStore, NewLora
 
-__all__ = ["COLUMNS", "EncoderStage", "is_done", "parse_batch"]
+__all__ = ["COLUMNS", "Carried", "EncoderStage", "is_done", "parse_batch"]
 
 log = logging.getLogger(__name__)
 COLUMNS = ("seq", "key", "path", "status", "reason", "sha256", "size", "mtime_ns", "rows_json", "weights")
 _REFUSED = (LolError, OSError, ValueError)  # what ingest() refuses a file for
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A LoRA on its way to the encoder stage, opaque to Ray Data (which would take a :class:`LoraWeights`, a
+    sequence of modules, for an array)."""
+
+    lora: LoraWeights
 
 
 def is_done(sha256: str, done: np.ndarray) -> bool:
@@ -134,7 +143,7 @@ def _parse_one(
         "reason": "",
         "sha256": lora.meta.sha256,
         "rows_json": json.dumps(rows, allow_nan=False),
-        "weights": lora if fits else None,
+        "weights": Carried(lora) if fits else None,
     }
 
 
@@ -178,8 +187,8 @@ class EncoderStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Add the predictors' rows to each LoRA's ``rows_json`` and drop its weights."""
         rows = list(_rows(batch))
-        todo = [r for r in rows if r["weights"] is not None]
-        for row, result in zip(todo, self._encode([r["weights"] for r in todo]), strict=True):
+        todo = [r for r in rows if isinstance(r["weights"], Carried)]
+        for row, result in zip(todo, self._encode([r["weights"].lora for r in todo]), strict=True):
             if isinstance(result, str):
                 row |= _error(result, row["sha256"])
                 continue
