@@ -4,7 +4,6 @@ list files, Hub repos from an offline cache, and the command line. One local Ray
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("duckdb")
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
+import ray
 from collection import mini_zoo
 from lora_files import kohya, save
 
@@ -218,3 +218,14 @@ def test_workers_import_this_checkout() -> None:
         return lol_engine.__file__
 
     assert ray.get(where.remote()).startswith(str(ROOT))
+
+
+def test_benchmark_quick_smoke() -> None:
+    """benchmarks/bench_ray_ingest.py --quick runs end to end in this Ray session (no timing is asserted)."""
+    import runpy
+
+    module = runpy.run_path(str(ROOT / "benchmarks" / "bench_ray_ingest.py"))
+    rows = module["main"](["--quick"])
+    cases = [row[1] for row in rows]
+    assert any("Ray, 1 worker(s)" in c for c in cases) and any("single process" in c for c in cases)
+    assert sum(row[0] == "per-file cost" for row in rows) == 4 and all(len(row) == 6 for row in rows)

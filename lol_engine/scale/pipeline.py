@@ -145,7 +145,7 @@ def _run(
         data.enable_progress_bars = False  # ours is below
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         done_ref = ray.put(np.array(sorted(done), dtype="S64"))
-        blocks = max(1, min(len(tasks), 4 * workers, len(tasks) // batch_size + 1))
+        blocks = min(len(tasks), max(4 * workers, -(-len(tasks) // 64)), 20_000)  # ≤ 64 tasks a block: steady
         items = ray.data.from_items([t.to_row() for t in tasks], override_num_blocks=blocks)
         dataset = items.map_batches(
             parse_batch,

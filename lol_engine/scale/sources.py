@@ -44,6 +44,7 @@ class Task:
     labels_json: str = "{}"  # the zoo manifest's labels, then a name- or path-keyed table's
     size: int = -1  # of a local path, for resuming without reading it again (-1: unknown)
     mtime_ns: int = -1
+    cwd: str = ""  # the driver's folder, when the path was given relative: the LoRA's source is stored relative
 
     @property
     def key(self) -> str:
@@ -122,7 +123,8 @@ def _path_task(seq: int, source: LoraSource, labels_json: str) -> Task:
         size, mtime = stat.st_size, stat.st_mtime_ns
     except OSError:
         size, mtime = -1, -1  # refused by the worker, with the reason
-    return Task(seq, "path", str(path), source.name, source.zoo, labels_json, size, mtime)
+    cwd = "" if source.path.is_absolute() else os.getcwd()
+    return Task(seq, "path", str(path), source.name, source.zoo, labels_json, size, mtime, cwd)
 
 
 def _plain(value: Any) -> Any:

@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -106,7 +107,8 @@ def _resolve(done: Any) -> np.ndarray:
 
 
 def _sources(task: dict[str, Any], stack: ExitStack, cache_dir: str | None) -> Iterator[tuple[LoraSource, str]]:
-    """``(source, what to store as its source)`` for each LoRA of a task."""
+    """``(source, how to store its source)`` for each LoRA of a task: the URL of a download, the folder a relative
+    path was given in, or nothing (the file's path as read)."""
     kind, target = task["kind"], str(task["target"])
     if kind == "url":
         path = stack.enter_context(download(target))
@@ -116,7 +118,7 @@ def _sources(task: dict[str, Any], stack: ExitStack, cache_dir: str | None) -> I
             yield source, ""
     else:
         labels = json.loads(task["labels_json"])
-        yield LoraSource(Path(target), labels, task["zoo"] or None, task["name"] or None), ""
+        yield LoraSource(Path(target), labels, task["zoo"] or None, task["name"] or None), task["cwd"]
 
 
 def _parse_one(
@@ -128,8 +130,9 @@ def _parse_one(
         if is_done(sha, done):
             return {"status": "stored", "reason": "", "sha256": sha, "rows_json": "", "weights": None}
     lora = load_lora(source.path)
-    if shown_source:  # a download: store the URL, not the temporary file
-        lora = dataclasses.replace(lora, meta=dataclasses.replace(lora.meta, source=shown_source))
+    if shown_source:  # a download: store the URL, not the temporary file; a relative path given: relative to it
+        shown = _relative(lora.meta.source, shown_source) if task["kind"] == "path" else shown_source
+        lora = dataclasses.replace(lora, meta=dataclasses.replace(lora.meta, source=shown))
     fingerprint = encode_many([lora], [FingerprintEncoder()])[0].embeddings
     labels = {**(metadata_labels(lora.meta) if metadata else {}), **source.labels}
     try:
@@ -145,6 +148,12 @@ def _parse_one(
         "rows_json": json.dumps(rows, allow_nan=False),
         "weights": Carried(lora) if fits else None,
     }
+
+
+def _relative(source: str, cwd: str) -> str:
+    """``source`` relative to ``cwd`` when it lies under it (as the single-process ingest stores a relative path)."""
+    prefix = cwd.rstrip(os.sep) + os.sep
+    return source[len(prefix) :] if source.startswith(prefix) else source
 
 
 def _error(reason: str, sha256: str = "") -> dict[str, Any]:
