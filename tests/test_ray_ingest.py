@@ -229,3 +229,15 @@ def test_benchmark_quick_smoke() -> None:
     cases = [row[1] for row in rows]
     assert any("Ray, 1 worker(s)" in c for c in cases) and any("single process" in c for c in cases)
     assert sum(row[0] == "per-file cost" for row in rows) == 4 and all(len(row) == 6 for row in rows)
+
+
+def test_loading_shards_again_leaves_stored_loras_alone(ray_run: tuple[Path, Any]) -> None:
+    """load_shards adds only LoRAs the store lacks: a label edited since is kept, nothing is added twice."""
+    db, report = ray_run
+    with LoraStore(db) as store:
+        lora_id = report.ids[0]
+        before = store.labels(lora_id)
+        store.set_labels({lora_id: {"quality": 9.5}})
+        assert store.load_shards(parts(report.out)) == 0 and store.count() == 39
+        assert store.labels(lora_id) == before | {"quality": 9.5}
+        assert store.has([lora_id, "0" * 64]) == {lora_id} and sorted(report.ids) == store.ids()
