@@ -95,8 +95,8 @@ def ray_ingest(
     done = stored_ids(out) | (set(store.ids()) if store is not None else set())
     loaded: dict[str, str] = {}  # sha256 -> name of each LoRA read, for a sha256-keyed table's report
     writer = ShardWriter(out, rows_per_part)
-    if todo:
-        by_sha = labels.rows if labels is not None and labels.key == "sha256" else None
+    by_sha = labels.rows if labels is not None and labels.key == "sha256" else None
+    try:  # whatever arrived is written, even when the run fails: a rerun goes on from there
         for row in _run(todo, done, report, workers, address, predictors, metadata, cache_dir, progress, batch_size):
             if row["status"] == "ok" and row["sha256"] in loaded:
                 row = row | {"status": "stored"}  # the same file twice in one run: the first one is kept
@@ -108,7 +108,8 @@ def ray_ingest(
                 report.refused.append((row["path"], row["reason"]))
             else:
                 report.skipped += 1
-    report.parts = writer.close()
+    finally:
+        report.parts = writer.close()
     if labels is not None and labels.key == "sha256":
         report.labels = match_labels(labels, [LoraKeys(sha, key) for sha, key in loaded.items()])
     if store is not None:
@@ -131,6 +132,8 @@ def _run(
     batch_size: int,
 ) -> Iterator[dict[str, Any]]:
     """The worker rows of ``tasks``, as they finish (Ray started here, and stopped after, unless it was running)."""
+    if not tasks:
+        return
     import ray
     from rich.progress import Progress
 

@@ -13,45 +13,49 @@ import datetime
 import json
 import os
 import shutil
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+__all__ = ["ShardWriter", "done_keys", "parts", "schemas", "stored_ids"]
 
-__all__ = ["SCHEMAS", "ShardWriter", "done_keys", "parts", "stored_ids"]
 
-_TEXT = pa.string()
-SCHEMAS = {
-    "loras": pa.schema(
-        [
-            ("id", _TEXT),
-            ("name", _TEXT),
-            ("source", _TEXT),
-            ("format", _TEXT),
-            ("base_family", _TEXT),
-            ("spec_json", _TEXT),
-            ("n_modules", pa.int32()),
-            ("rank_min", pa.int32()),
-            ("rank_max", pa.int32()),
-            ("size_bytes", pa.int64()),
-            ("dtype", _TEXT),
-            ("metadata_json", _TEXT),
-            ("zoo", _TEXT),
-            ("added_at", pa.timestamp("us")),
-            ("card_json", _TEXT),
-        ]
-    ),
-    "labels": pa.schema([("lora_id", _TEXT), ("name", _TEXT), ("value_json", _TEXT)]),
-    "embeddings": pa.schema(
-        [("lora_id", _TEXT), ("encoder", _TEXT), ("dim", pa.int32()), ("v", pa.list_(pa.float32()))]
-    ),
-    "estimates": pa.schema([("lora_id", _TEXT), ("predictor", _TEXT), ("estimate_json", _TEXT)]),
-    "errors": pa.schema([("path", _TEXT), ("reason", _TEXT)]),
-    "done": pa.schema(
-        [("key", _TEXT), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sha256", _TEXT), ("status", _TEXT)]
-    ),
-}
+@lru_cache(maxsize=1)
+def schemas() -> dict[str, Any]:
+    """The Arrow schema of each shard file (pyarrow is imported only when shards are written or read)."""
+    import pyarrow as pa
+
+    text = pa.string()
+    return {
+        "loras": pa.schema(
+            [
+                ("id", text),
+                ("name", text),
+                ("source", text),
+                ("format", text),
+                ("base_family", text),
+                ("spec_json", text),
+                ("n_modules", pa.int32()),
+                ("rank_min", pa.int32()),
+                ("rank_max", pa.int32()),
+                ("size_bytes", pa.int64()),
+                ("dtype", text),
+                ("metadata_json", text),
+                ("zoo", text),
+                ("added_at", pa.timestamp("us")),
+                ("card_json", text),
+            ]
+        ),
+        "labels": pa.schema([("lora_id", text), ("name", text), ("value_json", text)]),
+        "embeddings": pa.schema(
+            [("lora_id", text), ("encoder", text), ("dim", pa.int32()), ("v", pa.list_(pa.float32()))]
+        ),
+        "estimates": pa.schema([("lora_id", text), ("predictor", text), ("estimate_json", text)]),
+        "errors": pa.schema([("path", text), ("reason", text)]),
+        "done": pa.schema(
+            [("key", text), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sha256", text), ("status", text)]
+        ),
+    }
 
 
 def parts(out: str | os.PathLike[str]) -> list[Path]:
@@ -62,6 +66,8 @@ def parts(out: str | os.PathLike[str]) -> list[Path]:
 
 def done_keys(out: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
     """``{task key: (size, mtime_ns)}`` of the local tasks that earlier runs ingested (or found stored)."""
+    import pyarrow.parquet as pq
+
     found: dict[str, tuple[int, int]] = {}
     for part in parts(out):
         table = pq.read_table(part / "done.parquet").to_pylist()
@@ -71,6 +77,8 @@ def done_keys(out: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
 
 def stored_ids(out: str | os.PathLike[str]) -> set[str]:
     """The sha256 of every LoRA in the shards under ``out``."""
+    import pyarrow.parquet as pq
+
     ids: set[str] = set()
     for part in parts(out):
         ids.update(pq.read_table(part / "loras.parquet", columns=["id"]).column("id").to_pylist())
@@ -86,7 +94,7 @@ class ShardWriter:
         self.run = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%f")
         self.rows_per_part = rows_per_part
         self.written: list[Path] = []
-        self._tables: dict[str, list[dict[str, Any]]] = {name: [] for name in SCHEMAS}
+        self._tables: dict[str, list[dict[str, Any]]] = {name: [] for name in schemas()}
         self._pending = 0
 
     def add(self, row: dict[str, Any], extra_labels: dict[str, Any] | None = None) -> None:
@@ -104,7 +112,7 @@ class ShardWriter:
             lora_id = tables["loras"][0][0]
             tables["labels"] += [[lora_id, k, json.dumps(v)] for k, v in (extra_labels or {}).items()]
             for name, rows in tables.items():
-                columns = SCHEMAS[name].names
+                columns = schemas()[name].names
                 self._tables[name] += [dict(zip(columns, values, strict=True)) for values in rows]
         self._pending += 1
         if self._pending >= self.rows_per_part:
@@ -114,6 +122,9 @@ class ShardWriter:
         """Write what was collected as one part (nothing if nothing was); returns its folder."""
         if not self._pending:
             return None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         name = f"part-{self.run}-{len(self.written):05d}"
         staging = self.out / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
@@ -122,7 +133,7 @@ class ShardWriter:
             if table == "loras":
                 for row in rows:
                     row["added_at"] = datetime.datetime.fromisoformat(row["added_at"])
-            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[table]), staging / f"{table}.parquet")
+            pq.write_table(pa.Table.from_pylist(rows, schema=schemas()[table]), staging / f"{table}.parquet")
             rows.clear()
         final = self.out / name
         os.replace(staging, final)
