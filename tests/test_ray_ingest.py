@@ -241,3 +241,16 @@ def test_loading_shards_again_leaves_stored_loras_alone(ray_run: tuple[Path, Any
         assert store.load_shards(parts(report.out)) == 0 and store.count() == 39
         assert store.labels(lora_id) == before | {"quality": 9.5}
         assert store.has([lora_id, "0" * 64]) == {lora_id} and sorted(report.ids) == store.ids()
+
+
+def test_sha256_keyed_labels_join_as_results_arrive(inputs: dict[str, Any], tmp_path: Path) -> None:
+    from lol_engine.lora.safe_io import file_sha256
+
+    style = inputs["styles"] / "style-a.safetensors"
+    table = tmp_path / "by-sha.csv"
+    table.write_text(f"sha256,ss_network_dim,mood\n{file_sha256(style)},5,calm\n{'f' * 64},1,none\n")
+    with LoraStore(tmp_path / "sha.duckdb") as store:
+        report = ray_ingest([str(style)], tmp_path / "out", store, labels=read_labels(table, "sha256"), progress=False)
+        labels = store.labels(report.ids[0])
+    assert labels["mood"] == "calm" and labels["ss_network_dim"] == 5  # the table's label wins over the file's
+    assert report.labels is not None and report.labels.unmatched_rows == ["f" * 64]
