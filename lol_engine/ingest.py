@@ -60,16 +60,27 @@ def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[Lor
             out += _repo_sources(raw, fetch_repo(raw, cache_dir))
             continue
         if (path / "manifest.parquet").is_file():
-            from lol_engine.zoo.manifest import read_manifest
-
-            for row in read_manifest(path):
-                labels = {k[2:]: v for k, v in row.items() if k.startswith("y_")}
-                out.append(LoraSource(path / row["path"], labels, path.name))
+            out += _zoo_sources(path)
         elif path.is_dir():
-            out += [LoraSource(found.weights) for found in find_loras(path)] or [LoraSource(path)]
+            # A folder of zoos (data/zoo): each built zoo with its manifest's labels, then any other LoRA in it.
+            zoos = sorted(p.parent for p in path.rglob("manifest.parquet") if (p.parent / "zoo.json").is_file())
+            for zoo in zoos:
+                out += _zoo_sources(zoo)
+            loose = [f.weights for f in find_loras(path) if not any(f.weights.is_relative_to(z) for z in zoos)]
+            out += [LoraSource(w) for w in loose] or ([] if zoos else [LoraSource(path)])
         else:
             out.append(LoraSource(path))
     return out
+
+
+def _zoo_sources(zoo: Path) -> list[LoraSource]:
+    """The LoRAs of a built zoo, with its manifest's labels (``y_*`` columns) and the zoo's name."""
+    from lol_engine.zoo.manifest import read_manifest
+
+    return [
+        LoraSource(zoo / row["path"], {k[2:]: v for k, v in row.items() if k.startswith("y_")}, zoo.name)
+        for row in read_manifest(zoo)
+    ]
 
 
 def _repo_sources(repo_id: str, snapshot: Path) -> list[LoraSource]:

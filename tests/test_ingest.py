@@ -45,6 +45,25 @@ def test_ingest_zoo_with_labels_predictions_and_fingerprints(small_zoo: Path, tm
         assert store.count() == 6
 
 
+def test_a_folder_of_zoos_keeps_each_zoos_labels(small_zoo: Path, tmp_path: Path) -> None:
+    """``lol ingest data/zoo``: every built zoo inside the folder comes with its manifest's labels and name; its base
+    model files are not offered as LoRAs; a loose LoRA beside the zoos is ingested too."""
+    from lol_engine.ingest import lora_sources
+    from lol_engine.zoo.manifest import read_manifest
+
+    folder = tmp_path / "zoos"
+    shutil.copytree(small_zoo, folder / "first")
+    shutil.copytree(small_zoo, folder / "nested" / "second")
+    shutil.copy(small_zoo / "loras" / "00000" / "adapter_model.safetensors", folder / "loose.safetensors")
+    sources = lora_sources([str(folder)])
+    rows = read_manifest(small_zoo)
+    assert [s.zoo for s in sources] == ["first"] * len(rows) + ["second"] * len(rows) + [None]
+    assert sources[-1].path == folder / "loose.safetensors"
+    for source, row in zip(sources, rows + rows, strict=False):
+        assert source.labels == {k[2:]: v for k, v in row.items() if k.startswith("y_")} and source.labels
+    assert not any("base" in s.path.relative_to(folder).parts for s in sources)
+
+
 def test_shipped_predictors_load() -> None:
     predictors = load_predictors()
     assert {"digits-classes", "fashion-gen-quality"} <= set(predictors)
