@@ -114,13 +114,14 @@ _HEX = re.compile(r"[0-9a-fA-F]{8,128}")
 def _hashes(meta: LoraMetadata, limits: ReadLimits, warnings: list[str]) -> dict[str, Any]:
     """The hashes LoRAs are looked up by: AutoV2 (Civitai, A1111) and the kohya/A1111 hash of the tensor bytes.
 
-    The addnet hash is computed here, in one more streamed pass over the file, which must still be the bytes that
-    were read (its sha256 is checked). ``sshs_model_hash`` (written by kohya at save time over the same bytes) is
+    The addnet hash is the one :func:`~lol_engine.lora.parse.load_lora` computed over the bytes it read; else (a LoRA
+    read some other way) it is computed here, in one more streamed pass over the file, which must still be the bytes
+    that were read (its sha256 is checked). ``sshs_model_hash`` (written by kohya at save time over the same bytes) is
     compared with it.
     """
-    addnet = None
+    addnet = meta.data_sha256 or None  # load_lora hashed the data buffer as it read it
     source = Path(meta.source) if meta.source else None
-    if source is not None and source.is_file() and meta.sha256:
+    if addnet is None and source is not None and source.is_file() and meta.sha256:
         try:
             full, data = safetensors_hashes(source, limits.max_file_bytes)
         except (LoraFormatError, OSError) as exc:
@@ -153,8 +154,8 @@ def _hashes(meta: LoraMetadata, limits: ReadLimits, warnings: list[str]) -> dict
 def describe(lora: LoraWeights, limits: ReadLimits | None = None) -> dict[str, Any]:
     """Everything ``lol inspect`` reports. Norms and singular values are of the *scaled* update ``scale·B·A``.
 
-    Besides the spectra and metadata: the lookup hashes (``autov2``, ``addnet_sha256``: one more streamed pass over
-    the file at ``lora.meta.source``, bounded by ``limits.max_file_bytes``), ``trigger_words``,
+    Besides the spectra and metadata: the lookup hashes (``autov2``, ``addnet_sha256``: from the read, else one more
+    pass over the file at ``lora.meta.source``, bounded by ``limits.max_file_bytes``), ``trigger_words``,
     ``training_parameters``, each module's ``effective_rank_90`` / ``effective_rank_99`` and ``block_strength``.
     """
     spectra = lora_singular_values(lora)

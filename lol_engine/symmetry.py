@@ -33,6 +33,7 @@ __all__ = [
     "random_gl_like",
     "shared_modules",
     "singular_values",
+    "stacked",
     "total_fro_norm",
 ]
 
@@ -172,12 +173,46 @@ def lora_singular_values(lora: LoraWeights, cache: bool = True) -> dict[str, Ten
 def _lora_singular_values(lora: LoraWeights) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for modules in _buckets(lora):
-        a = torch.stack([m.a for m in modules])  # (N, r, d_in)
-        b = torch.stack([m.b for m in modules])  # (N, d_out, r)
+        a = stacked([m.a for m in modules])  # (N, r, d_in)
+        b = stacked([m.b for m in modules])  # (N, d_out, r)
         scale = torch.tensor([m.scale for m in modules], dtype=a.dtype, device=a.device)
         for m, sigma in zip(modules, singular_values(a, b, scale), strict=True):
             out[m.name] = sigma
     return {name: out[name] for name in lora.names}
+
+
+def stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(tensors)``, without the copy when they already are ``base[0], base[1], …`` of one buffer.
+
+    :func:`lol_engine.lora.parse.load_lora` reads the factors of modules of one shape into one stacked buffer, so the
+    batched work here runs on that buffer as it is. Anything else (a subset, another order, tensors of their own, a
+    buffer that takes gradients) is stacked as usual.
+
+    >>> base = torch.randn(3, 2, 4)
+    >>> stacked(list(base)) is base, torch.equal(stacked([base[1], base[0]]), torch.stack([base[1], base[0]]))
+    (True, True)
+    """
+    base = tensors[0]._base if tensors else None
+    if (
+        base is not None
+        and not base.requires_grad
+        and base.dim() == 3
+        and base.shape[0] == len(tensors)
+        and base.is_contiguous()
+        and _slices_in_order(tensors, base)
+    ):
+        return base
+    return torch.stack(list(tensors))
+
+
+def _slices_in_order(tensors: Sequence[Tensor], base: Tensor) -> bool:
+    """Whether ``tensors[i]`` is exactly ``base[i]`` (same buffer, offset, shape and strides) for every ``i``."""
+    start, step = base.data_ptr(), base.stride(0) * base.element_size()
+    shape, strides = base.shape[1:], base.stride()[1:]
+    return all(
+        t._base is base and t.data_ptr() == start + i * step and t.shape == shape and t.stride() == strides
+        for i, t in enumerate(tensors)
+    )
 
 
 def _buckets(lora: LoraWeights) -> list[list[LoraModule]]:
@@ -192,8 +227,8 @@ def lora_fro_norms(lora: LoraWeights) -> dict[str, Tensor]:
     """Per-module ``‖ΔW_i‖_F`` (scale included), batched over modules of equal shape."""
     out: dict[str, Tensor] = {}
     for modules in _buckets(lora):
-        a = torch.stack([m.a for m in modules])
-        b = torch.stack([m.b for m in modules])
+        a = stacked([m.a for m in modules])  # (N, r, d_in)
+        b = stacked([m.b for m in modules])  # (N, d_out, r)
         scale = torch.tensor([m.scale for m in modules], dtype=a.dtype, device=a.device)
         for m, norm in zip(modules, delta_fro_norm(a, b, scale), strict=True):
             out[m.name] = norm
