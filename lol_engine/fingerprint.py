@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -17,9 +18,9 @@ from torch import Tensor
 
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.spec import LayerSpec, natural_key
-from lol_engine.symmetry import lora_singular_values
+from lol_engine.symmetry import many_singular_values
 
-__all__ = ["FINGERPRINT_NAMES", "ROLES", "fingerprint", "module_role"]
+__all__ = ["FINGERPRINT_NAMES", "ROLES", "fingerprint", "fingerprints", "module_role"]
 
 # (role, pattern on the last name components); the first match wins. Conv layers with a kernel are "conv".
 _ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -95,9 +96,8 @@ def _spectral_stats(sigma: np.ndarray) -> np.ndarray:
     return out
 
 
-def _padded_spectra(lora: LoraWeights) -> np.ndarray:
+def _padded_spectra(lora: LoraWeights, spectra: dict[str, Tensor]) -> np.ndarray:
     """Singular values of every module's scaled ΔW as ``(M, max rank)`` float64, zero-padded, in module order."""
-    spectra = lora_singular_values(lora)
     out = np.zeros((len(lora), max(m.spec.rank for m in lora)))
     for i, m in enumerate(lora):
         sigma = spectra[m.name].detach().cpu().numpy()
@@ -114,7 +114,16 @@ def fingerprint(lora: LoraWeights) -> Tensor:
     >>> fingerprint(lora).shape == (len(FINGERPRINT_NAMES),)
     True
     """
-    sigma = _padded_spectra(lora)  # (M, r_max)
+    return fingerprints([lora])[0]
+
+
+def fingerprints(loras: Sequence[LoraWeights]) -> list[Tensor]:
+    """:func:`fingerprint` of many LoRAs; their spectra come from one batched QR per module shape across them all."""
+    return [_fingerprint(lora, spectra) for lora, spectra in zip(loras, many_singular_values(loras), strict=True)]
+
+
+def _fingerprint(lora: LoraWeights, spectra: dict[str, Tensor]) -> Tensor:
+    sigma = _padded_spectra(lora, spectra)  # (M, r_max)
     stats = _spectral_stats(sigma)  # (M, 4 + TOP)
     energies = np.square(sigma).sum(1)  # (M,)
     total_energy = float(energies.sum())

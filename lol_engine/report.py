@@ -12,7 +12,7 @@ from lol_engine.errors import LoraFormatError
 from lol_engine.lora.metadata import TOP_TAGS, one_line, training_parameters, trigger_words
 from lol_engine.lora.safe_io import ReadLimits, safetensors_hashes
 from lol_engine.lora.weights import LoraMetadata, LoraWeights
-from lol_engine.symmetry import lora_fro_norms, lora_singular_values
+from lol_engine.symmetry import lora_singular_values
 
 __all__ = ["CARD_FACTS_VERSION", "ENERGY_LEVELS", "block_of", "card_facts", "describe", "effective_rank"]
 
@@ -159,10 +159,11 @@ def describe(lora: LoraWeights, limits: ReadLimits | None = None) -> dict[str, A
     ``training_parameters``, each module's ``effective_rank_90`` / ``effective_rank_99`` and ``block_strength``.
     """
     spectra = lora_singular_values(lora)
-    norms = lora_fro_norms(lora)
     modules: list[dict[str, Any]] = []
+    norms: dict[str, float] = {}
     for m in lora:
-        sigma = [float(s) for s in spectra[m.name]]
+        sigma = spectra[m.name].tolist()
+        norms[m.name] = math.sqrt(math.fsum(s * s for s in sigma))  # ‖ΔW‖_F² = Σ σ², from the spectra already made
         modules.append(
             {
                 "name": m.name,

@@ -29,6 +29,7 @@ __all__ = [
     "lora_fro_norms",
     "lora_inner",
     "lora_singular_values",
+    "many_singular_values",
     "random_gl",
     "random_gl_like",
     "shared_modules",
@@ -161,13 +162,57 @@ def lora_singular_values(lora: LoraWeights, cache: bool = True) -> dict[str, Ten
     """
     if not cache:
         return _lora_singular_values(lora)
-    versions = tuple(v for m in lora for v in (m.a._version, m.b._version))
+    versions = _versions(lora)
     cached = _SPECTRA.get(lora)
     if cached is not None and cached[0] == versions:
         return dict(cached[1])
     out = _lora_singular_values(lora)
     _SPECTRA[lora] = (versions, out)
     return dict(out)
+
+
+_BATCH_ELEMENTS = 2**22  # factor entries stacked across LoRAs per batched call (16 MiB as float32)
+
+
+def many_singular_values(loras: Sequence[LoraWeights]) -> list[dict[str, Tensor]]:
+    """:func:`lora_singular_values` of many LoRAs, modules of one shape stacked *across* LoRAs into one batched QR.
+
+    Small LoRAs have a few modules of distinct shapes each, so one LoRA at a time means a few tiny QRs each; a batch of
+    LoRAs of one base shares its shapes. Results are cached on each LoRA as :func:`lora_singular_values` caches them.
+    """
+    out: list[dict[str, Tensor] | None] = []
+    todo: dict[tuple[int, int, int, torch.dtype, torch.device], list[tuple[int, LoraModule]]] = {}
+    for i, lora in enumerate(loras):
+        cached = _SPECTRA.get(lora)
+        if cached is not None and cached[0] == _versions(lora):
+            out.append(dict(cached[1]))
+        elif sum(m.a.numel() + m.b.numel() for m in lora) > _BATCH_ELEMENTS:  # large: its own (zero-copy) buckets
+            out.append(lora_singular_values(lora))
+        else:
+            out.append(None)
+            for m in lora:
+                todo.setdefault((m.spec.rank, m.spec.d_out, m.spec.d_in, m.a.dtype, m.a.device), []).append((i, m))
+    found: dict[int, dict[str, Tensor]] = {i: {} for i, o in enumerate(out) if o is None}
+    for members in todo.values():
+        per_module = members[0][1].a.numel() + members[0][1].b.numel()
+        step = max(1, _BATCH_ELEMENTS // per_module)
+        for start in range(0, len(members), step):  # copies of at most _BATCH_ELEMENTS factor entries at a time
+            chunk = members[start : start + step]
+            a = torch.stack([m.a for _, m in chunk])  # (N, r, d_in)
+            b = torch.stack([m.b for _, m in chunk])  # (N, d_out, r)
+            scale = torch.tensor([m.scale for _, m in chunk], dtype=a.dtype, device=a.device)
+            for (i, m), sigma in zip(chunk, singular_values(a, b, scale), strict=True):
+                found[i][m.name] = sigma
+    for i, spectra in found.items():
+        lora = loras[i]
+        ordered = {name: spectra[name] for name in lora.names}
+        _SPECTRA[lora] = (_versions(lora), ordered)
+        out[i] = dict(ordered)
+    return [o for o in out if o is not None]
+
+
+def _versions(lora: LoraWeights) -> tuple[int, ...]:
+    return tuple(v for m in lora for v in (m.a._version, m.b._version))
 
 
 def _lora_singular_values(lora: LoraWeights) -> dict[str, Tensor]:

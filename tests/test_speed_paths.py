@@ -12,8 +12,9 @@ import pytest
 import torch
 from lora_files import factors, save
 
+from lol_engine import symmetry
 from lol_engine.errors import LoraFormatError
-from lol_engine.fingerprint import FINGERPRINT_NAMES, ROLES, fingerprint, module_role
+from lol_engine.fingerprint import FINGERPRINT_NAMES, ROLES, fingerprint, fingerprints, module_role
 from lol_engine.lora import safe_io
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import file_sha256, safetensors_hashes
@@ -117,6 +118,20 @@ def test_fingerprint_matches_the_per_module_reference(seed: int) -> None:
     assert got.shape == (len(FINGERPRINT_NAMES),)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("batch_elements", [2**22, 300])
+def test_fingerprints_of_a_batch_match_the_reference(monkeypatch: pytest.MonkeyPatch, batch_elements: int) -> None:
+    """Spectra batched across LoRAs (in small chunks, and LoRAs over the bound on their own) change nothing."""
+    monkeypatch.setattr(symmetry, "_BATCH_ELEMENTS", batch_elements)
+    loras = [_random_lora(seed) for seed in range(4)]
+    got = fingerprints(loras)
+    for lora, fp in zip(loras, got, strict=True):
+        torch.testing.assert_close(fp, _reference_fingerprint(lora), rtol=1e-5, atol=1e-6)
+        cached = lora_singular_values(lora)  # filled by the batch, and equal to a fresh computation
+        fresh = lora_singular_values(lora, cache=False)
+        for name in fresh:
+            torch.testing.assert_close(cached[name], fresh[name])
 
 
 def test_fingerprint_reference_catches_a_wrong_role_order() -> None:

@@ -184,12 +184,15 @@ def _check_factors(
         step = max(1, _CHECK_CHUNK // (group.a[0].numel() + group.b[0].numel()))
         for start in range(0, n, step):
             a, b = group.a[start : start + step], group.b[start : start + step]
-            a_norm = torch.linalg.vector_norm(a.reshape(len(a), -1), dim=1).double()  # (N,) ‖A‖_F; NaN, Inf stay
-            b_norm = torch.linalg.vector_norm(b.reshape(len(b), -1), dim=1).double()  # (N,) ‖B‖_F
-            scale = torch.tensor([abs(p.scale) for p in group.plans[start : start + step]], dtype=torch.float64)
-            fine = (a_norm <= bound) & (b_norm <= bound) & (a_norm * b_norm * scale <= bound)  # NaN compares False
-            if not bool(fine.all()):
-                check_magnitudes(tuple(by_name[p.spec.name] for p in group.plans[start : start + step]), file)
+            plans = group.plans[start : start + step]
+            a_norm = torch.linalg.vector_norm(a.reshape(len(a), -1), dim=1).tolist()  # ‖A‖_F; NaN, Inf stay
+            b_norm = torch.linalg.vector_norm(b.reshape(len(b), -1), dim=1).tolist()  # ‖B‖_F
+            fine = all(  # NaN compares False
+                x <= bound and y <= bound and x * y * abs(p.scale) <= bound
+                for x, y, p in zip(a_norm, b_norm, plans, strict=True)
+            )
+            if not fine:
+                check_magnitudes(tuple(by_name[p.spec.name] for p in plans), file)
     if loose:
         check_magnitudes(loose, file)
 
