@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -432,10 +433,12 @@ class _Hasher:
     """``(sha256 of the whole file, sha256 of its data buffer)`` fed block by block, in file order.
 
     Large files are hashed on one background thread (``hashlib`` releases the GIL on large blocks), so that hashing
-    runs beside the conversion of the blocks already read instead of after it.
+    runs beside the conversion of the blocks already read instead of after it. The thread is a single worker: its
+    FIFO queue keeps each file's blocks in order (a pool of several would hash them out of order).
     """
 
     _POOL: ThreadPoolExecutor | None = None
+    _POOL_LOCK = threading.Lock()
     THREAD_BYTES = 2**24  # files smaller than this are hashed inline: a thread hand-off costs more than it saves
     MAX_PENDING_BYTES = 2**27  # blocks read but not hashed yet: bounds the extra memory of a fast reader
 
@@ -444,8 +447,10 @@ class _Hasher:
         self._pending: deque[tuple[Future[None], int]] = deque()
         self._pending_bytes = 0
         self._threaded = size >= self.THREAD_BYTES
-        if self._threaded and _Hasher._POOL is None:
-            _Hasher._POOL = ThreadPoolExecutor(1, thread_name_prefix="lol-sha256")
+        if self._threaded:
+            with _Hasher._POOL_LOCK:
+                if _Hasher._POOL is None:
+                    _Hasher._POOL = ThreadPoolExecutor(1, thread_name_prefix="lol-sha256")
 
     def _update(self, block: bytes | bytearray, data: bool) -> None:
         self.full.update(block)
