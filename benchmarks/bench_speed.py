@@ -3,6 +3,7 @@
     python benchmarks/bench_speed.py                  # ~2-3 min on 2 cores
     python benchmarks/bench_speed.py --quick          # a smoke run: small SDXL-shaped file, 50 LoRAs
     python benchmarks/bench_speed.py --before 151f363 # the revision to compare with (default: before issue 15)
+    python benchmarks/bench_speed.py --threads 1      # one torch thread: steadier on a machine shared with others
 
 Rows:
 - an SDXL kohya r32 upload (986 modules, ~218 MB, ``bench_spectra.sdxl_shapes``) to predictions:
@@ -43,7 +44,11 @@ _WORKER = r"""
 import json, resource, sys, tempfile, time
 from pathlib import Path
 
-mode, arg, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mode, arg, repeats, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+import torch
+
+if threads > 0:
+    torch.set_num_threads(threads)
 from lol_engine.encoders import FingerprintEncoder, encoders_for, load_predictors
 from lol_engine.store import LoraStore
 
@@ -90,10 +95,10 @@ def _export(rev: str, folder: Path) -> Path:
     return folder
 
 
-def _run(tree: Path, mode: str, arg: str, repeats: int) -> dict[str, float | list[float]]:
+def _run(tree: Path, mode: str, arg: str, repeats: int, threads: int) -> dict[str, float | list[float]]:
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     done = subprocess.run(
-        [sys.executable, "-c", _WORKER, mode, arg, str(repeats)],
+        [sys.executable, "-c", _WORKER, mode, arg, str(repeats), str(threads)],
         env=env,
         cwd=str(tree),
         capture_output=True,
@@ -137,6 +142,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--before", default=BEFORE, help="the git revision to compare with")
     parser.add_argument("--repeats", type=int, default=None, help="timed upload calls per tree (default 7; quick 2)")
     parser.add_argument("--n", type=int, default=None, help="small LoRAs to ingest (default 1000; quick 50)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads in the timed processes (default: torch's own choice)"
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 7)
     n = args.n or (50 if args.quick else 1000)
@@ -149,9 +157,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         size = sdxl.stat().st_size
         listing = folder / "small.txt"
         listing.write_text("\n".join(_small_paths(n)))
-        threads = f"torch threads {torch.get_num_threads()}"
+        threads = f"torch threads {args.threads or torch.get_num_threads()}"
 
-        now_up, old_up = (_run(tree, "upload", str(sdxl), repeats) for tree in (ROOT, before))
+        now_up, old_up = (_run(tree, "upload", str(sdxl), repeats, args.threads) for tree in (ROOT, before))
         now_t, old_t = now_up["times"], old_up["times"]
         assert isinstance(now_t, list) and isinstance(old_t, list)
         case = f"SDXL kohya r{rank} upload to predictions ({size / 2**20:.0f} MiB, {len(sdxl_shapes(div))} modules)"
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             ]
         )
         for mode, what in (("ingest-fingerprint", "fingerprint only"), ("ingest-all", "all shipped predictors")):
-            now_i, old_i = (_run(tree, mode, str(listing), 1) for tree in (ROOT, before))
+            now_i, old_i = (_run(tree, mode, str(listing), 1, args.threads) for tree in (ROOT, before))
             rates = [float(r["n"]) / float(r["seconds"]) for r in (now_i, old_i)]  # type: ignore[arg-type]
             rows.append(
                 [
