@@ -77,9 +77,9 @@ class FingerprintEncoder:
 
     def encode_many(self, loras: Sequence[LoraWeights]) -> list[np.ndarray]:
         """The fingerprint of each LoRA."""
-        from lol_engine.fingerprint import fingerprint
+        from lol_engine.fingerprint import fingerprints
 
-        return [fingerprint(lora).numpy() for lora in loras]
+        return [f.numpy() for f in fingerprints(loras)]
 
 
 class PredictorEncoder:

@@ -7,17 +7,20 @@ invariant under every ``(A_i, B_i) ↦ (G_i A_i, B_i G_i⁻¹)``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.spec import LayerSpec, natural_key
-from lol_engine.symmetry import lora_singular_values
+from lol_engine.symmetry import many_singular_values
 
-__all__ = ["FINGERPRINT_NAMES", "ROLES", "fingerprint", "module_role"]
+__all__ = ["FINGERPRINT_NAMES", "ROLES", "fingerprint", "fingerprints", "module_role"]
 
 # (role, pattern on the last name components); the first match wins. Conv layers with a kernel are "conv".
 _ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -56,71 +59,101 @@ def module_role(spec: LayerSpec) -> str:
     >>> module_role(LayerSpec("down_blocks.0.resnets.0.conv1", 8, 72, 2, "conv", (8, 8, 3, 3)))
     'conv'
     """
-    if spec.kind == "conv" and math.prod(spec.orig_shape[2:]) > 1:
+    return _role(spec.name, spec.kind == "conv" and math.prod(spec.orig_shape[2:]) > 1)
+
+
+@functools.lru_cache(maxsize=2**16)
+def _role(name: str, kernel_conv: bool) -> str:
+    """:func:`module_role` by name; cached, since a collection's LoRAs of one base repeat the same names."""
+    if kernel_conv:
         return "conv"
-    for role, pattern in _ROLE_PATTERNS:
-        if re.search(pattern, spec.name):
+    for role, pattern in _COMPILED_ROLES:
+        if pattern.search(name):
             return role
     return "other"
 
 
-def _spectral_stats(sigma: Tensor) -> Tensor:
-    """(log ‖ΔW‖, log effective rank, top-1 energy, log stable rank, σ_2..σ_5 over σ_1) of one spectrum."""
-    energy = sigma.square()
-    total = energy.sum()
-    if total <= 0:
-        return torch.zeros(4 + _TOP, dtype=sigma.dtype)
-    p = energy / total
-    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum()
-    ratios = torch.zeros(_TOP, dtype=sigma.dtype)
-    tail = sigma[1 : 1 + _TOP] / sigma[0]
-    ratios[: tail.numel()] = tail
-    return torch.cat([torch.stack([0.5 * torch.log(total), entropy, p[0], torch.log(total / energy[0])]), ratios])
+_COMPILED_ROLES = tuple((role, re.compile(pattern)) for role, pattern in _ROLE_PATTERNS)
+
+
+def _spectral_stats(sigma: np.ndarray) -> np.ndarray:
+    """Per row of ``sigma: (M, r)`` (descending, zero-padded): log ‖ΔW‖, log effective rank, top-1 energy, log stable
+    rank and σ_2..σ_5 over σ_1, as ``(M, 4 + TOP)``; all zeros for a zero spectrum."""
+    energy = np.square(sigma)  # (M, r)
+    total = energy.sum(1)  # (M,)
+    live = total > 0
+    out = np.zeros((len(sigma), 4 + _TOP))
+    if not live.any():
+        return out
+    e, t, s = energy[live], total[live], sigma[live]
+    p = e / t[:, None]
+    out[live, 0] = 0.5 * np.log(t)
+    out[live, 1] = -(p * np.log(np.maximum(p, 1e-300))).sum(1)
+    out[live, 2] = p[:, 0]
+    out[live, 3] = np.log(t / e[:, 0])
+    tail = s[:, 1 : 1 + _TOP] / s[:, :1]  # (M_live, ≤ TOP): zero padding gives zero ratios, as for a short rank
+    out[np.flatnonzero(live)[:, None], 4 + np.arange(tail.shape[1])] = tail
+    return out
+
+
+def _padded_spectra(lora: LoraWeights, spectra: dict[str, Tensor]) -> np.ndarray:
+    """Singular values of every module's scaled ΔW as ``(M, max rank)`` float64, zero-padded, in module order."""
+    out = np.zeros((len(lora), max(m.spec.rank for m in lora)))
+    for i, m in enumerate(lora):
+        sigma = spectra[m.name].detach().cpu().numpy()
+        out[i, : len(sigma)] = sigma
+    return out
 
 
 def fingerprint(lora: LoraWeights) -> Tensor:
     """The fixed-length GL-invariant fingerprint (float64, length ``len(FINGERPRINT_NAMES)``).
 
+    Vectorised over modules: one spectrum matrix, one stats matrix, one pass per role.
+
     >>> lora = LoraWeights.from_factors({"layers.0.q_proj": (torch.randn(2, 6), torch.randn(5, 2))})
     >>> fingerprint(lora).shape == (len(FINGERPRINT_NAMES),)
     True
     """
-    spectra = {name: s.to(torch.float64).cpu() for name, s in lora_singular_values(lora).items()}
-    roles = {m.name: module_role(m.spec) for m in lora}
-    stats = {name: _spectral_stats(s) for name, s in spectra.items()}
-    energies = {name: float(s.square().sum()) for name, s in spectra.items()}
-    total_energy = sum(energies.values())
-    all_sigma = torch.sort(torch.cat(list(spectra.values())), descending=True).values
+    return fingerprints([lora])[0]
+
+
+def fingerprints(loras: Sequence[LoraWeights]) -> list[Tensor]:
+    """:func:`fingerprint` of many LoRAs; their spectra come from one batched QR per module shape across them all."""
+    return [_fingerprint(lora, spectra) for lora, spectra in zip(loras, many_singular_values(loras), strict=True)]
+
+
+def _fingerprint(lora: LoraWeights, spectra: dict[str, Tensor]) -> Tensor:
+    sigma = _padded_spectra(lora, spectra)  # (M, r_max)
+    stats = _spectral_stats(sigma)  # (M, 4 + TOP)
+    energies = np.square(sigma).sum(1)  # (M,)
+    total_energy = float(energies.sum())
+    overall = _spectral_stats(np.sort(sigma.reshape(1, -1), axis=1)[:, ::-1])[0]
     out = [
         math.log(len(lora)),
         0.5 * math.log(total_energy) if total_energy > 0 else 0.0,
-        float(_spectral_stats(all_sigma)[1]),
-        float(_spectral_stats(all_sigma)[2]),
+        float(overall[1]),
+        float(overall[2]),
     ]
+    order = sorted(range(len(lora)), key=lambda i: natural_key(lora.modules[i].name))
+    roles = np.array([module_role(lora.modules[i].spec) for i in order])
     for role in ROLES:
-        names = sorted((n for n in spectra if roles[n] == role), key=natural_key)
-        out += _role_features(names, stats, energies, len(lora), total_energy)
+        members = np.asarray(order)[roles == role]
+        out += _role_features(stats[members], energies[members], len(lora), total_energy)
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _role_features(
-    names: list[str], stats: dict[str, Tensor], energies: dict[str, float], n_modules: int, total_energy: float
-) -> list[float]:
-    if not names:
+def _role_features(block: np.ndarray, energy: np.ndarray, n_modules: int, total_energy: float) -> list[float]:
+    """The :data:`_PER_ROLE` features of one role's modules, ``block: (n_role, 4 + TOP)`` in name order."""
+    if not len(block):
         return [0.0] * len(_PER_ROLE)
-    block = torch.stack([stats[n] for n in names])  # (n_role, 4 + TOP)
-    energy = torch.tensor([energies[n] for n in names], dtype=torch.float64)
-    depth = (
-        torch.linspace(0.0, 1.0, len(names), dtype=torch.float64)
-        if len(names) > 1
-        else torch.zeros(1, dtype=torch.float64)
-    )
-    weighted_depth = float((energy * depth).sum() / energy.sum()) if energy.sum() > 0 else 0.0
+    depth = np.linspace(0.0, 1.0, len(block)) if len(block) > 1 else np.zeros(1)
+    energy_sum = float(energy.sum())
+    weighted_depth = float((energy * depth).sum() / energy_sum) if energy_sum > 0 else 0.0
     return [
-        len(names) / n_modules,
-        float(energy.sum()) / total_energy if total_energy > 0 else 0.0,
+        len(block) / n_modules,
+        energy_sum / total_energy if total_energy > 0 else 0.0,
         float(block[:, 0].mean()),
-        float(block[:, 0].std(unbiased=False)),
+        float(block[:, 0].std()),
         float(block[:, 1].mean()),
         float(block[:, 2].mean()),
         float(block[:, 3].mean()),

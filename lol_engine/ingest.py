@@ -170,7 +170,8 @@ def ingest(
             try:
                 lora = load_lora(source.path)
                 pending.append((source, lora))
-                loaded.append((lora.meta.sha256, source.name or display_name(lora.meta.source)))
+                if labels is not None and labels.key == "sha256":  # only a sha256-keyed table needs the names now
+                    loaded.append((lora.meta.sha256, source.name or display_name(lora.meta.source)))
             except (LoraFormatError, OSError, ValueError) as exc:
                 report.refused.append((str(source.path), str(exc)))
             if len(pending) >= batch:

@@ -12,7 +12,7 @@ from lol_engine.errors import LoraFormatError
 from lol_engine.lora.metadata import TOP_TAGS, one_line, training_parameters, trigger_words
 from lol_engine.lora.safe_io import ReadLimits, safetensors_hashes
 from lol_engine.lora.weights import LoraMetadata, LoraWeights
-from lol_engine.symmetry import lora_fro_norms, lora_singular_values
+from lol_engine.symmetry import lora_singular_values
 
 __all__ = ["CARD_FACTS_VERSION", "ENERGY_LEVELS", "block_of", "card_facts", "describe", "effective_rank"]
 
@@ -114,13 +114,14 @@ _HEX = re.compile(r"[0-9a-fA-F]{8,128}")
 def _hashes(meta: LoraMetadata, limits: ReadLimits, warnings: list[str]) -> dict[str, Any]:
     """The hashes LoRAs are looked up by: AutoV2 (Civitai, A1111) and the kohya/A1111 hash of the tensor bytes.
 
-    The addnet hash is computed here, in one more streamed pass over the file, which must still be the bytes that
-    were read (its sha256 is checked). ``sshs_model_hash`` (written by kohya at save time over the same bytes) is
+    The addnet hash is the one :func:`~lol_engine.lora.parse.load_lora` computed over the bytes it read; else (a LoRA
+    read some other way) it is computed here, in one more streamed pass over the file, which must still be the bytes
+    that were read (its sha256 is checked). ``sshs_model_hash`` (written by kohya at save time over the same bytes) is
     compared with it.
     """
-    addnet = None
+    addnet = meta.data_sha256 or None  # load_lora hashed the data buffer as it read it
     source = Path(meta.source) if meta.source else None
-    if source is not None and source.is_file() and meta.sha256:
+    if addnet is None and source is not None and source.is_file() and meta.sha256:
         try:
             full, data = safetensors_hashes(source, limits.max_file_bytes)
         except (LoraFormatError, OSError) as exc:
@@ -153,15 +154,16 @@ def _hashes(meta: LoraMetadata, limits: ReadLimits, warnings: list[str]) -> dict
 def describe(lora: LoraWeights, limits: ReadLimits | None = None) -> dict[str, Any]:
     """Everything ``lol inspect`` reports. Norms and singular values are of the *scaled* update ``scale·B·A``.
 
-    Besides the spectra and metadata: the lookup hashes (``autov2``, ``addnet_sha256``: one more streamed pass over
-    the file at ``lora.meta.source``, bounded by ``limits.max_file_bytes``), ``trigger_words``,
+    Besides the spectra and metadata: the lookup hashes (``autov2``, ``addnet_sha256``: from the read, else one more
+    pass over the file at ``lora.meta.source``, bounded by ``limits.max_file_bytes``), ``trigger_words``,
     ``training_parameters``, each module's ``effective_rank_90`` / ``effective_rank_99`` and ``block_strength``.
     """
     spectra = lora_singular_values(lora)
-    norms = lora_fro_norms(lora)
     modules: list[dict[str, Any]] = []
+    norms: dict[str, float] = {}
     for m in lora:
-        sigma = [float(s) for s in spectra[m.name]]
+        sigma = spectra[m.name].tolist()
+        norms[m.name] = math.sqrt(math.fsum(s * s for s in sigma))  # ‖ΔW‖_F² = Σ σ², from the spectra already made
         modules.append(
             {
                 "name": m.name,

@@ -29,10 +29,12 @@ __all__ = [
     "lora_fro_norms",
     "lora_inner",
     "lora_singular_values",
+    "many_singular_values",
     "random_gl",
     "random_gl_like",
     "shared_modules",
     "singular_values",
+    "stacked",
     "total_fro_norm",
 ]
 
@@ -160,7 +162,7 @@ def lora_singular_values(lora: LoraWeights, cache: bool = True) -> dict[str, Ten
     """
     if not cache:
         return _lora_singular_values(lora)
-    versions = tuple(v for m in lora for v in (m.a._version, m.b._version))
+    versions = _versions(lora)
     cached = _SPECTRA.get(lora)
     if cached is not None and cached[0] == versions:
         return dict(cached[1])
@@ -169,15 +171,93 @@ def lora_singular_values(lora: LoraWeights, cache: bool = True) -> dict[str, Ten
     return dict(out)
 
 
+_BATCH_ELEMENTS = 2**22  # factor entries stacked across LoRAs per batched call (16 MiB as float32)
+
+
+def many_singular_values(loras: Sequence[LoraWeights]) -> list[dict[str, Tensor]]:
+    """:func:`lora_singular_values` of many LoRAs, modules of one shape stacked *across* LoRAs into one batched QR.
+
+    Small LoRAs have a few modules of distinct shapes each, so one LoRA at a time means a few tiny QRs each; a batch of
+    LoRAs of one base shares its shapes. Results are cached on each LoRA as :func:`lora_singular_values` caches them.
+    """
+    out: list[dict[str, Tensor] | None] = []
+    todo: dict[tuple[int, int, int, torch.dtype, torch.device], list[tuple[int, LoraModule]]] = {}
+    for i, lora in enumerate(loras):
+        cached = _SPECTRA.get(lora)
+        if cached is not None and cached[0] == _versions(lora):
+            out.append(dict(cached[1]))
+        elif sum(m.a.numel() + m.b.numel() for m in lora) > _BATCH_ELEMENTS:  # large: its own (zero-copy) buckets
+            out.append(lora_singular_values(lora))
+        else:
+            out.append(None)
+            for m in lora:
+                todo.setdefault((m.spec.rank, m.spec.d_out, m.spec.d_in, m.a.dtype, m.a.device), []).append((i, m))
+    found: dict[int, dict[str, Tensor]] = {i: {} for i, o in enumerate(out) if o is None}
+    for members in todo.values():
+        per_module = members[0][1].a.numel() + members[0][1].b.numel()
+        step = max(1, _BATCH_ELEMENTS // per_module)
+        for start in range(0, len(members), step):  # copies of at most _BATCH_ELEMENTS factor entries at a time
+            chunk = members[start : start + step]
+            a = torch.stack([m.a for _, m in chunk])  # (N, r, d_in)
+            b = torch.stack([m.b for _, m in chunk])  # (N, d_out, r)
+            scale = torch.tensor([m.scale for _, m in chunk], dtype=a.dtype, device=a.device)
+            for (i, m), sigma in zip(chunk, singular_values(a, b, scale), strict=True):
+                found[i][m.name] = sigma
+    for i, spectra in found.items():
+        lora = loras[i]
+        ordered = {name: spectra[name] for name in lora.names}
+        _SPECTRA[lora] = (_versions(lora), ordered)
+        out[i] = dict(ordered)
+    return [o for o in out if o is not None]
+
+
+def _versions(lora: LoraWeights) -> tuple[int, ...]:
+    return tuple(v for m in lora for v in (m.a._version, m.b._version))
+
+
 def _lora_singular_values(lora: LoraWeights) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for modules in _buckets(lora):
-        a = torch.stack([m.a for m in modules])  # (N, r, d_in)
-        b = torch.stack([m.b for m in modules])  # (N, d_out, r)
+        a = stacked([m.a for m in modules])  # (N, r, d_in)
+        b = stacked([m.b for m in modules])  # (N, d_out, r)
         scale = torch.tensor([m.scale for m in modules], dtype=a.dtype, device=a.device)
         for m, sigma in zip(modules, singular_values(a, b, scale), strict=True):
             out[m.name] = sigma
     return {name: out[name] for name in lora.names}
+
+
+def stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(tensors)``, without the copy when they already are ``base[0], base[1], …`` of one buffer.
+
+    :func:`lol_engine.lora.parse.load_lora` reads the factors of modules of one shape into one stacked buffer, so the
+    batched work here runs on that buffer as it is. Anything else (a subset, another order, tensors of their own, a
+    buffer that takes gradients) is stacked as usual.
+
+    >>> base = torch.randn(3, 2, 4)
+    >>> stacked(list(base)) is base, torch.equal(stacked([base[1], base[0]]), torch.stack([base[1], base[0]]))
+    (True, True)
+    """
+    base = tensors[0]._base if tensors else None
+    if (
+        base is not None
+        and not base.requires_grad
+        and base.dim() == 3
+        and base.shape[0] == len(tensors)
+        and base.is_contiguous()
+        and _slices_in_order(tensors, base)
+    ):
+        return base
+    return torch.stack(list(tensors))
+
+
+def _slices_in_order(tensors: Sequence[Tensor], base: Tensor) -> bool:
+    """Whether ``tensors[i]`` is exactly ``base[i]`` (same buffer, offset, shape and strides) for every ``i``."""
+    start, step = base.data_ptr(), base.stride(0) * base.element_size()
+    shape, strides = base.shape[1:], base.stride()[1:]
+    return all(
+        t._base is base and t.data_ptr() == start + i * step and t.shape == shape and t.stride() == strides
+        for i, t in enumerate(tensors)
+    )
 
 
 def _buckets(lora: LoraWeights) -> list[list[LoraModule]]:
@@ -192,8 +272,8 @@ def lora_fro_norms(lora: LoraWeights) -> dict[str, Tensor]:
     """Per-module ``‖ΔW_i‖_F`` (scale included), batched over modules of equal shape."""
     out: dict[str, Tensor] = {}
     for modules in _buckets(lora):
-        a = torch.stack([m.a for m in modules])
-        b = torch.stack([m.b for m in modules])
+        a = stacked([m.a for m in modules])  # (N, r, d_in)
+        b = stacked([m.b for m in modules])  # (N, d_out, r)
         scale = torch.tensor([m.scale for m in modules], dtype=a.dtype, device=a.device)
         for m, norm in zip(modules, delta_fro_norm(a, b, scale), strict=True):
             out[m.name] = norm

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 
@@ -96,9 +97,23 @@ def test_an_sshs_model_hash_of_other_weights_is_a_warning(tmp_path: Path) -> Non
     assert describe(load_lora(junk))["sshs_model_hash"] is None  # junk is not compared, nor echoed
 
 
-def test_a_file_changed_after_reading_gets_no_addnet_hash(tmp_path: Path) -> None:
+def test_a_file_changed_after_reading_keeps_the_hash_of_the_bytes_read(tmp_path: Path) -> None:
+    """load_lora hashes the bytes it converts: the addnet hash is of what was analysed, like the sha256."""
     path = save(tmp_path / "x.safetensors", _sd1_tensors())
+    read_hashes = safetensors_hashes(path, 2**30)
     lora = load_lora(path)
+    save(path, {k: v + 1 for k, v in _sd1_tensors().items()})
+    report = describe(lora)
+    assert (report["sha256"], report["addnet_sha256"]) == read_hashes
+    assert not any("changed after it was read" in w for w in report["warnings"])
+
+
+def test_a_file_changed_after_reading_gets_no_addnet_hash(tmp_path: Path) -> None:
+    """A LoRA whose reader did not hash the data buffer: the hash is computed from the file, if it is unchanged."""
+    path = save(tmp_path / "x.safetensors", _sd1_tensors())
+    loaded = load_lora(path)
+    lora = replace(loaded, meta=replace(loaded.meta, data_sha256=""))
+    assert describe(lora)["addnet_sha256"] == loaded.meta.data_sha256
     save(path, {k: v + 1 for k, v in _sd1_tensors().items()})
     report = describe(lora)
     assert report["addnet_sha256"] is None and any("changed after it was read" in w for w in report["warnings"])

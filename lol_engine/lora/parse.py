@@ -51,6 +51,7 @@ from lol_engine.lora.safe_io import (
     WorkBudget,
     file_sha256,
     read_header,
+    read_into,
     read_tensors,
     shown,
 )
@@ -99,24 +100,105 @@ def load_lora(
 ) -> LoraWeights:
     """Read a LoRA file or folder into :class:`LoraWeights` (float32, CPU), or raise :class:`LoraFormatError`.
 
-    ``config`` overrides the ``adapter_config.json`` found next to the file.
+    ``config`` overrides the ``adapter_config.json`` found next to the file. The file is read once: its bytes are
+    hashed (the id, and the kohya/A1111 hash of the data buffer) as they are converted, and the factors of modules of
+    one shape land in one stacked buffer (each module's ``a``/``b`` is a view of it), which batched work over modules
+    of one shape (:mod:`lol_engine.symmetry`) uses without copying.
     """
     limits = limits or ReadLimits()
-    plans, meta, header, budget = _prepare(path, limits, config)
-    wanted = [
-        key for p in plans for role, key in p.keys.keys.items() if role in (Role.A, Role.B, Role.MID, Role.MAGNITUDE)
-    ]
-    tensors = read_tensors(header, wanted)
+    plans, meta, header, budget = _prepare(path, limits, config, hash_file=False)
+    groups, loose, targets = _targets(plans, header)
+    full, data = read_into(header, targets)
     budget.check("reading the factors")
-    modules = tuple(_build_module(p, tensors, header.path.name) for p in plans)
-    del tensors
-    check_magnitudes(modules, header.path.name)
+    file = header.path.name
+    modules: list[LoraModule] = []
+    for group in groups:
+        for i, p in enumerate(group.plans):
+            magnitude, axis = _magnitude(p, targets, file)
+            modules.append(LoraModule(p.spec, group.a[i], group.b[i], p.scale, p.alpha, magnitude, axis))
+    loose_modules = tuple(_build_module(p, targets, file) for p in loose)
+    by_name = {m.name: m for m in (*modules, *loose_modules)}
+    del targets
+    _check_factors(groups, by_name, loose_modules, file)
     budget.check("checking the factors")
-    return LoraWeights(modules, meta)
+    meta = replace(meta, sha256=full, data_sha256=data)
+    return LoraWeights(tuple(by_name[p.spec.name] for p in plans), meta)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Plain modules of one ``(rank, d_out, d_in)``, in plan order: their factors in one stacked buffer each."""
+
+    plans: list[_Plan]
+    a: Tensor  # (N, r, d_in)
+    b: Tensor  # (N, d_out, r)
+
+
+def _targets(plans: list[_Plan], header: SafetensorsHeader) -> tuple[list[_Group], list[_Plan], dict[str, Tensor]]:
+    """Where each wanted tensor is read to: a slot of its shape group's stacked buffer, or a tensor of its own.
+
+    mlx-lm factors (transposed) and Tucker ``lora_mid`` modules are read on their own and built by
+    :func:`_build_module`; DoRA magnitudes are read on their own.
+    """
+    by_shape: dict[tuple[int, int, int], list[_Plan]] = {}
+    loose: list[_Plan] = []
+    targets: dict[str, Tensor] = {}
+    for p in plans:
+        keys = p.keys.keys
+        if p.keys.naming == "mlx" or Role.MID in keys:
+            loose.append(p)
+            for role in (Role.A, Role.B, Role.MID):
+                if role in keys:
+                    targets[keys[role]] = torch.empty(header.tensors[keys[role]].shape)
+        else:
+            by_shape.setdefault((p.spec.rank, p.spec.d_out, p.spec.d_in), []).append(p)
+        if Role.MAGNITUDE in keys:
+            targets[keys[Role.MAGNITUDE]] = torch.empty(header.tensors[keys[Role.MAGNITUDE]].shape)
+    groups = []
+    for (rank, d_out, d_in), members in by_shape.items():
+        group = _Group(members, torch.empty(len(members), rank, d_in), torch.empty(len(members), d_out, rank))
+        for i, p in enumerate(members):
+            targets[p.keys.keys[Role.A]] = group.a[i]  # (r, d_in): conv kernels flattened
+            targets[p.keys.keys[Role.B]] = group.b[i]  # (d_out, r)
+        groups.append(group)
+    return groups, loose, targets
+
+
+# Fewer factor entries than this per checked chunk: bounds the temporaries of the reference check.
+_CHECK_CHUNK = 2**24
+
+
+def _check_factors(
+    groups: list[_Group], by_name: dict[str, LoraModule], loose: tuple[LoraModule, ...], file: str
+) -> None:
+    """:func:`~lol_engine.lora.scales.check_magnitudes` with a fast path over the stacked groups.
+
+    One pass per factor computes ``‖A‖_F`` and ``‖B‖_F`` (NaN/Inf propagate into them). A module passes at once
+    when both are finite and ``‖A‖_F``, ``‖B‖_F`` and ``|s|·‖A‖_F·‖B‖_F`` stay 1 % under the limit: these bound the
+    largest entries and ``‖s·B A‖_F`` that the reference check computes. Any other chunk goes to the reference check,
+    which refuses it with its exact message.
+    """
+    bound = 0.99 * MAX_MAGNITUDE
+    for group in groups:
+        n = len(group.plans)
+        step = max(1, _CHECK_CHUNK // (group.a[0].numel() + group.b[0].numel()))
+        for start in range(0, n, step):
+            a, b = group.a[start : start + step], group.b[start : start + step]
+            plans = group.plans[start : start + step]
+            a_norm = torch.linalg.vector_norm(a.reshape(len(a), -1), dim=1).tolist()  # ‖A‖_F; NaN, Inf stay
+            b_norm = torch.linalg.vector_norm(b.reshape(len(b), -1), dim=1).tolist()  # ‖B‖_F
+            fine = all(  # NaN compares False
+                x <= bound and y <= bound and x * y * abs(p.scale) <= bound
+                for x, y, p in zip(a_norm, b_norm, plans, strict=True)
+            )
+            if not fine:
+                check_magnitudes(tuple(by_name[p.spec.name] for p in plans), file)
+    if loose:
+        check_magnitudes(loose, file)
 
 
 def _prepare(
-    path: str | os.PathLike[str], limits: ReadLimits, config: AdapterConfig | None
+    path: str | os.PathLike[str], limits: ReadLimits, config: AdapterConfig | None, hash_file: bool = True
 ) -> tuple[list[_Plan], LoraMetadata, SafetensorsHeader, WorkBudget]:
     found = locate.locate_lora(path)
     file = found.weights
@@ -153,7 +235,7 @@ def _prepare(
     plans.sort(key=lambda p: natural_key(p.spec.name))  # the same modules always come in the same order
     _check_work([p.spec for p in plans], limits, where)
     budget.check("planning modules")
-    meta = _metadata(file, header, plans, config, notes, limits)
+    meta = _metadata(file, header, plans, config, notes, limits, hash_file)
     return plans, meta, header, budget
 
 
@@ -386,6 +468,7 @@ def _metadata(
     config: AdapterConfig | None,
     notes: Notes,
     limits: ReadLimits,
+    hash_file: bool = True,
 ) -> LoraMetadata:
     warnings = notes.fold()
     kohya = {k: decode_kohya(k, v, limits, warnings) for k, v in header.metadata.items() if k.startswith("ss_")}
@@ -419,7 +502,7 @@ def _metadata(
         base_family=family,
         family_evidence=evidence,
         dtype="+".join(sorted(dtypes)),
-        sha256=file_sha256(file),
+        sha256=file_sha256(file) if hash_file else "",  # load_lora hashes the bytes as it reads them
         size_bytes=header.file_size,
         source=str(file),
         is_dora=is_dora,

@@ -11,8 +11,11 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ __all__ = [
     "json_depth",
     "parse_json",
     "read_header",
+    "read_into",
     "read_tensors",
     "safetensors_hashes",
     "shown",
@@ -90,9 +94,14 @@ class WorkBudget:
         self.limits = limits
         self.where = where
         self._start = time.thread_time()
+        self._wall_start = time.perf_counter()
 
     def check(self, stage: str) -> None:
         """Raise :class:`LoraFormatError` if this read has used more CPU than ``limits.max_cpu_seconds``."""
+        # A thread cannot use more CPU time than the wall time that passed; reading the wall clock is much cheaper
+        # than the thread's CPU clock (a system call on some virtual machines), so the common case asks only it.
+        if time.perf_counter() - self._wall_start <= self.limits.max_cpu_seconds:
+            return
         used = time.thread_time() - self._start
         if used > self.limits.max_cpu_seconds:
             raise LoraFormatError(
@@ -418,6 +427,96 @@ def read_tensors(header: SafetensorsHeader, names: list[str]) -> dict[str, torch
     except OSError as exc:
         raise LoraFormatError(f"{where}: could not be read ({exc.strerror or type(exc).__name__})") from None
     return out
+
+
+class _Hasher:
+    """``(sha256 of the whole file, sha256 of its data buffer)`` fed block by block, in file order.
+
+    Large files are hashed on one background thread (``hashlib`` releases the GIL on large blocks), so that hashing
+    runs beside the conversion of the blocks already read instead of after it. The thread is a single worker: its
+    FIFO queue keeps each file's blocks in order (a pool of several would hash them out of order).
+    """
+
+    _POOL: ThreadPoolExecutor | None = None
+    _POOL_LOCK = threading.Lock()
+    THREAD_BYTES = 2**24  # files smaller than this are hashed inline: a thread hand-off costs more than it saves
+    MAX_PENDING_BYTES = 2**27  # blocks read but not hashed yet: bounds the extra memory of a fast reader
+
+    def __init__(self, size: int) -> None:
+        self.full, self.data = hashlib.sha256(), hashlib.sha256()
+        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._pending_bytes = 0
+        self._threaded = size >= self.THREAD_BYTES
+        if self._threaded:
+            with _Hasher._POOL_LOCK:
+                if _Hasher._POOL is None:
+                    _Hasher._POOL = ThreadPoolExecutor(1, thread_name_prefix="lol-sha256")
+
+    def _update(self, block: bytes | bytearray, data: bool) -> None:
+        self.full.update(block)
+        if data:
+            self.data.update(block)
+
+    def update(self, block: bytes | bytearray, data: bool = True) -> None:
+        """Hash ``block`` (into the data hash too unless ``data`` is False); the caller must not change it after."""
+        if self._threaded and _Hasher._POOL is not None:
+            self._pending.append((_Hasher._POOL.submit(self._update, block, data), len(block)))
+            self._pending_bytes += len(block)
+            while self._pending_bytes > self.MAX_PENDING_BYTES:
+                self._wait_oldest()
+        else:
+            self._update(block, data)
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._pending_bytes -= size
+        future.result()
+
+    def digests(self) -> tuple[str, str]:
+        """Wait for the blocks still being hashed; then ``(full, data)`` as hex."""
+        while self._pending:
+            self._wait_oldest()
+        return self.full.hexdigest(), self.data.hexdigest()
+
+
+def read_into(header: SafetensorsHeader, targets: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    """Read the whole file once: each named tensor converted into its ``targets`` tensor, every byte hashed.
+
+    Returns ``(sha256 of the file, sha256 of its data buffer)`` (:func:`safetensors_hashes` of the very bytes that
+    were converted). A target must hold as many elements as its tensor; its dtype (float32) and layout are the
+    caller's: a view into a stacked buffer fills that buffer in place. Tensors are read in file order, the ones not
+    named only hashed; the byte ranges were checked by :func:`read_header`.
+    """
+    where = header.path.name
+    hasher = _Hasher(header.file_size)
+    try:
+        with header.path.open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size != header.file_size:
+                raise LoraFormatError(f"{where}: the file changed while it was being read")
+            head = fh.read(header.data_start)
+            if len(head) != header.data_start:
+                raise LoraFormatError(f"{where}: the file changed while it was being read")
+            hasher.update(head, data=False)
+            for info in sorted(header.tensors.values(), key=lambda t: t.begin):
+                blob = bytearray(info.end - info.begin)  # a fresh buffer: the hashing thread may still hold the last
+                if fh.readinto(blob) != len(blob):
+                    raise LoraFormatError(f"{where}: the file changed while it was being read")
+                hasher.update(blob)
+                target = targets.get(info.name)
+                if target is None:
+                    continue
+                dtype = _TORCH_DTYPES_BY_NAME[info.dtype]
+                flat = torch.frombuffer(blob, dtype=dtype) if blob else torch.empty(0, dtype=dtype)
+                if target.numel() != flat.numel():
+                    raise ValueError(f"{info.name}: target of {target.numel()} elements for {flat.numel()} values")
+                target.copy_(flat.view(target.shape))  # converts to the target's dtype in the same pass
+            if fh.read(1):
+                raise LoraFormatError(f"{where}: the file changed while it was being read")
+    except OSError as exc:
+        raise LoraFormatError(f"{where}: could not be read ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        full, data = hasher.digests()
+    return full, data
 
 
 _TORCH_DTYPES = {

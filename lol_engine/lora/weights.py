@@ -24,6 +24,7 @@ class LoraMetadata:
     family_evidence: tuple[str, ...] = ()
     dtype: str = ""  # source dtype(s) of the factors, e.g. "F16" or "BF16+F32"
     sha256: str = ""  # of the whole .safetensors file: the LoRA's id
+    data_sha256: str = ""  # of its data buffer (the kohya/A1111 "addnet" hash), when computed while reading the file
     size_bytes: int = 0
     source: str = ""
     is_dora: bool = False

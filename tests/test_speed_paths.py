@@ -1,0 +1,274 @@
+"""The fast paths of issue 15 against slow references: the vectorised fingerprint, the one-pass stacked read with its
+hashes, the zero-copy stacking of loaded factors and the batched factor check."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from lora_files import factors, save
+
+from lol_engine import symmetry
+from lol_engine.errors import LoraFormatError
+from lol_engine.fingerprint import FINGERPRINT_NAMES, ROLES, fingerprint, fingerprints, module_role
+from lol_engine.lora import safe_io
+from lol_engine.lora.parse import load_lora
+from lol_engine.lora.safe_io import file_sha256, safetensors_hashes
+from lol_engine.lora.scales import check_magnitudes
+from lol_engine.lora.weights import LoraModule, LoraWeights
+from lol_engine.spec import LayerSpec, natural_key
+from lol_engine.symmetry import lora_fro_norms, lora_singular_values, singular_values, stacked
+
+# --------------------------------------------------------------------------- the per-module fingerprint (reference)
+_TOP = 4
+
+
+def _reference_stats(sigma: torch.Tensor) -> torch.Tensor:
+    energy = sigma.square()
+    total = energy.sum()
+    if total <= 0:
+        return torch.zeros(4 + _TOP, dtype=sigma.dtype)
+    p = energy / total
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum()
+    ratios = torch.zeros(_TOP, dtype=sigma.dtype)
+    tail = sigma[1 : 1 + _TOP] / sigma[0]
+    ratios[: tail.numel()] = tail
+    return torch.cat([torch.stack([0.5 * torch.log(total), entropy, p[0], torch.log(total / energy[0])]), ratios])
+
+
+def _reference_fingerprint(lora: LoraWeights) -> torch.Tensor:
+    """The fingerprint as it was computed before issue 15: one module at a time, each from its own QR."""
+    spectra = {m.name: singular_values(m.a.double(), m.b.double(), m.scale) for m in lora}
+    roles = {m.name: module_role(m.spec) for m in lora}
+    stats = {name: _reference_stats(s) for name, s in spectra.items()}
+    energies = {name: float(s.square().sum()) for name, s in spectra.items()}
+    total_energy = sum(energies.values())
+    all_sigma = torch.sort(torch.cat(list(spectra.values())), descending=True).values
+    out = [
+        math.log(len(lora)),
+        0.5 * math.log(total_energy) if total_energy > 0 else 0.0,
+        float(_reference_stats(all_sigma)[1]),
+        float(_reference_stats(all_sigma)[2]),
+    ]
+    for role in ROLES:
+        names = sorted((n for n in spectra if roles[n] == role), key=natural_key)
+        if not names:
+            out += [0.0] * 12
+            continue
+        block = torch.stack([stats[n] for n in names])
+        energy = torch.tensor([energies[n] for n in names], dtype=torch.float64)
+        depth = torch.linspace(0.0, 1.0, len(names), dtype=torch.float64) if len(names) > 1 else torch.zeros(1)
+        weighted = float((energy * depth).sum() / energy.sum()) if energy.sum() > 0 else 0.0
+        out += [
+            len(names) / len(lora),
+            float(energy.sum()) / total_energy if total_energy > 0 else 0.0,
+            float(block[:, 0].mean()),
+            float(block[:, 0].std(unbiased=False)),
+            float(block[:, 1].mean()),
+            float(block[:, 2].mean()),
+            float(block[:, 3].mean()),
+            *block[:, 4:].mean(0).tolist(),
+            weighted,
+        ]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+_NAMES = (
+    "layers.{i}.self_attn.q_proj",
+    "layers.{i}.self_attn.k_proj",
+    "layers.{i}.attn.to_v",
+    "layers.{i}.attn.to_out.0",
+    "layers.{i}.mlp.fc1",
+    "blocks.{i}.qkv",
+    "blocks.{i}.norm_thing",
+    "down.{i}.resnets.conv1",
+)
+
+
+def _random_lora(seed: int) -> LoraWeights:
+    """Mixed shapes and ranks (1 to 9, some above min(d_out, d_in)), zero modules, conv kernels, names out of order."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = []
+    for j in torch.randperm(24, generator=gen).tolist():
+        name = _NAMES[j % len(_NAMES)].format(i=j // len(_NAMES) * 5 + 1)
+        rank = int(torch.randint(1, 10, (), generator=gen))
+        d_out = int(torch.randint(2, 20, (), generator=gen))
+        if name.endswith("conv1"):
+            c = int(torch.randint(1, 5, (), generator=gen))
+            spec = LayerSpec(name, d_out, c * 9, rank, "conv", (d_out, c, 3, 3))
+        else:
+            spec = LayerSpec(name, d_out, int(torch.randint(2, 20, (), generator=gen)), rank)
+        a = torch.randn(rank, spec.d_in, generator=gen)
+        b = torch.randn(d_out, rank, generator=gen) * float(torch.rand((), generator=gen) * 3)
+        if j % 7 == 3:
+            b = torch.zeros_like(b)  # a zero module: every stat of it is zero
+        scale = float(torch.randn((), generator=gen))
+        modules.append(LoraModule(spec, a, b, scale))
+    return LoraWeights(tuple(modules))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fingerprint_matches_the_per_module_reference(seed: int) -> None:
+    lora = _random_lora(seed)
+    got, want = fingerprint(lora), _reference_fingerprint(lora)
+    assert got.shape == (len(FINGERPRINT_NAMES),)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("batch_elements", [2**22, 300])
+def test_fingerprints_of_a_batch_match_the_reference(monkeypatch: pytest.MonkeyPatch, batch_elements: int) -> None:
+    """Spectra batched across LoRAs (in small chunks, and LoRAs over the bound on their own) change nothing."""
+    monkeypatch.setattr(symmetry, "_BATCH_ELEMENTS", batch_elements)
+    loras = [_random_lora(seed) for seed in range(4)]
+    got = fingerprints(loras)
+    for lora, fp in zip(loras, got, strict=True):
+        torch.testing.assert_close(fp, _reference_fingerprint(lora), rtol=1e-5, atol=1e-6)
+        cached = lora_singular_values(lora)  # filled by the batch, and equal to a fresh computation
+        fresh = lora_singular_values(lora, cache=False)
+        for name in fresh:
+            torch.testing.assert_close(cached[name], fresh[name])
+
+
+def test_fingerprint_reference_catches_a_wrong_role_order() -> None:
+    """Negative control: the depth feature depends on name order within a role, so an unsorted order would fail."""
+    lora = _random_lora(0)
+    swapped = LoraWeights(lora.modules[::-1])
+    assert torch.allclose(fingerprint(swapped), fingerprint(lora))  # the module order of the container is irrelevant
+    reverse_depth = {m.name: re.sub(r"\d+", lambda d: str(99 - int(d.group())), m.name) for m in lora}
+    renamed = LoraWeights(tuple(replace(m, spec=replace(m.spec, name=reverse_depth[m.name])) for m in lora))
+    assert not torch.allclose(fingerprint(renamed), _reference_fingerprint(lora))
+
+
+# --------------------------------------------------------------------------------------- the one-pass stacked read
+def _mixed_file(path: Path, nan_in: str | None = None, big: float | None = None) -> Path:
+    """A kohya file: two shape groups of linear modules, a conv module, alphas, an unused tensor; fp16 and fp32."""
+    tensors: dict[str, torch.Tensor] = {}
+    stems = [(f"lora_unet_blocks_{i}_attn_to_q", 4, 24, 16) for i in range(5)]
+    stems += [(f"lora_unet_blocks_{i}_ff_net_2", 8, 40, 24) for i in range(3)]
+    for k, (stem, rank, d_in, d_out) in enumerate(stems):
+        a, b = factors(rank, d_in, d_out, seed=k)
+        if stem == nan_in:
+            a[1, 2] = float("nan")
+        if big is not None and k == 2:
+            b = b * big
+        tensors[f"{stem}.lora_down.weight"] = a.half() if k % 2 and big is None else a
+        tensors[f"{stem}.lora_up.weight"] = b
+        tensors[f"{stem}.alpha"] = torch.tensor(float(rank))
+    a, b = factors(4, 3, 6, kernel=(3, 3), seed=99)
+    tensors |= {"lora_unet_conv_in.lora_down.weight": a, "lora_unet_conv_in.lora_up.weight": b}
+    tensors["lora_unet_conv_in.alpha"] = torch.tensor(2.0)
+    tensors["unused.bias"] = torch.arange(7.0)
+    return save(path, tensors)
+
+
+def _expected(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The factors as a plain reader sees them: safetensors' own loader, then the kohya rules by hand."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path))
+    out = {}
+    for key in raw:
+        if key.endswith(".lora_down.weight"):
+            stem = key.removesuffix(".lora_down.weight")
+            a, b = raw[key].float(), raw[f"{stem}.lora_up.weight"].float()
+            out[stem] = (
+                a.reshape(a.shape[0], -1),
+                b.reshape(b.shape[0], -1),
+                float(raw[f"{stem}.alpha"]) / a.shape[0],
+            )
+    return out
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_stacked_read_matches_a_plain_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: bool) -> None:
+    if threaded:  # hash on the background thread even for a small file, with a tiny pending window
+        monkeypatch.setattr(safe_io._Hasher, "THREAD_BYTES", 0)
+        monkeypatch.setattr(safe_io._Hasher, "MAX_PENDING_BYTES", 64)
+    path = _mixed_file(tmp_path / "mixed.safetensors")
+    lora = load_lora(path)
+    expected = _expected(path)
+    assert len(lora) == len(expected)
+    for m in lora:  # unknown kohya names are kept as written, without the lora_unet_ prefix
+        a, b, scale = expected[f"lora_unet_{m.name}"]
+        want = scale * (b @ a)
+        torch.testing.assert_close(m.delta_weight(), want, rtol=1e-6, atol=1e-6)
+    assert lora.meta.sha256 == file_sha256(path)
+    assert lora.meta.data_sha256 == safetensors_hashes(path, 2**30)[1]
+    assert lora.meta.data_sha256 != lora.meta.sha256
+
+
+def test_loaded_groups_are_used_without_a_copy(tmp_path: Path) -> None:
+    lora = load_lora(_mixed_file(tmp_path / "mixed.safetensors"))
+    by_shape: dict[tuple[int, int, int], list[LoraModule]] = {}
+    for m in lora:
+        by_shape.setdefault((m.spec.rank, m.spec.d_out, m.spec.d_in), []).append(m)
+    group = by_shape[(4, 16, 24)]
+    assert len(group) == 5
+    base = stacked([m.a for m in group])
+    assert base.data_ptr() == group[0].a.data_ptr()  # the buffer itself
+    assert torch.equal(stacked([m.a for m in group[::-1]]), torch.stack([m.a for m in group[::-1]]))  # a copy
+    assert torch.equal(stacked([m.a for m in group[1:]]), torch.stack([m.a for m in group[1:]]))
+    # the batched spectra and norms over the stacked buffers equal those over separate copies of the factors
+    copies = lora.map(torch.clone)
+    for fast, slow in ((lora_singular_values, lora_singular_values), (lora_fro_norms, lora_fro_norms)):
+        got, want = fast(lora), slow(copies)
+        for name in got:
+            torch.testing.assert_close(got[name], want[name])
+
+
+def test_stacked_refuses_look_alike_views() -> None:
+    base = torch.randn(3, 4, 4)
+    assert stacked(list(base)) is base
+    transposed = [t.mT for t in base]  # same buffer, same offsets and shape, other strides
+    assert torch.equal(stacked(transposed), torch.stack(transposed))
+    assert stacked(transposed) is not base
+    grad = torch.randn(2, 3, 3, requires_grad=True)
+    assert stacked(list(grad)) is not grad
+
+
+# ------------------------------------------------------------------------------------ the batched factor check
+def _reference_message(path: Path) -> str:
+    """What :func:`check_magnitudes` says about the factors of ``path``, read without any check."""
+    raw = _expected(path)
+    modules = tuple(
+        LoraModule(LayerSpec(stem, b.shape[0], a.shape[1], a.shape[0]), a, b, scale)
+        for stem, (a, b, scale) in raw.items()
+    )
+    with pytest.raises(LoraFormatError) as info:
+        check_magnitudes(modules, path.name)
+    return re.sub(r"module '[^']*'", "module M", str(info.value))
+
+
+def test_nan_factor_is_refused_as_by_the_reference(tmp_path: Path) -> None:
+    path = _mixed_file(tmp_path / "nan.safetensors", nan_in="lora_unet_blocks_3_attn_to_q")
+    with pytest.raises(LoraFormatError) as info:
+        load_lora(path)
+    assert "factor A has 1 NaN/Inf value(s)" in str(info.value)
+    assert re.sub(r"module '[^']*'", "module M", str(info.value)) == _reference_message(path)
+    assert str(tmp_path) not in str(info.value)
+
+
+@pytest.mark.parametrize("big", [1e14, 1e16])
+def test_huge_factors_are_refused_as_by_the_reference(tmp_path: Path, big: float) -> None:
+    """1e14: every entry fits, but ‖ΔW‖ passes 1e15 (the fast bound falls back to the exact check); 1e16: entries."""
+    path = _mixed_file(tmp_path / "big.safetensors", big=big)
+    with pytest.raises(LoraFormatError) as info:
+        load_lora(path)
+    assert "too large for float32 arithmetic" in str(info.value)
+    assert re.sub(r"module '[^']*'", "module M", str(info.value)) == _reference_message(path)
+
+
+def test_large_but_fine_factors_pass(tmp_path: Path) -> None:
+    """‖A‖_F·‖B‖_F is over the limit but ΔW = B A is zero: the fast bound fails, the exact check passes."""
+    a = torch.zeros(2, 5)
+    a[:, 0] = 1.0  # two equal rows
+    b = torch.tensor([[6e14, -6e14], [1.0, 2.0]])  # first row of B A: 6e14 - 6e14 = 0
+    path = save(tmp_path / "cancel.safetensors", {"x.lora_A.weight": a, "x.lora_B.weight": b})
+    lora = load_lora(path)
+    assert torch.equal(lora["x"].b, b)
+    assert torch.equal(lora["x"].delta_weight(), torch.tensor([[0.0] * 5, [3.0, 0, 0, 0, 0]]))
