@@ -88,17 +88,16 @@ def _digest(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class IndexStatus:
-    """One partition: its encoder and family (None: not split by family), rows, kind, file size and staleness.
-
-    ``stale``: rows added in memory since the file was written (they are added again on the next load).
-    """
+    """One partition as the next load would find it: encoder, family (None: not split by family), stored rows,
+    kind (``"exact"`` or ``"hnsw"``), size of its files, rows stored but not in its file, and its state in words."""
 
     encoder: str
     family: str | None
     rows: int
-    kind: str  # "exact" | "hnsw"
+    kind: str
     file_bytes: int
     stale: int
+    state: str
 
 
 class NeighbourIndex:
@@ -280,13 +279,13 @@ class NeighbourIndexes:
         self,
         store: LoraStore,
         folder: str | os.PathLike[str] | None = None,
-        exact_max_rows: int = EXACT_MAX_ROWS,
+        exact_max_rows: int | None = None,
         by_family: Sequence[str] = ("fingerprint",),
         persist: bool = True,
     ) -> None:
         self.store = store
         self.folder = None if not persist else Path(folder) if folder is not None else index_folder(store.path)
-        self.exact_max_rows = exact_max_rows
+        self.exact_max_rows = EXACT_MAX_ROWS if exact_max_rows is None else exact_max_rows
         self.by_family = set(by_family)
         self._parts: dict[str, dict[str | None, NeighbourIndex]] = {}
         self._lock = threading.RLock()
@@ -384,14 +383,28 @@ class NeighbourIndexes:
         return 0 if part is None else len(part)
 
     def status(self) -> list[IndexStatus]:
-        """One line per partition of every stored encoder (loading them)."""
+        """One line per partition of every stored encoder, as a load would find it (nothing is built or written)."""
         out = []
         for encoder in self.store.encoders():
-            for family, part in sorted(self.loaded(encoder).items(), key=lambda item: str(item[0])):
-                folder = None if self.folder is None else self.folder / _slug(encoder, family)
-                size = 0
-                if folder is not None and (folder / "index.faiss").exists() and part.kind == "hnsw":
-                    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-                stale = len(part) - part.saved if part.kind == "hnsw" else 0
-                out.append(IndexStatus(encoder, family, len(part), part.kind, size, stale))
+            ids, families, x = self.store.index_rows(encoder)
+            groups: dict[str | None, dict[str, np.ndarray]] = {}
+            for k, family in enumerate(families):
+                groups.setdefault(self._family(encoder, family), {})[ids[k]] = x[k]
+            for key, stored in sorted(groups.items(), key=lambda item: str(item[0])):
+                out.append(self._status(encoder, key, stored))
         return out
+
+    def _status(self, encoder: str, family: str | None, stored: dict[str, np.ndarray]) -> IndexStatus:
+        if len(stored) < self.exact_max_rows or not faiss_available():
+            return IndexStatus(encoder, family, len(stored), "exact", 0, 0, "exact scan (nothing on disk)")
+        folder = None if self.folder is None else self.folder / _slug(encoder, family)
+        if folder is None or not (folder / "manifest.json").exists():
+            return IndexStatus(encoder, family, len(stored), "hnsw", 0, len(stored), "not built (built on first use)")
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        try:
+            part = NeighbourIndex.load(folder, encoder, family, stored, self.exact_max_rows)
+        except StoreError as exc:
+            return IndexStatus(encoder, family, len(stored), "hnsw", size, len(stored), f"{exc} (rebuilt on load)")
+        stale = len(stored) - len(part)
+        state = "up to date" if stale == 0 else f"{stale} row(s) behind (added on load)"
+        return IndexStatus(encoder, family, len(stored), "hnsw", size, stale, state)
