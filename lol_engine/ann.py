@@ -280,7 +280,7 @@ class NeighbourIndexes:
         store: LoraStore,
         folder: str | os.PathLike[str] | None = None,
         exact_max_rows: int | None = None,
-        by_family: Sequence[str] = ("fingerprint",),
+        by_family: Sequence[str] = ("fingerprint", "dw-sketch"),
         persist: bool = True,
     ) -> None:
         self.store = store

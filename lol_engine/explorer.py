@@ -60,6 +60,7 @@ from lol_engine.lora.weights import LoraWeights
 from lol_engine.relations import Relation, relate
 from lol_engine.report import card_facts, describe
 from lol_engine.similarity import cosine_to_many, module_cosines
+from lol_engine.sketch import DW_SKETCH, delta_sketch
 
 if TYPE_CHECKING:
     from lol_engine.ann import NeighbourIndexes
@@ -664,6 +665,8 @@ class Explorer:
                 self._cache_bytes -= _factor_bytes(old)
 
     _ann: NeighbourIndexes | None = None  # made on first use (neighbour_indexes)
+    # where a large collection's ΔW-cosine candidates come from, first choice first (the fingerprint always has them)
+    candidate_encoders: tuple[str, ...] = (DW_SKETCH, FINGERPRINT)
 
     @property
     def neighbour_indexes(self) -> NeighbourIndexes:
@@ -700,7 +703,8 @@ class Explorer:
 
         A collection larger than the indexes' exact size (:data:`lol_engine.ann.EXACT_MAX_ROWS`) is not scanned:
         the ΔW cosine is computed for the :data:`~lol_engine.ann.RERANK_CANDIDATES` LoRAs of the query's base family
-        nearest by fingerprint (all of them when the family is smaller), and the best ``k`` kept.
+        nearest by ΔW sketch (:mod:`lol_engine.sketch`; by fingerprint where the family's LoRAs have no sketch) —
+        all of them when the family is smaller — and the best ``k`` kept.
         """
         if self._large():
             return self._indexed_neighbours(lora, k, exclude)
@@ -711,14 +715,18 @@ class Explorer:
         family = lora.meta.base_family
         if not family or family == "unknown":
             return []
-        hits = self.store.nearest(FINGERPRINT, self._fingerprint(lora), k=k, exclude=exclude, base_family=family)
+        vector = self._query_vector(lora, FINGERPRINT)
+        hits = self.store.nearest(FINGERPRINT, vector, k=k, exclude=exclude, base_family=family)
         return self._neighbours(hits, "fingerprint cosine")
 
-    def _fingerprint(self, lora: LoraWeights) -> np.ndarray:
-        """The query's fingerprint: the stored one when it is stored, else computed."""
-        stored = self.store.embedding(lora.meta.sha256, FINGERPRINT) if lora.meta.sha256 else None
+    def _query_vector(self, lora: LoraWeights, encoder: str) -> np.ndarray:
+        """The query's ``encoder`` embedding (fingerprint or ΔW sketch): the stored one when it is stored, else
+        computed."""
+        stored = self.store.embedding(lora.meta.sha256, encoder) if lora.meta.sha256 else None
         if stored is not None:
             return stored
+        if encoder == DW_SKETCH:
+            return delta_sketch(lora)
         from lol_engine.fingerprint import fingerprint
 
         return fingerprint(lora).numpy()
@@ -739,12 +747,16 @@ class Explorer:
         ]
 
     def _indexed_neighbours(self, lora: LoraWeights, k: int, exclude: str | None) -> list[Neighbour]:
-        """:meth:`neighbours` of a large collection: fingerprint candidates in the family, re-ranked by ΔW cosine."""
+        """:meth:`neighbours` of a large collection: candidates of the query's base family from an index (the ΔW
+        sketch where every LoRA of the family has one, else the fingerprint), re-ranked by exact ΔW cosine."""
         from lol_engine.ann import RERANK_CANDIDATES
 
         family = lora.meta.base_family or "unknown"
+        indexes = self.neighbour_indexes
+        everyone = max(1, indexes.rows(FINGERPRINT, family))
+        by = next(e for e in self.candidate_encoders if e == FINGERPRINT or indexes.rows(e, family) >= everyone)
         wide = max(RERANK_CANDIDATES, 4 * k)
-        hits = self.neighbour_indexes.search(FINGERPRINT, self._fingerprint(lora), wide, exclude, family)
+        hits = indexes.search(by, self._query_vector(lora, by), wide, exclude, family)
         stored = self.store.get_many([i for i, _ in hits])
         names = {m.name for m in lora}
         candidates = [stored[i] for i, _ in hits if i in stored and names & {m["name"] for m in stored[i].spec}]
@@ -754,7 +766,8 @@ class Explorer:
             return self._delta_neighbours(lora, candidates, k)
         if family == "unknown":
             return []
-        return self._neighbours(hits[:k], "fingerprint cosine")
+        hits = indexes.search(FINGERPRINT, self._query_vector(lora, FINGERPRINT), k, exclude, family)
+        return self._neighbours(hits, "fingerprint cosine")
 
     def neighbours_of(self, lora_id: str, k: int = 10, by: str | None = None) -> list[Neighbour]:
         """A stored LoRA's neighbours: by exact ΔW cosine (``by=None``) or by the cosine of encoder ``by``."""
