@@ -36,10 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import lol_engine.ann as ann  # noqa: E402
 from lol_engine.ann import NeighbourIndex, NeighbourIndexes  # noqa: E402
 from lol_engine.encoders import FINGERPRINT, FingerprintEncoder  # noqa: E402
 from lol_engine.explorer import Explorer  # noqa: E402
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights  # noqa: E402
+from lol_engine.sketch import DW_SKETCH, DeltaSketchEncoder  # noqa: E402
 from lol_engine.spec import LayerSpec  # noqa: E402
 from lol_engine.store import LoraStore, NewLora  # noqa: E402
 
@@ -77,6 +79,13 @@ def _latencies(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[float],
         outs.append(fn(item))
         times.append(time.perf_counter() - start)
     return times, outs
+
+
+def _recall(found: list[list[Any]], truth: list[list[Any]]) -> float:
+    """Mean share of each exact top-10 (``truth``) among the found ones, over the queries ``truth`` has."""
+    return float(
+        np.mean([len({x.id for x in a} & {x.id for x in b}) / 10 for a, b in zip(found, truth, strict=False)])
+    )
 
 
 def _p(times: list[float], q: float) -> float:
@@ -177,16 +186,17 @@ def collection(n: int, queries: int, exact_queries: int, tmp: str) -> list[Row]:
     loras = generate(n, centres=250 * len(RANKS), gen=gen)
     generated = time.perf_counter() - start
     start = time.perf_counter()
-    encoder = FingerprintEncoder()
-    vectors: list[np.ndarray] = []
-    for chunk in range(0, n, 2000):
-        vectors += encoder.encode_many(loras[chunk : chunk + 2000])
+    fingerprints = FingerprintEncoder().encode_many(loras)
     fingerprinted = time.perf_counter() - start
+    start = time.perf_counter()
+    sketches = DeltaSketchEncoder().encode_many(loras)
+    sketched = time.perf_counter() - start
     start = time.perf_counter()
     store = LoraStore(Path(tmp) / "lol.duckdb")
     for chunk in range(0, n, 5000):
-        part = zip(loras[chunk : chunk + 5000], vectors[chunk : chunk + 5000], strict=True)
-        items = [NewLora(lora, embeddings={FINGERPRINT: v}) for lora, v in part]
+        part = slice(chunk, chunk + 5000)
+        rows = zip(loras[part], fingerprints[part], sketches[part], strict=True)
+        items = [NewLora(lora, embeddings={FINGERPRINT: f, DW_SKETCH: s}) for lora, f, s in rows]
         store.add_many(items)
     store.checkpoint()
     stored = time.perf_counter() - start
@@ -196,12 +206,19 @@ def collection(n: int, queries: int, exact_queries: int, tmp: str) -> list[Row]:
 
     fast = MemoryExplorer(store, by_id, tmp)
     start = time.perf_counter()
-    fast.neighbours_of(picks[0], k=10)  # the first query loads (here: builds and writes) the fingerprint indexes
+    fast.neighbours_of(picks[0], k=10)  # the first query loads (here: builds and writes) the indexes it uses
     first = time.perf_counter() - start
     start = time.perf_counter()
-    NeighbourIndexes(store).loaded(FINGERPRINT)  # a restart: the same indexes read back from <db>.ann/
+    restart = NeighbourIndexes(store)  # a restart: the same indexes read back from <db>.ann/
+    restart.loaded(FINGERPRINT)
+    restart.loaded(DW_SKETCH)
     reload = time.perf_counter() - start
     times, found = _latencies(lambda i: fast.neighbours_of(i, k=10), picks)
+
+    by_fingerprint = MemoryExplorer(store, by_id, tmp)
+    by_fingerprint.candidate_encoders = (FINGERPRINT,)
+    by_fingerprint.neighbours_of(picks[0], k=10)
+    fp_times, fp_found = _latencies(lambda i: by_fingerprint.neighbours_of(i, k=10), picks)
 
     exact = MemoryExplorer(store, by_id, tmp)
     exact._ann = NeighbourIndexes(store, persist=False, exact_max_rows=NO_LIMIT)  # today's exact path at any size
@@ -209,7 +226,8 @@ def collection(n: int, queries: int, exact_queries: int, tmp: str) -> list[Row]:
     exact.neighbours_of(picks[0], k=10)
     exact_first = time.perf_counter() - start
     exact_times, truth = _latencies(lambda i: exact.neighbours_of(i, k=10), picks[:exact_queries])
-    recall = np.mean([len({x.id for x in a} & {x.id for x in b}) / 10 for a, b in zip(found, truth, strict=False)])
+    recall = _recall(found, truth)
+    fp_recall = _recall(fp_found, truth)
     sims_equal = all(
         abs(x.similarity - y.similarity) < 1e-9
         for a, b in zip(found, truth, strict=False)
@@ -232,10 +250,10 @@ def collection(n: int, queries: int, exact_queries: int, tmp: str) -> list[Row]:
         [
             "neighbours at scale",
             f"set-up, {label}",
-            f"generate {_ms(generated)}, fingerprints {_ms(fingerprinted)}",
+            f"generate {_ms(generated)}, fingerprints {_ms(fingerprinted)}, ΔW sketches {_ms(sketched)}",
             f"store.add_many {_ms(stored)}",
             "-",
-            f"{fingerprinted / n * 1000:.2f} ms per fingerprint",
+            f"per LoRA: fingerprint {fingerprinted / n * 1000:.2f} ms, sketch {sketched / n * 1000:.2f} ms",
         ],
         [
             "neighbours at scale",
@@ -243,16 +261,24 @@ def collection(n: int, queries: int, exact_queries: int, tmp: str) -> list[Row]:
             f"read back from <db>.ann/ {_ms(reload)}",
             f"build + write {_ms(first)}",
             f"{first / reload:.1f}×",
-            "4 HNSW partitions (one per family) of the fingerprint",
+            "4 HNSW partitions (one per family) of the ΔW sketch (256-d) and of the fingerprint (100-d)",
         ],
         [
             "neighbours at scale",
             f"Explorer.neighbours_of (ΔW), {label}",
-            f"index + ΔW re-rank p50 {_ms(med)}, p95 {_ms(_p(times, 0.95))}",
+            f"sketch index + ΔW re-rank p50 {_ms(med)}, p95 {_ms(_p(times, 0.95))}",
             f"exact full scan p50 {_ms(emed)} (first {_ms(exact_first)})",
             f"{emed / med:.0f}×",
             f"recall@10 {recall:.3f} vs the full scan over {len(truth)} queries; "
             f"equal cosines where equal ids: {sims_equal}; {queries} timed queries",
+        ],
+        [
+            "neighbours at scale",
+            f"ΔW candidates by sketch vs by fingerprint, {label}",
+            f"sketch recall@10 {recall:.3f}, p50 {_ms(med)}",
+            f"fingerprint recall@10 {fp_recall:.3f}, p50 {_ms(statistics.median(fp_times))}",
+            "-",
+            f"the same ΔW re-rank of {ann.RERANK_CANDIDATES} candidates; recall vs the exact full scan",
         ],
         [
             "neighbours at scale",
@@ -283,8 +309,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows += synthetic(1_000_000, 200, rng)
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:  # below the exact threshold: force the index path on the small collection
-            import lol_engine.ann as ann
-
             saved, ann.EXACT_MAX_ROWS = ann.EXACT_MAX_ROWS, 500
             try:
                 rows += collection(args.n, args.queries, args.exact_queries, tmp)

@@ -377,6 +377,13 @@ class NeighbourIndexes:
         with self._lock:
             return part.search(vector, k, exclude)
 
+    def vector(self, encoder: str, lora_id: str, family: str | None = None) -> np.ndarray | None:
+        """The stored ``encoder`` embedding of ``lora_id`` as indexed (None when the partition is not loaded or
+        does not hold it): saves the store a point query."""
+        part = self._parts.get(encoder, {}).get(self._family(encoder, family or "unknown"))
+        pos = None if part is None else part._pos.get(lora_id)
+        return None if part is None or pos is None else part._raw[pos].copy()
+
     def rows(self, encoder: str, family: str | None = None) -> int:
         """Rows indexed for ``encoder`` (in ``family``'s partition for a ``by_family`` encoder)."""
         part = self.loaded(encoder).get(self._family(encoder, family or "unknown"))

@@ -722,7 +722,10 @@ class Explorer:
     def _query_vector(self, lora: LoraWeights, encoder: str) -> np.ndarray:
         """The query's ``encoder`` embedding (fingerprint or ΔW sketch): the stored one when it is stored, else
         computed."""
-        stored = self.store.embedding(lora.meta.sha256, encoder) if lora.meta.sha256 else None
+        stored = None
+        if lora.meta.sha256:
+            indexed = None if self._ann is None else self._ann.vector(encoder, lora.meta.sha256, lora.meta.base_family)
+            stored = indexed if indexed is not None else self.store.embedding(lora.meta.sha256, encoder)
         if stored is not None:
             return stored
         if encoder == DW_SKETCH:
@@ -748,7 +751,10 @@ class Explorer:
 
     def _indexed_neighbours(self, lora: LoraWeights, k: int, exclude: str | None) -> list[Neighbour]:
         """:meth:`neighbours` of a large collection: candidates of the query's base family from an index (the ΔW
-        sketch where every LoRA of the family has one, else the fingerprint), re-ranked by exact ΔW cosine."""
+        sketch where every LoRA of the family has one, else the fingerprint), re-ranked by exact ΔW cosine.
+
+        Only the ``k`` best (and any tied with the last) are read from the store; ties rank as in the exact scan
+        (oldest first, then by id)."""
         from lol_engine.ann import RERANK_CANDIDATES
 
         family = lora.meta.base_family or "unknown"
@@ -757,13 +763,26 @@ class Explorer:
         by = next(e for e in self.candidate_encoders if e == FINGERPRINT or indexes.rows(e, family) >= everyone)
         wide = max(RERANK_CANDIDATES, 4 * k)
         hits = indexes.search(by, self._query_vector(lora, by), wide, exclude, family)
-        stored = self.store.get_many([i for i, _ in hits])
-        names = {m.name for m in lora}
-        candidates = [stored[i] for i, _ in hits if i in stored and names & {m["name"] for m in stored[i].spec}]
-        if candidates:
-            # the order the exact scan sees them in (oldest first, ties by id): equal similarities rank alike
-            candidates.sort(key=lambda s: (s.added_at, s.id))
-            return self._delta_neighbours(lora, candidates, k)
+        names = set(lora.names)
+        pool = [(i, w) for i, _ in hits for w in (self.weights(i),) if names & set(w.names)]
+        sims = cosine_to_many(lora, [w for _, w in pool])
+        valid = [j for j in range(len(pool)) if not np.isnan(sims[j])]
+        if valid:
+            cut = sorted((sims[j] for j in valid), reverse=True)[min(k, len(valid)) - 1]
+            best = [j for j in valid if sims[j] >= cut]
+            rows = self.store.get_many([pool[j][0] for j in best])
+            best = sorted(
+                (j for j in best if pool[j][0] in rows),
+                key=lambda j: (-sims[j], rows[pool[j][0]].added_at, pool[j][0]),
+            )[:k]
+            relations = relate(
+                lora, [pool[j][1] for j in best], [pool[j][0] for j in best], [rows[pool[j][0]].name for j in best]
+            )
+            return [
+                Neighbour(c.id, c.name, c.zoo, float(sims[j]), "ΔW cosine", c.base_family, relation)
+                for j, relation in zip(best, relations, strict=True)
+                for c in (rows[pool[j][0]],)
+            ]
         if family == "unknown":
             return []
         hits = indexes.search(FINGERPRINT, self._query_vector(lora, FINGERPRINT), k, exclude, family)
