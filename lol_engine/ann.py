@@ -144,6 +144,14 @@ class NeighbourIndex:
             self._build_hnsw()
         return len(keep)
 
+    def holds(self, stored: Mapping[str, np.ndarray]) -> bool:
+        """Whether every indexed row is in ``stored`` (``{id: vector}``) with the same vector: then the rows of
+        ``stored`` not indexed yet can simply be added."""
+        if any(i not in stored for i in self.ids):
+            return False
+        now = np.array([stored[i] for i in self.ids], dtype=np.float32).reshape(len(self.ids), self.dim)
+        return bool(np.array_equal(now, self._raw))
+
     def _build_hnsw(self) -> None:
         import faiss
 
@@ -162,7 +170,7 @@ class NeighbourIndex:
         if self._hnsw is None or want >= n:
             rows = np.arange(n)
         else:
-            wide = max(4 * want, 64)
+            wide = max(min(4 * want, want + 256), 64)  # oversampled for recall; re-scored exactly below
             self._hnsw.hnsw.efSearch = max(EF_SEARCH, wide)
             _, labels = self._hnsw.search(q[None, :], wide)
             rows = labels[0][labels[0] >= 0]
@@ -300,7 +308,11 @@ class NeighbourIndexes:
                 self._parts[encoder] = self._load(encoder, rebuild=False)
             return self._parts[encoder]
 
-    def _load(self, encoder: str, rebuild: bool) -> dict[str | None, NeighbourIndex]:
+    def _load(
+        self, encoder: str, rebuild: bool, current: Mapping[str | None, NeighbourIndex] | None = None
+    ) -> dict[str | None, NeighbourIndex]:
+        """The partitions of ``encoder`` as stored now: ``current`` ones (in memory) grown where the store only
+        added rows, else read from disk and grown, else built."""
         ids, families, x = self.store.index_rows(encoder)
         groups: dict[str | None, list[int]] = {}
         for k, family in enumerate(families):
@@ -308,15 +320,28 @@ class NeighbourIndexes:
         parts: dict[str | None, NeighbourIndex] = {}
         for key, rows in groups.items():
             stored = {ids[k]: x[k] for k in rows}
-            parts[key] = self._partition(encoder, key, stored, x.shape[1], rebuild)
+            part = None if current is None else current.get(key)
+            keep = part is not None and part.dim == x.shape[1] and part.holds(stored)
+            parts[key] = self._partition(encoder, key, stored, x.shape[1], rebuild, part if keep else None)
         return parts
 
     def _partition(
-        self, encoder: str, family: str | None, stored: dict[str, np.ndarray], dim: int, rebuild: bool
+        self,
+        encoder: str,
+        family: str | None,
+        stored: dict[str, np.ndarray],
+        dim: int,
+        rebuild: bool,
+        part: NeighbourIndex | None = None,
     ) -> NeighbourIndex:
         folder = None if self.folder is None else self.folder / _slug(encoder, family)
-        part: NeighbourIndex | None = None
-        if folder is not None and not rebuild and len(stored) >= self.exact_max_rows and faiss_available():
+        if (
+            part is None
+            and folder is not None
+            and not rebuild
+            and len(stored) >= self.exact_max_rows
+            and faiss_available()
+        ):
             if (folder / "manifest.json").exists():
                 try:
                     part = NeighbourIndex.load(folder, encoder, family, stored, self.exact_max_rows)
@@ -353,8 +378,8 @@ class NeighbourIndexes:
         """Bring every loaded encoder up to date with the store (after an ingest): new rows are added, a changed
         or deleted one makes its partition rebuild."""
         with self._lock:
-            for encoder in list(self._parts):
-                self._parts[encoder] = self._load(encoder, rebuild=False)
+            for encoder, current in list(self._parts.items()):
+                self._parts[encoder] = self._load(encoder, rebuild=False, current=current)
 
     def rebuild(self, encoders: Sequence[str] | None = None) -> dict[str, float]:
         """Rebuild (and persist) the indexes of ``encoders`` (default: every stored one); ``{encoder: seconds}``."""

@@ -170,6 +170,32 @@ def test_persisted_index_is_reused_and_grown(tmp_path: Path, gen: torch.Generato
     store.close()
 
 
+def test_sync_grows_indexes_in_memory_and_rebuilds_changed_ones(gen: torch.Generator, monkeypatch) -> None:
+    from lol_engine.store import NewLora
+
+    x = clustered(700, 8, seed=13)
+    store, ids = store_with(":memory:", x, ["sd1"] * 700, gen)
+    indexes = NeighbourIndexes(store, exact_max_rows=500)
+    assert indexes.loaded("fp")[None].kind == "hnsw" and indexes.folder is None
+    builds = []
+    original = NeighbourIndex._build_hnsw
+    monkeypatch.setattr(NeighbourIndex, "_build_hnsw", lambda self: builds.append(1) or original(self))
+    spec = LoraSpec((LayerSpec("m", 4, 4, 1),))
+    more = clustered(5, 8, seed=14)
+    items = []
+    for k, row in enumerate(more):
+        meta = LoraMetadata(base_family="sd1", sha256=f"{k + 9000:064x}", source="/nowhere")
+        items.append(NewLora(LoraWeights(random_lora(spec, generator=gen).modules, meta), embeddings={"fp": row}))
+    new_ids = store.add_many(items)
+    indexes.sync()
+    assert builds == [] and indexes.rows("fp") == 705  # grown in place
+    assert indexes.search("fp", more[2], k=1)[0][0] == new_ids[2]
+    meta = LoraMetadata(base_family="sd1", sha256=ids[0], source="/nowhere")
+    store.add_many([NewLora(LoraWeights(random_lora(spec, generator=gen).modules, meta), embeddings={"fp": -x[0]})])
+    indexes.sync()
+    assert builds == [1] and indexes.search("fp", -x[0], k=1)[0] == (ids[0], pytest.approx(1.0, abs=1e-6))
+
+
 def test_a_corrupt_or_stale_file_is_rebuilt(tmp_path: Path, gen: torch.Generator, caplog) -> None:
     x = clustered(1200, 12, seed=10)
     db = str(tmp_path / "lol.duckdb")
