@@ -41,6 +41,7 @@ from lol_engine.ann import NeighbourIndex, NeighbourIndexes  # noqa: E402
 from lol_engine.encoders import FINGERPRINT, FingerprintEncoder  # noqa: E402
 from lol_engine.explorer import Explorer  # noqa: E402
 from lol_engine.lora.weights import LoraMetadata, LoraModule, LoraWeights  # noqa: E402
+from lol_engine.relations import relate  # noqa: E402
 from lol_engine.sketch import DW_SKETCH, DeltaSketchEncoder  # noqa: E402
 from lol_engine.spec import LayerSpec  # noqa: E402
 from lol_engine.store import LoraStore, NewLora  # noqa: E402
@@ -215,6 +216,13 @@ def collection(n: int, queries: int, exact_queries: int, tmp: str) -> list[Row]:
     reload = time.perf_counter() - start
     times, found = _latencies(lambda i: fast.neighbours_of(i, k=10), picks)
 
+    def relations_only(k: int) -> float:  # the share of a query spent in lol_engine.relations.relate (k-sized)
+        lora, top = by_id[picks[k]], found[k]
+        start = time.perf_counter()
+        relate(lora, [by_id[x.id] for x in top], [x.id for x in top], [x.name for x in top])
+        return time.perf_counter() - start
+
+    relate_p50 = statistics.median(relations_only(k) for k in range(min(20, len(picks))))
     by_fingerprint = MemoryExplorer(store, by_id, tmp)
     by_fingerprint.candidate_encoders = (FINGERPRINT,)
     by_fingerprint.neighbours_of(picks[0], k=10)
@@ -270,7 +278,8 @@ def collection(n: int, queries: int, exact_queries: int, tmp: str) -> list[Row]:
             f"exact full scan p50 {_ms(emed)} (first {_ms(exact_first)})",
             f"{emed / med:.0f}×",
             f"recall@10 {recall:.3f} vs the full scan over {len(truth)} queries; "
-            f"equal cosines where equal ids: {sims_equal}; {queries} timed queries",
+            f"equal cosines where equal ids: {sims_equal}; {queries} timed queries; of which relations "
+            f"(lol_engine.relations.relate on the top 10) p50 {_ms(relate_p50)}",
         ],
         [
             "neighbours at scale",

@@ -724,7 +724,10 @@ class Explorer:
         computed."""
         stored = None
         if lora.meta.sha256:
-            indexed = None if self._ann is None else self._ann.vector(encoder, lora.meta.sha256, lora.meta.base_family)
+            indexes = self._ann
+            indexed = None
+            if indexes is not None and indexes.is_loaded(encoder):  # never loads an index for this
+                indexed = indexes.vector(encoder, lora.meta.sha256, lora.meta.base_family)
             stored = indexed if indexed is not None else self.store.embedding(lora.meta.sha256, encoder)
         if stored is not None:
             return stored
@@ -797,16 +800,23 @@ class Explorer:
     def neighbours_by_embedding(self, lora_id: str, encoder: str, k: int = 10) -> list[Neighbour]:
         """The ``k`` stored LoRAs nearest to a stored one by cosine of their ``encoder`` embeddings (an exact scan
         of the store; in a large collection a search of the encoder's index, :mod:`lol_engine.ann`)."""
+        if self._large():  # the vector as indexed: no scan of the embeddings table
+            family = self.get(lora_id).base_family if encoder == FINGERPRINT else None
+            vector = self.neighbour_indexes.vector(encoder, lora_id, family)
+            vector = self.store.embedding(lora_id, encoder) if vector is None else vector  # stored since the load
+            if vector is None:
+                raise NotFoundError(f"LoRA {lora_id[:12]} has no {encoder} embedding")
+            if family == "unknown":
+                return []
+            hits = self.neighbour_indexes.search(encoder, vector, k=k, exclude=lora_id, family=family)
+            return self._neighbours(hits, f"{encoder} cosine")
         vector = self.store.embedding(lora_id, encoder)
         if vector is None:
             raise NotFoundError(f"LoRA {lora_id[:12]} has no {encoder} embedding")
         family = self.get(lora_id).base_family if encoder == FINGERPRINT else None  # fingerprints: within a base
         if family == "unknown":
             return []
-        if self._large():
-            hits = self.neighbour_indexes.search(encoder, vector, k=k, exclude=lora_id, family=family)
-        else:
-            hits = self.store.nearest(encoder, vector, k=k, exclude=lora_id, base_family=family)
+        hits = self.store.nearest(encoder, vector, k=k, exclude=lora_id, base_family=family)
         return self._neighbours(hits, f"{encoder} cosine")
 
     def _neighbours(self, hits: Sequence[tuple[str, float]], by: str) -> list[Neighbour]:
