@@ -57,6 +57,7 @@ __all__ = [
     "public_message",
     "relations_note",
     "render_card",
+    "shown_count",
     "spectrum_figure",
     "start_training",
     "stored_card",
@@ -797,16 +798,23 @@ def _rounded(value: Any) -> Any:
 
 
 def collection_frame(
-    explorer: Explorer, filters: Filters | None = None, ids: Sequence[str] | None = None, for_people: bool = True
+    explorer: Explorer,
+    filters: Filters | None = None,
+    ids: Sequence[str] | None = None,
+    for_people: bool = True,
+    limit: int | None = None,
 ) -> pd.DataFrame:
     """The collection as a table (one row per LoRA: fields, label and prediction summaries), filtered or by ids;
-    ``for_people``: floats rounded and columns named by :func:`column_title` (else the stored names and values)."""
+    ``for_people``: floats rounded and columns named by :func:`column_title` (else the stored names and values);
+    ``limit``: at most that many rows, the newest (a page never receives a 100k-row table; exports take them all)."""
     filters = filters or Filters()
     records = explorer.records()
     if ids is not None:
         wanted = set(ids)
         records = [r for r in records if r["id"] in wanted]
     rows = [r for r in records if filters.keep(r)]
+    if limit is not None and len(rows) > limit:
+        rows = rows[len(rows) - limit :]  # records are oldest first
     extra = sorted({c for r in records for c in r if c not in TABLE_COLUMNS})
     columns = [*TABLE_COLUMNS[:-1], *extra, "id"]
     if not for_people:
@@ -857,9 +865,32 @@ def apply_labels(explorer: Explorer, path: str | None, key: str = "name") -> str
     return "\n".join(f"- {escape(line, 600)}" for line in match.summary(table))
 
 
-def lora_choices(explorer: Explorer) -> list[tuple[str, str]]:
-    """``(label, id)`` for every stored LoRA, for the Compare tab's pickers."""
-    return [(f"{r['name']} · {r['zoo']} · {r['id'][:8]}", r["id"]) for r in explorer.records()]
+TABLE_ROWS = 2_000  # rows of the Collection table sent to a page (the newest matching ones; exports hold all)
+PICKER_CHOICES = 2_000  # LoRAs offered by a Compare picker (the newest; any stored id can be typed in)
+
+
+def shown_count(shown: int, matching: int) -> str:
+    """The line under a capped table: how many rows it shows of how many match.
+
+    >>> shown_count(2000, 100000)
+    'Showing the newest 2,000 of 100,000 matching LoRAs: narrow the search, or export the table to get all of them.'
+    >>> shown_count(12, 12)
+    '12 LoRAs.'
+    """
+    if shown >= matching:
+        return f"{matching:,} LoRA{'s' if matching != 1 else ''}."
+    return (
+        f"Showing the newest {shown:,} of {matching:,} matching LoRAs: narrow the search, or export the table to get "
+        "all of them."
+    )
+
+
+def lora_choices(explorer: Explorer, limit: int | None = PICKER_CHOICES) -> list[tuple[str, str]]:
+    """``(label, id)`` for the Compare tab's pickers: the ``limit`` newest stored LoRAs (None: all of them)."""
+    records = explorer.records()
+    if limit is not None:
+        records = records[max(0, len(records) - limit) :]
+    return [(f"{r['name']} · {r['zoo']} · {r['id'][:8]}", r["id"]) for r in records]
 
 
 @dataclass

@@ -574,6 +574,7 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks, ledger: UploadLedger) -
             elem_id="collection-table",
             buttons=["copy", "fullscreen"],
         )
+        count = gr.Markdown(elem_id="collection-count")
         with gr.Row():
             csv = gr.Button("Export table as CSV")
             parquet = gr.Button("Export table as Parquet")
@@ -590,8 +591,15 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks, ledger: UploadLedger) -
                 apply = gr.Button("Apply labels", scale=1)
             applied = gr.Markdown(label="Labels status", elem_id="labels-status")
 
-        def show(text: str, zs: list[str]) -> pd.DataFrame:
-            return handlers.collection_frame(explorer, _filters(text, zs, [], []))
+        def show(text: str, zs: list[str]) -> tuple[pd.DataFrame, str]:
+            filters = _filters(text, zs, [], [])
+            matching = sum(1 for r in explorer.records() if filters.keep(r))
+            frame = handlers.collection_frame(explorer, filters, limit=handlers.TABLE_ROWS)
+            return frame, handlers.shown_count(len(frame), matching)
+
+        def export(text: str, zs: list[str], fmt: str) -> str:  # every matching LoRA, not only the rows shown
+            frame = handlers.collection_frame(explorer, _filters(text, zs, [], []))
+            return _export(explorer, frame, fmt, "collection")
 
         @_guard
         def on_apply(path: str | None, key_name: str) -> str:
@@ -601,33 +609,37 @@ def _collection_tab(explorer: Explorer, demo: gr.Blocks, ledger: UploadLedger) -
                 discard([path] if path else None, labels_file.GRADIO_CACHE, ledger)
 
         apply.click(on_apply, [labels_file, key], applied, api_name="labels", concurrency_id="write").then(
-            show, [search, collections], table, api_visibility="private"
+            show, [search, collections], [table, count], api_visibility="private"
         )
 
         def choices() -> Any:
             return gr.update(choices=handlers.map_options(explorer)[2]["zoo"])
 
-        def refreshed(text: str, zs: list[str]) -> tuple[Any, pd.DataFrame]:
-            return choices(), show(text, zs)
+        def refreshed(text: str, zs: list[str]) -> tuple[Any, pd.DataFrame, str]:
+            return (choices(), *show(text, zs))
 
         demo.load(choices, None, collections, api_visibility="private").then(
-            show, [search, collections], table, api_visibility="private"
+            show, [search, collections], [table, count], api_visibility="private"
         )
         for event in (search.submit, collections.change, refresh.click):
-            event(show, [search, collections], table, api_visibility="private")
+            event(show, [search, collections], [table, count], api_visibility="private")
 
-        csv.click(lambda f: _export(explorer, f, "csv", "collection"), table, download, api_visibility="private")
-        parquet.click(
-            lambda f: _export(explorer, f, "parquet", "collection"), table, download, api_visibility="private"
-        )
-    return _Refresher(refreshed, [search, collections], [collections, table])
+        filters = [search, collections]
+        csv.click(lambda t, z: export(t, z, "csv"), filters, download, api_visibility="private")
+        parquet.click(lambda t, z: export(t, z, "parquet"), filters, download, api_visibility="private")
+    return _Refresher(refreshed, [search, collections], [collections, table, count])
 
 
 def _compare_tab(explorer: Explorer, demo: gr.Blocks) -> _Refresher:
     with gr.Tab("Compare", id="compare"):
         with gr.Row():
-            first_pick = gr.Dropdown(label="First LoRA", choices=[], filterable=True, allow_custom_value=True)
-            second_pick = gr.Dropdown(label="Second LoRA", choices=[], filterable=True, allow_custom_value=True)
+            hint = f"type to filter the newest {handlers.PICKER_CHOICES:,}; paste any stored LoRA's id"
+            first_pick = gr.Dropdown(
+                label="First LoRA", choices=[], filterable=True, allow_custom_value=True, info=hint
+            )
+            second_pick = gr.Dropdown(
+                label="Second LoRA", choices=[], filterable=True, allow_custom_value=True, info=hint
+            )
             go = gr.Button("Compare", variant="primary")
         text = gr.Markdown(elem_id="compare-text")
         with gr.Row(equal_height=False):

@@ -91,7 +91,27 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="a predictor folder (model.safetensors + config.json)")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     ingest = commands.add_parser("ingest", help="add LoRAs (files, folders, zoos, Hub repo ids) to the store")
-    ingest.add_argument("paths", nargs="+", help="LoRA files, PEFT folders, zoo folders or Hugging Face repo ids")
+    ingest.add_argument("paths", nargs="*", help="LoRA files, PEFT folders, zoo folders or Hugging Face repo ids")
+    ingest.add_argument(
+        "--from-list", default=None, help="a text file of paths, repo ids or http(s) URLs (--engine ray), one a line"
+    )
+    ingest.add_argument(
+        "--hub", default=None, help="Hugging Face repo ids (comma-separated), or a Hub search for LoRA adapters"
+    )
+    ingest.add_argument("--hub-limit", type=int, default=1000, help="--hub search: at most this many repos")
+    ingest.add_argument(
+        "--engine",
+        default="local",
+        choices=("local", "ray"),
+        help="local: this process (default); ray: Ray Data tasks and actors, locally or on a cluster (--address)",
+    )
+    ingest.add_argument("--address", default=None, help="--engine ray: a Ray cluster ('auto': the one running here)")
+    ingest.add_argument(
+        "--out", default=None, help="--engine ray: the Parquet shard folder (default: beside the database, .shards)"
+    )
+    ingest.add_argument(
+        "--workers", type=int, default=None, help="--engine ray: parallel workers (default: half the CPUs Ray sees)"
+    )
     ingest.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
     ingest.add_argument("--predictors", default=None, help="a folder of predictor folders (default: the shipped ones)")
     ingest.add_argument(
@@ -316,6 +336,23 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ingest_paths(args: argparse.Namespace) -> list[str]:
+    """Every source named on the command line: PATHs, then --from-list's lines, then --hub's repos."""
+    from lol_engine.scale.sources import hub_repo_ids, is_url, read_list
+
+    paths = list(args.paths)
+    if args.from_list:
+        paths += read_list(args.from_list)
+    if args.hub:
+        paths += hub_repo_ids(args.hub, args.hub_limit)
+    if not paths:
+        raise BadRequestError("nothing to ingest: give PATHs, --from-list FILE or --hub IDS_OR_QUERY")
+    urls = [p for p in paths if is_url(p)]
+    if urls and args.engine != "ray":
+        raise BadRequestError(f"{len(urls)} URL(s) given (first: {urls[0][:100]}); URLs are read by --engine ray")
+    return paths
+
+
 def _ingest(args: argparse.Namespace) -> int:
     from lol_engine.encoders import encoders_for, load_predictors
     from lol_engine.ingest import ingest
@@ -323,14 +360,17 @@ def _ingest(args: argparse.Namespace) -> int:
     from lol_engine.store import LoraStore
 
     try:
+        paths = _ingest_paths(args)
         table = read_labels(args.labels, args.key) if args.labels else None
     except LolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.engine == "ray":
+        return _ingest_ray(args, paths, table)
     encoders = encoders_for(load_predictors(args.predictors))
     try:
         with LoraStore(args.db) as store:
-            report = ingest(args.paths, store, encoders, labels=table, metadata=not args.no_metadata_labels)
+            report = ingest(paths, store, encoders, labels=table, metadata=not args.no_metadata_labels)
             if table is not None and report.labels is not None:
                 print("\n".join(report.labels.summary(table)))
             print(f"{len(report.ids)} ingested; {store.count()} LoRA(s) in the store {store.path}")
@@ -339,6 +379,45 @@ def _ingest(args: argparse.Namespace) -> int:
         return 2
     for path, reason in report.refused:
         print(f"refused {path}: {reason}", file=sys.stderr)
+    return 2 if report.refused else 0
+
+
+def _ingest_ray(args: argparse.Namespace, paths: list[str], table: Any) -> int:
+    """``lol ingest --engine ray``: shards under --out, then loaded into --db; refusals listed in errors.parquet."""
+    try:
+        import ray  # noqa: F401  (the optional extra: say so before any work)
+
+        from lol_engine.scale import ray_ingest
+        from lol_engine.settings import settings
+        from lol_engine.store import LoraStore
+    except ModuleNotFoundError as exc:
+        print(f"error: --engine ray needs Ray ({exc}): pip install 'lol-explorer[scale]'", file=sys.stderr)
+        return 2
+    try:
+        db = Path(args.db) if args.db else settings().db_path
+        out = Path(args.out) if args.out else db.with_suffix(".shards")
+        with LoraStore(db) as store:
+            report = ray_ingest(
+                paths,
+                out,
+                store,
+                predictors=args.predictors,
+                labels=table,
+                metadata=not args.no_metadata_labels,
+                workers=args.workers,
+                address=args.address,
+            )
+            if table is not None and report.labels is not None:
+                print("\n".join(report.labels.summary(table)))
+            print(report.summary())
+            print(f"{report.added} new in the store; {store.count()} LoRA(s) in the store {store.path}")
+    except (LolError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path, reason in report.refused[:20]:
+        print(f"refused {path}: {reason}", file=sys.stderr)
+    if len(report.refused) > 20:
+        print(f"... and {len(report.refused) - 20} more: see errors.parquet in {out}", file=sys.stderr)
     return 2 if report.refused else 0
 
 

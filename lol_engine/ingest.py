@@ -28,7 +28,7 @@ from lol_engine.report import describe
 if TYPE_CHECKING:
     from lol_engine.store import LoraStore
 
-__all__ = ["IngestReport", "LoraSource", "ingest", "lora_sources"]
+__all__ = ["IngestReport", "LoraSource", "ingest", "lora_sources", "table_labels"]
 
 
 @dataclass
@@ -191,3 +191,13 @@ def _table_labels(
         keys.append(LoraKeys(str(id(source)), source.name or display_name(weights), path_keys(weights, roots)))
     report.labels = match_labels(table, keys)
     return {int(i): values for i, values in report.labels.labelled.items()}
+
+
+def table_labels(
+    table: LabelTable | None, sources: list[LoraSource], roots: list[str]
+) -> tuple[LabelMatch | None, dict[int, dict[str, Any]]]:
+    """How :func:`ingest` joins a ``name``- or ``path``-keyed labels table before reading anything: the match (for
+    the report) and ``{id(source): labels}``; for a distributed ingest, which ships each source's labels with it."""
+    report = IngestReport()
+    by_source = _table_labels(table, sources, roots, report)
+    return report.labels, by_source

@@ -585,3 +585,84 @@ class LoraStore:
             placeholders = ", ".join("?" * len(ids))
             rows = cur.execute(f"SELECT {_LORA_COLUMNS} FROM loras WHERE id IN ({placeholders})", list(ids)).fetchall()
         return {row[0]: _stored(row) for row in rows}
+
+    @staticmethod
+    def rows_of(item: NewLora) -> dict[str, list[list[Any]]]:
+        """The rows :meth:`add_many` writes for ``item``, by table (``loras``, ``labels``, ``embeddings``,
+        ``estimates``), in the tables' column order: what a worker of a distributed ingest sends back, so that its
+        Parquet shards (:meth:`load_shards`) hold exactly what the single-process path stores."""
+        lora_id = _check_id(item.lora)
+        embeddings = []
+        for encoder, vector in item.embeddings.items():
+            v = np.asarray(vector, dtype=np.float32).reshape(-1)
+            if not np.isfinite(v).all():
+                raise ValueError(f"embedding {encoder!r} has non-finite values")
+            embeddings.append([lora_id, encoder, len(v), v.tolist()])
+        return {
+            "loras": [_lora_row(item.lora, item.name, item.zoo, item.card)],
+            "labels": [[lora_id, key, json.dumps(value)] for key, value in item.labels.items()],
+            "embeddings": embeddings,
+            "estimates": [[lora_id, name, _estimate_json(e)] for name, e in item.estimates.items()],
+        }
+
+    def ids(self) -> list[str]:
+        """The id (sha256) of every stored LoRA, sorted."""
+        with self._cursor() as cur:
+            return [r[0] for r in cur.execute("SELECT id FROM loras ORDER BY id").fetchall()]
+
+    def has(self, sha256s: Sequence[str]) -> set[str]:
+        """Which of ``sha256s`` are stored LoRAs."""
+        if not sha256s:
+            return set()
+        with self._cursor() as cur:
+            cur.execute("CREATE OR REPLACE TEMP TABLE lol_asked(id VARCHAR)")
+            cur.executemany("INSERT INTO lol_asked VALUES (?)", [[s] for s in sha256s])
+            rows = cur.execute("SELECT DISTINCT a.id FROM lol_asked a JOIN loras l ON l.id = a.id").fetchall()
+            cur.execute("DROP TABLE lol_asked")
+        return {r[0] for r in rows}
+
+    def load_shards(self, parts: Sequence[str | os.PathLike[str]]) -> int:
+        """Add the LoRAs of Parquet shard folders (each holding ``loras``, ``labels``, ``embeddings`` and
+        ``estimates.parquet``, as :mod:`lol_engine.scale` writes them) in one transaction; returns how many were new.
+
+        Only LoRAs not stored yet are added, with everything attached to them; a stored LoRA is left as it is (its
+        labels may have been edited since). Within the shards, the first row of a LoRA wins, and the last row of a
+        label, embedding or estimate (a labels table's row comes after the file's own).
+        """
+        import duckdb
+
+        files = {
+            t: [str(Path(p) / f"{t}.parquet") for p in parts] for t in ("loras", "labels", "embeddings", "estimates")
+        }
+        if not files["loras"]:
+            return 0
+
+        def latest(table: str, columns: str, key: str, first: bool = False) -> str:
+            order = "filename, file_row_number" if first else "filename DESC, file_row_number DESC"
+            return (
+                f"SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY {key} ORDER BY {order}) AS lol_rn "
+                f"FROM read_parquet(?, filename = true, file_row_number = true) "
+                f"WHERE {key.split(',')[0]} IN (SELECT id FROM lol_new)) WHERE lol_rn = 1"
+            )
+
+        with self._transaction() as cur:
+            try:
+                before = cur.execute("SELECT count(*) FROM loras").fetchone()[0]
+                cur.execute(
+                    "CREATE OR REPLACE TEMP TABLE lol_new AS SELECT DISTINCT id FROM read_parquet(?) "
+                    "WHERE id NOT IN (SELECT id FROM loras)",
+                    [files["loras"]],
+                )
+                columns = _LORA_COLUMNS + ", card_json"
+                cur.execute(f"INSERT INTO loras ({columns}) {latest('loras', columns, 'id', True)}", [files["loras"]])
+                for table, columns, key in (
+                    ("labels", "lora_id, name, value_json", "lora_id, name"),
+                    ("embeddings", "lora_id, encoder, dim, v", "lora_id, encoder"),
+                    ("estimates", "lora_id, predictor, estimate_json", "lora_id, predictor"),
+                ):
+                    cur.execute(f"INSERT INTO {table} {latest(table, columns, key)}", [files[table]])
+                added = cur.execute("SELECT count(*) FROM loras").fetchone()[0] - before
+                cur.execute("DROP TABLE lol_new")
+            except duckdb.IOException as exc:
+                raise StoreError(f"{self.path}: cannot read the Parquet shards ({_reason(exc)})") from None
+        return int(added)

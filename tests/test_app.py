@@ -208,6 +208,10 @@ def test_collection_table_and_exports(collection: Explorer, tmp_path: Path) -> N
     chosen = list(frame["id"][:3])
     assert list(handlers.collection_frame(collection, ids=chosen)["id"]) == chosen
     both = handlers.collection_frame(collection, for_people=False)  # two collections: named after the rows
+    capped = handlers.collection_frame(collection, for_people=False, limit=7)  # a page gets the newest rows only
+    assert list(capped["id"]) == list(both["id"][-7:]) and len(both) > 7
+    picks = handlers.lora_choices(collection, limit=5)
+    assert [v for _, v in picks] == list(both["id"][-5:]) and len(handlers.lora_choices(collection, None)) == len(both)
     named = handlers.export_frame(both, "csv", tmp_path, "collection").name
     assert named.startswith(f"lol-collection-{len(both)}loras-")
     assert handlers.export_frame(both.iloc[:5], "csv", tmp_path).name.startswith("lol-digits-5loras-")
