@@ -167,14 +167,15 @@ class NeighbourIndex:
             return []
         q = _unit(np.asarray(vector, dtype=np.float32).reshape(1, self.dim))[0]
         want = k + (exclude is not None)
-        if self._hnsw is None or want >= n:
+        wide = max(min(4 * want, want + 256), 64)  # oversampled for recall; re-scored exactly below
+        if self._hnsw is None or wide >= n:  # an exact scan of every row
             rows = np.arange(n)
+            sims = self._x @ q
         else:
-            wide = max(min(4 * want, want + 256), 64)  # oversampled for recall; re-scored exactly below
             self._hnsw.hnsw.efSearch = max(EF_SEARCH, wide)
             _, labels = self._hnsw.search(q[None, :], wide)
             rows = labels[0][labels[0] >= 0]
-        sims = self._x[rows] @ q  # exact cosine of every candidate, from the rows kept here
+            sims = self._x[rows] @ q  # exact cosines of the candidates, from the rows kept here
         pick = np.arange(len(rows))
         if len(rows) > want:  # keep the best `want` (and any row tied with the last of them) before sorting
             cut = float(sims[np.argpartition(-sims, want - 1)[:want]].min())
