@@ -151,6 +151,15 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="back up a collection (database and uploads) to a new folder")
     export.add_argument("out", help="a new folder: it receives lol.duckdb and uploads/ (usable as LOL_DATA_DIR)")
     export.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
+    index = commands.add_parser("index", help="neighbour indexes of a collection (lol_engine.ann): status, rebuild")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    for verb, text in (
+        ("status", "per index: stored rows, kind (exact scan or HNSW), file size, rows not in its file"),
+        ("build", "rebuild the indexes from the stored embeddings and write them beside the database"),
+    ):
+        sub = index_commands.add_parser(verb, help=text)
+        sub.add_argument("--db", default=None, help="DuckDB file (default: $LOL_DATA_DIR/lol.duckdb)")
+        sub.add_argument("--encoder", action="append", default=None, help="only this encoder (repeatable)")
     info = commands.add_parser("info", help="settings, data folder, shipped predictors, default zoos, versions")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -300,6 +309,30 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{n} LoRA(s) exported to {out} (restore: stop the app, copy its contents into the data folder)")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from lol_engine.ann import NeighbourIndexes, faiss_available
+    from lol_engine.store import LoraStore
+
+    try:
+        with LoraStore(args.db) as store:
+            indexes = NeighbourIndexes(store)
+            if args.index_command == "build":
+                if not faiss_available():
+                    print("faiss is not installed (pip install 'lol-explorer[scale]'): searches stay exact scans")
+                for encoder, seconds in indexes.rebuild(args.encoder).items():
+                    print(f"{encoder}: rebuilt in {seconds:.1f} s")
+            for row in indexes.status():
+                if args.encoder and row.encoder not in args.encoder:
+                    continue
+                where = row.encoder if row.family is None else f"{row.encoder} [{row.family}]"
+                size = f"{row.file_bytes / 2**20:.1f} MB" if row.file_bytes else "-"
+                print(f"{where}: {row.rows} row(s), {row.kind}, {size}, {row.state}")
+    except (LolError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -732,6 +765,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _export(args)
     if args.command == "info":
         return _info(args)
+    if args.command == "index":
+        return _index(args)
     if args.command == "analyse":
         return _analyse(args)
     try:

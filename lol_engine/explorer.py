@@ -60,8 +60,10 @@ from lol_engine.lora.weights import LoraWeights
 from lol_engine.relations import Relation, relate
 from lol_engine.report import card_facts, describe
 from lol_engine.similarity import cosine_to_many, module_cosines
+from lol_engine.sketch import DW_SKETCH, delta_sketch
 
 if TYPE_CHECKING:
+    from lol_engine.ann import NeighbourIndexes
     from lol_engine.labels import LabelMatch, LabelTable
     from lol_engine.maps import EmbeddingMap, FacetedMap
     from lol_engine.settings import Settings
@@ -310,6 +312,7 @@ class Explorer:
         ``on_progress(done, total)`` after each file."""
         report = ingest(paths, self.store, self.encoders, progress=progress, on_progress=on_progress)
         self._changed()
+        self._index_sync()
         return report
 
     @property
@@ -553,6 +556,7 @@ class Explorer:
                 shutil.rmtree(folder, ignore_errors=True)  # nothing half-written: the copy goes with the failed add
                 raise
             self._changed()
+            self._index_added(analysis.sha256, analysis.lora.meta.base_family, analysis.embeddings)
             self._cached(analysis.sha256, lora)
             self._place(analysis.sha256, analysis.lora.meta.base_family, analysis.embeddings)
             self.store.checkpoint()  # the new rows are in lol.duckdb itself, not only in its .wal
@@ -660,6 +664,34 @@ class Explorer:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= _factor_bytes(old)
 
+    _ann: NeighbourIndexes | None = None  # made on first use (neighbour_indexes)
+    # where a large collection's ΔW-cosine candidates come from, first choice first (the fingerprint always has them)
+    candidate_encoders: tuple[str, ...] = (DW_SKETCH, FINGERPRINT)
+
+    @property
+    def neighbour_indexes(self) -> NeighbourIndexes:
+        """The collection's neighbour indexes (:mod:`lol_engine.ann`), persisted beside its database."""
+        with self._lock:
+            if self._ann is None:
+                from lol_engine.ann import NeighbourIndexes
+
+                self._ann = NeighbourIndexes(self.store)
+            return self._ann
+
+    def _large(self) -> bool:
+        """Whether the collection is past the size searched by exact scans (then neighbours go through indexes)."""
+        return self.store.count() > self.neighbour_indexes.exact_max_rows
+
+    def _index_added(self, lora_id: str, family: str, embeddings: Mapping[str, np.ndarray]) -> None:
+        """Put a newly stored LoRA into the neighbour indexes already in memory (others load it with the rest)."""
+        if self._ann is not None:
+            self._ann.add(lora_id, family, embeddings)
+
+    def _index_sync(self) -> None:
+        """Bring the neighbour indexes in memory up to date with the store (after an ingest)."""
+        if self._ann is not None:
+            self._ann.sync()
+
     def neighbours(self, lora: LoraWeights, k: int = 10, exclude: str | None = None) -> list[Neighbour]:
         """The ``k`` stored LoRAs most comparable to ``lora``, most similar first; ``[]`` when none is comparable.
 
@@ -668,29 +700,95 @@ class Explorer:
         LoRAs are of its base). LoRAs of different bases are never neighbours. The ``k`` ΔW-cosine neighbours carry
         the query's relation to them (:func:`lol_engine.relations.relate`: same ΔW, rescaled, rank-truncated, or
         part of a weighted merge of them); the cost of that grows with ``k``, not with the collection.
+
+        A collection larger than the indexes' exact size (:data:`lol_engine.ann.EXACT_MAX_ROWS`) is not scanned:
+        the ΔW cosine is computed for the :data:`~lol_engine.ann.RERANK_CANDIDATES` LoRAs of the query's base family
+        nearest by ΔW sketch (:mod:`lol_engine.sketch`; by fingerprint where the family's LoRAs have no sketch) —
+        all of them when the family is smaller — and the best ``k`` kept.
         """
+        if self._large():
+            return self._indexed_neighbours(lora, k, exclude)
         names = {m.name for m in lora}
         candidates = [s for s in self._all() if s.id != exclude and names & {m["name"] for m in s.spec}]
         if candidates:
-            loras = [self.weights(s.id) for s in candidates]
-            sims = cosine_to_many(lora, loras)
-            order = [i for i in np.argsort(-np.nan_to_num(sims, nan=-2.0), kind="stable") if not np.isnan(sims[i])]
-            top = order[:k]
-            relations = relate(
-                lora, [loras[i] for i in top], [candidates[i].id for i in top], [candidates[i].name for i in top]
-            )
-            return [
-                Neighbour(c.id, c.name, c.zoo, float(sims[i]), "ΔW cosine", c.base_family, relation)
-                for i, relation in zip(top, relations, strict=True)
-                for c in (candidates[i],)
-            ]
+            return self._delta_neighbours(lora, candidates, k)
         family = lora.meta.base_family
         if not family or family == "unknown":
             return []
+        vector = self._query_vector(lora, FINGERPRINT)
+        hits = self.store.nearest(FINGERPRINT, vector, k=k, exclude=exclude, base_family=family)
+        return self._neighbours(hits, "fingerprint cosine")
+
+    def _query_vector(self, lora: LoraWeights, encoder: str) -> np.ndarray:
+        """The query's ``encoder`` embedding (fingerprint or ΔW sketch): the stored one when it is stored, else
+        computed."""
+        stored = None
+        if lora.meta.sha256:
+            indexes = self._ann
+            indexed = None
+            if indexes is not None and indexes.is_loaded(encoder):  # never loads an index for this
+                indexed = indexes.vector(encoder, lora.meta.sha256, lora.meta.base_family)
+            stored = indexed if indexed is not None else self.store.embedding(lora.meta.sha256, encoder)
+        if stored is not None:
+            return stored
+        if encoder == DW_SKETCH:
+            return delta_sketch(lora)
         from lol_engine.fingerprint import fingerprint
 
-        vector = fingerprint(lora).numpy()
-        hits = self.store.nearest(FINGERPRINT, vector, k=k, exclude=exclude, base_family=family)
+        return fingerprint(lora).numpy()
+
+    def _delta_neighbours(self, lora: LoraWeights, candidates: Sequence[StoredLora], k: int) -> list[Neighbour]:
+        """The ``k`` of ``candidates`` nearest by exact ΔW cosine, with their relations."""
+        loras = [self.weights(s.id) for s in candidates]
+        sims = cosine_to_many(lora, loras)
+        order = [i for i in np.argsort(-np.nan_to_num(sims, nan=-2.0), kind="stable") if not np.isnan(sims[i])]
+        top = order[:k]
+        relations = relate(
+            lora, [loras[i] for i in top], [candidates[i].id for i in top], [candidates[i].name for i in top]
+        )
+        return [
+            Neighbour(c.id, c.name, c.zoo, float(sims[i]), "ΔW cosine", c.base_family, relation)
+            for i, relation in zip(top, relations, strict=True)
+            for c in (candidates[i],)
+        ]
+
+    def _indexed_neighbours(self, lora: LoraWeights, k: int, exclude: str | None) -> list[Neighbour]:
+        """:meth:`neighbours` of a large collection: candidates of the query's base family from an index (the ΔW
+        sketch where every LoRA of the family has one, else the fingerprint), re-ranked by exact ΔW cosine.
+
+        Only the ``k`` best (and any tied with the last) are read from the store; ties rank as in the exact scan
+        (oldest first, then by id)."""
+        from lol_engine.ann import RERANK_CANDIDATES
+
+        family = lora.meta.base_family or "unknown"
+        indexes = self.neighbour_indexes
+        everyone = max(1, indexes.rows(FINGERPRINT, family))
+        by = next(e for e in self.candidate_encoders if e == FINGERPRINT or indexes.rows(e, family) >= everyone)
+        wide = max(RERANK_CANDIDATES, 4 * k)
+        hits = indexes.search(by, self._query_vector(lora, by), wide, exclude, family)
+        names = set(lora.names)
+        pool = [(i, w) for i, _ in hits for w in (self.weights(i),) if names & set(w.names)]
+        sims = cosine_to_many(lora, [w for _, w in pool])
+        valid = [j for j in range(len(pool)) if not np.isnan(sims[j])]
+        if valid:
+            cut = sorted((sims[j] for j in valid), reverse=True)[min(k, len(valid)) - 1]
+            best = [j for j in valid if sims[j] >= cut]
+            rows = self.store.get_many([pool[j][0] for j in best])
+            best = sorted(
+                (j for j in best if pool[j][0] in rows),
+                key=lambda j: (-sims[j], rows[pool[j][0]].added_at, pool[j][0]),
+            )[:k]
+            relations = relate(
+                lora, [pool[j][1] for j in best], [pool[j][0] for j in best], [rows[pool[j][0]].name for j in best]
+            )
+            return [
+                Neighbour(c.id, c.name, c.zoo, float(sims[j]), "ΔW cosine", c.base_family, relation)
+                for j, relation in zip(best, relations, strict=True)
+                for c in (rows[pool[j][0]],)
+            ]
+        if family == "unknown":
+            return []
+        hits = indexes.search(FINGERPRINT, self._query_vector(lora, FINGERPRINT), k, exclude, family)
         return self._neighbours(hits, "fingerprint cosine")
 
     def neighbours_of(self, lora_id: str, k: int = 10, by: str | None = None) -> list[Neighbour]:
@@ -700,7 +798,18 @@ class Explorer:
         return self.neighbours_by_embedding(lora_id, by, k=k)
 
     def neighbours_by_embedding(self, lora_id: str, encoder: str, k: int = 10) -> list[Neighbour]:
-        """The ``k`` stored LoRAs nearest to a stored one by cosine of their ``encoder`` embeddings (exact scan)."""
+        """The ``k`` stored LoRAs nearest to a stored one by cosine of their ``encoder`` embeddings (an exact scan
+        of the store; in a large collection a search of the encoder's index, :mod:`lol_engine.ann`)."""
+        if self._large():  # the vector as indexed: no scan of the embeddings table
+            family = self.get(lora_id).base_family if encoder == FINGERPRINT else None
+            vector = self.neighbour_indexes.vector(encoder, lora_id, family)
+            vector = self.store.embedding(lora_id, encoder) if vector is None else vector  # stored since the load
+            if vector is None:
+                raise NotFoundError(f"LoRA {lora_id[:12]} has no {encoder} embedding")
+            if family == "unknown":
+                return []
+            hits = self.neighbour_indexes.search(encoder, vector, k=k, exclude=lora_id, family=family)
+            return self._neighbours(hits, f"{encoder} cosine")
         vector = self.store.embedding(lora_id, encoder)
         if vector is None:
             raise NotFoundError(f"LoRA {lora_id[:12]} has no {encoder} embedding")
@@ -711,7 +820,7 @@ class Explorer:
         return self._neighbours(hits, f"{encoder} cosine")
 
     def _neighbours(self, hits: Sequence[tuple[str, float]], by: str) -> list[Neighbour]:
-        stored = {s.id: s for s in self._all()}
+        stored = self.store.get_many([i for i, _ in hits])
         return [
             Neighbour(i, stored[i].name, stored[i].zoo, s, by, stored[i].base_family) for i, s in hits if i in stored
         ]

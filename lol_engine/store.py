@@ -556,6 +556,36 @@ class LoraStore:
             ).fetchall()
         return [(r[0], float(r[1])) for r in rows]
 
+    def index_rows(self, encoder: str) -> tuple[list[str], list[str], np.ndarray]:
+        """Ids, base families and the ``(n, dim)`` float32 matrix of one encoder's embeddings, by id, for a
+        neighbour index (:mod:`lol_engine.ann`); only rows of the encoder's most common dimension."""
+        with self._cursor() as cur:
+            dims = cur.execute(
+                "SELECT dim, count(*) AS n FROM embeddings WHERE encoder = ? GROUP BY dim ORDER BY n DESC, dim",
+                [encoder],
+            ).fetchall()
+            if not dims:
+                return [], [], np.zeros((0, 0), dtype=np.float32)
+            dim = int(dims[0][0])
+            got = cur.execute(
+                f"SELECT e.lora_id, coalesce(l.base_family, 'unknown') AS family, e.v::FLOAT[{dim}] AS v "
+                "FROM embeddings e LEFT JOIN loras l ON l.id = e.lora_id WHERE e.encoder = ? AND e.dim = ? "
+                "ORDER BY e.lora_id",
+                [encoder, dim],
+            ).fetchnumpy()
+        ids, families = [str(i) for i in got["lora_id"]], [str(f) for f in got["family"]]
+        x = np.stack(list(got["v"])).astype(np.float32) if ids else np.zeros((0, dim), dtype=np.float32)
+        return ids, families, x.reshape(len(ids), dim)
+
+    def get_many(self, ids: Sequence[str]) -> dict[str, StoredLora]:
+        """``{id: stored LoRA}`` for the ids that are stored (one query)."""
+        if not ids:
+            return {}
+        with self._cursor() as cur:
+            placeholders = ", ".join("?" * len(ids))
+            rows = cur.execute(f"SELECT {_LORA_COLUMNS} FROM loras WHERE id IN ({placeholders})", list(ids)).fetchall()
+        return {row[0]: _stored(row) for row in rows}
+
     @staticmethod
     def rows_of(item: NewLora) -> dict[str, list[list[Any]]]:
         """The rows :meth:`add_many` writes for ``item``, by table (``loras``, ``labels``, ``embeddings``,
