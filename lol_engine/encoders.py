@@ -26,6 +26,7 @@ import numpy as np
 
 from lol_engine.estimate import Estimate
 from lol_engine.lora.weights import LoraWeights
+from lol_engine.sketch import DeltaSketchEncoder
 
 if TYPE_CHECKING:
     from lol_engine.train.checkpoint import Predictor
@@ -111,9 +112,10 @@ class Encoded:
 
 
 def encoders_for(predictors: Mapping[str, Predictor] | Iterable[Predictor]) -> list[Encoder]:
-    """The fingerprint encoder followed by one :class:`PredictorEncoder` per predictor."""
+    """The fingerprint and ΔW-sketch encoders (:mod:`lol_engine.sketch`: the candidates of a large collection's
+    ΔW-cosine neighbours), then one :class:`PredictorEncoder` per predictor."""
     values = predictors.values() if isinstance(predictors, Mapping) else predictors
-    return [FingerprintEncoder(), *(PredictorEncoder(p) for p in values)]
+    return [FingerprintEncoder(), DeltaSketchEncoder(), *(PredictorEncoder(p) for p in values)]
 
 
 def encode_many(loras: Sequence[LoraWeights], encoders: Sequence[Encoder]) -> list[Encoded]:

@@ -427,8 +427,9 @@ class Explorer:
         return self.store.estimates(lora_id)
 
     def _embedded(self) -> list[str]:
-        """Encoders with at least one stored embedding: ``fingerprint`` first, then ``lol:<predictor>``."""
-        return sorted(self.store.encoders(), key=lambda n: (n != FINGERPRINT, n))
+        """Encoders with at least one stored embedding and a map: ``fingerprint`` first, then ``lol:<predictor>``
+        (the ΔW sketch only proposes neighbour candidates: across base families its cosines are noise, so no map)."""
+        return sorted((n for n in self.store.encoders() if n != DW_SKETCH), key=lambda n: (n != FINGERPRINT, n))
 
     def maps(self) -> list[str]:
         """Encoders with a stored map, ``fingerprint`` first."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 pytest.importorskip("duckdb")
 pytest.importorskip("faiss")
 
-from lol_engine import ann
+from lol_engine import ann, sketch
 from lol_engine.ann import NeighbourIndex, NeighbourIndexes
 from lol_engine.cli import main as cli_main
 from lol_engine.encoders import FINGERPRINT
@@ -336,7 +337,7 @@ def test_cli_index_status_and_build(tmp_path: Path, gen: torch.Generator, capsys
 
 
 # ------------------------------------------------------------------------------------------------ the ΔW sketch
-def test_sketch_inner_products_estimate_delta_w_ones(gen: torch.Generator) -> None:
+def test_sketch_inner_products_estimate_delta_w_ones(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """Averaged over independent projections (one per module name), ⟨s(X), s(Y)⟩ → ⟨ΔW_X, ΔW_Y⟩_F."""
     spec = LoraSpec((LayerSpec("m", 24, 20, 3),))
     x = random_lora(spec, generator=gen, scale=0.7)
@@ -345,10 +346,12 @@ def test_sketch_inner_products_estimate_delta_w_ones(gen: torch.Generator) -> No
     dense_y = (y["m"].scale * y["m"].b @ y["m"].a).numpy()
     want = float((dense_x * dense_y).sum())
     draws = []
-    for j in range(300):  # another name: another (P, Q, R)
+    for j in range(300):  # another draw of the shape's (P, Q) and of the module's signed permutation
         rename = LayerSpec(f"m{j}", 24, 20, 3)
-        sx = delta_sketch(LoraWeights((replace(x["m"], spec=rename),)))
-        sy = delta_sketch(LoraWeights((replace(y["m"], spec=rename),)))
+        with monkeypatch.context() as patch:
+            patch.setattr(sketch, "_compressors", functools.partial(sketch._compressors.__wrapped__, salt=j + 1))
+            sx = delta_sketch(LoraWeights((replace(x["m"], spec=rename),)))
+            sy = delta_sketch(LoraWeights((replace(y["m"], spec=rename),)))
         draws.append(float(sx.astype(np.float64) @ sy))
     mean, err = np.mean(draws), np.std(draws) / np.sqrt(len(draws))
     assert abs(mean - want) < 4 * err and err < 0.1 * abs(want)

@@ -39,6 +39,7 @@ from lol_engine.lora.safe_io import file_sha256
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.report import describe
 from lol_engine.scale.sources import download, url_name
+from lol_engine.sketch import DeltaSketchEncoder
 from lol_engine.store import LoraStore, NewLora
 
 __all__ = ["COLUMNS", "Carried", "EncoderStage", "is_done", "parse_batch"]
@@ -133,7 +134,7 @@ def _parse_one(
     if shown_source:  # a download: store the URL, not the temporary file; a relative path given: relative to it
         shown = _relative(lora.meta.source, shown_source) if task["kind"] == "path" else shown_source
         lora = dataclasses.replace(lora, meta=dataclasses.replace(lora.meta, source=shown))
-    fingerprint = encode_many([lora], [FingerprintEncoder()])[0].embeddings
+    fingerprint = encode_many([lora], [FingerprintEncoder(), DeltaSketchEncoder()])[0].embeddings  # and its sketch
     labels = {**(metadata_labels(lora.meta) if metadata else {}), **source.labels}
     try:
         rows = LoraStore.rows_of(NewLora(lora, source.name, source.zoo, labels, fingerprint, {}, describe(lora)))
