@@ -1,0 +1,53 @@
+"""Maps at scale: fit a sample, place the rest in parallel batches; checked against a plain fit of the sample and
+against the clusters the data was drawn from (slow: UMAP fits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lol_engine.maps import fit_faceted, fit_map
+
+
+def _clusters(n: int, k: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows around ``k`` well-separated centres, and each row's centre."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim)) * 4
+    labels = rng.integers(0, k, size=n)
+    return centres[labels] + rng.normal(size=(n, dim)), labels
+
+
+@pytest.mark.slow
+def test_a_sample_is_fitted_and_the_rest_placed_next_to_their_cluster() -> None:
+    x, labels = _clusters(600, 5, 16, seed=0)
+    calls: list[tuple[int, int]] = []
+    fitted = fit_map(x, seed=3, sample=300, batch=64, workers=2, on_progress=lambda d, t: calls.append((d, t)))
+    chosen = fitted.fitted_rows
+    assert chosen is not None and len(chosen) == len(np.unique(chosen)) == 300
+    assert fitted.params["fitted"] == 300 and fitted.params["placed"] == 300
+    plain = fit_map(x[chosen], seed=3)  # the sampled rows sit exactly where a plain fit of the sample puts them
+    assert plain.params["placed"] == 0 and plain.fitted_rows is None
+    np.testing.assert_allclose(fitted.coords[chosen], plain.coords)
+    rest = np.setdiff1d(np.arange(len(x)), chosen)
+    # each placed row lands among its own cluster: the cluster of its nearest fitted point (2-D) is its true one
+    d = ((fitted.coords[rest, None, :] - fitted.coords[None, chosen, :]) ** 2).sum(-1)  # (placed, fitted)
+    agree = (labels[chosen][d.argmin(1)] == labels[rest]).mean()
+    assert agree >= 0.95, agree
+    # the placed rows are the reducer's transform of those rows, whatever the number of threads
+    np.testing.assert_allclose(fitted.place(x[rest], batch=64, workers=1), fitted.coords[rest])
+    assert [t for _, t in calls] == [300] * 5 and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert calls[-1] == (300, 300)
+
+
+@pytest.mark.slow
+def test_a_faceted_map_samples_each_large_tile() -> None:
+    x, _ = _clusters(260, 3, 8, seed=1)
+    groups = ["big"] * 200 + ["small"] * 60
+    calls: list[tuple[int, int]] = []
+    faceted = fit_faceted(x, groups, sample=120, workers=2, on_progress=lambda d, t: calls.append((d, t)))
+    big, small = faceted.tiles["big"][0], faceted.tiles["small"][0]
+    assert (big.params["fitted"], big.params["placed"]) == (120, 80)
+    assert (small.params["fitted"], small.params["placed"]) == (60, 0)
+    assert calls[-1] == (80, 80)
+    fitted, origin, scale, offset = faceted.tiles["big"]
+    np.testing.assert_allclose(faceted.coords[:200], (fitted.coords - origin) * scale + offset)
