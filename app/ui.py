@@ -73,9 +73,10 @@ const render = () => {
     modeBarButtonsToRemove: ['toImage']});
   box.dataset.points = String(meta.shown || 0);
   box.dataset.matches = String(meta.matches || 0);
-  box.setAttribute('aria-label', 'Map of ' + (meta.shown || 0) + ' LoRAs. Arrow keys pan, + and - zoom, 0 resets, '
-    + 'Enter opens the LoRA nearest the centre.');
-  if (live) live.textContent = (meta.shown || 0) + ' LoRAs on the map' + (meta.matches ? ', ' + meta.matches
+  const of = meta.total > meta.shown ? ' of ' + meta.total + ' (a sample over a density of all)' : '';
+  box.setAttribute('aria-label', 'Map of ' + (meta.shown || 0) + of + ' LoRAs. Arrow keys pan, + and - zoom, '
+    + '0 resets, Enter opens the LoRA nearest the centre.');
+  if (live) live.textContent = (meta.shown || 0) + of + ' LoRAs on the map' + (meta.matches ? ', ' + meta.matches
     + ' search matches' : '');
   if (!box.dataset.bound) {
     box.dataset.bound = '1';

@@ -85,6 +85,7 @@ def test_categories_beyond_the_palette_fold_into_other_and_say_so() -> None:
         fig,
         np.arange(len(values)),
         np.zeros((len(values), 2), np.float32),
+        np.arange(len(values)),
         [{}] * len(values),
         values,
         names,
@@ -97,7 +98,8 @@ def test_categories_beyond_the_palette_fold_into_other_and_say_so() -> None:
     assert traces["other: 9 values (90)"] == 90 and traces["no value (5)"] == 5
     assert "9 less common values shown as “other”" in note and "5 without a value" in note
     fig = go.Figure()
-    note = _colour(fig, np.arange(3), np.zeros((3, 2), np.float32), [{}] * 3, [1, 1, 1], ["a", "b", "c"], "rank", 1.0)
+    zeros, at = np.zeros((3, 2), np.float32), np.arange(3)
+    note = _colour(fig, at, zeros, at, [{}] * 3, [1, 1, 1], ["a", "b", "c"], "rank", 1.0)
     assert "every LoRA shown has the same rank: 1" in note
 
 
@@ -169,3 +171,67 @@ def test_an_export_of_a_shown_table_has_full_precision_and_stored_names(collecti
     assert out["label:acc_all"].tolist() == pytest.approx(
         stored.loc[list(shown["id"]), "label:acc_all"].tolist(), rel=1e-12
     )
+
+
+class _BigMap:
+    """The three things a map view asks of the explorer, for a synthetic map of ``n`` LoRAs in three clusters."""
+
+    def __init__(self, n: int) -> None:
+        rng = np.random.default_rng(0)
+        self.ids = [f"{k:064x}" for k in rng.permutation(10 * n)[:n]]  # hex ids, as the store's sha256 ones
+        centres = np.array([[-5.0, 0.0], [5.0, 0.0], [0.0, 8.0]])
+        self.zoo = np.repeat(np.array(["a", "b", "c"]), [n // 2, n // 3, n - n // 2 - n // 3])
+        self.xy = centres[np.searchsorted(["a", "b", "c"], self.zoo)] + rng.normal(size=(n, 2))
+
+    def map_points(self, encoder: str) -> tuple[list[str], np.ndarray]:
+        return self.ids, self.xy
+
+    def records(self) -> list[dict[str, object]]:
+        return [
+            {"id": i, "name": f"lora {k}", "zoo": z, "base_family": "sd1", "format": "kohya", "rank": 4}
+            for k, (i, z) in enumerate(zip(self.ids, self.zoo, strict=True))
+        ]
+
+    def map_tiles(self, encoder: str) -> dict[str, tuple[float, float, float, float]]:
+        return {}
+
+
+def test_a_map_beyond_the_cap_ships_a_sample_over_a_density_of_all() -> None:
+    import zlib
+
+    from app.map_view import MAX_POINTS
+
+    big = _BigMap(300_000)
+    outside = max(big.ids, key=lambda i: zlib.crc32(i.encode()))  # hashes highest: never in the plain sample
+    view = map_view(big, "lol:x", "zoo", picked=outside, search="lora 299999")  # type: ignore[arg-type]
+    assert (view.shown, view.total, view.matches) == (MAX_POINTS, 300_000, 1) and view.sampled
+    assert view.status("zoo").startswith("showing 100,000 of 300,000 LoRAs (sampled); density shows all")
+    payload = json.loads(view.figure.to_json())
+    shipped = payload["layout"]["meta"]["ids"]
+    assert len(shipped) == len(set(shipped)) <= MAX_POINTS
+    base = _base(view.figure)
+    assert sum(len(t.x) for t in base) == MAX_POINTS
+    heat = [t for t in view.figure.data if t.type == "heatmap"]
+    assert len(heat) == 1 and heat[0].z.sum() == 300_000  # the density counts every LoRA, not only the sample
+    # the heatmap's densest cell sits on the biggest cluster's centre (-5, 0)
+    row, column = np.unravel_index(np.argmax(heat[0].z), heat[0].z.shape)
+    assert abs(heat[0].x[column] + 5) < 0.5 and abs(heat[0].y[row]) < 0.5
+    # the sample: the clicked LoRA and the search match first, then the ids whose CRC-32 is lowest
+    at = {lora_id: k for k, lora_id in enumerate(big.ids)}
+    seen = np.concatenate(list(_points(view.figure, tuple(t.name for t in base)).values()))
+    match = big.ids[299_999]
+    lowest = sorted((i for i in big.ids if i not in (outside, match)), key=lambda i: zlib.crc32(i.encode()))
+    assert set(seen) == {outside, match, *lowest[: MAX_POINTS - 2]}
+    for trace in base[:1]:  # coordinates travel with the right ids
+        rows = [at[shipped[int(i)]] for i in trace.customdata]
+        np.testing.assert_allclose(np.c_[trace.x, trace.y], big.xy[rows], atol=1e-5)
+    rings = _points(view.figure, ("clicked", "search matches"))
+    assert list(rings["clicked"]) == [outside] and list(rings["search matches"]) == [match]
+    # filters narrow what is sampled; a LoRA of the sample stays in it
+    only_a = map_view(big, "lol:x", "zoo", Filters(collections=("a",)))  # type: ignore[arg-type]
+    assert (only_a.shown, only_a.total) == (MAX_POINTS, 150_000)
+    kept = set(np.concatenate(list(_points(only_a.figure).values())))
+    assert {i for i in lowest[: MAX_POINTS - 2] if big.zoo[at[i]] == "a"} <= kept
+    small = map_view(big, "lol:x", "zoo", Filters(collections=("c",)))  # type: ignore[arg-type]
+    assert (small.shown, small.total) == (50_000, 50_000) and not small.sampled
+    assert not [t for t in small.figure.data if t.type == "heatmap"] and "sampled" not in small.status("zoo")
