@@ -788,9 +788,9 @@ def _data_api(explorer: Explorer, limits: ReadLimits, ledger: UploadLedger, star
         return api.maps(explorer)
 
     @_guard
-    def map_points(encoder: str, limit: int = 100_000) -> dict[str, Any]:
-        """A map's coordinates: ids, x, y."""
-        return api.map_points(explorer, encoder, limit)
+    def map_points(encoder: str, limit: int = 100_000, offset: int = 0) -> dict[str, Any]:
+        """A page of a map's coordinates: ids, x, y of at most 100,000 points from offset on; total, next_offset."""
+        return api.map_points(explorer, encoder, limit, offset)
 
     endpoints = (collection_status, lora, neighbours, collection_rows, comparison, prediction, predictors, maps)
     for fn in (*endpoints, map_points):

@@ -51,3 +51,16 @@ def test_a_faceted_map_samples_each_large_tile() -> None:
     assert calls[-1] == (80, 80)
     fitted, origin, scale, offset = faceted.tiles["big"]
     np.testing.assert_allclose(faceted.coords[:200], (fitted.coords - origin) * scale + offset)
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_runs_quick() -> None:
+    """``benchmarks/bench_maps_scale.py --quick`` runs and fills every row (no timing is asserted)."""
+    import runpy
+    from pathlib import Path
+
+    module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "bench_maps_scale.py"))
+    rows = module["main"](["--quick"])
+    assert [r[0] for r in rows] == ["map page", "map page", "map fit", "map quality", "map memory", "map place"]
+    assert all(len(r) == 6 and all(r) for r in rows)
+    assert "10,000 points shipped + density" in rows[1][5]  # 30k LoRAs beyond a 10k cap: sampled
