@@ -59,6 +59,18 @@ const render = () => {
   try { fig = JSON.parse(props.value || '{}'); } catch (e) { return; }
   if (!fig.data) { box.dataset.points = '0'; Plotly.purge(box); return; }
   const meta = fig.layout.meta || {};
+  if (!meta.ids && meta.id_hex) {  // packed 32-byte digests (app/map_view.py): back to 64-letter hex ids
+    const raw = atob(meta.id_hex), hex = [], ids = new Array(raw.length / 32);
+    for (let i = 0; i < 256; i++) hex.push((i < 16 ? '0' : '') + i.toString(16));
+    for (let k = 0; k < ids.length; k++) {
+      let id = '';
+      for (let j = 32 * k; j < 32 * k + 32; j++) id += hex[raw.charCodeAt(j)];
+      ids[k] = id;
+    }
+    meta.ids = ids;
+    delete meta.id_hex;
+  }
+  fig.layout.meta = meta;
   box._lolIds = meta.ids || [];
   if (narrow()) fig.layout.legend = Object.assign({}, fig.layout.legend || {},
     {orientation: 'h', x: 0, y: -0.02, yanchor: 'top'});

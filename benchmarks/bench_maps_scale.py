@@ -164,7 +164,8 @@ def pages(sizes: list[int], cap: int) -> list[Row]:
         view = map_view(synthetic, "lol:x", "zoo", max_points=cap)  # type: ignore[arg-type]
         text = view.figure.to_json()
         seconds = time.perf_counter() - start
-        ids_bytes = len(json.dumps(view.figure.layout.meta["ids"]))
+        meta = view.figure.layout.meta
+        ids_bytes = len(json.dumps(meta.get("id_hex", meta.get("ids"))))
         if not view.sampled:
             per_point = len(text) / n
         every = f"every point ≈ {per_point * n / 2**20:,.0f} MB" if per_point else "every point: not measured"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -12,14 +13,24 @@ pytest.importorskip("duckdb")
 pytest.importorskip("plotly")
 
 from app.handlers import Filters
-from app.map_view import MAX_CATEGORIES, MISSING_GREY, PALETTE, _colour, colour_options, column_title, map_view
+from app.map_view import (
+    MAX_CATEGORIES,
+    MISSING_GREY,
+    PALETTE,
+    _colour,
+    _packed,
+    colour_options,
+    column_title,
+    map_view,
+    shipped_ids,
+)
 from lol_engine.encoders import FINGERPRINT
 from lol_engine.explorer import Explorer
 
 
 def _points(fig: object, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """``{trace name: LoRA ids}`` through ``layout.meta.ids``, the way the page's script reads clicks."""
-    ids = fig.layout.meta["ids"]  # type: ignore[attr-defined]
+    ids = shipped_ids(fig.layout.meta)  # type: ignore[attr-defined]
     return {
         t.name: np.array([ids[int(i)] for i in t.customdata])
         for t in fig.data  # type: ignore[attr-defined]
@@ -50,13 +61,17 @@ def test_every_point_once_with_its_stored_coordinates(collection: Explorer) -> N
 
 
 def test_the_payload_is_compact(collection: Explorer) -> None:
-    """Coordinates and point indices as typed arrays; each 64-letter id once, in ``layout.meta``."""
+    """Coordinates and point indices as typed arrays; each 64-letter id once, packed into ``layout.meta``."""
     text = view_json = map_view(collection, FINGERPRINT, "zoo").figure.to_json()
     payload = json.loads(view_json)
     first = payload["data"][0]
     assert first["x"]["dtype"] == "f4" and first["customdata"]["dtype"] == "i4" and first["type"] == "scattergl"
-    some_id = payload["layout"]["meta"]["ids"][0]
-    assert text.count(some_id) == 1
+    ids, _ = collection.map_points(FINGERPRINT)
+    assert sorted(shipped_ids(payload["layout"]["meta"])) == sorted(ids) and "ids" not in payload["layout"]["meta"]
+    assert text.count(ids[0]) == 0 and len(payload["layout"]["meta"]["id_hex"]) == 4 * math.ceil(32 * len(ids) / 3)
+    odd = ["not-hex", "a" * 64]  # any other id: a plain list, in order
+    assert _packed(odd) == {"ids": odd} and shipped_ids(_packed(odd)) == odd
+    assert shipped_ids(_packed(["ab" * 32, "0f" * 32])) == ["ab" * 32, "0f" * 32]
 
 
 def test_a_numeric_label_gets_a_scale_and_missing_values_are_grey_and_said(collection: Explorer) -> None:
@@ -207,7 +222,7 @@ def test_a_map_beyond_the_cap_ships_a_sample_over_a_density_of_all() -> None:
     assert (view.shown, view.total, view.matches) == (MAX_POINTS, 300_000, 1) and view.sampled
     assert view.status("zoo").startswith("showing 100,000 of 300,000 LoRAs (sampled); density shows all")
     payload = json.loads(view.figure.to_json())
-    shipped = payload["layout"]["meta"]["ids"]
+    shipped = shipped_ids(payload["layout"]["meta"])
     assert len(shipped) == len(set(shipped)) <= MAX_POINTS
     base = _base(view.figure)
     assert sum(len(t.x) for t in base) == MAX_POINTS
