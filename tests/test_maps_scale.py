@@ -64,3 +64,19 @@ def test_the_scale_benchmark_runs_quick() -> None:
     assert [r[0] for r in rows] == ["map page", "map page", "map fit", "map quality", "map memory", "map place"]
     assert all(len(r) == 6 and all(r) for r in rows)
     assert "10,000 points shipped + density" in rows[1][5]  # 30k LoRAs beyond a 10k cap: sampled
+
+
+@pytest.mark.slow
+def test_placing_on_a_search_index_is_reproducible_and_lands_in_the_right_cluster() -> None:
+    """From 4,096 fitted rows UMAP searches neighbours with pynndescent, whose index keeps per-query scratch arrays
+    (a shared result heap: two thirds of the rows moved when threads shared it). One thread: the fit's placement
+    again, bit for bit. Threads (each with its own scratch): not bit-identical, but each row in its own cluster."""
+    x, labels = _clusters(4096 + 6000, 6, 8, seed=2)
+    fitted = fit_map(x, seed=0, sample=4096, batch=500)
+    assert fitted.params["fitted"] == 4096 and fitted._reducer._knn_search_index is not None
+    chosen = fitted.fitted_rows
+    rest = np.setdiff1d(np.arange(len(x)), chosen)
+    np.testing.assert_array_equal(fitted.place(x[rest], batch=500), fitted.coords[rest])
+    for coords in (fitted.coords[rest], fitted.place(x[rest], batch=500, workers=4)):
+        d = ((coords[:, None, :] - fitted.coords[None, chosen, :]) ** 2).sum(-1)  # (placed, fitted)
+        assert (labels[chosen][d.argmin(1)] == labels[rest]).mean() >= 0.95
