@@ -18,7 +18,10 @@ Default: n = 20,000 rows, a 5,000-row sample (a 4:1 ratio, as 200k:50k), ≈ 4�
 n = 100,000 and the 50,000-row default sample (the issue's case). ``--quick``: a smoke run (seconds after UMAP's
 JIT). UMAP's and pynndescent's JIT are paid before any timing (a first run without pynndescent's warm-up charged
 ~2 min of compilation to whichever fit came first). Numbers are for comparison within one run on one machine, not a
-gate. Run: ``python benchmarks/bench_maps_scale.py [--quick | --full] [--workers 2]``.
+gate. Measured (2 shared cores): ``--full`` sample + transform 128.8 s vs full fit 81.4 s (0.6×), trustworthiness
+0.985 vs 0.988, heap peak 1,123 vs 1,193 MiB, 2 threads 0.90× of 1; default (20k / 5k) 32.0 s vs 18.5 s; the map
+page 7.5 MB at 100k and 7.6 MB at 1M (every point would be ≈ 75 MB).
+Run: ``python benchmarks/bench_maps_scale.py [--quick | --full] [--workers 2]``.
 """
 
 from __future__ import annotations
