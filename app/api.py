@@ -213,10 +213,16 @@ def maps(explorer: Explorer) -> list[dict[str, Any]]:
     return [{"encoder": e, "title": map_title(e), "points": counts.get(e, 0)} for e in explorer.maps()]
 
 
-def map_points(explorer: Explorer, encoder: str, limit: int = 100_000) -> dict[str, Any]:
-    """A map's coordinates: ``ids``, ``x``, ``y`` (the first ``limit`` points, in stored order)."""
+MAX_MAP_PAGE = 100_000  # the most points one /map_points answer carries
+
+
+def map_points(explorer: Explorer, encoder: str, limit: int = MAX_MAP_PAGE, offset: int = 0) -> dict[str, Any]:
+    """A page of a map's coordinates: ``ids``, ``x``, ``y`` of at most ``limit`` (≤ :data:`MAX_MAP_PAGE`) points
+    from ``offset`` on, in stored order; ``total`` points on the map, ``next_offset`` (None after the last page)."""
     if encoder not in explorer.maps():
         raise BadRequestError(f"no map {encoder!r}; maps: {', '.join(explorer.maps()) or 'none'}")
     ids, xy = explorer.map_points(encoder)
-    n = max(0, min(int(limit), len(ids)))
-    return _clean({"encoder": encoder, "ids": ids[:n], "x": xy[:n, 0].tolist(), "y": xy[:n, 1].tolist()})
+    start = max(0, min(int(offset), len(ids)))
+    end = start + max(0, min(int(limit), MAX_MAP_PAGE, len(ids) - start))
+    page = {"encoder": encoder, "ids": ids[start:end], "x": xy[start:end, 0].tolist(), "y": xy[start:end, 1].tolist()}
+    return _clean({**page, "total": len(ids), "offset": start, "next_offset": end if end < len(ids) else None})

@@ -13,10 +13,23 @@ id each — so 100k points fit in a few MB. Colours follow the column's kind:
 A search highlights its matches in context: everything stays on the map, the rest dimmed, and the view can zoom to
 the matches. The clicked LoRA is ringed. Text from files (names, label values) is HTML-escaped; the page renders
 hover text and legends as HTML.
+
+At scale a view never ships more than :data:`MAX_POINTS` points (browsers draw ~100k WebGL points smoothly; a
+million would be a ~90 MB page). Beyond it the view shows a deterministic sample — the LoRAs whose ids hash lowest,
+so a LoRA shown in the whole map stays shown when filters narrow it, search matches, the clicked LoRA and a lasso
+selection first — over a density layer (a server-side 2-D histogram of every LoRA that passes the filters, shipped
+as a small heatmap). ``layout.meta`` holds only the shipped points' ids (see :func:`shipped_ids`).
+
+Ids travel packed: when every shipped id is a 64-letter lowercase hex digest (the store's sha256 ids), as one base64
+string of their 32-byte digests (``layout.meta.id_hex``: 43 bytes an id instead of 67 in a JSON list, a third of a
+100k-point page); the page's script unpacks them into ``layout.meta.ids`` before drawing. Other ids go as a list.
 """
 
 from __future__ import annotations
 
+import base64
+import re
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,14 +42,19 @@ from app.handlers import Filters, column_title, escape_html
 from lol_engine.explorer import Explorer, map_title
 
 __all__ = [
+    "DENSITY_BINS",
     "MAX_CATEGORIES",
+    "MAX_POINTS",
     "MISSING_GREY",
     "MapView",
     "colour_options",
     "column_title",
     "map_view",
+    "shipped_ids",
 ]
 
+MAX_POINTS = 100_000  # the most points one view ships; beyond it a sample over a density layer of all of them
+DENSITY_BINS = 128  # the density layer's grid: DENSITY_BINS × DENSITY_BINS counts
 MAX_CATEGORIES = 12  # numbers with more distinct values: a continuous scale; more categories: the rest are "other"
 MISSING_GREY = "#b8b8b8"
 OTHER_GREY = "#7f7f7f"
@@ -93,10 +111,19 @@ class MapView:
     shown: int
     matches: int
     note: str
+    total: int = -1  # LoRAs that pass the filters (more than ``shown`` when sampled); -1: the same as ``shown``
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the view shows a sample of its LoRAs (and a density layer of all of them)."""
+        return self.total > self.shown
 
     def status(self, color_by: str, search: str = "") -> str:
         """The line under the map controls (plain text; the caller escapes it for Markdown)."""
         text = f"{self.shown:,} LoRAs on the map · colour: {column_title(color_by)}"
+        if self.sampled:
+            text = f"showing {self.shown:,} of {self.total:,} LoRAs (sampled); density shows all · colour: "
+            text += column_title(color_by)
         if self.note:
             text += f" · {self.note}"
         if search.strip():
@@ -122,29 +149,45 @@ def map_view(
     selected: Sequence[str] = (),
     zoom: bool = False,
     density: bool = False,
+    max_points: int = MAX_POINTS,
 ) -> MapView:
     """The figure of ``encoder``'s stored map: the LoRAs that pass ``filters`` (collections, families, formats;
     its ``search`` is ignored), coloured by ``color_by``; ``search`` matches (name substring or id prefix) ringed
     with the rest dimmed, and the view zoomed to them with ``zoom``; ``picked`` ringed in red; ``selected`` (a lasso)
-    outlined; ``density`` adds contour lines of the points' density."""
+    outlined; ``density`` adds contour lines of the points' density. More than ``max_points`` LoRAs pass the filters:
+    a sample of ``max_points`` of them (see the module's docstring) over a density layer of all of them."""
     where = Filters("", *(getattr(filters or Filters(), f) for f in ("collections", "families", "formats")))
     ids, xy = explorer.map_points(encoder)
     records = {r["id"]: r for r in explorer.records()}
     keep = np.array([i for i, lora_id in enumerate(ids) if lora_id in records and where.keep(records[lora_id])])
     keep = keep.astype(np.int64)  # the map never filters by the search: it highlights (see ``search``)
     xy32 = np.asarray(xy, dtype=np.float32)
+    text = search.strip().lower()
+    found = [i for i in keep if text and (text in str(records[ids[i]]["name"]).lower() or ids[i].startswith(text))]
+    index = {lora_id: i for i, lora_id in enumerate(ids)}
+    ring = [index[i] for i in selected if i in index]
+    first = [*([index[picked]] if picked in index else []), *ring, *found]  # kept first when sampling
+    total, every = len(keep), keep
+    keep = _sample(ids, keep, np.asarray(first, dtype=np.int64), max(1, max_points))
+    shipped = np.zeros(len(ids), dtype=bool)
+    shipped[keep] = True
     rows = [records[ids[i]] for i in keep]
     values = [r.get(color_by) for r in rows]
     names = [escape_html(r["name"], 80) for r in rows]
-    text = search.strip().lower()
-    hits = np.array(
-        [j for j, r in enumerate(rows) if text and (text in str(r["name"]).lower() or str(r["id"]).startswith(text))],
-        dtype=np.int64,
-    )
+    hits = np.flatnonzero(np.isin(keep, np.asarray(found, dtype=np.int64)))  # into ``rows``
     dim = 0.18 if text else 0.85
+    if total > len(keep):  # sampled: outside the sample nothing is ringed (the payload stays within the cap)
+        ring, picked = [i for i in ring if shipped[i]], picked if picked in index and shipped[index[picked]] else None
+    else:  # everything is shown: a ring may mark a LoRA the filters hide
+        shipped[ring] = True
+        if picked in index:
+            shipped[index[picked]] = True
+    local = np.cumsum(shipped, dtype=np.int64) - 1  # position of each shipped point in ``layout.meta.ids``
     fig = go.Figure()
-    note = _colour(fig, keep, xy32, rows, values, names, color_by, dim)
-    if density and len(keep) >= 10:
+    if total > len(keep):
+        _density(fig, xy32[every])
+    note = _colour(fig, keep, xy32, local, rows, values, names, color_by, dim)
+    if density and len(keep) >= 10 and total == len(keep):
         fig.add_trace(
             go.Histogram2dContour(
                 x=xy32[keep, 0],
@@ -158,30 +201,86 @@ def map_view(
                 ncontours=8,
             )
         )
-    index = {lora_id: i for i, lora_id in enumerate(ids)}
-    ring = [index[i] for i in selected if i in index]
-    _overlay(fig, ring, xy32, "lasso selection", {"color": "#333333", "width": 1}, 11, "rgba(0,0,0,0)")
+    _overlay(fig, ring, xy32, local, "lasso selection", {"color": "#333333", "width": 1}, 11, "rgba(0,0,0,0)")
     matched = keep[hits] if len(hits) else np.array([], dtype=np.int64)
     labels = [names[j] for j in hits] if 0 < len(hits) <= 20 else None  # few matches: their names on the map
-    _overlay(fig, matched.tolist(), xy32, "search matches", {"color": "#111111", "width": 2}, 12, "#ffd400", labels)
+    line = {"color": "#111111", "width": 2}
+    _overlay(fig, matched.tolist(), xy32, local, "search matches", line, 12, "#ffd400", labels)
     if picked in index:
-        _overlay(fig, [index[picked]], xy32, "clicked", {"color": "#d62728", "width": 3}, 18, "rgba(0,0,0,0)")
+        _overlay(fig, [index[picked]], xy32, local, "clicked", {"color": "#d62728", "width": 3}, 18, "rgba(0,0,0,0)")
     _layout(fig, explorer, encoder, xy32, keep, matched if zoom else None, search if zoom else "")
-    fig.layout.meta = {"ids": ids, "shown": len(keep), "matches": len(hits)}
-    return MapView(fig, len(keep), len(hits), note)
+    sent = [ids[i] for i in np.flatnonzero(shipped)]
+    fig.layout.meta = {**_packed(sent), "shown": len(keep), "total": total, "matches": len(found)}
+    return MapView(fig, len(keep), len(found), note, total)
+
+
+_HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _packed(ids: list[str]) -> dict[str, Any]:
+    """``{"id_hex": base64 of the ids' 32-byte digests}`` when every id is 64 lowercase hex letters; else
+    ``{"ids": ids}``."""
+    if ids and all(_HEX_ID.fullmatch(i) for i in ids):
+        return {"id_hex": base64.b64encode(bytes.fromhex("".join(ids))).decode("ascii")}
+    return {"ids": ids}
+
+
+def shipped_ids(meta: dict[str, Any]) -> list[str]:
+    """The ids a figure's ``layout.meta`` carries, in order (a point's ``customdata`` indexes this list): what the
+    page's script unpacks."""
+    if "id_hex" in meta:
+        raw = base64.b64decode(meta["id_hex"])
+        return [raw[k : k + 32].hex() for k in range(0, len(raw), 32)]
+    return list(meta.get("ids", []))
+
+
+def _sample(ids: Sequence[str], keep: np.ndarray, first: np.ndarray, cap: int) -> np.ndarray:
+    """``keep`` when it holds at most ``cap`` points; else ``cap`` of them, sorted: those in ``first``, then the ones
+    whose ids hash lowest (CRC-32: stable across filters, restarts and new LoRAs), ties by position."""
+    if len(keep) <= cap:
+        return keep
+    key = np.fromiter((zlib.crc32(ids[i].encode()) for i in keep), dtype=np.int64, count=len(keep))
+    key[np.isin(keep, first)] = -1
+    return np.sort(keep[np.lexsort((keep, key))[:cap]])
+
+
+def _density(fig: go.Figure, xy: np.ndarray, bins: int = DENSITY_BINS) -> None:
+    """A heatmap of how many points of ``xy`` fall in each cell of a ``bins`` × ``bins`` grid over their extent
+    (empty cells transparent; a square-root-like colour scale so sparse regions stay visible)."""
+    counts, x_edges, y_edges = np.histogram2d(xy[:, 0], xy[:, 1], bins=bins)  # counts: (x bins, y bins)
+    fig.add_trace(
+        go.Heatmap(
+            z=counts.T.astype(np.float32),  # plotly's z is (y, x)
+            x=((x_edges[:-1] + x_edges[1:]) / 2).astype(np.float32),
+            y=((y_edges[:-1] + y_edges[1:]) / 2).astype(np.float32),
+            name="density (every LoRA)",
+            zmin=0.0,
+            colorscale=[
+                [0.0, "rgba(255,255,255,0)"],
+                [1e-9, "rgba(225,225,225,0.6)"],
+                [0.02, "rgba(190,190,190,0.7)"],
+                [0.15, "rgba(130,130,130,0.75)"],
+                [1.0, "rgba(40,40,40,0.85)"],
+            ],
+            showscale=False,
+            hoverinfo="skip",
+        )
+    )
 
 
 def _colour(
     fig: go.Figure,
     keep: np.ndarray,
     xy: np.ndarray,
+    local: np.ndarray,
     rows: list[dict[str, Any]],
     values: list[Any],
     names: list[str],
     column: str,
     opacity: float,
 ) -> str:
-    """Add the map's base traces, coloured by ``values``; returns what the colouring leaves unsaid."""
+    """Add the map's base traces (points ``keep`` of ``xy``, each with its index ``local[i]`` into the shipped ids),
+    coloured by ``values``; returns what the colouring leaves unsaid."""
     title = escape_html(column_title(column), 40)
     present = [j for j, v in enumerate(values) if _present(v)]
     missing = [j for j, v in enumerate(values) if not _present(v)]
@@ -196,7 +295,7 @@ def _colour(
             x=xy[members_at, 0],
             y=xy[members_at, 1],
             mode="markers",
-            customdata=members_at.astype(np.int32),
+            customdata=local[members_at].astype(np.int32),
             text=[names[j] for j in members],
             hovertemplate="%{text}<br>" + title + ": " + value + "<extra></extra>",
             name=name,
@@ -255,6 +354,7 @@ def _overlay(
     fig: go.Figure,
     at: list[int],
     xy: np.ndarray,
+    local: np.ndarray,
     name: str,
     line: dict[str, Any],
     size: int,
@@ -272,7 +372,7 @@ def _overlay(
             mode="markers+text" if text else "markers",
             text=text,
             textposition="top center",
-            customdata=rows.astype(np.int32),
+            customdata=local[rows].astype(np.int32),
             name=name,
             hoverinfo="skip",
             marker={"size": size, "color": fill, "line": line, "symbol": "circle"},

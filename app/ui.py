@@ -59,6 +59,18 @@ const render = () => {
   try { fig = JSON.parse(props.value || '{}'); } catch (e) { return; }
   if (!fig.data) { box.dataset.points = '0'; Plotly.purge(box); return; }
   const meta = fig.layout.meta || {};
+  if (!meta.ids && meta.id_hex) {  // packed 32-byte digests (app/map_view.py): back to 64-letter hex ids
+    const raw = atob(meta.id_hex), hex = [], ids = new Array(raw.length / 32);
+    for (let i = 0; i < 256; i++) hex.push((i < 16 ? '0' : '') + i.toString(16));
+    for (let k = 0; k < ids.length; k++) {
+      let id = '';
+      for (let j = 32 * k; j < 32 * k + 32; j++) id += hex[raw.charCodeAt(j)];
+      ids[k] = id;
+    }
+    meta.ids = ids;
+    delete meta.id_hex;
+  }
+  fig.layout.meta = meta;
   box._lolIds = meta.ids || [];
   if (narrow()) fig.layout.legend = Object.assign({}, fig.layout.legend || {},
     {orientation: 'h', x: 0, y: -0.02, yanchor: 'top'});
@@ -73,9 +85,10 @@ const render = () => {
     modeBarButtonsToRemove: ['toImage']});
   box.dataset.points = String(meta.shown || 0);
   box.dataset.matches = String(meta.matches || 0);
-  box.setAttribute('aria-label', 'Map of ' + (meta.shown || 0) + ' LoRAs. Arrow keys pan, + and - zoom, 0 resets, '
-    + 'Enter opens the LoRA nearest the centre.');
-  if (live) live.textContent = (meta.shown || 0) + ' LoRAs on the map' + (meta.matches ? ', ' + meta.matches
+  const of = meta.total > meta.shown ? ' of ' + meta.total + ' (a sample over a density of all)' : '';
+  box.setAttribute('aria-label', 'Map of ' + (meta.shown || 0) + of + ' LoRAs. Arrow keys pan, + and - zoom, '
+    + '0 resets, Enter opens the LoRA nearest the centre.');
+  if (live) live.textContent = (meta.shown || 0) + of + ' LoRAs on the map' + (meta.matches ? ', ' + meta.matches
     + ' search matches' : '');
   if (!box.dataset.bound) {
     box.dataset.bound = '1';
@@ -799,9 +812,9 @@ def _data_api(explorer: Explorer, limits: ReadLimits, ledger: UploadLedger, star
         return api.maps(explorer)
 
     @_guard
-    def map_points(encoder: str, limit: int = 100_000) -> dict[str, Any]:
-        """A map's coordinates: ids, x, y."""
-        return api.map_points(explorer, encoder, limit)
+    def map_points(encoder: str, limit: int = 100_000, offset: int = 0) -> dict[str, Any]:
+        """A page of a map's coordinates: ids, x, y of at most 100,000 points from offset on; total, next_offset."""
+        return api.map_points(explorer, encoder, limit, offset)
 
     endpoints = (collection_status, lora, neighbours, collection_rows, comparison, prediction, predictors, maps)
     for fn in (*endpoints, map_points):

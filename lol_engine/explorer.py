@@ -445,9 +445,10 @@ class Explorer:
 
         The fingerprint's map is faceted (:func:`~lol_engine.maps.fit_faceted`): one layout per base family, side by
         side, since fingerprints of different bases are not comparable. A predictor's encoder embeds LoRAs of one
-        module layout only: one layout.
+        module layout only: one layout. Above :data:`~lol_engine.maps.SAMPLE` rows (per layout) a map is fitted on a
+        sample and the other rows are placed in parallel batches; ``progress`` shows them placed.
         """
-        from rich.progress import Progress
+        from rich.progress import Progress, TaskID
 
         from lol_engine.maps import fit_faceted, fit_map
 
@@ -461,12 +462,17 @@ class Explorer:
             for name in names:
                 start = time.perf_counter()
                 ids, x = self.store.embeddings(name)
+                rows = bar.add_task(f"placing rows on {name}", total=None, visible=False)
+
+                def placed(done: int, total: int, rows: TaskID = rows) -> None:
+                    bar.update(rows, completed=done, total=total, visible=True)
+
                 fitted: EmbeddingMap | FacetedMap
                 if name == FINGERPRINT:
                     families = self._families()
-                    fitted = fit_faceted(x, [families.get(i, "unknown") for i in ids])
+                    fitted = fit_faceted(x, [families.get(i, "unknown") for i in ids], on_progress=placed)
                 else:
-                    fitted = fit_map(x)
+                    fitted = fit_map(x, on_progress=placed)
                 self.store.set_projection(name, ids, fitted.coords)
                 with self._lock:
                     self._maps[name] = (fitted, ids, x)

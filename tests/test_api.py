@@ -105,12 +105,24 @@ def test_prediction_of_an_upload_stores_nothing(collection: Explorer) -> None:
     assert collection.count() == before
 
 
-def test_maps_and_their_points(collection: Explorer) -> None:
+def test_maps_and_their_points(collection: Explorer, monkeypatch: pytest.MonkeyPatch) -> None:
     maps = api.maps(collection)
     assert maps[0]["encoder"] == FINGERPRINT and maps[0]["points"] == len(collection.map_points(FINGERPRINT)[0])
     points = _json(api.map_points(collection, FINGERPRINT, limit=7))
     ids, xy = collection.map_points(FINGERPRINT)
     assert points["ids"] == ids[:7] and np.allclose(points["x"], xy[:7, 0]) and np.allclose(points["y"], xy[:7, 1])
+    assert (points["total"], points["offset"], points["next_offset"]) == (len(ids), 0, 7)
+    pages, offset = [], 0  # paging from next_offset to None walks every point once, in order
+    while offset is not None:
+        page = _json(api.map_points(collection, FINGERPRINT, limit=30, offset=offset))
+        pages.append(page)
+        offset = page["next_offset"]
+    assert [len(p["ids"]) for p in pages] == [min(30, len(ids) - k) for k in range(0, len(ids), 30)]
+    assert [i for p in pages for i in p["ids"]] == ids
+    np.testing.assert_allclose([y for p in pages for y in p["y"]], xy[:, 1])
+    assert _json(api.map_points(collection, FINGERPRINT, offset=10**9))["ids"] == []
+    monkeypatch.setattr(api, "MAX_MAP_PAGE", 5)  # however large the limit asked, a page is bounded
+    assert len(_json(api.map_points(collection, FINGERPRINT, limit=10**9))["ids"]) == 5
     with pytest.raises(BadRequestError, match="no map 'nope'"):
         api.map_points(collection, "nope")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -12,14 +13,24 @@ pytest.importorskip("duckdb")
 pytest.importorskip("plotly")
 
 from app.handlers import Filters
-from app.map_view import MAX_CATEGORIES, MISSING_GREY, PALETTE, _colour, colour_options, column_title, map_view
+from app.map_view import (
+    MAX_CATEGORIES,
+    MISSING_GREY,
+    PALETTE,
+    _colour,
+    _packed,
+    colour_options,
+    column_title,
+    map_view,
+    shipped_ids,
+)
 from lol_engine.encoders import FINGERPRINT
 from lol_engine.explorer import Explorer
 
 
 def _points(fig: object, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """``{trace name: LoRA ids}`` through ``layout.meta.ids``, the way the page's script reads clicks."""
-    ids = fig.layout.meta["ids"]  # type: ignore[attr-defined]
+    ids = shipped_ids(fig.layout.meta)  # type: ignore[attr-defined]
     return {
         t.name: np.array([ids[int(i)] for i in t.customdata])
         for t in fig.data  # type: ignore[attr-defined]
@@ -50,13 +61,17 @@ def test_every_point_once_with_its_stored_coordinates(collection: Explorer) -> N
 
 
 def test_the_payload_is_compact(collection: Explorer) -> None:
-    """Coordinates and point indices as typed arrays; each 64-letter id once, in ``layout.meta``."""
+    """Coordinates and point indices as typed arrays; each 64-letter id once, packed into ``layout.meta``."""
     text = view_json = map_view(collection, FINGERPRINT, "zoo").figure.to_json()
     payload = json.loads(view_json)
     first = payload["data"][0]
     assert first["x"]["dtype"] == "f4" and first["customdata"]["dtype"] == "i4" and first["type"] == "scattergl"
-    some_id = payload["layout"]["meta"]["ids"][0]
-    assert text.count(some_id) == 1
+    ids, _ = collection.map_points(FINGERPRINT)
+    assert sorted(shipped_ids(payload["layout"]["meta"])) == sorted(ids) and "ids" not in payload["layout"]["meta"]
+    assert text.count(ids[0]) == 0 and len(payload["layout"]["meta"]["id_hex"]) == 4 * math.ceil(32 * len(ids) / 3)
+    odd = ["not-hex", "a" * 64]  # any other id: a plain list, in order
+    assert _packed(odd) == {"ids": odd} and shipped_ids(_packed(odd)) == odd
+    assert shipped_ids(_packed(["ab" * 32, "0f" * 32])) == ["ab" * 32, "0f" * 32]
 
 
 def test_a_numeric_label_gets_a_scale_and_missing_values_are_grey_and_said(collection: Explorer) -> None:
@@ -85,6 +100,7 @@ def test_categories_beyond_the_palette_fold_into_other_and_say_so() -> None:
         fig,
         np.arange(len(values)),
         np.zeros((len(values), 2), np.float32),
+        np.arange(len(values)),
         [{}] * len(values),
         values,
         names,
@@ -97,7 +113,8 @@ def test_categories_beyond_the_palette_fold_into_other_and_say_so() -> None:
     assert traces["other: 9 values (90)"] == 90 and traces["no value (5)"] == 5
     assert "9 less common values shown as “other”" in note and "5 without a value" in note
     fig = go.Figure()
-    note = _colour(fig, np.arange(3), np.zeros((3, 2), np.float32), [{}] * 3, [1, 1, 1], ["a", "b", "c"], "rank", 1.0)
+    zeros, at = np.zeros((3, 2), np.float32), np.arange(3)
+    note = _colour(fig, at, zeros, at, [{}] * 3, [1, 1, 1], ["a", "b", "c"], "rank", 1.0)
     assert "every LoRA shown has the same rank: 1" in note
 
 
@@ -169,3 +186,67 @@ def test_an_export_of_a_shown_table_has_full_precision_and_stored_names(collecti
     assert out["label:acc_all"].tolist() == pytest.approx(
         stored.loc[list(shown["id"]), "label:acc_all"].tolist(), rel=1e-12
     )
+
+
+class _BigMap:
+    """The three things a map view asks of the explorer, for a synthetic map of ``n`` LoRAs in three clusters."""
+
+    def __init__(self, n: int) -> None:
+        rng = np.random.default_rng(0)
+        self.ids = [f"{k:064x}" for k in rng.permutation(10 * n)[:n]]  # hex ids, as the store's sha256 ones
+        centres = np.array([[-5.0, 0.0], [5.0, 0.0], [0.0, 8.0]])
+        self.zoo = np.repeat(np.array(["a", "b", "c"]), [n // 2, n // 3, n - n // 2 - n // 3])
+        self.xy = centres[np.searchsorted(["a", "b", "c"], self.zoo)] + rng.normal(size=(n, 2))
+
+    def map_points(self, encoder: str) -> tuple[list[str], np.ndarray]:
+        return self.ids, self.xy
+
+    def records(self) -> list[dict[str, object]]:
+        return [
+            {"id": i, "name": f"lora {k}", "zoo": z, "base_family": "sd1", "format": "kohya", "rank": 4}
+            for k, (i, z) in enumerate(zip(self.ids, self.zoo, strict=True))
+        ]
+
+    def map_tiles(self, encoder: str) -> dict[str, tuple[float, float, float, float]]:
+        return {}
+
+
+def test_a_map_beyond_the_cap_ships_a_sample_over_a_density_of_all() -> None:
+    import zlib
+
+    from app.map_view import MAX_POINTS
+
+    big = _BigMap(300_000)
+    outside = max(big.ids, key=lambda i: zlib.crc32(i.encode()))  # hashes highest: never in the plain sample
+    view = map_view(big, "lol:x", "zoo", picked=outside, search="lora 299999")  # type: ignore[arg-type]
+    assert (view.shown, view.total, view.matches) == (MAX_POINTS, 300_000, 1) and view.sampled
+    assert view.status("zoo").startswith("showing 100,000 of 300,000 LoRAs (sampled); density shows all")
+    payload = json.loads(view.figure.to_json())
+    shipped = shipped_ids(payload["layout"]["meta"])
+    assert len(shipped) == len(set(shipped)) <= MAX_POINTS
+    base = _base(view.figure)
+    assert sum(len(t.x) for t in base) == MAX_POINTS
+    heat = [t for t in view.figure.data if t.type == "heatmap"]
+    assert len(heat) == 1 and heat[0].z.sum() == 300_000  # the density counts every LoRA, not only the sample
+    # the heatmap's densest cell sits on the biggest cluster's centre (-5, 0)
+    row, column = np.unravel_index(np.argmax(heat[0].z), heat[0].z.shape)
+    assert abs(heat[0].x[column] + 5) < 0.5 and abs(heat[0].y[row]) < 0.5
+    # the sample: the clicked LoRA and the search match first, then the ids whose CRC-32 is lowest
+    at = {lora_id: k for k, lora_id in enumerate(big.ids)}
+    seen = np.concatenate(list(_points(view.figure, tuple(t.name for t in base)).values()))
+    match = big.ids[299_999]
+    lowest = sorted((i for i in big.ids if i not in (outside, match)), key=lambda i: zlib.crc32(i.encode()))
+    assert set(seen) == {outside, match, *lowest[: MAX_POINTS - 2]}
+    for trace in base[:1]:  # coordinates travel with the right ids
+        rows = [at[shipped[int(i)]] for i in trace.customdata]
+        np.testing.assert_allclose(np.c_[trace.x, trace.y], big.xy[rows], atol=1e-5)
+    rings = _points(view.figure, ("clicked", "search matches"))
+    assert list(rings["clicked"]) == [outside] and list(rings["search matches"]) == [match]
+    # filters narrow what is sampled; a LoRA of the sample stays in it
+    only_a = map_view(big, "lol:x", "zoo", Filters(collections=("a",)))  # type: ignore[arg-type]
+    assert (only_a.shown, only_a.total) == (MAX_POINTS, 150_000)
+    kept = set(np.concatenate(list(_points(only_a.figure).values())))
+    assert {i for i in lowest[: MAX_POINTS - 2] if big.zoo[at[i]] == "a"} <= kept
+    small = map_view(big, "lol:x", "zoo", Filters(collections=("c",)))  # type: ignore[arg-type]
+    assert (small.shown, small.total) == (50_000, 50_000) and not small.sampled
+    assert not [t for t in small.figure.data if t.type == "heatmap"] and "sampled" not in small.status("zoo")

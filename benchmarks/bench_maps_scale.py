@@ -1,0 +1,227 @@
+"""Maps at scale: UMAP fitted on a sample with the rest placed by ``transform``, against one fit over every row;
+and the size of the map page beyond the point cap.
+
+Rows (``[benchmark, case, ours, alternative, ratio, notes]``, as in ``benchmarks/run_all.py``):
+
+- **fit**: ``lol_engine.maps.fit_map`` with ``sample`` (fit a seeded sample, place the rest in parallel batches)
+  against ``sample`` ≥ n (one UMAP fit over all rows), on synthetic clustered embeddings (30 Gaussian clusters,
+  64-d). Wall time, traced heap peak (``tracemalloc``: NumPy and Python allocations, both fits in this process),
+  and layout quality for each: ``sklearn.manifold.trustworthiness`` (k = 10) on the same 2,000-row subsample, and
+  cluster agreement (each row's nearest other row in 2-D is of its own cluster).
+- **place**: ``EmbeddingMap.place`` of the same rows on 1 thread (the default) against ``--workers`` threads, with
+  the share of placed rows whose nearest fitted row in 2-D is of their own cluster.
+- **page**: ``app.map_view.map_view`` on synthetic maps of 100k and 1M LoRAs: figure JSON bytes and build time
+  (build + ``to_json``); beyond ``MAX_POINTS`` a sample over a density layer, against what shipping every point
+  would cost (bytes scaled from the 100k figure, which ships all its points).
+
+Default: n = 20,000 rows, a 5,000-row sample (a 4:1 ratio, as 200k:50k), ≈ 4–6 min on 2 busy cores. ``--full``:
+n = 100,000 and the 50,000-row default sample (the issue's case). ``--quick``: a smoke run (seconds after UMAP's
+JIT). UMAP's and pynndescent's JIT are paid before any timing (a first run without pynndescent's warm-up charged
+~2 min of compilation to whichever fit came first). Numbers are for comparison within one run on one machine, not a
+gate. Measured (2 shared cores): ``--full`` sample + transform 128.8 s vs full fit 81.4 s (0.6×), trustworthiness
+0.985 vs 0.988, heap peak 1,123 vs 1,193 MiB, 2 threads 0.90× of 1; default (20k / 5k) 32.0 s vs 18.5 s; the map
+page 7.5 MB at 100k and 7.6 MB at 1M (every point would be ≈ 75 MB).
+Run: ``python benchmarks/bench_maps_scale.py [--quick | --full] [--workers 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+Row = list[str]
+T = TypeVar("T")
+console = Console()
+CLUSTERS, DIM = 30, 64
+
+
+def clustered(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows around :data:`CLUSTERS` centres in :data:`DIM` dimensions, and each row's cluster."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CLUSTERS, DIM)) * 1.5
+    labels = rng.integers(0, CLUSTERS, size=n)
+    return (centres[labels] + rng.normal(size=(n, DIM)) * 0.5).astype(np.float32), labels
+
+
+def measured(fn: Callable[[], T]) -> tuple[T, float, float]:
+    """``fn()``, its wall seconds and its traced heap peak in MiB."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return out, seconds, peak
+
+
+def quality(x: np.ndarray, labels: np.ndarray, coords: np.ndarray, rows: np.ndarray) -> tuple[float, float]:
+    """Trustworthiness (k = 10) and nearest-neighbour cluster agreement of ``coords`` on ``rows``."""
+    from sklearn.manifold import trustworthiness
+
+    trust = float(trustworthiness(x[rows], coords[rows], n_neighbors=10))
+    d = ((coords[rows, None, :] - coords[None, rows, :]) ** 2).sum(-1)  # (m, m)
+    np.fill_diagonal(d, np.inf)
+    agree = float((labels[rows][d.argmin(1)] == labels[rows]).mean())
+    return trust, agree
+
+
+def fits(n: int, sample: int, workers: int) -> list[Row]:
+    """Sample + transform against one fit over all rows, then serial against parallel placement."""
+    from lol_engine.maps import fit_map, warm_up
+
+    warm_up(DIM).join()  # UMAP's JIT, off the clock
+    if n > 4096:  # and pynndescent's (fits of >= 4,096 rows search neighbours with it): ~1-2 min, also off the clock
+        start = time.perf_counter()
+        fit_map(clustered(4200, seed=9)[0], sample=4096)
+        console.print(f"JIT warm-up (fit 4,096 rows, place 104): {time.perf_counter() - start:.0f} s")
+    x, labels = clustered(n)
+    rows = np.random.default_rng(1).choice(n, size=min(n, 2000), replace=False)
+    ours, ours_s, ours_mb = measured(lambda: fit_map(x, sample=sample))  # placement on one thread (the default)
+    console.print(f"sample fit + place: {ours_s:.1f} s")
+    full, full_s, full_mb = measured(lambda: fit_map(x, sample=n))
+    console.print(f"full fit: {full_s:.1f} s")
+    (o_trust, o_agree), (f_trust, f_agree) = (
+        quality(x, labels, ours.coords, rows),
+        quality(x, labels, full.coords, rows),
+    )
+    case = f"{n:,} rows × {DIM}-d, {CLUSTERS} clusters; sample {sample:,}"
+    out = [
+        [
+            "map fit",
+            case,
+            f"sample + transform {ours_s:.1f} s",
+            f"full fit {full_s:.1f} s",
+            f"{full_s / ours_s:.1f}×",
+            f"fitted {ours.params['fitted']:,}, placed {ours.params['placed']:,} on 1 thread",
+        ],
+        [
+            "map quality",
+            case + f"; {len(rows):,}-row subsample",
+            f"trust {o_trust:.3f}, NN cluster {o_agree:.3f}",
+            f"trust {f_trust:.3f}, NN cluster {f_agree:.3f}",
+            f"{o_trust / f_trust:.3f}",
+            "trustworthiness (k=10, sklearn) and 2-D nearest neighbour of the same cluster",
+        ],
+        [
+            "map memory",
+            case,
+            f"{ours_mb:,.0f} MiB",
+            f"{full_mb:,.0f} MiB",
+            f"{full_mb / ours_mb:.1f}×",
+            "tracemalloc peak (NumPy + Python heap) during the fit",
+        ],
+    ]
+    rest = np.setdiff1d(np.arange(n), ours.fitted_rows if ours.fitted_rows is not None else [])[: max(sample, 2000)]
+    serial, serial_s, _ = measured(lambda: ours.place(x[rest], batch=1000, workers=1))
+    threaded, parallel_s, _ = measured(lambda: ours.place(x[rest], batch=1000, workers=workers))
+    chosen = ours.fitted_rows if ours.fitted_rows is not None else np.arange(n)
+
+    def in_cluster(coords: np.ndarray) -> float:  # placed rows whose nearest fitted row (2-D) is of their cluster
+        d = ((coords[:, None, :] - ours.coords[None, chosen[:4000], :]) ** 2).sum(-1)  # (placed, ≤ 4,000)
+        return float((labels[chosen[:4000]][d.argmin(1)] == labels[rest]).mean())
+
+    out.append(
+        [
+            "map place",
+            f"{len(rest):,} rows into a {sample:,}-row fit",
+            f"{workers} threads {parallel_s:.1f} s, in cluster {in_cluster(threaded):.3f}",
+            f"1 thread {serial_s:.1f} s, in cluster {in_cluster(serial):.3f}",
+            f"{serial_s / parallel_s:.2f}×",
+            f"{1000 * serial_s / max(len(rest), 1):.2f} ms a row serial; threads vs 1 thread: max |Δ| "
+            f"{np.abs(threaded - serial).max():.2g} (not always 0); {os.cpu_count()} CPUs (shared)",
+        ]
+    )
+    return out
+
+
+class SyntheticMap:
+    """What ``app.map_view.map_view`` reads of an explorer, for ``n`` LoRAs in 10 clusters on one map."""
+
+    def __init__(self, n: int) -> None:
+        rng = np.random.default_rng(0)
+        members = rng.integers(0, 10, size=n)
+        self.xy = rng.normal(0, 6, size=(10, 2))[members] + rng.normal(size=(n, 2))
+        self.ids = [hashlib.sha256(f"lora-{i}".encode()).hexdigest() for i in range(n)]
+        self.rows = [
+            {"id": i, "name": f"lora-{k:07d}", "zoo": f"collection-{members[k]}", "base_family": "sd15"}
+            | {"format": "peft", "rank": 16}
+            for k, i in enumerate(self.ids)
+        ]
+
+    def map_points(self, encoder: str) -> tuple[list[str], np.ndarray]:
+        return self.ids, self.xy
+
+    def records(self) -> list[dict[str, Any]]:
+        return self.rows
+
+    def map_tiles(self, encoder: str) -> dict[str, tuple[float, float, float, float]]:
+        return {}
+
+
+def pages(sizes: list[int], cap: int) -> list[Row]:
+    """Figure bytes and build time of the map page, with the ids' share of the bytes."""
+    from app.map_view import map_view
+
+    out = []
+    per_point = 0.0
+    for n in sizes:
+        synthetic = SyntheticMap(n)
+        start = time.perf_counter()
+        view = map_view(synthetic, "lol:x", "zoo", max_points=cap)  # type: ignore[arg-type]
+        text = view.figure.to_json()
+        seconds = time.perf_counter() - start
+        meta = view.figure.layout.meta
+        ids_bytes = len(json.dumps(meta.get("id_hex", meta.get("ids"))))
+        if not view.sampled:
+            per_point = len(text) / n
+        every = f"every point ≈ {per_point * n / 2**20:,.0f} MB" if per_point else "every point: not measured"
+        out.append(
+            [
+                "map page",
+                f"{n:,} LoRAs, cap {cap:,}",
+                f"{len(text) / 2**20:.1f} MB, {seconds:.1f} s",
+                every,
+                f"{per_point * n / len(text):.1f}×" if per_point else "-",
+                f"{view.shown:,} points shipped{' + density' if view.sampled else ''}; ids "
+                f"{100 * ids_bytes / len(text):.0f} % of the bytes",
+            ]
+        )
+        console.print(f"page {n:,}: {len(text) / 2**20:.1f} MB in {seconds:.1f} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smoke sizes (600 rows, pages of 2k and 30k)")
+    size.add_argument("--full", action="store_true", help="100k rows, a 50k sample (the full fit takes many minutes)")
+    parser.add_argument("--workers", type=int, default=2, help="threads placing rows")
+    args = parser.parse_args(argv)
+    if args.quick:
+        n, sample, sizes, cap = 600, 300, [2_000, 30_000], 10_000
+    elif args.full:
+        n, sample, sizes, cap = 100_000, 50_000, [100_000, 1_000_000], 100_000
+    else:
+        n, sample, sizes, cap = 20_000, 5_000, [100_000, 1_000_000], 100_000
+    rows = pages(sizes, cap) + fits(n, sample, args.workers)
+    table = Table(title=f"maps at scale ({os.cpu_count()} CPUs)")
+    for column in ["benchmark", "case", "ours", "alternative", "ratio", "notes"]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
