@@ -298,13 +298,13 @@ def test_few_candidates_still_rank_by_exact_delta_cosine(collection: Explorer, m
     monkeypatch.setattr(ann, "RERANK_CANDIDATES", 12)
     big = indexed(collection)
     lora = load_lora(sorted((ZOOS / "digits" / "loras").iterdir())[5])
-    got = big.neighbours(lora, k=3)  # ΔW cosine for max(12, 4 k) = 12 candidates
-    hits = big.neighbour_indexes.search(FINGERPRINT, big._query_vector(lora, FINGERPRINT), 12, family="digits-mlp")
-    fingerprint_pool = [i for i, _ in hits]
-    pool = [big.weights(i) for i in fingerprint_pool]
+    got = big.neighbours(lora, k=3)  # ΔW cosine for max(12, 4 k) = 12 candidates, from the ΔW sketch
+    hits = big.neighbour_indexes.search(DW_SKETCH, big._query_vector(lora, DW_SKETCH), 12, family="digits-mlp")
+    sketch_pool = [i for i, _ in hits]
+    pool = [big.weights(i) for i in sketch_pool]
     sims = cosine_to_many(lora, pool)
-    want = [fingerprint_pool[j] for j in np.argsort(-sims, kind="stable")[:3]]
-    assert len(pool) == 12 and [n.id for n in got] == want  # the best 3 of the 12 fingerprint candidates by ΔW
+    want = [sketch_pool[j] for j in np.argsort(-sims, kind="stable")[:3]]
+    assert len(pool) == 12 and [n.id for n in got] == want  # the best 3 of the 12 sketch candidates by ΔW
 
 
 def test_add_puts_the_lora_in_the_loaded_index(tmp_path: Path) -> None:
