@@ -1,27 +1,23 @@
-"""Maps at scale: UMAP fitted on a sample with the rest placed by ``transform``, against one fit over every row;
-and the size of the map page beyond the point cap.
+"""Maps at scale: UMAP fitted on a sample with the rest placed by the weighted mean of their nearest sampled rows,
+against one fit over every row; placement against UMAP's ``transform``; the size of the map page beyond the cap.
 
 Rows (``[benchmark, case, ours, alternative, ratio, notes]``, as in ``benchmarks/run_all.py``):
 
-- **fit**: ``lol_engine.maps.fit_map`` with ``sample`` (fit a seeded sample, place the rest in parallel batches)
-  against ``sample`` ≥ n (one UMAP fit over all rows), on synthetic clustered embeddings (30 Gaussian clusters,
-  64-d). Wall time, traced heap peak (``tracemalloc``: NumPy and Python allocations, both fits in this process),
-  and layout quality for each: ``sklearn.manifold.trustworthiness`` (k = 10) on the same 2,000-row subsample, and
-  cluster agreement (each row's nearest other row in 2-D is of its own cluster).
-- **place**: ``EmbeddingMap.place`` of the same rows on 1 thread (the default) against ``--workers`` threads, with
-  the share of placed rows whose nearest fitted row in 2-D is of their own cluster.
+- **fit**: ``lol_engine.maps.fit_map`` with ``sample`` (fit a seeded sample, place the rest by
+  ``weighted_placement``) against ``sample`` ≥ n (one UMAP fit over all rows), on synthetic clustered embeddings
+  (30 Gaussian clusters, 64-d). Wall time, traced heap peak (``tracemalloc``: NumPy and Python allocations, both fits
+  in this process), and layout quality for each: ``sklearn.manifold.trustworthiness`` (k = 10) on the same
+  2,000-row subsample, and cluster agreement (each row's nearest other row in 2-D is of its own cluster).
+- **place**: ``weighted_placement`` of the same rows against UMAP's ``transform`` (``EmbeddingMap.place``), with the
+  share of placed rows whose nearest fitted row in 2-D is of their own cluster.
 - **page**: ``app.map_view.map_view`` on synthetic maps of 100k and 1M LoRAs: figure JSON bytes and build time
   (build + ``to_json``); beyond ``MAX_POINTS`` a sample over a density layer, against what shipping every point
   would cost (bytes scaled from the 100k figure, which ships all its points).
 
-Default: n = 20,000 rows, a 5,000-row sample (a 4:1 ratio, as 200k:50k), ≈ 4–6 min on 2 busy cores. ``--full``:
-n = 100,000 and the 50,000-row default sample (the issue's case). ``--quick``: a smoke run (seconds after UMAP's
-JIT). UMAP's and pynndescent's JIT are paid before any timing (a first run without pynndescent's warm-up charged
-~2 min of compilation to whichever fit came first). Numbers are for comparison within one run on one machine, not a
-gate. Measured (2 shared cores): ``--full`` sample + transform 128.8 s vs full fit 81.4 s (0.6×), trustworthiness
-0.985 vs 0.988, heap peak 1,123 vs 1,193 MiB, 2 threads 0.90× of 1; default (20k / 5k) 32.0 s vs 18.5 s; the map
-page 7.5 MB at 100k and 7.6 MB at 1M (every point would be ≈ 75 MB).
-Run: ``python benchmarks/bench_maps_scale.py [--quick | --full] [--workers 2]``.
+Default: n = 20,000 rows, a 5,000-row sample (a 4:1 ratio, as 200k:50k). ``--full``: n = 100,000 and the 50,000-row
+default sample (the issue's case). ``--quick``: a smoke run (seconds after UMAP's JIT). UMAP's and pynndescent's JIT
+are paid before any timing. Numbers are for comparison within one run on one machine, not a gate.
+Run: ``python benchmarks/bench_maps_scale.py [--quick | --full]``.
 """
 
 from __future__ import annotations
@@ -75,18 +71,18 @@ def quality(x: np.ndarray, labels: np.ndarray, coords: np.ndarray, rows: np.ndar
     return trust, agree
 
 
-def fits(n: int, sample: int, workers: int) -> list[Row]:
+def fits(n: int, sample: int) -> list[Row]:
     """Sample + transform against one fit over all rows, then serial against parallel placement."""
-    from lol_engine.maps import fit_map, warm_up
+    from lol_engine.maps import fit_map, warm_up, weighted_placement
 
     warm_up(DIM).join()  # UMAP's JIT, off the clock
     if n > 4096:  # and pynndescent's (fits of >= 4,096 rows search neighbours with it): ~1-2 min, also off the clock
         start = time.perf_counter()
-        fit_map(clustered(4200, seed=9)[0], sample=4096)
-        console.print(f"JIT warm-up (fit 4,096 rows, place 104): {time.perf_counter() - start:.0f} s")
+        fit_map(clustered(4200, seed=9)[0], sample=4200).place(clustered(10, seed=8)[0])  # its search: transform
+        console.print(f"JIT warm-up (fit 4,200 rows, transform 10): {time.perf_counter() - start:.0f} s")
     x, labels = clustered(n)
     rows = np.random.default_rng(1).choice(n, size=min(n, 2000), replace=False)
-    ours, ours_s, ours_mb = measured(lambda: fit_map(x, sample=sample))  # placement on one thread (the default)
+    ours, ours_s, ours_mb = measured(lambda: fit_map(x, sample=sample))
     console.print(f"sample fit + place: {ours_s:.1f} s")
     full, full_s, full_mb = measured(lambda: fit_map(x, sample=n))
     console.print(f"full fit: {full_s:.1f} s")
@@ -99,10 +95,10 @@ def fits(n: int, sample: int, workers: int) -> list[Row]:
         [
             "map fit",
             case,
-            f"sample + transform {ours_s:.1f} s",
+            f"sample + placement {ours_s:.1f} s",
             f"full fit {full_s:.1f} s",
             f"{full_s / ours_s:.1f}×",
-            f"fitted {ours.params['fitted']:,}, placed {ours.params['placed']:,} on 1 thread",
+            f"fitted {ours.params['fitted']:,}, placed {ours.params['placed']:,}",
         ],
         [
             "map quality",
@@ -122,9 +118,9 @@ def fits(n: int, sample: int, workers: int) -> list[Row]:
         ],
     ]
     rest = np.setdiff1d(np.arange(n), ours.fitted_rows if ours.fitted_rows is not None else [])[: max(sample, 2000)]
-    serial, serial_s, _ = measured(lambda: ours.place(x[rest], batch=1000, workers=1))
-    threaded, parallel_s, _ = measured(lambda: ours.place(x[rest], batch=1000, workers=workers))
     chosen = ours.fitted_rows if ours.fitted_rows is not None else np.arange(n)
+    placed, placed_s, _ = measured(lambda: weighted_placement(x[chosen], ours.coords[chosen], x[rest]))
+    transformed, transform_s, _ = measured(lambda: ours.place(x[rest], batch=1000))
 
     def in_cluster(coords: np.ndarray) -> float:  # placed rows whose nearest fitted row (2-D) is of their cluster
         d = ((coords[:, None, :] - ours.coords[None, chosen[:4000], :]) ** 2).sum(-1)  # (placed, ≤ 4,000)
@@ -134,11 +130,11 @@ def fits(n: int, sample: int, workers: int) -> list[Row]:
         [
             "map place",
             f"{len(rest):,} rows into a {sample:,}-row fit",
-            f"{workers} threads {parallel_s:.1f} s, in cluster {in_cluster(threaded):.3f}",
-            f"1 thread {serial_s:.1f} s, in cluster {in_cluster(serial):.3f}",
-            f"{serial_s / parallel_s:.2f}×",
-            f"{1000 * serial_s / max(len(rest), 1):.2f} ms a row serial; threads vs 1 thread: max |Δ| "
-            f"{np.abs(threaded - serial).max():.2g} (not always 0); {os.cpu_count()} CPUs (shared)",
+            f"weighted mean of 10 nearest {placed_s:.2f} s, in cluster {in_cluster(placed):.3f}",
+            f"UMAP transform {transform_s:.1f} s, in cluster {in_cluster(transformed):.3f}",
+            f"{transform_s / placed_s:.1f}×",
+            f"{1000 * placed_s / max(len(rest), 1):.3f} vs {1000 * transform_s / max(len(rest), 1):.2f} ms a row; "
+            f"{os.cpu_count()} CPUs",
         ]
     )
     return out
@@ -205,7 +201,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke sizes (600 rows, pages of 2k and 30k)")
     size.add_argument("--full", action="store_true", help="100k rows, a 50k sample (the full fit takes many minutes)")
-    parser.add_argument("--workers", type=int, default=2, help="threads placing rows")
     args = parser.parse_args(argv)
     if args.quick:
         n, sample, sizes, cap = 600, 300, [2_000, 30_000], 10_000
@@ -213,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         n, sample, sizes, cap = 100_000, 50_000, [100_000, 1_000_000], 100_000
     else:
         n, sample, sizes, cap = 20_000, 5_000, [100_000, 1_000_000], 100_000
-    rows = pages(sizes, cap) + fits(n, sample, args.workers)
+    rows = pages(sizes, cap) + fits(n, sample)
     table = Table(title=f"maps at scale ({os.cpu_count()} CPUs)")
     for column in ["benchmark", "case", "ours", "alternative", "ratio", "notes"]:
         table.add_column(column)

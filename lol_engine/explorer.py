@@ -911,15 +911,9 @@ def _label_cell(value: Any) -> Any:
 
 
 def neighbour_placement(x: np.ndarray, coords: np.ndarray, vector: np.ndarray, k: int = 10) -> np.ndarray:
-    """Place ``vector`` at the similarity-weighted mean of the map coordinates of its ``k`` nearest rows of ``x``.
+    """Place ``vector`` at the similarity-weighted mean of the map coordinates of its ``k`` nearest rows of ``x``
+    (:func:`lol_engine.maps.weighted_placement`, the rule that places a sampled map's other rows). Used when the
+    fitted reducer is not in memory (after a restart)."""
+    from lol_engine.maps import weighted_placement
 
-    Cosine similarity on the raw embeddings (maps normalise rows first, so this matches their geometry); weights are
-    ``max(similarity, 0) + 1e-9``. Used when the fitted reducer is not in memory (after a restart).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    v = np.asarray(vector, dtype=np.float64).reshape(-1)
-    norms = np.linalg.norm(x, axis=1) * max(np.linalg.norm(v), 1e-300)
-    sims = (x @ v) / np.where(norms > 0, norms, 1.0)
-    top = np.argsort(-sims, kind="stable")[: min(k, len(sims))]
-    weights = np.clip(sims[top], 0.0, None) + 1e-9
-    return (coords[top] * weights[:, None]).sum(0) / weights.sum()
+    return weighted_placement(x, np.asarray(coords, dtype=float), np.asarray(vector).reshape(1, -1), k=k)[0]
