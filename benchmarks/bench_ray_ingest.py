@@ -220,10 +220,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with tens of files")
     parser.add_argument("--full", action="store_true", help="the whole default zoo and 20,000 generated files")
+    parser.add_argument("--zoo", type=int, default=None, help="default-zoo LoRAs to ingest (default 1,000)")
+    parser.add_argument("--generated", type=int, default=None, help="generated files (default 2,000)")
     args = parser.parse_args(argv)
     zoo_n, gen_n, workers = (
         (30, 40, (1,)) if args.quick else (None, 20_000, (1, 2)) if args.full else (1000, 2000, (1, 2))
     )
+    zoo_n = args.zoo or zoo_n
+    gen_n = args.generated or gen_n
     rows: list[Row] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:

@@ -1,11 +1,13 @@
 """The benchmark suite: every row a side-by-side ratio measured in this run. ``make bench`` runs it.
 
-    python benchmarks/run_all.py            # ~10 min on 2 cores; prints one table, writes docs/BENCHMARKS.md
+    python benchmarks/run_all.py            # ~15 min on 2 cores; prints one table, writes docs/BENCHMARKS.md
     python benchmarks/run_all.py --quick    # a smoke run with small sizes (nothing written)
+    python benchmarks/run_all.py --only ann,maps
 
 Rows:
 1. spectra — per-module singular values by batched QR of the factors vs dense SVD of ΔW vs just reading the file, for
-   SD 1.5 (r32), SDXL (r32) and a 7B LLM's q/k/v/o (r16) with their real module shapes (``bench_spectra.py``);
+   SD 1.5 (r32) and a 7B LLM's q/k/v/o (r16) with their real module shapes (``bench_spectra.py``; SDXL's dense SVD
+   alone takes ~5 min there: ``bench_spectra.py`` runs it);
 2. neighbours — exact top-10 over 1k / 10k / 100k stored LoRAs: fingerprint cosine in DuckDB vs a NumPy brute force,
    and exact ΔW cosine from the factors (batched, ``lol_engine.similarity``) vs NumPy on materialised dense ΔW;
 3. LoL prediction vs the standard evaluation of the same LoRAs: fashion-gen quality (33 decoder samples + judge), and
@@ -13,8 +15,17 @@ Rows:
    with peft and encode the 512 probe texts, as anyone evaluating it would) against one batched LoL forward;
 4. ingest throughput of 1,000 real-format LoRAs (LoRAs/s), where its time goes, and the floor (bytes over memory
    bandwidth);
-5. maps — UMAP fit of 1k / 10k points, and placing one new point (``transform``) vs refitting;
-6. the app — upload-to-prediction p50 / p95 under 1, 4 and 16 concurrent clients on loopback.
+5. speed — an SDXL r32 upload to predictions (p50 / p95) and small-LoRA ingest, this checkout against the revision
+   before the per-file work, with peak memory (``bench_speed.py``);
+6. ray — ``lol ingest --engine ray`` with 1 and 2 workers against the single-process ingest on the same files (500
+   zoo LoRAs, 2,000 generated mixed-format files), Ray's start-up, per-file cost by format (``bench_ray_ingest.py``);
+7. ann — the neighbour index against exact search over 100k embeddings, and neighbours (ΔW-sketch candidates, exact
+   ΔW re-rank) in a generated collection of 100k LoRAs (``bench_ann.py``);
+8. maps — a sample fitted and the rest placed against one fit over all rows; the map page at 100k and 1M LoRAs
+   (``bench_maps_scale.py``);
+9. the app — upload-to-prediction p50 / p95 under 1, 4 and 16 concurrent clients on loopback.
+
+``bench_app_scale.py`` (100k LoRA files end to end through the app's API, ~10 min) runs on its own.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 
-from bench_spectra import Config, dense_time, llm7b_shapes, sd15_shapes, sdxl_shapes, timed, write_lora  # noqa: E402
+from bench_spectra import Config, dense_time, llm7b_shapes, sd15_shapes, timed, write_lora  # noqa: E402
 
 from lol_engine import load_lora  # noqa: E402
 from lol_engine.symmetry import lora_singular_values  # noqa: E402
@@ -63,7 +74,6 @@ def spectra(folder: Path, quick: bool) -> list[Row]:
     div, r = (16, 8) if quick else (1, 32)
     configs = {
         f"SD 1.5 kohya r{r}": Config("sd15", sd15_shapes(div), r),
-        f"SDXL kohya r{r}": Config("sdxl", sdxl_shapes(div), r),
         f"7B q/k/v/o PEFT r{r // 2}": Config("llm7b", llm7b_shapes(div), r // 2),
     }
     rows = []
@@ -328,29 +338,11 @@ def ingest_throughput(quick: bool) -> list[Row]:
     ]
 
 
-def maps(quick: bool) -> list[Row]:
-    from lol_engine.maps import fit_map
+def script(name: str, argv: list[str]) -> list[Row]:
+    """The rows of ``benchmarks/<name>``'s ``main(argv)`` (each script also runs on its own, with more options)."""
+    import runpy
 
-    rows = []
-    rng = np.random.default_rng(0)
-    fit_map(rng.normal(size=(60, 16)))  # JIT outside the timings
-    for n in (1000,) if quick else (1000, 10_000):
-        centres = rng.normal(size=(10, 100)) * 3
-        x = centres[rng.integers(0, 10, size=n)] + rng.normal(size=(n, 100))
-        fit_s, fitted = timed(lambda x=x: fit_map(x), 1)
-        fitted.place(x[:2])  # first transform compiles
-        place_s, _ = timed(lambda fitted=fitted, x=x: fitted.place(x[:1] + 0.01), 3)
-        rows.append(
-            [
-                "maps",
-                f"UMAP of {n:,} points (100-d, 10 clusters)",
-                f"place one {_fmt(place_s)}",
-                f"refit {_fmt(fit_s)}",
-                f"{fit_s / place_s:,.0f}×",
-                "transform; the map stays",
-            ]
-        )
-    return rows
+    return list(runpy.run_path(str(HERE / name))["main"](argv))
 
 
 def app_latency(quick: bool) -> list[Row]:
@@ -423,7 +415,16 @@ SECTIONS: dict[str, Callable[[bool], list[Row]]] = {
     "neighbours": neighbours,
     "LoL vs evaluation": lambda quick: prediction_vs_evaluation(quick) + minilm_prediction_vs_evaluation(quick),
     "ingest": ingest_throughput,
-    "maps": maps,
+    # per-file speed against the revision before issue 15 (SDXL r32 upload p50/p95, small-LoRA ingest, peak memory)
+    "speed": lambda quick: script("bench_speed.py", ["--quick"] if quick else ["--repeats", "5"]),
+    # Ray Data ingest with 1 and 2 workers vs one process; per-file cost by format (docs/SCALING.md's inputs)
+    "ray": lambda quick: script(
+        "bench_ray_ingest.py", ["--quick"] if quick else ["--zoo", "500", "--generated", "2000"]
+    ),
+    # the neighbour index: HNSW vs exact at 100k embeddings, and 100k generated LoRAs' neighbours with ΔW re-rank
+    "ann": lambda quick: script("bench_ann.py", ["--quick"] if quick else []),
+    # maps: a sample fitted and the rest placed vs one fit; the map page at 100k and 1M LoRAs
+    "maps": lambda quick: script("bench_maps_scale.py", ["--quick"] if quick else []),
     "app": app_latency,
 }
 
@@ -452,8 +453,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
             console.print("done: spectra")
     for name, section in SECTIONS.items():
         if wanted is None or name in wanted:
+            began = time.perf_counter()
             rows += section(args.quick)
-            console.print(f"done: {name}")
+            console.print(f"done: {name} in {time.perf_counter() - began:.0f} s")
     total = time.perf_counter() - start
     columns = ["benchmark", "case", "ours", "alternative", "ratio", "notes"]
     table = Table(title=f"lol-explorer benchmarks ({os.cpu_count()} CPUs, torch {torch.__version__}, {total:.0f} s)")

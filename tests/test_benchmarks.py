@@ -175,9 +175,20 @@ def test_bench_real_bases_smoke(tmp_path: Path) -> None:
 def test_benchmark_suite_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gradio")
     module = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "run_all.py"))
-    rows = module["main"](["--quick"])
+    # the sections that run other scripts (speed, ray, ann, maps) have their own smoke tests
+    rows = module["main"](["--quick", "--only", "spectra,neighbours,LoL vs evaluation,ingest,app"])
     kinds = {row[0] for row in rows}
-    assert kinds == {"spectra", "neighbours", "LoL vs evaluation", "ingest", "maps", "app"}
+    assert kinds == {"spectra", "neighbours", "LoL vs evaluation", "ingest", "app"}
+    assert set(module["SECTIONS"]) == {
+        "neighbours",
+        "LoL vs evaluation",
+        "ingest",
+        "speed",
+        "ray",
+        "ann",
+        "maps",
+        "app",
+    }
     assert all(row[4].rstrip("×").replace(",", "").replace(".", "").isdigit() or "the" in row[4] for row in rows)
 
 
