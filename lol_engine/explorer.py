@@ -247,14 +247,19 @@ class Explorer:
 
         Removes staging folders of adds killed midway, resolves estimates stored by schema version 1 with the
         predictors at hand, and (:meth:`ensure_default`) fills an empty collection with ``zoos`` (default: the
-        settings' default zoos) and fits every missing map. ``on_progress(step, done, total)`` follows it (``step``:
-        ``"ingest"`` counting files, ``"maps"`` counting maps).
+        settings' default zoos) and fits every missing map; in a collection too large for exact neighbour scans,
+        loads the neighbour indexes (:mod:`lol_engine.ann`). ``on_progress(step, done, total)`` follows it
+        (``step``: ``"ingest"`` counting files, ``"maps"`` counting maps).
         """
         if self.uploads_dir.is_dir():
             for stale in self.uploads_dir.glob(".*"):  # staging folders, and uploads an earlier run held
                 shutil.rmtree(stale, ignore_errors=True)
         resolved = self._resolve_raw_estimates()
-        return self.ensure_default(zoos, progress=progress, on_progress=on_progress) or resolved > 0
+        changed = self.ensure_default(zoos, progress=progress, on_progress=on_progress) or resolved > 0
+        if self._large():  # the neighbour indexes read back from <db>.ann/ (or built and saved): not on a request
+            for encoder in self.candidate_encoders:
+                self.neighbour_indexes.loaded(encoder)
+        return changed
 
     def _resolve_raw_estimates(self) -> int:
         """Turn version-1 rows (bare numbers) into estimates for the predictors still present; returns how many."""
