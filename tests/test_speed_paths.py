@@ -272,3 +272,65 @@ def test_large_but_fine_factors_pass(tmp_path: Path) -> None:
     lora = load_lora(path)
     assert torch.equal(lora["x"].b, b)
     assert torch.equal(lora["x"].delta_weight(), torch.tensor([[0.0] * 5, [3.0, 0, 0, 0, 0]]))
+
+
+# --------------------------------------------------------------------------- the Gram route of the singular values
+def _gram_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(7)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    a, b = randn(5, 4, 30), randn(5, 20, 4)
+    low_a = randn(5, 2, 30)
+    g = symmetry.random_gl(4, generator=gen, cond_max=1e3, batch_shape=(5,))
+    return {
+        "random": (a, b),
+        "rank_deficient": (torch.cat([low_a, low_a[:, :1] * 3, low_a[:, 1:] - low_a[:, :1]], 1), b),
+        "zero_a": (torch.zeros_like(a), b),
+        "zero_column_of_b": (a, b * torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)),
+        "tiny_and_huge": (a * 1e-30, b * 1e30),
+        "rows_of_mixed_scale": (a * torch.tensor([1e3, 1.0, 1e-3, 1e-2], dtype=torch.float64)[:, None], b),
+        "ill_conditioned_gauge": symmetry.act_gl_factors(a, b, g),
+        "d_in_below_rank": (randn(5, 4, 3), b),
+        "rank_one": (randn(5, 1, 30), randn(5, 20, 1)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_gram_cases()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gram_route_matches_a_dense_svd(case: str, dtype: torch.dtype) -> None:
+    a64, b64 = _gram_cases()[case]
+    if dtype != torch.float32 and case == "tiny_and_huge":
+        pytest.skip("outside the half-precision range")
+    a, b = a64.to(dtype), b64.to(dtype)
+    assert symmetry._gram_route(a, b)
+    got = singular_values(a, b, scale=-0.5).double()  # (5, r)
+    want = 0.5 * torch.linalg.svdvals(b.double() @ a.double())[:, : a.shape[-2]]  # the same rounded factors
+    want = torch.nn.functional.pad(want, (0, a.shape[-2] - want.shape[-1]))
+    top = want[:, :1].clamp_min(1e-300)
+    torch.testing.assert_close(got[:, 0], want[:, 0], rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=0)
+    assert ((got - want).abs() / top).max() <= (1e-6 if dtype == torch.float32 else 1e-2)  # the rest, relative to σ₁
+    qr = singular_values(a.double(), b.double(), scale=-0.5)  # float64 factors keep the QR route
+    assert not symmetry._gram_route(a.double(), b.double())
+    torch.testing.assert_close(qr, want, rtol=1e-9, atol=1e-12 * float(want.max()))
+
+
+def test_gram_route_is_gl_invariant_and_sensitive() -> None:
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 8, 50, generator=gen), torch.randn(6, 40, 8, generator=gen)
+    g = symmetry.random_gl(8, generator=gen, cond_max=10.0, batch_shape=(6,), dtype=torch.float32)
+    ga, gb = symmetry.act_gl_factors(a, b, g)
+    torch.testing.assert_close(singular_values(ga, gb), singular_values(a, b), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(singular_values(ga, b), singular_values(a, b), rtol=1e-2)  # A alone moved: it changes
+
+
+def test_gram_route_leaves_other_inputs_to_qr(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = torch.randn(3, 4, 10), torch.randn(3, 6, 4)
+    assert not symmetry._gram_route(a.requires_grad_(), b)
+    assert not symmetry._gram_route(torch.randn(3, 17, 10), torch.randn(3, 6, 17))  # rank above the Gram limit
+    nan_a = a.detach().clone()
+    nan_a[0, 0, 0] = float("nan")
+    assert symmetry._gram_singular_values(nan_a, b) is None  # non-finite: the QR route decides
+    monkeypatch.setattr(symmetry, "_GRAM_CHUNK", 50)  # chunked conversion gives the same values
+    torch.testing.assert_close(singular_values(a.detach(), b), torch.linalg.svdvals(b @ a.detach())[:, :4])
