@@ -4,6 +4,7 @@ hashes, the zero-copy stacking of loaded factors and the batched factor check.""
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from lol_engine import symmetry
 from lol_engine.errors import LoraFormatError
 from lol_engine.fingerprint import FINGERPRINT_NAMES, ROLES, fingerprint, fingerprints, module_role
 from lol_engine.lora import safe_io
+from lol_engine.lora.locate import display_name
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import file_sha256, safetensors_hashes
 from lol_engine.lora.scales import check_magnitudes
@@ -334,3 +336,40 @@ def test_gram_route_leaves_other_inputs_to_qr(monkeypatch: pytest.MonkeyPatch) -
     assert symmetry._gram_singular_values(nan_a, b) is None  # non-finite: the QR route decides
     monkeypatch.setattr(symmetry, "_GRAM_CHUNK", 50)  # chunked conversion gives the same values
     torch.testing.assert_close(singular_values(a.detach(), b), torch.linalg.svdvals(b @ a.detach())[:, :4])
+
+
+# --------------------------------------------------------------------------- display names without pathlib
+def _reference_display_name(weights: str | Path) -> str:
+    path = Path(weights)
+    if path.name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapters.safetensors"):
+        folder = Path(os.path.abspath(path)).parent.name
+        if folder:
+            return folder
+    return path.stem
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        "runs/a/adapter_model.safetensors",
+        "adapter_model.safetensors",
+        "/adapter_model.safetensors",
+        "./adapters.safetensors",
+        "a/b/pytorch_lora_weights.safetensors/.",
+        "a/adapters.safetensors/",
+        "x.safetensors",
+        ".safetensors",
+        "a/.hidden",
+        "x.",
+        "a//b.c.d",
+        "a/b/",
+        "a/..",
+        "..",
+        ".",
+        "",
+        "/",
+        Path("q/r.tar.gz"),
+    ],
+)
+def test_display_name_matches_the_pathlib_reference(weights: str | Path) -> None:
+    assert display_name(weights) == _reference_display_name(weights)
