@@ -9,9 +9,10 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from lora_files import factors, save
+from lora_files import factors, peft, save
 
 from lol_engine import symmetry
 from lol_engine.errors import LoraFormatError
@@ -373,3 +374,30 @@ def _reference_display_name(weights: str | Path) -> str:
 )
 def test_display_name_matches_the_pathlib_reference(weights: str | Path) -> None:
     assert display_name(weights) == _reference_display_name(weights)
+
+
+# --------------------------------------------------------------------------- column-wise inserts
+def test_column_wise_inserts_store_what_the_rows_say(tmp_path: Path) -> None:
+    from lol_engine.report import describe
+    from lol_engine.store import LoraStore, NewLora, _lora_row
+
+    items = []
+    for i in range(3):
+        lora = load_lora(save(tmp_path / f"l{i}.safetensors", peft(f"layers.{i}.q_proj", seed=i)))
+        labels = {"n": i, "none": None, "text": "é\n'\"", "nested": {"a": [1, 2.5]}}
+        name = None if i == 0 else f"name {i}"
+        items.append(
+            NewLora(lora, name, None if i == 1 else "zoo", labels, {"fp": torch.ones(3) * i}, {}, describe(lora))
+        )
+    items.append(items[0])  # the same LoRA twice in one batch: the first is kept
+    with LoraStore(tmp_path / "s.duckdb") as store:
+        ids = store.add_many(items)
+        assert ids == [item.lora.meta.sha256 for item in items]
+        for item in items[:3]:
+            want = _lora_row(item.lora, item.name, item.zoo, item.card)
+            got = store._con.execute("SELECT * FROM loras WHERE id = ?", [want[0]]).fetchone()
+            assert got[:13] == tuple(want[:13]) and got[14] == want[14] and got[13] is not None
+            assert store.labels(want[0]) == dict(item.labels)
+        store.add_projection("m", ids[:3], np.array([[0.5, -1.0], [2.0, 3.0], [1e-300, 1e300]]))
+        rows = store._con.execute("SELECT lora_id, x, y FROM projections ORDER BY x").fetchall()
+        assert rows == [(ids[2], 1e-300, 1e300), (ids[0], 0.5, -1.0), (ids[1], 2.0, 3.0)]

@@ -51,7 +51,7 @@ def display_name(weights: str | os.PathLike[str]) -> str:
         name = Path(text).name
     if name in _ADAPTER_FILES:
         # abspath, not resolve: Hub snapshot files are symlinks
-        folder = os.path.basename(os.path.dirname(os.path.abspath(Path(text))))
+        folder = os.path.basename(os.path.dirname(os.path.abspath(text)))
         if folder:
             return folder
     dot = name.rfind(".")
