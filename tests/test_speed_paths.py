@@ -401,3 +401,18 @@ def test_column_wise_inserts_store_what_the_rows_say(tmp_path: Path) -> None:
         store.add_projection("m", ids[:3], np.array([[0.5, -1.0], [2.0, 3.0], [1e-300, 1e300]]))
         rows = store._con.execute("SELECT lora_id, x, y FROM projections ORDER BY x").fetchall()
         assert rows == [(ids[2], 1e-300, 1e300), (ids[0], 0.5, -1.0), (ids[1], 2.0, 3.0)]
+
+
+# --------------------------------------------------------------------------- JSON integers without a Python hook
+@pytest.mark.parametrize("binary", [False, True])
+def test_parse_json_finds_long_integers_with_or_without_the_hook(binary: bool) -> None:
+    limits = safe_io.ReadLimits(max_number_digits=5)
+
+    def parsed(text: str) -> object:
+        return safe_io.parse_json(text.encode() if binary else text, "x", limits)
+
+    assert parsed('{"a": -12345, "b": [1, 2.5e10], "c": "1234567"}') == {"a": -12345, "b": [1, 2.5e10], "c": "1234567"}
+    huge = parsed('{"a": 1, "b": -123456}')
+    assert isinstance(huge, dict) and huge["a"] == 1 and isinstance(huge["b"], safe_io.HugeNumber)
+    assert huge["b"].digits == 6
+    assert parsed('{"a": 12345.678901}') == {"a": 12345.678901}  # a long float is no integer
