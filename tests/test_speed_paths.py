@@ -416,3 +416,24 @@ def test_parse_json_finds_long_integers_with_or_without_the_hook(binary: bool) -
     assert isinstance(huge, dict) and huge["a"] == 1 and isinstance(huge["b"], safe_io.HugeNumber)
     assert huge["b"].digits == 6
     assert parsed('{"a": 12345.678901}') == {"a": 12345.678901}  # a long float is no integer
+
+
+# --------------------------------------------------------------------------- fingerprints of one layout together
+def test_fingerprints_of_one_layout_together_match_the_reference() -> None:
+    gen = torch.Generator().manual_seed(11)
+    base = _random_lora(0)
+
+    def variant(zero: bool = False) -> LoraWeights:
+        modules = tuple(
+            replace(m, a=torch.randn(m.a.shape, generator=gen), b=torch.zeros_like(m.b) if zero else m.b * 2)
+            for m in base
+        )
+        return replace(base, modules=modules)
+
+    loras = [variant(), _random_lora(1), base, variant(zero=True), variant(), _random_lora(2)]
+    got = fingerprints(loras)
+    assert len(got) == len(loras)
+    for lora, fp in zip(loras, got, strict=True):
+        torch.testing.assert_close(fp, _reference_fingerprint(lora), rtol=1e-5, atol=1e-6)
+    assert float(got[3][FINGERPRINT_NAMES.index("log_total_norm")]) == 0.0  # the all-zero ΔW among live ones
+    assert not torch.allclose(got[0], got[4])  # same layout, other values: other fingerprints
