@@ -132,17 +132,22 @@ def singular_values(a: Tensor, b: Tensor, scale: float | Tensor = 1.0) -> Tensor
 
 
 _GRAM_MAX_RANK = 16  # above it, the QR route (its r×r work grows as r³ per matrix either way; QR keeps full precision)
+_GRAM_MAX_VALUES = 8192  # r·(d_in + d_out) of one module at most: larger factors convert to float64 slower than QR
 _GRAM_CHUNK = 2**21  # factor entries converted to float64 at a time
 
 
 def _gram_route(a: Tensor, b: Tensor) -> bool:
-    """Whether :func:`singular_values` takes the Gram route: small rank, CPU, no autograd, below float64.
+    """Whether :func:`singular_values` takes the Gram route: small factors, CPU, no autograd, below float64.
+
+    Small factors are where a batch of QRs is many tiny LAPACK calls; for large ones (an SDXL r8 module) the QR route
+    is as fast on a quiet machine and needs no float64 copy.
 
     Below float64 the Gram matrices formed in float64 are at least as accurate as a QR in the factors' own precision
     (see :func:`_gram_singular_values`); float64 factors keep the QR route and its full precision.
     """
     return (
         a.shape[-2] <= _GRAM_MAX_RANK
+        and a.shape[-2] * (a.shape[-1] + b.shape[-2]) <= _GRAM_MAX_VALUES
         and a.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and a.device.type == "cpu"
         and b.device.type == "cpu"

@@ -332,6 +332,7 @@ def test_gram_route_leaves_other_inputs_to_qr(monkeypatch: pytest.MonkeyPatch) -
     a, b = torch.randn(3, 4, 10), torch.randn(3, 6, 4)
     assert not symmetry._gram_route(a.requires_grad_(), b)
     assert not symmetry._gram_route(torch.randn(3, 17, 10), torch.randn(3, 6, 17))  # rank above the Gram limit
+    assert not symmetry._gram_route(torch.randn(3, 8, 640), torch.randn(3, 640, 8))  # large factors: QR
     nan_a = a.detach().clone()
     nan_a[0, 0, 0] = float("nan")
     assert symmetry._gram_singular_values(nan_a, b) is None  # non-finite: the QR route decides
