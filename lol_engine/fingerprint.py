@@ -96,15 +96,6 @@ def _spectral_stats(sigma: np.ndarray) -> np.ndarray:
     return out
 
 
-def _padded_spectra(lora: LoraWeights, spectra: dict[str, Tensor]) -> np.ndarray:
-    """Singular values of every module's scaled ΔW as ``(M, max rank)`` float64, zero-padded, in module order."""
-    out = np.zeros((len(lora), max(m.spec.rank for m in lora)))
-    for i, m in enumerate(lora):
-        sigma = spectra[m.name].detach().cpu().numpy()
-        out[i, : len(sigma)] = sigma
-    return out
-
-
 def fingerprint(lora: LoraWeights) -> Tensor:
     """The fixed-length GL-invariant fingerprint (float64, length ``len(FINGERPRINT_NAMES)``).
 
@@ -118,45 +109,69 @@ def fingerprint(lora: LoraWeights) -> Tensor:
 
 
 def fingerprints(loras: Sequence[LoraWeights]) -> list[Tensor]:
-    """:func:`fingerprint` of many LoRAs; their spectra come from one batched QR per module shape across them all."""
-    return [_fingerprint(lora, spectra) for lora, spectra in zip(loras, many_singular_values(loras), strict=True)]
+    """:func:`fingerprint` of many LoRAs; their spectra come from one batched QR per module shape across them all.
+
+    LoRAs of one layout (the same modules, kinds and ranks in the same order: a collection of one base) are
+    fingerprinted together, as arrays over the LoRAs, instead of one LoRA at a time.
+    """
+    spectra = many_singular_values(loras)
+    layouts: dict[tuple[tuple[str, str, tuple[int, ...], int], ...], list[int]] = {}
+    for i, lora in enumerate(loras):
+        key = tuple((m.name, m.spec.kind, m.spec.orig_shape, m.spec.rank) for m in lora)
+        layouts.setdefault(key, []).append(i)
+    out: list[Tensor | None] = [None] * len(loras)
+    for members in layouts.values():
+        rows = _layout_fingerprints(loras[members[0]], [spectra[i] for i in members])  # (n, len(NAMES))
+        for i, row in zip(members, torch.from_numpy(rows), strict=True):
+            out[i] = row
+    return [fp for fp in out if fp is not None]
 
 
-def _fingerprint(lora: LoraWeights, spectra: dict[str, Tensor]) -> Tensor:
-    sigma = _padded_spectra(lora, spectra)  # (M, r_max)
-    stats = _spectral_stats(sigma)  # (M, 4 + TOP)
-    energies = np.square(sigma).sum(1)  # (M,)
-    total_energy = float(energies.sum())
-    overall = _spectral_stats(np.sort(sigma.reshape(1, -1), axis=1)[:, ::-1])[0]
-    out = [
-        math.log(len(lora)),
-        0.5 * math.log(total_energy) if total_energy > 0 else 0.0,
-        float(overall[1]),
-        float(overall[2]),
+def _layout_fingerprints(lora: LoraWeights, spectra: Sequence[dict[str, Tensor]]) -> np.ndarray:
+    """Fingerprints ``(n, len(FINGERPRINT_NAMES))`` of ``n`` LoRAs laid out as ``lora``, from their spectra."""
+    n, n_modules = len(spectra), len(lora)
+    sigma = np.zeros((n, n_modules, max(m.spec.rank for m in lora)))  # (n, M, r_max), zero-padded
+    for j, m in enumerate(lora):
+        column = torch.stack([s[m.name].detach() for s in spectra]).cpu().numpy()  # (n, r_j)
+        sigma[:, j, : column.shape[1]] = column
+    stats = _spectral_stats(sigma.reshape(n * n_modules, -1)).reshape(n, n_modules, -1)  # (n, M, 4 + TOP)
+    energies = np.square(sigma).sum(2)  # (n, M)
+    total = energies.sum(1)  # (n,)
+    overall = _spectral_stats(np.sort(sigma.reshape(n, -1), axis=1)[:, ::-1])  # (n, 4 + TOP)
+    live = total > 0
+    columns = [
+        np.full(n, math.log(n_modules)),
+        np.where(live, 0.5 * np.log(np.where(live, total, 1.0)), 0.0),
+        overall[:, 1],
+        overall[:, 2],
     ]
-    order = sorted(range(len(lora)), key=lambda i: natural_key(lora.modules[i].name))
-    roles = np.array([module_role(lora.modules[i].spec) for i in order])
+    order = sorted(range(n_modules), key=lambda j: natural_key(lora.modules[j].name))
+    roles = np.array([module_role(lora.modules[j].spec) for j in order])
     for role in ROLES:
-        members = np.asarray(order)[roles == role]
-        out += _role_features(stats[members], energies[members], len(lora), total_energy)
-    return torch.tensor(out, dtype=torch.float64)
+        members = np.asarray(order, dtype=np.int64)[roles == role]
+        columns += _role_columns(stats[:, members], energies[:, members], n_modules, total)
+    return np.stack(columns, axis=1)
 
 
-def _role_features(block: np.ndarray, energy: np.ndarray, n_modules: int, total_energy: float) -> list[float]:
-    """The :data:`_PER_ROLE` features of one role's modules, ``block: (n_role, 4 + TOP)`` in name order."""
-    if not len(block):
-        return [0.0] * len(_PER_ROLE)
-    depth = np.linspace(0.0, 1.0, len(block)) if len(block) > 1 else np.zeros(1)
-    energy_sum = float(energy.sum())
-    weighted_depth = float((energy * depth).sum() / energy_sum) if energy_sum > 0 else 0.0
+def _role_columns(block: np.ndarray, energy: np.ndarray, n_modules: int, total: np.ndarray) -> list[np.ndarray]:
+    """The :data:`_PER_ROLE` features of one role's modules for ``n`` LoRAs: ``block: (n, n_role, 4 + TOP)`` and
+    ``energy: (n, n_role)`` in name order, ``total: (n,)`` the LoRAs' whole energies."""
+    n, n_role = energy.shape
+    if not n_role:
+        return [np.zeros(n)] * len(_PER_ROLE)
+    depth = np.linspace(0.0, 1.0, n_role) if n_role > 1 else np.zeros(1)
+    energy_sum = energy.sum(1)  # (n,)
+    some = energy_sum > 0
+    weighted = np.where(some, (energy * depth).sum(1) / np.where(some, energy_sum, 1.0), 0.0)
+    share = np.where(total > 0, energy_sum / np.where(total > 0, total, 1.0), 0.0)
     return [
-        len(block) / n_modules,
-        energy_sum / total_energy if total_energy > 0 else 0.0,
-        float(block[:, 0].mean()),
-        float(block[:, 0].std()),
-        float(block[:, 1].mean()),
-        float(block[:, 2].mean()),
-        float(block[:, 3].mean()),
-        *block[:, 4:].mean(0).tolist(),
-        weighted_depth,
+        np.full(n, n_role / n_modules),
+        share,
+        block[:, :, 0].mean(1),
+        block[:, :, 0].std(1),
+        block[:, :, 1].mean(1),
+        block[:, :, 2].mean(1),
+        block[:, :, 3].mean(1),
+        *block[:, :, 4:].mean(1).T,
+        weighted,
     ]

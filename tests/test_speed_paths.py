@@ -4,18 +4,21 @@ hashes, the zero-copy stacking of loaded factors and the batched factor check.""
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from lora_files import factors, save
+from lora_files import factors, peft, save
 
 from lol_engine import symmetry
 from lol_engine.errors import LoraFormatError
 from lol_engine.fingerprint import FINGERPRINT_NAMES, ROLES, fingerprint, fingerprints, module_role
 from lol_engine.lora import safe_io
+from lol_engine.lora.locate import display_name
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import file_sha256, safetensors_hashes
 from lol_engine.lora.scales import check_magnitudes
@@ -272,3 +275,166 @@ def test_large_but_fine_factors_pass(tmp_path: Path) -> None:
     lora = load_lora(path)
     assert torch.equal(lora["x"].b, b)
     assert torch.equal(lora["x"].delta_weight(), torch.tensor([[0.0] * 5, [3.0, 0, 0, 0, 0]]))
+
+
+# --------------------------------------------------------------------------- the Gram route of the singular values
+def _gram_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(7)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    a, b = randn(5, 4, 30), randn(5, 20, 4)
+    low_a = randn(5, 2, 30)
+    g = symmetry.random_gl(4, generator=gen, cond_max=1e3, batch_shape=(5,))
+    return {
+        "random": (a, b),
+        "rank_deficient": (torch.cat([low_a, low_a[:, :1] * 3, low_a[:, 1:] - low_a[:, :1]], 1), b),
+        "zero_a": (torch.zeros_like(a), b),
+        "zero_column_of_b": (a, b * torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)),
+        "tiny_and_huge": (a * 1e-30, b * 1e30),
+        "rows_of_mixed_scale": (a * torch.tensor([1e3, 1.0, 1e-3, 1e-2], dtype=torch.float64)[:, None], b),
+        "ill_conditioned_gauge": symmetry.act_gl_factors(a, b, g),
+        "d_in_below_rank": (randn(5, 4, 3), b),
+        "rank_one": (randn(5, 1, 30), randn(5, 20, 1)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_gram_cases()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gram_route_matches_a_dense_svd(case: str, dtype: torch.dtype) -> None:
+    a64, b64 = _gram_cases()[case]
+    if dtype != torch.float32 and case == "tiny_and_huge":
+        pytest.skip("outside the half-precision range")
+    a, b = a64.to(dtype), b64.to(dtype)
+    assert symmetry._gram_route(a, b)
+    got = singular_values(a, b, scale=-0.5).double()  # (5, r)
+    want = 0.5 * torch.linalg.svdvals(b.double() @ a.double())[:, : a.shape[-2]]  # the same rounded factors
+    want = torch.nn.functional.pad(want, (0, a.shape[-2] - want.shape[-1]))
+    top = want[:, :1].clamp_min(1e-300)
+    torch.testing.assert_close(got[:, 0], want[:, 0], rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=0)
+    assert ((got - want).abs() / top).max() <= (1e-6 if dtype == torch.float32 else 1e-2)  # the rest, relative to σ₁
+    qr = singular_values(a.double(), b.double(), scale=-0.5)  # float64 factors keep the QR route
+    assert not symmetry._gram_route(a.double(), b.double())
+    torch.testing.assert_close(qr, want, rtol=1e-9, atol=1e-12 * float(want.max()))
+
+
+def test_gram_route_is_gl_invariant_and_sensitive() -> None:
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 8, 50, generator=gen), torch.randn(6, 40, 8, generator=gen)
+    g = symmetry.random_gl(8, generator=gen, cond_max=10.0, batch_shape=(6,), dtype=torch.float32)
+    ga, gb = symmetry.act_gl_factors(a, b, g)
+    torch.testing.assert_close(singular_values(ga, gb), singular_values(a, b), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(singular_values(ga, b), singular_values(a, b), rtol=1e-2)  # A alone moved: it changes
+
+
+def test_gram_route_leaves_other_inputs_to_qr(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = torch.randn(3, 4, 10), torch.randn(3, 6, 4)
+    assert not symmetry._gram_route(a.requires_grad_(), b)
+    assert not symmetry._gram_route(torch.randn(3, 17, 10), torch.randn(3, 6, 17))  # rank above the Gram limit
+    assert not symmetry._gram_route(torch.randn(3, 8, 640), torch.randn(3, 640, 8))  # large factors: QR
+    nan_a = a.detach().clone()
+    nan_a[0, 0, 0] = float("nan")
+    assert symmetry._gram_singular_values(nan_a, b) is None  # non-finite: the QR route decides
+    monkeypatch.setattr(symmetry, "_GRAM_CHUNK", 50)  # chunked conversion gives the same values
+    torch.testing.assert_close(singular_values(a.detach(), b), torch.linalg.svdvals(b @ a.detach())[:, :4])
+
+
+# --------------------------------------------------------------------------- display names without pathlib
+def _reference_display_name(weights: str | Path) -> str:
+    path = Path(weights)
+    if path.name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapters.safetensors"):
+        folder = Path(os.path.abspath(path)).parent.name
+        if folder:
+            return folder
+    return path.stem
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        "runs/a/adapter_model.safetensors",
+        "adapter_model.safetensors",
+        "/adapter_model.safetensors",
+        "./adapters.safetensors",
+        "a/b/pytorch_lora_weights.safetensors/.",
+        "a/adapters.safetensors/",
+        "x.safetensors",
+        ".safetensors",
+        "a/.hidden",
+        "x.",
+        "a//b.c.d",
+        "a/b/",
+        "a/..",
+        "..",
+        ".",
+        "",
+        "/",
+        Path("q/r.tar.gz"),
+    ],
+)
+def test_display_name_matches_the_pathlib_reference(weights: str | Path) -> None:
+    assert display_name(weights) == _reference_display_name(weights)
+
+
+# --------------------------------------------------------------------------- column-wise inserts
+def test_column_wise_inserts_store_what_the_rows_say(tmp_path: Path) -> None:
+    from lol_engine.report import describe
+    from lol_engine.store import LoraStore, NewLora, _lora_row
+
+    items = []
+    for i in range(3):
+        lora = load_lora(save(tmp_path / f"l{i}.safetensors", peft(f"layers.{i}.q_proj", seed=i)))
+        labels = {"n": i, "none": None, "text": "é\n'\"", "nested": {"a": [1, 2.5]}}
+        name = None if i == 0 else f"name {i}"
+        items.append(
+            NewLora(lora, name, None if i == 1 else "zoo", labels, {"fp": torch.ones(3) * i}, {}, describe(lora))
+        )
+    items.append(items[0])  # the same LoRA twice in one batch: the first is kept
+    with LoraStore(tmp_path / "s.duckdb") as store:
+        ids = store.add_many(items)
+        assert ids == [item.lora.meta.sha256 for item in items]
+        for item in items[:3]:
+            want = _lora_row(item.lora, item.name, item.zoo, item.card)
+            got = store._con.execute("SELECT * FROM loras WHERE id = ?", [want[0]]).fetchone()
+            assert got[:13] == tuple(want[:13]) and got[14] == want[14] and got[13] is not None
+            assert store.labels(want[0]) == dict(item.labels)
+        store.add_projection("m", ids[:3], np.array([[0.5, -1.0], [2.0, 3.0], [1e-300, 1e300]]))
+        rows = store._con.execute("SELECT lora_id, x, y FROM projections ORDER BY x").fetchall()
+        assert rows == [(ids[2], 1e-300, 1e300), (ids[0], 0.5, -1.0), (ids[1], 2.0, 3.0)]
+
+
+# --------------------------------------------------------------------------- JSON integers without a Python hook
+@pytest.mark.parametrize("binary", [False, True])
+def test_parse_json_finds_long_integers_with_or_without_the_hook(binary: bool) -> None:
+    limits = safe_io.ReadLimits(max_number_digits=5)
+
+    def parsed(text: str) -> object:
+        return safe_io.parse_json(text.encode() if binary else text, "x", limits)
+
+    assert parsed('{"a": -12345, "b": [1, 2.5e10], "c": "1234567"}') == {"a": -12345, "b": [1, 2.5e10], "c": "1234567"}
+    huge = parsed('{"a": 1, "b": -123456}')
+    assert isinstance(huge, dict) and huge["a"] == 1 and isinstance(huge["b"], safe_io.HugeNumber)
+    assert huge["b"].digits == 6
+    assert parsed('{"a": 12345.678901}') == {"a": 12345.678901}  # a long float is no integer
+
+
+# --------------------------------------------------------------------------- fingerprints of one layout together
+def test_fingerprints_of_one_layout_together_match_the_reference() -> None:
+    gen = torch.Generator().manual_seed(11)
+    base = _random_lora(0)
+
+    def variant(zero: bool = False) -> LoraWeights:
+        modules = tuple(
+            replace(m, a=torch.randn(m.a.shape, generator=gen), b=torch.zeros_like(m.b) if zero else m.b * 2)
+            for m in base
+        )
+        return replace(base, modules=modules)
+
+    loras = [variant(), _random_lora(1), base, variant(zero=True), variant(), _random_lora(2)]
+    got = fingerprints(loras)
+    assert len(got) == len(loras)
+    for lora, fp in zip(loras, got, strict=True):
+        torch.testing.assert_close(fp, _reference_fingerprint(lora), rtol=1e-5, atol=1e-6)
+    assert float(got[3][FINGERPRINT_NAMES.index("log_total_norm")]) == 0.0  # the all-zero ΔW among live ones
+    assert not torch.allclose(got[0], got[4])  # same layout, other values: other fingerprints

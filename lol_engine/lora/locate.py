@@ -45,12 +45,17 @@ def display_name(weights: str | os.PathLike[str]) -> str:
     >>> display_name("runs/digits-r4/adapter_model.safetensors"), display_name("loras/pixel_art.safetensors")
     ('digits-r4', 'pixel_art')
     """
-    path = Path(weights)
-    if path.name in _ADAPTER_FILES:
-        folder = Path(os.path.abspath(path)).parent.name  # abspath, not resolve: Hub snapshot files are symlinks
+    text = os.fspath(weights)
+    name = os.path.basename(text)
+    if not name or name in (".", ".."):  # a trailing separator or a dot: Path's own normalisation decides
+        name = Path(text).name
+    if name in _ADAPTER_FILES:
+        # abspath, not resolve: Hub snapshot files are symlinks
+        folder = os.path.basename(os.path.dirname(os.path.abspath(text)))
         if folder:
             return folder
-    return path.stem
+    dot = name.rfind(".")
+    return name[:dot] if 0 < dot < len(name) - 1 else name  # Path.stem
 
 
 def locate_lora(path: str | os.PathLike[str]) -> LoraLocation:
@@ -105,14 +110,15 @@ def find_loras(root: str | os.PathLike[str]) -> list[LoraLocation]:
 
 def _known_adapter(folder: Path) -> Path | None:
     """The folder's known adapter file, the first of :data:`_ADAPTER_FILES` present; ``None`` if it has none."""
-    return next((folder / name for name in _ADAPTER_FILES if (folder / name).is_file()), None)
+    text = os.fspath(folder)
+    return next((folder / name for name in _ADAPTER_FILES if os.path.isfile(os.path.join(text, name))), None)
 
 
 def _location(weights: Path) -> LoraLocation:
     """A LoRA file with the ``adapter_config.json`` beside it (whatever the file's name: mlx-lm's numbered
     checkpoints take their scale from the folder's config) and its display name."""
     config = weights.parent / _CONFIG
-    return LoraLocation(weights, config if config.is_file() else None, display_name(weights))
+    return LoraLocation(weights, config if os.path.isfile(config) else None, display_name(weights))
 
 
 def _unread_hint(folder: Path) -> str:

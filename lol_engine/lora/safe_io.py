@@ -7,10 +7,12 @@ Only then are tensors read, through ``safetensors.safe_open``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -150,8 +152,11 @@ def parse_json(
         n = len(digits) - digits.startswith("-")
         return int(digits) if n <= limits.max_number_digits else HugeNumber(n)
 
+    # The per-integer hook only where an integer can be too long: a text without a run of more digits than the limit
+    # has none, and json's own C parsing of integers is much faster than a Python call per number.
+    hook = integer if _long_digit_run(limits.max_number_digits, isinstance(text, bytes)).search(text) else None
     try:
-        value = json.loads(text, parse_int=integer, object_pairs_hook=object_pairs_hook)
+        value = json.loads(text, parse_int=hook, object_pairs_hook=object_pairs_hook)
     except RecursionError:
         raise LoraFormatError(f"{what} is nested too deeply (the limit is {limits.max_json_depth} levels)") from None
     except UnicodeDecodeError as exc:
@@ -161,6 +166,13 @@ def parse_json(
     if check_depth and json_depth(value, limits.max_json_depth) > limits.max_json_depth:
         raise LoraFormatError(f"{what} is nested more than {limits.max_json_depth} levels deep")
     return value
+
+
+@functools.lru_cache(maxsize=8)
+def _long_digit_run(limit: int, binary: bool) -> re.Pattern[Any]:
+    """A pattern finding more than ``limit`` ASCII digits in a row (in bytes or in text)."""
+    pattern = f"[0-9]{{{limit + 1}}}"
+    return re.compile(pattern.encode() if binary else pattern)
 
 
 def json_depth(value: Any, stop: int | None = None) -> int:
