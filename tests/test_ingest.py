@@ -64,6 +64,26 @@ def test_a_folder_of_zoos_keeps_each_zoos_labels(small_zoo: Path, tmp_path: Path
     assert not any("base" in s.path.relative_to(folder).parts for s in sources)
 
 
+def test_a_batch_is_written_once_its_files_reach_the_byte_bound(
+    small_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large LoRAs are not held 64 at a time: a batch goes to the store once its files reach ``BATCH_BYTES``."""
+    import lol_engine.ingest as module
+
+    sizes = []
+    with LoraStore(tmp_path / "db.duckdb") as store:
+        real = store.add_many
+        monkeypatch.setattr(store, "add_many", lambda items: sizes.append(len(items)) or real(items))
+        one_file = (small_zoo / "loras" / "00000" / "adapter_model.safetensors").stat().st_size
+        monkeypatch.setattr(module, "BATCH_BYTES", 2 * one_file + 1)  # every third file fills a batch
+        report = ingest([str(small_zoo)], store, progress=False)
+        assert len(report.ids) == 6 and sizes == [3, 3], sizes
+        monkeypatch.setattr(module, "BATCH_BYTES", 10**12)
+        sizes.clear()
+        ingest([str(small_zoo)], store, progress=False, batch=4)  # the count bound as before
+        assert sizes == [4, 2]
+
+
 def test_shipped_predictors_load() -> None:
     predictors = load_predictors()
     assert {"digits-classes", "fashion-gen-quality"} <= set(predictors)
