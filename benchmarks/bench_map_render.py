@@ -256,14 +256,16 @@ def section(rows: Sequence[Row], setting: dict[str, str], steps: int) -> str:
     )
 
 
-def write(text: str, path: Path) -> None:
-    """Replace the marked section of ``path`` with ``text``, or append it (under a heading) if it is not there."""
+def write(text: str, path: Path, name: str = "map-render", heading: str = "Map rendering in the browser") -> None:
+    """Replace the section ``name`` of ``path`` (``text`` starts with ``<!-- name:begin -->`` and ends with ``<!--
+    name:end -->``) with ``text``, or append it under ``## heading`` if it is not there (``run_all.py`` keeps it)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text + rest.split(END, 1)[1]
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + text + rest.split(end, 1)[1]
     else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + "## Map rendering in the browser\n\n" + text + "\n"
+        new = old.rstrip("\n") + ("\n\n" if old else "") + f"## {heading}\n\n" + text + "\n"
     path.write_text(new)
 
 
