@@ -10,7 +10,7 @@ Rows:
   ``Explorer.analyse(path)`` with the shipped predictors, p50 and p95 over ``--repeats`` calls after one warm-up;
 - small-LoRA ingest: the first ``--n`` fashion-gen PEFT LoRAs (parse + encoders + store) into a fresh DuckDB file, with
   the fingerprint encoder only and with every shipped predictor, after a warm-up ingest of 8 of them elsewhere;
-- peak memory (``ru_maxrss``) of each of those, each measured in its own process.
+- peak memory (``VmHWM``, the process's own peak resident size) of each of those, each in its own process.
 
 The earlier revision is exported with ``git archive`` and run the same way from a subprocess with ``PYTHONPATH`` set
 to it; so is this checkout. Both read the same files. Ratios are what matters: absolute times depend on the machine
@@ -81,7 +81,11 @@ with tempfile.TemporaryDirectory() as tmp:
         store.close()
         out["n"] = len(report.ids)
         out["refused"] = len(report.refused)
-out["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over the fork
+    status = Path("/proc/self/status").read_text().splitlines()
+    out["maxrss_kib"] = int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+except (OSError, StopIteration):
+    out["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps(out))
 """
 
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 _mib(now_up),
                 f"{args.before} {_mib(old_up)}",
                 f"{float(old_up['maxrss_kib']) / float(now_up['maxrss_kib']):.2f}×",  # type: ignore[arg-type]
-                "ru_maxrss of the process (warm-up + calls)",
+                "peak resident memory of the process (VmHWM; warm-up + calls)",
             ]
         )
         for mode, what in (("ingest-fingerprint", "fingerprint only"), ("ingest-all", "all shipped predictors")):
