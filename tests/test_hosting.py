@@ -75,7 +75,17 @@ def test_requirements_cover_what_the_app_imports() -> None:
     pinned = {
         line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line
     }
-    assert {"torch", "gradio", "duckdb", "umap-learn", "plotly", "pandas", "pyarrow", "safetensors", "faiss-cpu"} <= pinned
+    assert {
+        "torch",
+        "gradio",
+        "duckdb",
+        "umap-learn",
+        "plotly",
+        "pandas",
+        "pyarrow",
+        "safetensors",
+        "faiss-cpu",
+    } <= pinned
 
 
 @pytest.mark.slow
