@@ -43,13 +43,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from bench_ann import generate  # noqa: E402
+from bench_table import print_rows  # noqa: E402
 
 Row = list[str]
 console = Console()
@@ -250,12 +250,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             "<!-- app-scale:end -->",
         ]
         write("\n".join(lines), HERE.parent / "docs" / "BENCHMARKS.md", "app-scale", f"The app at {n:,} LoRAs")
-    table = Table(title=f"the app at scale ({os.cpu_count()} CPUs, torch {torch.__version__})")
-    for column in ["benchmark", "case", "ours", "alternative", "ratio", "notes"]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    print_rows(f"the app at scale ({os.cpu_count()} CPUs, torch {torch.__version__})", rows)
     return rows
 
 

@@ -23,17 +23,21 @@ Run: ``python benchmarks/bench_maps_scale.py [--quick | --full]``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_map_render import SyntheticCollection
+from bench_table import print_rows
 
 Row = list[str]
 T = TypeVar("T")
@@ -140,30 +144,6 @@ def fits(n: int, sample: int) -> list[Row]:
     return out
 
 
-class SyntheticMap:
-    """What ``app.map_view.map_view`` reads of an explorer, for ``n`` LoRAs in 10 clusters on one map."""
-
-    def __init__(self, n: int) -> None:
-        rng = np.random.default_rng(0)
-        members = rng.integers(0, 10, size=n)
-        self.xy = rng.normal(0, 6, size=(10, 2))[members] + rng.normal(size=(n, 2))
-        self.ids = [hashlib.sha256(f"lora-{i}".encode()).hexdigest() for i in range(n)]
-        self.rows = [
-            {"id": i, "name": f"lora-{k:07d}", "zoo": f"collection-{members[k]}", "base_family": "sd15"}
-            | {"format": "peft", "rank": 16}
-            for k, i in enumerate(self.ids)
-        ]
-
-    def map_points(self, encoder: str) -> tuple[list[str], np.ndarray]:
-        return self.ids, self.xy
-
-    def records(self) -> list[dict[str, Any]]:
-        return self.rows
-
-    def map_tiles(self, encoder: str) -> dict[str, tuple[float, float, float, float]]:
-        return {}
-
-
 def pages(sizes: list[int], cap: int) -> list[Row]:
     """Figure bytes and build time of the map page, with the ids' share of the bytes."""
     from app.map_view import map_view
@@ -171,7 +151,7 @@ def pages(sizes: list[int], cap: int) -> list[Row]:
     out = []
     per_point = 0.0
     for n in sizes:
-        synthetic = SyntheticMap(n)
+        synthetic = SyntheticCollection.make(n)
         start = time.perf_counter()
         view = map_view(synthetic, "lol:x", "zoo", max_points=cap)  # type: ignore[arg-type]
         text = view.figure.to_json()
@@ -209,12 +189,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     else:
         n, sample, sizes, cap = 20_000, 5_000, [100_000, 1_000_000], 100_000
     rows = pages(sizes, cap) + fits(n, sample)
-    table = Table(title=f"maps at scale ({os.cpu_count()} CPUs)")
-    for column in ["benchmark", "case", "ours", "alternative", "ratio", "notes"]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    print_rows(f"maps at scale ({os.cpu_count()} CPUs)", rows)
     return rows
 
 

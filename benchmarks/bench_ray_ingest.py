@@ -35,7 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
@@ -43,6 +42,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE)]
 
 from bench_spectra import Config, llm7b_shapes, sd15_shapes, sdxl_shapes, write_lora  # noqa: E402
+from bench_table import print_rows  # noqa: E402
 
 console = Console() if Console().is_terminal else Console(width=200)
 Row = list[str]
@@ -238,12 +238,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows += compare_engines("generated mixed formats", generated(folder / "generated", gen_n), folder, workers)
         console.print("done: generated collection")
         rows += per_file_costs(folder / "per-file", args.quick)
-    table = Table(title=f"Ray ingest ({os.cpu_count()} CPUs, {time.perf_counter() - start:.0f} s)")
-    for column in ("benchmark", "case", "ours", "alternative", "ratio", "notes"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    print_rows(f"Ray ingest ({os.cpu_count()} CPUs, {time.perf_counter() - start:.0f} s)", rows)
     return rows
 
 

@@ -35,6 +35,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from bench_spectra import Config, sdxl_shapes, write_lora  # noqa: E402
+from bench_table import print_rows  # noqa: E402
 
 Row = list[str]
 BEFORE = "151f363"  # the last revision before issue 15's per-file speed work
@@ -208,18 +209,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     f"parse + encode + store into a fresh DuckDB; peak memory {_mib(now_i)} vs {_mib(old_i)}",
                 ]
             )
-    _print(rows)
+    print_rows("per-file speed", rows)
     return rows
-
-
-def _print(rows: list[Row]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("benchmark", "case", "ours", "alternative", "ratio", "notes", title="per-file speed")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
 
 
 if __name__ == "__main__":
