@@ -131,23 +131,23 @@ def singular_values(a: Tensor, b: Tensor, scale: float | Tensor = 1.0) -> Tensor
     return sigma * _abs_scale(scale, sigma)
 
 
-_GRAM_MAX_RANK = 16  # above it, the QR route (its r×r work grows as r³ per matrix either way; QR keeps full precision)
-_GRAM_MAX_VALUES = 8192  # r·(d_in + d_out) of one module at most: larger factors convert to float64 slower than QR
-_GRAM_CHUNK = 2**21  # factor entries converted to float64 at a time
+_GRAM_MAX_RANK = 256  # above it, the QR route (the r×r eigenproblems grow as r³ per module)
+_GRAM_SMALL_VALUES = 8192  # r·(d_in + d_out) of one module at most: Grams in NumPy; larger ones in torch (MKL)
+_GRAM_CHUNK = 2**21  # factor entries converted to float64 at a time (16 MiB)
 
 
 def _gram_route(a: Tensor, b: Tensor) -> bool:
-    """Whether :func:`singular_values` takes the Gram route: small factors, CPU, no autograd, below float64.
+    """Whether :func:`singular_values` takes the Gram route: CPU, no autograd, below float64, rank ≤ 256.
 
-    Small factors are where a batch of QRs is many tiny LAPACK calls; for large ones (an SDXL r8 module) the QR route
-    is as fast on a quiet machine and needs no float64 copy.
+    On a CPU a batch of tall-skinny QRs is many LAPACK calls of level-2 work, while the Gram matrices are matrix
+    products: for SDXL-sized modules the float64 Grams take half the time of a float32 QR at rank 32, and 2–2.5× less
+    at ranks 64–128; at rank 8 they tie (``benchmarks/bench_speed.py``).
 
     Below float64 the Gram matrices formed in float64 are at least as accurate as a QR in the factors' own precision
     (see :func:`_gram_singular_values`); float64 factors keep the QR route and its full precision.
     """
     return (
         a.shape[-2] <= _GRAM_MAX_RANK
-        and a.shape[-2] * (a.shape[-1] + b.shape[-2]) <= _GRAM_MAX_VALUES
         and a.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and a.device.type == "cpu"
         and b.device.type == "cpu"
@@ -157,7 +157,7 @@ def _gram_route(a: Tensor, b: Tensor) -> bool:
 
 
 def _gram_singular_values(a: Tensor, b: Tensor) -> Tensor | None:
-    r"""Singular values of ``B A`` from the ``r × r`` Gram matrices, in float64 NumPy, for low-precision factors.
+    r"""Singular values of ``B A`` from the ``r × r`` Gram matrices, formed in float64, for low-precision factors.
 
     .. math::
         G_A = A A^\top = V W V^\top,\quad H = V W_+^{1/2},\quad
@@ -169,8 +169,9 @@ def _gram_singular_values(a: Tensor, b: Tensor) -> Tensor | None:
     Rank-deficient and zero factors need no special case (clamped eigenvalues). Float64 values of float32/16 factors
     neither overflow nor underflow when squared.
 
-    Why not ``torch``: a batch of tiny QRs or matmuls runs as a parallel loop over the batch, and on a busy machine
-    each such loop waits for its second thread (tens of ms for 64 LoRAs); NumPy runs them in one thread.
+    Small modules run in NumPy: a batch of tiny QRs or matmuls in torch runs as a parallel loop over the batch, and on
+    a busy machine each such loop waits for its second thread (tens of ms for 64 LoRAs); NumPy runs them in one
+    thread. Large modules (an SDXL one) run in torch, whose MKL products and batched eigensolvers are the faster there.
 
     ``a: (..., r, d_in)``, ``b: (..., d_out, r)`` → ``(..., r)`` descending, in the factors' dtype; None when a
     factor has a non-finite entry (the caller takes the QR route, whatever it makes of those).
@@ -178,7 +179,10 @@ def _gram_singular_values(a: Tensor, b: Tensor) -> Tensor | None:
     rank = a.shape[-2]
     a2 = a.reshape(-1, rank, a.shape[-1])  # (N, r, d_in)
     b2 = b.reshape(-1, b.shape[-2], rank)  # (N, d_out, r)
-    per = max(1, _GRAM_CHUNK // max(1, a2[0].numel() + b2[0].numel()))
+    if len(a2) and a2[0].numel() + b2[0].numel() > _GRAM_SMALL_VALUES:
+        sigma = _large_gram_singular_values(a2, b2)
+        return None if sigma is None else sigma.to(a.dtype).reshape(*a.shape[:-2], rank)
+    per = max(1, _GRAM_CHUNK // max(1, a2[0].numel() + b2[0].numel())) if len(a2) else 1
     out = np.empty((a2.shape[0], rank))
     for start in range(0, a2.shape[0], per):
         a64 = _float64(a2[start : start + per])
@@ -192,6 +196,36 @@ def _gram_singular_values(a: Tensor, b: Tensor) -> Tensor | None:
         squared = np.linalg.eigvalsh(h.transpose(0, 2, 1) @ g_b @ h)  # (n, r) ascending
         out[start : start + per] = np.sqrt(np.maximum(squared[:, ::-1], 0.0))
     return torch.from_numpy(out).to(a.dtype).reshape(*a.shape[:-2], rank)
+
+
+def _large_gram_singular_values(a: Tensor, b: Tensor) -> Tensor | None:
+    """:func:`_gram_singular_values` of large modules in torch (MKL): float64 copies made chunk by chunk in one buffer.
+
+    ``a: (N, r, d_in)``, ``b: (N, d_out, r)`` → ``(N, r)`` float64, or None for non-finite factors.
+    """
+    rank = a.shape[-2]
+    g_a = torch.empty(len(a), rank, rank, dtype=torch.float64)
+    g_b = torch.empty(len(a), rank, rank, dtype=torch.float64)
+    buffer = torch.empty(min(_GRAM_CHUNK, max(a.numel(), b.numel())), dtype=torch.float64)
+    for factors, grams in ((a, g_a), (b, g_b)):
+        per = max(1, len(buffer) // factors[0].numel())
+        for start in range(0, len(factors), per):
+            chunk = factors[start : start + per]
+            wide = buffer[: chunk.numel()].view(chunk.shape)
+            wide.copy_(chunk)
+            if factors is a:
+                torch.matmul(wide, wide.mT, out=grams[start : start + per])  # A Aᵀ
+            else:
+                torch.matmul(wide.mT, wide, out=grams[start : start + per])  # Bᵀ B
+    if not (torch.isfinite(g_a).all() and torch.isfinite(g_b).all()):
+        return None
+    h, info = torch.linalg.cholesky_ex(g_a)  # H Hᵀ = G_A, backward stable as the eigendecomposition below
+    failed = info != 0  # G_A not numerically positive definite (A of rank < r): H = V W₊^½ for those
+    if failed.any():
+        w, v = torch.linalg.eigh(g_a[failed])
+        h[failed] = v * w.clamp_min(0).sqrt().unsqueeze(-2)
+    squared = torch.linalg.eigvalsh(h.mT @ g_b @ h)  # ascending
+    return squared.flip(-1).clamp_min(0).sqrt()
 
 
 def _float64(t: Tensor) -> np.ndarray:

@@ -187,11 +187,15 @@ def _expected(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     return out
 
 
+@pytest.mark.parametrize("read_block", [2**22, 300, 1])
 @pytest.mark.parametrize("threaded", [False, True])
-def test_stacked_read_matches_a_plain_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: bool) -> None:
-    if threaded:  # hash on the background thread even for a small file, with a tiny pending window
+def test_stacked_read_matches_a_plain_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: bool, read_block: int
+) -> None:
+    if threaded:  # hash on the background threads even for a small file, with a tiny pending window
         monkeypatch.setattr(safe_io._Hasher, "THREAD_BYTES", 0)
         monkeypatch.setattr(safe_io._Hasher, "MAX_PENDING_BYTES", 64)
+    monkeypatch.setattr(safe_io, "READ_BLOCK", read_block)  # the whole file in one read; runs of a few; one each
     path = _mixed_file(tmp_path / "mixed.safetensors")
     lora = load_lora(path)
     expected = _expected(path)
@@ -203,6 +207,38 @@ def test_stacked_read_matches_a_plain_reader(tmp_path: Path, monkeypatch: pytest
     assert lora.meta.sha256 == file_sha256(path)
     assert lora.meta.data_sha256 == safetensors_hashes(path, 2**30)[1]
     assert lora.meta.data_sha256 != lora.meta.sha256
+
+
+def test_read_runs_cover_the_file_in_order() -> None:
+    def info(name: str, begin: int, end: int) -> safe_io.TensorInfo:
+        return safe_io.TensorInfo(name, "F16", ((end - begin) // 2,), begin, end)
+
+    infos = [info("a", 0, 10), info("b", 10, 30), info("big", 30, 130), info("c", 130, 131), info("d", 131, 140)]
+    runs = safe_io._runs(infos, 32)
+    assert [[i.name for i in run] for run in runs] == [["a", "b"], ["big"], ["c", "d"]]
+    assert safe_io._runs([], 32) == []
+    assert [len(run) for run in safe_io._runs(infos, 1)] == [1] * 5
+
+
+def test_a_misaligned_tensor_is_read_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3-byte tensor first puts every fp16 factor after it at an odd offset of the read buffer."""
+    a, b = factors(4, 24, 16, seed=1)
+    path = tmp_path / "odd.safetensors"
+    safe_io.write_safetensors(
+        {
+            "a_flags": torch.tensor([1, 2, 3], dtype=torch.uint8),
+            "lora_unet_x.alpha": torch.tensor(4.0).half(),
+            "lora_unet_x.lora_down.weight": a.half(),
+            "lora_unet_x.lora_up.weight": b.half(),
+        },
+        path,
+    )
+    begins = {i.name: i.begin for i in safe_io.read_header(path, safe_io.ReadLimits()).tensors.values()}
+    assert begins["lora_unet_x.lora_down.weight"] % 2 == 1
+    for block in (2**22, 1):
+        monkeypatch.setattr(safe_io, "READ_BLOCK", block)
+        lora = load_lora(path)
+        torch.testing.assert_close(lora["x"].delta_weight(), b.half().float() @ a.half().float(), rtol=0, atol=0)
 
 
 def test_loaded_groups_are_used_without_a_copy(tmp_path: Path) -> None:
@@ -286,10 +322,12 @@ def _gram_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
     a, b = randn(5, 4, 30), randn(5, 20, 4)
     low_a = randn(5, 2, 30)
+    deficient = torch.cat([low_a, low_a[:, :1] * 3, low_a[:, 1:] - low_a[:, :1]], 1)
     g = symmetry.random_gl(4, generator=gen, cond_max=1e3, batch_shape=(5,))
     return {
         "random": (a, b),
-        "rank_deficient": (torch.cat([low_a, low_a[:, :1] * 3, low_a[:, 1:] - low_a[:, :1]], 1), b),
+        "rank_deficient": (deficient, b),
+        "some_rank_deficient": (torch.cat([a[:3], deficient[3:]]), b),  # Cholesky fails for two of five
         "zero_a": (torch.zeros_like(a), b),
         "zero_column_of_b": (a, b * torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)),
         "tiny_and_huge": (a * 1e-30, b * 1e30),
@@ -302,7 +340,13 @@ def _gram_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.mark.parametrize("case", list(_gram_cases()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gram_route_matches_a_dense_svd(case: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("path", ["numpy", "torch"])
+def test_gram_route_matches_a_dense_svd(
+    case: str, dtype: torch.dtype, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path == "torch":  # the path of large modules (an SDXL one), here on the same small cases
+        monkeypatch.setattr(symmetry, "_GRAM_SMALL_VALUES", 0)
+        monkeypatch.setattr(symmetry, "_GRAM_CHUNK", 250)  # a few modules per float64 copy
     a64, b64 = _gram_cases()[case]
     if dtype != torch.float32 and case == "tiny_and_huge":
         pytest.skip("outside the half-precision range")
@@ -331,13 +375,21 @@ def test_gram_route_is_gl_invariant_and_sensitive() -> None:
 def test_gram_route_leaves_other_inputs_to_qr(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = torch.randn(3, 4, 10), torch.randn(3, 6, 4)
     assert not symmetry._gram_route(a.requires_grad_(), b)
-    assert not symmetry._gram_route(torch.randn(3, 17, 10), torch.randn(3, 6, 17))  # rank above the Gram limit
-    assert not symmetry._gram_route(torch.randn(3, 8, 640), torch.randn(3, 640, 8))  # large factors: QR
+    assert not symmetry._gram_route(torch.randn(3, 257, 10), torch.randn(3, 6, 257))  # rank above the Gram limit
+    assert symmetry._gram_route(torch.randn(3, 32, 640), torch.randn(3, 640, 32))  # large factors: Grams in torch
     nan_a = a.detach().clone()
     nan_a[0, 0, 0] = float("nan")
     assert symmetry._gram_singular_values(nan_a, b) is None  # non-finite: the QR route decides
+    big_a, big_b = torch.randn(4, 32, 640), torch.randn(4, 640, 32)
+    big_b[2, 5, 7] = float("inf")
+    assert symmetry._gram_singular_values(big_a, big_b) is None  # the same on the large path
     monkeypatch.setattr(symmetry, "_GRAM_CHUNK", 50)  # chunked conversion gives the same values
     torch.testing.assert_close(singular_values(a.detach(), b), torch.linalg.svdvals(b @ a.detach())[:, :4])
+    big_b[2, 5, 7] = 0.0
+    monkeypatch.setattr(symmetry, "_GRAM_CHUNK", 640 * 32 * 3)  # three modules per float64 copy: 4 = 3 + 1
+    torch.testing.assert_close(
+        singular_values(big_a, big_b), torch.linalg.svdvals(big_b.double() @ big_a.double())[:, :32].float()
+    )
 
 
 # --------------------------------------------------------------------------- display names without pathlib

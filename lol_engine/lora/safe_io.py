@@ -444,45 +444,51 @@ def read_tensors(header: SafetensorsHeader, names: list[str]) -> dict[str, torch
 class _Hasher:
     """``(sha256 of the whole file, sha256 of its data buffer)`` fed block by block, in file order.
 
-    Large files are hashed on one background thread (``hashlib`` releases the GIL on large blocks), so that hashing
-    runs beside the conversion of the blocks already read instead of after it. The thread is a single worker: its
-    FIFO queue keeps each file's blocks in order (a pool of several would hash them out of order).
+    Large files are hashed on two background threads, one per digest (``hashlib`` releases the GIL on large blocks),
+    so that both hashes run beside each other and beside the conversion of the blocks already read instead of after
+    it: hashing a 218 MB SDXL file twice is about 0.35 s of one core. Each digest has a single worker: its FIFO queue
+    keeps a file's blocks in order (a pool of several would hash them out of order).
     """
 
-    _POOL: ThreadPoolExecutor | None = None
+    _POOLS: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
     _POOL_LOCK = threading.Lock()
     THREAD_BYTES = 2**24  # files smaller than this are hashed inline: a thread hand-off costs more than it saves
     MAX_PENDING_BYTES = 2**27  # blocks read but not hashed yet: bounds the extra memory of a fast reader
 
     def __init__(self, size: int) -> None:
         self.full, self.data = hashlib.sha256(), hashlib.sha256()
-        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._pending: deque[tuple[Future[None], Future[None] | None, int]] = deque()
         self._pending_bytes = 0
-        self._threaded = size >= self.THREAD_BYTES
-        if self._threaded:
+        self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        if size >= self.THREAD_BYTES:
             with _Hasher._POOL_LOCK:
-                if _Hasher._POOL is None:
-                    _Hasher._POOL = ThreadPoolExecutor(1, thread_name_prefix="lol-sha256")
-
-    def _update(self, block: bytes | bytearray, data: bool) -> None:
-        self.full.update(block)
-        if data:
-            self.data.update(block)
+                if _Hasher._POOLS is None:
+                    _Hasher._POOLS = (
+                        ThreadPoolExecutor(1, thread_name_prefix="lol-sha256-file"),
+                        ThreadPoolExecutor(1, thread_name_prefix="lol-sha256-data"),
+                    )
+                self._pools = _Hasher._POOLS
 
     def update(self, block: bytes | bytearray, data: bool = True) -> None:
         """Hash ``block`` (into the data hash too unless ``data`` is False); the caller must not change it after."""
-        if self._threaded and _Hasher._POOL is not None:
-            self._pending.append((_Hasher._POOL.submit(self._update, block, data), len(block)))
-            self._pending_bytes += len(block)
-            while self._pending_bytes > self.MAX_PENDING_BYTES:
-                self._wait_oldest()
-        else:
-            self._update(block, data)
+        if self._pools is None:
+            self.full.update(block)
+            if data:
+                self.data.update(block)
+            return
+        full = self._pools[0].submit(self.full.update, block)
+        both = self._pools[1].submit(self.data.update, block) if data else None
+        self._pending.append((full, both, len(block)))
+        self._pending_bytes += len(block)
+        while self._pending_bytes > self.MAX_PENDING_BYTES:
+            self._wait_oldest()
 
     def _wait_oldest(self) -> None:
-        future, size = self._pending.popleft()
+        full, data, size = self._pending.popleft()
         self._pending_bytes -= size
-        future.result()
+        full.result()
+        if data is not None:
+            data.result()
 
     def digests(self) -> tuple[str, str]:
         """Wait for the blocks still being hashed; then ``(full, data)`` as hex."""
@@ -496,8 +502,9 @@ def read_into(header: SafetensorsHeader, targets: Mapping[str, torch.Tensor]) ->
 
     Returns ``(sha256 of the file, sha256 of its data buffer)`` (:func:`safetensors_hashes` of the very bytes that
     were converted). A target must hold as many elements as its tensor; its dtype (float32) and layout are the
-    caller's: a view into a stacked buffer fills that buffer in place. Tensors are read in file order, the ones not
-    named only hashed; the byte ranges were checked by :func:`read_header`.
+    caller's: a view into a stacked buffer fills that buffer in place. Tensors are read in file order, in runs of
+    about :data:`READ_BLOCK` bytes (one read and one hand-off to the hashing threads per run, not per tensor); the
+    ones not named are only hashed. The byte ranges were checked by :func:`read_header`.
     """
     where = header.path.name
     hasher = _Hasher(header.file_size)
@@ -509,19 +516,16 @@ def read_into(header: SafetensorsHeader, targets: Mapping[str, torch.Tensor]) ->
             if len(head) != header.data_start:
                 raise LoraFormatError(f"{where}: the file changed while it was being read")
             hasher.update(head, data=False)
-            for info in sorted(header.tensors.values(), key=lambda t: t.begin):
-                blob = bytearray(info.end - info.begin)  # a fresh buffer: the hashing thread may still hold the last
+            for run in _runs(sorted(header.tensors.values(), key=lambda t: t.begin), READ_BLOCK):
+                first = run[0].begin
+                blob = bytearray(run[-1].end - first)  # a fresh buffer: the hashing threads may still hold the last
                 if fh.readinto(blob) != len(blob):
                     raise LoraFormatError(f"{where}: the file changed while it was being read")
                 hasher.update(blob)
-                target = targets.get(info.name)
-                if target is None:
-                    continue
-                dtype = _TORCH_DTYPES_BY_NAME[info.dtype]
-                flat = torch.frombuffer(blob, dtype=dtype) if blob else torch.empty(0, dtype=dtype)
-                if target.numel() != flat.numel():
-                    raise ValueError(f"{info.name}: target of {target.numel()} elements for {flat.numel()} values")
-                target.copy_(flat.view(target.shape))  # converts to the target's dtype in the same pass
+                for info in run:
+                    target = targets.get(info.name)
+                    if target is not None:
+                        _convert(blob, info.begin - first, info, target)
             if fh.read(1):
                 raise LoraFormatError(f"{where}: the file changed while it was being read")
     except OSError as exc:
@@ -529,6 +533,40 @@ def read_into(header: SafetensorsHeader, targets: Mapping[str, torch.Tensor]) ->
     finally:
         full, data = hasher.digests()
     return full, data
+
+
+READ_BLOCK = 2**22  # bytes read (and handed to the hashing threads) at a time, in whole tensors
+
+
+def _runs(infos: list[TensorInfo], block: int) -> list[list[TensorInfo]]:
+    """Consecutive tensors (in file order) in runs of at most ``block`` bytes; a larger tensor is a run of its own."""
+    runs: list[list[TensorInfo]] = []
+    run: list[TensorInfo] = []
+    size = 0
+    for info in infos:
+        if run and size + info.end - info.begin > block:
+            runs.append(run)
+            run, size = [], 0
+        run.append(info)
+        size += info.end - info.begin
+    if run:
+        runs.append(run)
+    return runs
+
+
+def _convert(blob: bytearray, offset: int, info: TensorInfo, target: torch.Tensor) -> None:
+    """Convert ``info``'s bytes at ``blob[offset:]`` into ``target`` (its own dtype) in one pass."""
+    dtype = _TORCH_DTYPES_BY_NAME[info.dtype]
+    size = info.end - info.begin
+    if size == 0:
+        flat = torch.empty(0, dtype=dtype)
+    elif offset % dtype.itemsize:  # misaligned for its dtype (a hostile layout): an aligned copy of its own
+        flat = torch.frombuffer(bytearray(blob[offset : offset + size]), dtype=dtype)
+    else:
+        flat = torch.frombuffer(blob, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+    if target.numel() != flat.numel():
+        raise ValueError(f"{info.name}: target of {target.numel()} elements for {flat.numel()} values")
+    target.copy_(flat.view(target.shape))  # converts to the target's dtype in the same pass
 
 
 _TORCH_DTYPES = {
