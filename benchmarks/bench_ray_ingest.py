@@ -11,9 +11,10 @@ Rows ``[benchmark, case, ours, alternative, ratio, notes]`` (the style of ``run_
    zoo (``data/zoo``, every k-th LoRA) and on a generated collection of small files in mixed formats (kohya SD-style,
    PEFT folders, diffusers); with the time to the first result (Ray's start-up) and the peak memory of the process
    tree (driver, raylet and workers, sampled every 0.2 s);
-2. ``per-file cost``: one worker's seconds per LoRA — sha256, read, fingerprint, card facts, store rows — for a small
-   PEFT adapter and the real module shapes of SD 1.5 r32, SDXL r32 and a 7B LLM's q/k/v/o r16 (fp16 files written as
-   ``bench_spectra.py`` does); the numbers docs/SCALING.md's cost table is built from.
+2. ``per-file cost``: one worker's CPU seconds per LoRA (all its threads; one torch thread, as in a Ray task) and
+   its wall time — sha256, read, fingerprint, card facts, store rows — for a small PEFT adapter and the real module
+   shapes of SD 1.5 r32, SDXL r32 and a 7B LLM's q/k/v/o r16 (fp16 files written as ``bench_spectra.py`` does); the
+   numbers docs/SCALING.md's cost table is built from.
 """
 
 from __future__ import annotations
@@ -192,27 +193,34 @@ def per_file_costs(folder: Path, quick: bool) -> list[Row]:
     }
     files = {"small PEFT r8 (6 modules)": small} | {k: str(write_lora(c, folder, gen)) for k, c in configs.items()}
     rows = []
-    for label, path in files.items():
-        tasks, _ = make_tasks([path])
-        batch = {k: np.array([t.to_row()[k] for t in tasks], dtype=object) for k in tasks[0].to_row()}
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = parse_batch(batch)
-            best = min(best, time.perf_counter() - start)
-        assert out["status"][0] == "ok", out["reason"][0]
-        file = Path(path) / "adapter_model.safetensors" if Path(path).is_dir() else Path(path)
-        mb = file.stat().st_size / 1e6
-        rows.append(
-            [
-                "per-file cost",
-                f"{label} ({mb:,.1f} MB)",
-                f"{best * 1000:,.1f} ms per file per core",
-                f"{mb / best:,.0f} MB/s",
-                "—",
-                "hash + read + fingerprint + card facts + store rows, one worker, file in the page cache",
-            ]
-        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray worker (Ray sets OMP_NUM_THREADS=1 for a one-CPU task)
+    try:
+        for label, path in files.items():
+            tasks, _ = make_tasks([path])
+            batch = {k: np.array([t.to_row()[k] for t in tasks], dtype=object) for k in tasks[0].to_row()}
+            wall = cpu = float("inf")
+            for _ in range(repeats):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                out = parse_batch(batch)
+                wall = min(wall, time.perf_counter() - start)
+                cpu = min(cpu, time.process_time() - start_cpu)  # every thread's: the hashing threads' too
+            assert out["status"][0] == "ok", out["reason"][0]
+            file = Path(path) / "adapter_model.safetensors" if Path(path).is_dir() else Path(path)
+            mb = file.stat().st_size / 1e6
+            rows.append(
+                [
+                    "per-file cost",
+                    f"{label} ({mb:,.1f} MB)",
+                    f"{cpu * 1000:,.1f} ms CPU per file",
+                    f"wall {wall * 1000:,.1f} ms, {mb / wall:,.0f} MB/s",
+                    "—",
+                    "hash + read + fingerprint + card facts + store rows; one worker, one torch thread, file in the "
+                    "page cache; CPU time of all its threads",
+                ]
+            )
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 
