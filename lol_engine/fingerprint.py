@@ -109,7 +109,7 @@ def fingerprint(lora: LoraWeights) -> Tensor:
 
 
 def fingerprints(loras: Sequence[LoraWeights]) -> list[Tensor]:
-    """:func:`fingerprint` of many LoRAs; their spectra come from one batched QR per module shape across them all.
+    """:func:`fingerprint` of many LoRAs; their spectra come from one batched call per module shape across them all.
 
     LoRAs of one layout (the same modules, kinds and ranks in the same order: a collection of one base) are
     fingerprinted together, as arrays over the LoRAs, instead of one LoRA at a time.

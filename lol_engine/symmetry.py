@@ -263,7 +263,7 @@ _SPECTRA: weakref.WeakKeyDictionary[LoraWeights, tuple[tuple[int, ...], dict[str
 
 
 def lora_singular_values(lora: LoraWeights, cache: bool = True) -> dict[str, Tensor]:
-    """Per-module singular values of the scaled ΔW. Modules of equal shape are stacked into one batched QR.
+    """Per-module singular values of the scaled ΔW. Modules of equal shape are stacked into one batched call.
 
     The result is cached on the (immutable) LoRA object; callers get a fresh dict of the same tensors.
     ``cache=False`` recomputes (benchmarks time the computation, not the cache).
@@ -283,7 +283,7 @@ _BATCH_ELEMENTS = 2**22  # factor entries stacked across LoRAs per batched call 
 
 
 def many_singular_values(loras: Sequence[LoraWeights]) -> list[dict[str, Tensor]]:
-    """:func:`lora_singular_values` of many LoRAs, modules of one shape stacked *across* LoRAs into one batched QR.
+    """:func:`lora_singular_values` of many LoRAs, modules of one shape stacked *across* LoRAs into one batched call.
 
     Small LoRAs have a few modules of distinct shapes each, so one LoRA at a time means a few tiny QRs each; a batch of
     LoRAs of one base shares its shapes. Results are cached on each LoRA as :func:`lora_singular_values` caches them.
