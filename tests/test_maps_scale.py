@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lol_engine import maps
 from lol_engine.maps import fit_faceted, fit_map, weighted_placement
 
 
@@ -18,7 +19,7 @@ def _reference_placement(fitted: np.ndarray, coords: np.ndarray, row: np.ndarray
     return (coords[top] * weights[:, None]).sum(0) / weights.sum()
 
 
-def test_weighted_placement_equals_the_plain_rule_chunk_by_chunk() -> None:
+def test_weighted_placement_equals_the_plain_rule_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(5)
     fitted, coords, rows = rng.normal(size=(300, 12)), rng.normal(size=(300, 2)), rng.normal(size=(97, 12))
     calls: list[tuple[int, int]] = []
@@ -26,6 +27,11 @@ def test_weighted_placement_equals_the_plain_rule_chunk_by_chunk() -> None:
     want = np.array([_reference_placement(fitted, coords, r, 7) for r in rows])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert calls == [(40, 97), (80, 97), (97, 97)]
+    monkeypatch.setattr(maps, "PLACE_BLOCK_BYTES", 12 * 300 * 25)  # blocks of 25 rows: the memory cap binds first
+    calls.clear()
+    capped = weighted_placement(fitted, coords, rows, k=7, batch=40, on_progress=lambda d, t: calls.append((d, t)))
+    np.testing.assert_allclose(capped, got, rtol=1e-6, atol=1e-7)
+    assert calls == [(25, 97), (50, 97), (75, 97), (97, 97)]
     # k larger than the fitted set: every fitted row counts; a far-away scale of a row does not move it (cosine)
     np.testing.assert_allclose(
         weighted_placement(fitted[:3], coords[:3], rows[:2], k=50),
