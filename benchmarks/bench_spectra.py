@@ -1,4 +1,5 @@
-"""Per-module singular values of ΔW: the QR route against dense-ΔW SVD, and against just reading the file.
+"""Per-module singular values of ΔW from the factors (``singular_values``: float64 Grams or QR) against dense-ΔW SVD,
+and against just reading the file.
 
 Side by side in one run, on LoRAs with the real module shapes of SD 1.5 (kohya's default UNet + text-encoder targets,
 264 modules, ranks 4 / 32 / 128) and of a 7B-class LLM (q/k/v/o of 32 layers at width 4096, rank 16).
@@ -127,7 +128,7 @@ def timed(fn, repeats: int = 1) -> tuple[float, object]:
 
 
 def dense_time(lora, per_shape: int, repeats: int) -> tuple[float, float]:
-    """(estimated dense-route seconds for all modules, max relative error of QR σ against dense σ)."""
+    """(estimated dense-route seconds for all modules, max relative error of the factors' σ against dense σ)."""
     counts = Counter((m.spec.d_out, m.spec.d_in) for m in lora)
     seen: Counter = Counter()
     total, worst = 0.0, 0.0
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dense-per-shape", type=int, default=1, help="dense modules timed per distinct shape; 0 = all"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="best-of repeats for read and QR timings")
+    parser.add_argument("--repeats", type=int, default=3, help="best-of repeats for read and spectra timings")
     args = parser.parse_args(argv)
     div = 16 if args.tiny else 1
     configs = [Config(f"sd15-r{r}", sd15_shapes(div), r) for r in (4, 32, 128)]
@@ -157,16 +158,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         configs = [Config(c.name, c.shapes, min(c.rank, 8)) for c in configs]
     console = Console(width=None if Console().is_terminal else 160)
-    table = Table(title=f"QR spectra vs dense SVD vs reading the file (torch threads: {torch.get_num_threads()})")
+    table = Table(
+        title=f"Spectra from the factors vs dense SVD vs reading the file (torch threads: {torch.get_num_threads()})"
+    )
     for column in (
         "LoRA",
         "modules",
         "read s",
-        "QR batched s",
-        "QR loop s",
+        "factors batched s",
+        "factors loop s",
         "dense SVD s",
-        "dense / QR",
-        "read / QR",
+        "dense / factors",
+        "read / factors",
         "max rel err",
     ):
         table.add_column(column, justify="right")

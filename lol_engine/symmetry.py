@@ -31,6 +31,7 @@ __all__ = [
     "lora_inner",
     "lora_singular_values",
     "many_singular_values",
+    "qr_singular_values",
     "random_gl",
     "random_gl_like",
     "shared_modules",
@@ -113,41 +114,59 @@ def act_gl(lora: LoraWeights, gs: Sequence[Tensor]) -> LoraWeights:
 def singular_values(a: Tensor, b: Tensor, scale: float | Tensor = 1.0) -> Tensor:
     r"""Singular values of ``scale · B A``, descending, padded with zeros to length ``r``; ΔW is never formed.
 
-    ``a: (..., r, d_in)``, ``b: (..., d_out, r)`` → ``(..., r)``. Cost ``O((d_in + d_out) r² + r³)``.
+    ``a: (..., r, d_in)``, ``b: (..., d_out, r)`` → ``(..., r)``. Cost ``O((d_in + d_out) r² + r³)``. Float32/16
+    factors on a CPU take the Gram route where it pays (:func:`_gram_route`: float64 Gram matrices); the others
+    :func:`qr_singular_values`.
 
     >>> a, b = torch.randn(4, 30, dtype=torch.float64), torch.randn(20, 4, dtype=torch.float64)
     >>> bool(torch.allclose(singular_values(a, b), torch.linalg.svdvals(b @ a)[:4]))
     True
     """
-    rank = a.shape[-2]
     gram = _gram_singular_values(a, b) if _gram_route(a, b) else None
-    if gram is not None:
-        return gram * _abs_scale(scale, gram)
+    sigma = gram if gram is not None else qr_singular_values(a, b)
+    return sigma * _abs_scale(scale, sigma)
+
+
+def qr_singular_values(a: Tensor, b: Tensor) -> Tensor:
+    """Singular values of ``B A`` by the QR route, whatever the dtype and device: ``R_B R_Aᵀ`` from the QRs of ``B``
+    and ``Aᵀ``, then the SVD of that ``r × r`` product. :func:`singular_values` takes it for float64 factors, on a
+    GPU, under autograd, and for ranks the Gram route does not pay for; benchmarks time it against the Gram route.
+
+    ``a: (..., r, d_in)``, ``b: (..., d_out, r)`` → ``(..., r)`` descending, padded with zeros.
+    """
+    rank = a.shape[-2]
     r_b = torch.linalg.qr(b, mode="r").R  # (..., min(d_out, r), r)
     r_a = torch.linalg.qr(a.mT, mode="r").R  # (..., min(d_in, r), r)
     sigma = torch.linalg.svdvals(r_b @ r_a.mT)  # (..., k)
     if sigma.shape[-1] < rank:
         sigma = torch.nn.functional.pad(sigma, (0, rank - sigma.shape[-1]))
-    return sigma * _abs_scale(scale, sigma)
+    return sigma
 
 
-_GRAM_MAX_RANK = 256  # above it, the QR route (the r×r eigenproblems grow as r³ per module)
-_GRAM_SMALL_VALUES = 8192  # r·(d_in + d_out) of one module at most: Grams in NumPy; larger ones in torch (MKL)
+_GRAM_SMALL_VALUES = 8192  # r·(d_in + d_out) of one module at most: a small module (Grams in NumPy)
+_GRAM_SMALL_MAX_RANK = 16  # small modules above this rank take the QR route
+_GRAM_MAX_RANK = 256  # large modules above this rank, or above d_in or d_out, take the QR route
 _GRAM_CHUNK = 2**21  # factor entries converted to float64 at a time (16 MiB)
 
 
 def _gram_route(a: Tensor, b: Tensor) -> bool:
-    """Whether :func:`singular_values` takes the Gram route: CPU, no autograd, below float64, rank ≤ 256.
+    """Whether :func:`singular_values` takes the Gram route: CPU, no autograd, below float64, and a rank it pays for.
 
     On a CPU a batch of tall-skinny QRs is many LAPACK calls of level-2 work, while the Gram matrices are matrix
-    products: for SDXL-sized modules the float64 Grams take half the time of a float32 QR at rank 32, and 2–2.5× less
-    at ranks 64–128; at rank 8 they tie (``benchmarks/bench_speed.py``).
+    products: with the real module shapes the float64 Grams took 2.7–3.6× less time than a float32 QR at rank 32 (SD
+    1.5, SDXL), 2.5× at rank 128 and 2.6× for a 7B LLM at rank 16; at rank 8 they tie (the ``spectra route`` rows of
+    ``benchmarks/run_all.py``). Where the rank exceeds ``d_in`` or ``d_out`` the Gram matrices are singular and their
+    ``r × r`` eigenproblems cost more than the QRs of the thin side: a large module takes the Gram route only for
+    ``r ≤ min(d_in, d_out, 256)``. Small modules (at most :data:`_GRAM_SMALL_VALUES` factor entries) take it up to
+    rank 16, as before.
 
     Below float64 the Gram matrices formed in float64 are at least as accurate as a QR in the factors' own precision
     (see :func:`_gram_singular_values`); float64 factors keep the QR route and its full precision.
     """
+    rank, d_in, d_out = a.shape[-2], a.shape[-1], b.shape[-2]
+    small = rank * (d_in + d_out) <= _GRAM_SMALL_VALUES
     return (
-        a.shape[-2] <= _GRAM_MAX_RANK
+        (rank <= _GRAM_SMALL_MAX_RANK if small else rank <= min(d_in, d_out, _GRAM_MAX_RANK))
         and a.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and a.device.type == "cpu"
         and b.device.type == "cpu"
@@ -179,7 +198,7 @@ def _gram_singular_values(a: Tensor, b: Tensor) -> Tensor | None:
     rank = a.shape[-2]
     a2 = a.reshape(-1, rank, a.shape[-1])  # (N, r, d_in)
     b2 = b.reshape(-1, b.shape[-2], rank)  # (N, d_out, r)
-    if len(a2) and a2[0].numel() + b2[0].numel() > _GRAM_SMALL_VALUES:
+    if a2.shape[1] * (a2.shape[2] + b2.shape[1]) > _GRAM_SMALL_VALUES:
         sigma = _large_gram_singular_values(a2, b2)
         return None if sigma is None else sigma.to(a.dtype).reshape(*a.shape[:-2], rank)
     per = max(1, _GRAM_CHUNK // max(1, a2[0].numel() + b2[0].numel())) if len(a2) else 1
@@ -208,7 +227,7 @@ def _large_gram_singular_values(a: Tensor, b: Tensor) -> Tensor | None:
     g_b = torch.empty(len(a), rank, rank, dtype=torch.float64)
     buffer = torch.empty(min(_GRAM_CHUNK, max(a.numel(), b.numel())), dtype=torch.float64)
     for factors, grams in ((a, g_a), (b, g_b)):
-        per = max(1, len(buffer) // factors[0].numel())
+        per = max(1, len(buffer) // max(1, factors[0].numel()))
         for start in range(0, len(factors), per):
             chunk = factors[start : start + per]
             wide = buffer[: chunk.numel()].view(chunk.shape)

@@ -22,7 +22,7 @@ def test_bench_spectra_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     module = runpy.run_path(str(BENCH))
     module["main"](["--tiny", "--repeats", "1"])
     out = capsys.readouterr().out
-    for name in ("sd15-r4", "sd15-r128", "llm7b-qkvo-r16", "dense / QR"):
+    for name in ("sd15-r4", "sd15-r128", "llm7b-qkvo-r16", "dense / factors"):
         assert name in out
 
 
@@ -178,7 +178,9 @@ def test_benchmark_suite_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     # the sections that run other scripts (speed, ray, ann, maps) have their own smoke tests
     rows = module["main"](["--quick", "--only", "spectra,neighbours,LoL vs evaluation,ingest,app"])
     kinds = {row[0] for row in rows}
-    assert kinds == {"spectra", "neighbours", "LoL vs evaluation", "ingest", "app"}
+    assert kinds == {"spectra", "spectra route", "neighbours", "LoL vs evaluation", "ingest", "app"}
+    routes = [row for row in rows if row[0] == "spectra route"]
+    assert len(routes) == 5 and all(row[2].startswith("as routed") and row[3].startswith("QR") for row in routes)
     assert set(module["SECTIONS"]) == {
         "neighbours",
         "LoL vs evaluation",

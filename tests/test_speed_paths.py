@@ -351,8 +351,13 @@ def test_gram_route_matches_a_dense_svd(
     if dtype != torch.float32 and case == "tiny_and_huge":
         pytest.skip("outside the half-precision range")
     a, b = a64.to(dtype), b64.to(dtype)
-    assert symmetry._gram_route(a, b)
-    got = singular_values(a, b, scale=-0.5).double()  # (5, r)
+    if path == "torch":  # called directly: the route would send a rank above d_in to QR (Cholesky fails here)
+        sigma = symmetry._gram_singular_values(a, b)
+        assert sigma is not None
+        got = 0.5 * sigma.double()
+    else:
+        assert symmetry._gram_route(a, b)
+        got = singular_values(a, b, scale=-0.5).double()  # (5, r)
     want = 0.5 * torch.linalg.svdvals(b.double() @ a.double())[:, : a.shape[-2]]  # the same rounded factors
     want = torch.nn.functional.pad(want, (0, a.shape[-2] - want.shape[-1]))
     top = want[:, :1].clamp_min(1e-300)
@@ -377,6 +382,9 @@ def test_gram_route_leaves_other_inputs_to_qr(monkeypatch: pytest.MonkeyPatch) -
     assert not symmetry._gram_route(a.requires_grad_(), b)
     assert not symmetry._gram_route(torch.randn(3, 257, 10), torch.randn(3, 6, 257))  # rank above the Gram limit
     assert symmetry._gram_route(torch.randn(3, 32, 640), torch.randn(3, 640, 32))  # large factors: Grams in torch
+    assert not symmetry._gram_route(torch.randn(3, 64, 32), torch.randn(3, 640, 64))  # large, rank above d_in: QR
+    assert not symmetry._gram_route(torch.randn(3, 64, 640), torch.randn(3, 48, 64))  # large, rank above d_out: QR
+    assert symmetry._gram_route(torch.randn(3, 4, 3), torch.randn(3, 20, 4))  # small: rank ≤ 16, whatever d_in
     nan_a = a.detach().clone()
     nan_a[0, 0, 0] = float("nan")
     assert symmetry._gram_singular_values(nan_a, b) is None  # non-finite: the QR route decides

@@ -20,6 +20,7 @@ from lol_engine.symmetry import (
     lora_fro_norms,
     lora_inner,
     lora_singular_values,
+    qr_singular_values,
     random_gl,
     random_gl_like,
     singular_values,
@@ -76,12 +77,14 @@ def test_action_preserves_delta_and_is_a_group_action(lora: LoraWeights, gen: to
     [(4, 30, 20), (1, 5, 7), (8, 8, 8), (6, 3, 50), (6, 50, 3), (32, 320, 768)],
     ids=["typical", "rank-1", "square-full-rank", "rank-over-d_in", "rank-over-d_out", "sd-like"],
 )
+@pytest.mark.parametrize("route", ["chosen", "qr"])
 def test_qr_spectra_match_dense_svd(
-    dtype: torch.dtype, gen: torch.Generator, rank: int, d_in: int, d_out: int
+    dtype: torch.dtype, gen: torch.Generator, rank: int, d_in: int, d_out: int, route: str
 ) -> None:
+    """The spectra :func:`singular_values` gives (float32 on a CPU: the Gram route) and the QR route's, any dtype."""
     a = torch.randn(rank, d_in, generator=gen, dtype=torch.float64).to(dtype)
     b = torch.randn(d_out, rank, generator=gen, dtype=torch.float64).to(dtype)
-    fast = singular_values(a, b, scale=-0.7)
+    fast = singular_values(a, b, scale=-0.7) if route == "chosen" else 0.7 * qr_singular_values(a, b)
     dense = torch.linalg.svdvals(-0.7 * (b.double() @ a.double()))[:rank]
     dense = torch.nn.functional.pad(dense, (0, rank - dense.shape[0]))
     tol = TOLERANCES[dtype] * float(dense[0])
