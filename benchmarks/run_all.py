@@ -62,7 +62,14 @@ sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 from bench_spectra import Config, dense_time, llm7b_shapes, sd15_shapes, sdxl_shapes, timed, write_lora  # noqa: E402
 
 from lol_engine import load_lora  # noqa: E402
-from lol_engine.symmetry import _gram_route, lora_singular_values, qr_singular_values, singular_values  # noqa: E402
+from lol_engine.symmetry import (  # noqa: E402
+    _buckets,
+    _gram_route,
+    lora_singular_values,
+    qr_singular_values,
+    singular_values,
+    stacked,
+)
 
 console = Console()
 Row = list[str]
@@ -105,10 +112,7 @@ def spectra(folder: Path, quick: bool) -> list[Row]:
         path = write_lora(config, folder, gen)
         lora = load_lora(path)
         path.unlink()
-        buckets: dict[tuple[int, int, int], list[Any]] = {}
-        for m in lora:
-            buckets.setdefault((m.spec.rank, m.spec.d_out, m.spec.d_in), []).append(m)
-        stacks = [(torch.stack([m.a for m in ms]), torch.stack([m.b for m in ms])) for ms in buckets.values()]
+        stacks = [(stacked([m.a for m in ms]), stacked([m.b for m in ms])) for ms in _buckets(lora)]
         gram_s, gram = timed(lambda stacks=stacks: [singular_values(a, b) for a, b in stacks], 3)
         qr_s, qr = timed(lambda stacks=stacks: [qr_singular_values(a, b) for a, b in stacks], 3)
         gap = max(

@@ -167,18 +167,21 @@ def ingest(
         report.ids.extend(store.add_many(items))
         pending.clear()
 
+    pending_bytes = 0  # of the files in pending
     with Progress(disable=not progress) as bar:
         task = bar.add_task("ingest", total=len(sources))
         for done, source in enumerate(sources, 1):
             try:
                 lora = load_lora(source.path)
                 pending.append((source, lora))
+                pending_bytes += lora.meta.size_bytes
                 if labels is not None and labels.key == "sha256":  # only a sha256-keyed table needs the names now
                     loaded.append((lora.meta.sha256, source.name or display_name(lora.meta.source)))
             except (LoraFormatError, OSError, ValueError) as exc:
                 report.refused.append((str(source.path), str(exc)))
-            if len(pending) >= batch or sum(lora.meta.size_bytes for _, lora in pending) >= BATCH_BYTES:
+            if len(pending) >= batch or pending_bytes >= BATCH_BYTES:
                 flush()
+                pending_bytes = 0
             bar.advance(task)
             if on_progress is not None:
                 on_progress(done, len(sources))

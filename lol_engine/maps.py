@@ -7,7 +7,8 @@ process pays ~20 s of JIT compilation: :func:`warm_up` pays it in a background t
 
 At scale (more than ``sample`` rows, :data:`SAMPLE` by default) the layout is fitted on a seeded uniform sample and
 every other row is placed at the similarity-weighted mean of the 2-D coordinates of its :data:`PLACE_K` nearest
-sampled rows (cosine on the normalised rows; exact, by chunked matrix products of :data:`BATCH` rows, with progress).
+sampled rows (cosine on the normalised rows; exact, by chunked matrix products of at most :data:`BATCH` rows and
+:data:`PLACE_BLOCK_BYTES`, with progress).
 Measured here (2 cores, 20k 64-d rows in 30 clusters, 5k fitted): UMAP's own ``transform`` placed the 15k others in
 7.2 s with 97.7 % of them next to their own cluster; the weighted mean in 0.8 s with 100 %. ``transform`` costs about
 what a fit costs a row (≈ 0.9 ms), so sampling only paid once placement stopped using it.

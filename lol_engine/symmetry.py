@@ -164,15 +164,20 @@ def _gram_route(a: Tensor, b: Tensor) -> bool:
     (see :func:`_gram_singular_values`); float64 factors keep the QR route and its full precision.
     """
     rank, d_in, d_out = a.shape[-2], a.shape[-1], b.shape[-2]
-    small = rank * (d_in + d_out) <= _GRAM_SMALL_VALUES
     return (
-        (rank <= _GRAM_SMALL_MAX_RANK if small else rank <= min(d_in, d_out, _GRAM_MAX_RANK))
+        (rank <= _GRAM_SMALL_MAX_RANK if _small_module(a, b) else rank <= min(d_in, d_out, _GRAM_MAX_RANK))
         and a.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and a.device.type == "cpu"
         and b.device.type == "cpu"
         and not (a.requires_grad or b.requires_grad)
         and a.dim() == b.dim()
     )
+
+
+def _small_module(a: Tensor, b: Tensor) -> bool:
+    """Whether one module of ``a: (..., r, d_in)``, ``b: (..., d_out, r)`` has at most :data:`_GRAM_SMALL_VALUES`
+    factor entries: its Grams are formed in NumPy, and the Gram route's rank limit is :data:`_GRAM_SMALL_MAX_RANK`."""
+    return a.shape[-2] * (a.shape[-1] + b.shape[-2]) <= _GRAM_SMALL_VALUES
 
 
 def _gram_singular_values(a: Tensor, b: Tensor) -> Tensor | None:
@@ -198,7 +203,7 @@ def _gram_singular_values(a: Tensor, b: Tensor) -> Tensor | None:
     rank = a.shape[-2]
     a2 = a.reshape(-1, rank, a.shape[-1])  # (N, r, d_in)
     b2 = b.reshape(-1, b.shape[-2], rank)  # (N, d_out, r)
-    if a2.shape[1] * (a2.shape[2] + b2.shape[1]) > _GRAM_SMALL_VALUES:
+    if not _small_module(a2, b2):
         sigma = _large_gram_singular_values(a2, b2)
         return None if sigma is None else sigma.to(a.dtype).reshape(*a.shape[:-2], rank)
     per = max(1, _GRAM_CHUNK // max(1, a2[0].numel() + b2[0].numel())) if len(a2) else 1
