@@ -30,7 +30,7 @@ from lol_engine.estimate import Estimate
 from lol_engine.lora.locate import display_name
 from lol_engine.lora.weights import LoraWeights
 
-__all__ = ["SCHEMA_VERSION", "LoraStore", "NewLora", "StoredLora"]
+__all__ = ["SCHEMA_VERSION", "LoraStore", "NewLora", "NewRows", "StoredLora", "rows_of"]
 
 SCHEMA_VERSION = 3
 _SCHEMA = (
@@ -64,36 +64,50 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
-# Column types of the tables written column-wise by _insert_many (scalar columns only: a list column, as
-# embeddings' ``v``, binds faster as rows).
-_SCALAR_COLUMNS: dict[str, tuple[str, ...]] = {
+# Column types of the tables _insert_many writes, in table order (DuckDB's names; _arrow_type gives Arrow's).
+_COLUMN_TYPES: dict[str, tuple[str, ...]] = {
     "labels": ("VARCHAR", "VARCHAR", "VARCHAR"),
+    "embeddings": ("VARCHAR", "VARCHAR", "INTEGER", "FLOAT[]"),
     "estimates": ("VARCHAR", "VARCHAR", "VARCHAR"),
     "projections": ("VARCHAR", "VARCHAR", "DOUBLE", "DOUBLE"),
 }
 
 
-def _insert_many(cur: Any, table: str, rows: list[list[Any]]) -> None:
-    """One multi-row ``INSERT OR REPLACE`` (one statement instead of one per row).
+def _insert_many(cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
+    """One multi-row ``INSERT OR REPLACE`` (one statement instead of one per row): :func:`_insert_rows`."""
+    if rows:
+        _insert_rows(cur, f"INSERT OR REPLACE INTO {table}", _COLUMN_TYPES[table], rows)
 
-    Tables of scalar columns are sent as one list per column and unnested: a few parameters instead of one per value,
-    which DuckDB binds and plans several times faster than a ``VALUES`` list of hundreds of rows.
+
+def _insert_rows(cur: Any, head: str, types: Sequence[str], rows: Sequence[Sequence[Any]], tail: str = "") -> None:
+    """``{head} SELECT * FROM <rows> {tail}``, ``rows`` handed over as one Arrow table of typed columns.
+
+    pyarrow builds the columns in C++ (a list column from NumPy vectors without a Python float per value), and DuckDB
+    scans Arrow buffers without holding the GIL: a batch is written while another thread goes on reading files.
+    Several times faster than DuckDB's binding of Python lists, which holds the GIL throughout.
     """
-    if not rows:
-        return
-    types = _SCALAR_COLUMNS.get(table)
-    if types is not None:
-        _insert_columns(cur, f"INSERT OR REPLACE INTO {table}", types, rows)
-        return
-    placeholders = "(" + ", ".join("?" * len(rows[0])) + ")"
-    values = ", ".join([placeholders] * len(rows))
-    cur.execute(f"INSERT OR REPLACE INTO {table} VALUES {values}", [v for row in rows for v in row])
+    import pyarrow as pa
+
+    columns = zip(*rows, strict=True)
+    table = pa.table({f"c{i}": pa.array(c, _arrow_type(t)) for i, (c, t) in enumerate(zip(columns, types, strict=True))})
+    cur.register("lol_new_rows", table)  # a view of this cursor's own connection: other threads' do not clash
+    try:
+        cur.execute(f"{head} SELECT * FROM lol_new_rows {tail}")
+    finally:
+        cur.unregister("lol_new_rows")
 
 
-def _insert_columns(cur: Any, head: str, types: Sequence[str], rows: list[list[Any]], tail: str = "") -> None:
-    """``{head} SELECT UNNEST(?::T₁[]), …  {tail}``: ``rows`` sent as one typed list per column."""
-    columns = ", ".join(f"UNNEST(?::{t}[])" for t in types)
-    cur.execute(f"{head} SELECT {columns} {tail}", [list(c) for c in zip(*rows, strict=True)])
+def _arrow_type(duckdb_type: str) -> Any:
+    import pyarrow as pa
+
+    return {
+        "VARCHAR": pa.string(),
+        "INTEGER": pa.int32(),
+        "BIGINT": pa.int64(),
+        "DOUBLE": pa.float64(),
+        "TIMESTAMP": pa.timestamp("us"),
+        "FLOAT[]": pa.list_(pa.float32()),
+    }[duckdb_type]
 
 
 _LORA_COLUMNS = (
@@ -138,6 +152,33 @@ class NewLora:
     embeddings: Mapping[str, np.ndarray] = field(default_factory=dict)
     estimates: Mapping[str, Estimate] = field(default_factory=dict)
     card: Mapping[str, Any] | None = None  # the report (lol_engine.report.describe) or card facts of the file
+
+
+@dataclass(frozen=True)
+class NewRows:
+    """The table rows of LoRAs to store (:func:`rows_of`), validated: they hold no factors."""
+
+    loras: list[list[Any]]
+    labels: list[list[Any]]
+    embeddings: list[list[Any]]
+    estimates: list[list[Any]]
+
+
+def rows_of(items: Sequence[NewLora]) -> NewRows:
+    """The rows :meth:`LoraStore.add_rows` writes for ``items``; raises :class:`ValueError` for a LoRA without an id
+    or a non-finite embedding."""
+    rows = NewRows([], [], [], [])
+    for item in items:
+        lora_id = _check_id(item.lora)
+        rows.loras.append(_lora_row(item.lora, item.name, item.zoo, item.card))
+        rows.labels.extend([lora_id, key, json.dumps(value)] for key, value in item.labels.items())
+        for encoder, vector in item.embeddings.items():
+            v = np.asarray(vector, dtype=np.float32).reshape(-1)
+            if not np.isfinite(v).all():
+                raise ValueError(f"embedding {encoder!r} has non-finite values")
+            rows.embeddings.append([lora_id, encoder, len(v), v])
+        rows.estimates.extend([lora_id, name, _estimate_json(e)] for name, e in item.estimates.items())
+    return rows
 
 
 @dataclass(frozen=True)
@@ -382,25 +423,22 @@ class LoraStore:
         Everything is validated before the transaction starts, so only a database failure can abort it. One
         multi-row statement per table instead of one per LoRA: bulk ingests run several times faster.
         """
-        lora_rows, label_rows, embedding_rows, estimate_rows = [], [], [], []
-        for item in items:
-            lora_id = _check_id(item.lora)
-            lora_rows.append(_lora_row(item.lora, item.name, item.zoo, item.card))
-            label_rows += [[lora_id, key, json.dumps(value)] for key, value in item.labels.items()]
-            for encoder, vector in item.embeddings.items():
-                v = np.asarray(vector, dtype=np.float32).reshape(-1)
-                if not np.isfinite(v).all():
-                    raise ValueError(f"embedding {encoder!r} has non-finite values")
-                embedding_rows.append([lora_id, encoder, len(v), v.tolist()])
-            estimate_rows += [[lora_id, name, _estimate_json(e)] for name, e in item.estimates.items()]
-        if not lora_rows:
+        return self.add_rows(rows_of(items))
+
+    def add_rows(self, rows: NewRows) -> list[str]:
+        """Write rows made by :func:`rows_of` in one transaction (all or none); their LoRAs' ids.
+
+        Safe to call from another thread than the one that reads the files: :func:`lol_engine.ingest.ingest` writes
+        one batch while it reads the next (the statements run without the GIL).
+        """
+        if not rows.loras:
             return []
         with self._transaction() as cur:
-            _insert_columns(cur, f"INSERT INTO loras ({_LORA_COLUMNS}, card_json)", _LORA_TYPES, lora_rows, _KEEP)
-            _insert_many(cur, "labels", label_rows)
-            _insert_many(cur, "embeddings", embedding_rows)
-            _insert_many(cur, "estimates", estimate_rows)
-        return [row[0] for row in lora_rows]
+            _insert_rows(cur, f"INSERT INTO loras ({_LORA_COLUMNS}, card_json)", _LORA_TYPES, rows.loras, _KEEP)
+            _insert_many(cur, "labels", rows.labels)
+            _insert_many(cur, "embeddings", rows.embeddings)
+            _insert_many(cur, "estimates", rows.estimates)
+        return [row[0] for row in rows.loras]
 
     def card(self, lora_id: str) -> dict[str, Any] | None:
         """The card facts kept for a stored LoRA (:func:`lol_engine.report.card_facts`); None if it has none (stored
@@ -441,10 +479,7 @@ class LoraStore:
             raise ValueError(f"expected coordinates of shape ({len(ids)}, 2), got {xy.shape}")
         with self._transaction() as cur:
             cur.execute("DELETE FROM projections WHERE map = ?", [name])
-            cur.executemany(
-                "INSERT INTO projections VALUES (?, ?, ?, ?)",
-                [[i, name, float(x), float(y)] for i, (x, y) in zip(ids, xy, strict=True)],
-            )
+            _insert_many(cur, "projections", [[i, name, float(x), float(y)] for i, (x, y) in zip(ids, xy, strict=True)])
 
     def projection(self, name: str) -> tuple[list[str], np.ndarray]:
         """Ids and coordinates of a stored map."""
@@ -637,11 +672,14 @@ class LoraStore:
         """Which of ``sha256s`` are stored LoRAs."""
         if not sha256s:
             return set()
+        import pyarrow as pa
+
         with self._cursor() as cur:
-            cur.execute("CREATE OR REPLACE TEMP TABLE lol_asked(id VARCHAR)")
-            cur.executemany("INSERT INTO lol_asked VALUES (?)", [[s] for s in sha256s])
-            rows = cur.execute("SELECT DISTINCT a.id FROM lol_asked a JOIN loras l ON l.id = a.id").fetchall()
-            cur.execute("DROP TABLE lol_asked")
+            cur.register("lol_asked", pa.table({"id": pa.array(list(sha256s), pa.string())}))
+            try:
+                rows = cur.execute("SELECT DISTINCT a.id FROM lol_asked a JOIN loras l ON l.id = a.id").fetchall()
+            finally:
+                cur.unregister("lol_asked")
         return {r[0] for r in rows}
 
     def load_shards(self, parts: Sequence[str | os.PathLike[str]]) -> int:
