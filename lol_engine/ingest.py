@@ -9,7 +9,10 @@ it is stored.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +23,7 @@ from lol_engine.encoders import Encoded, Encoder, encode_many, encoders_for, loa
 from lol_engine.errors import LoraFormatError
 from lol_engine.hub import fetch_repo, is_repo_id
 from lol_engine.labels import LabelMatch, LabelTable, LoraKeys, match_labels, metadata_labels, path_keys
-from lol_engine.lora.locate import display_name, find_loras, locate_lora
+from lol_engine.lora.locate import display_name, find_loras, locate_lora, scan_tree
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.report import describe
@@ -58,21 +61,29 @@ def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[Lor
     out: list[LoraSource] = []
     for raw in paths:
         path = Path(raw)
-        if not path.exists() and is_repo_id(raw):
+        kind = _kind(path)
+        if kind is None and is_repo_id(raw):
             out += _repo_sources(raw, fetch_repo(raw, cache_dir))
-            continue
-        if (path / "manifest.parquet").is_file():
+        elif kind != "folder":  # a file, or nothing there: refused with its reason when read
+            out.append(LoraSource(path))
+        elif (path / "manifest.parquet").is_file():
             out += _zoo_sources(path)
-        elif path.is_dir():
+        else:
             # A folder of zoos (data/zoo): each built zoo with its manifest's labels, then any other LoRA in it.
-            zoos = sorted(p.parent for p in path.rglob("manifest.parquet") if (p.parent / "zoo.json").is_file())
+            found, zoos = scan_tree(path, marked_by=("manifest.parquet", "zoo.json"))
             for zoo in zoos:
                 out += _zoo_sources(zoo)
-            loose = [f.weights for f in find_loras(path) if not any(f.weights.is_relative_to(z) for z in zoos)]
+            loose = [f.weights for f in found if not any(f.weights.is_relative_to(z) for z in zoos)]
             out += [LoraSource(w) for w in loose] or ([] if zoos else [LoraSource(path)])
-        else:
-            out.append(LoraSource(path))
     return out
+
+
+def _kind(path: Path) -> str | None:
+    """``"folder"``, ``"file"`` (anything else that is there) or None (nothing there), from one ``stat``."""
+    try:
+        return "folder" if stat.S_ISDIR(os.stat(path).st_mode) else "file"
+    except (OSError, ValueError):  # as Path.exists: missing, unreadable, or a name the system refuses
+        return None
 
 
 def _zoo_sources(zoo: Path) -> list[LoraSource]:
@@ -106,16 +117,17 @@ def ingest(
     *,
     progress: bool = True,
     cache_dir: str | None = None,
-    batch: int = 64,
+    batch: int = 256,
     labels: LabelTable | None = None,
     metadata: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
     """Add every LoRA named by ``paths`` to ``store`` with what ``encoders`` (default: the shipped ones) make of it.
 
-    LoRAs are written ``batch`` at a time (fewer when their files reach :data:`BATCH_BYTES`: 64 SDXL LoRAs would hold
-    ~14 GB of factors), each batch one transaction (all of it or none); a file that cannot be read
-    is refused on its own. A database failure (:class:`~lol_engine.errors.StoreError`) stops the ingest: the batches
+    LoRAs are written ``batch`` at a time (fewer when their files reach :data:`BATCH_BYTES`: 256 SDXL LoRAs would
+    hold ~56 GB of factors), each batch one transaction (all of it or none; each statement and commit costs a few
+    milliseconds whatever its size, so small LoRAs go in large batches); a file that cannot be read is refused on its
+    own. A database failure (:class:`~lol_engine.errors.StoreError`) stops the ingest: the batches
     before it are stored, the failing one is not. The store is checkpointed at the end.
 
     ``labels``: a table joined by its key (every miss is in the report's ``labels``); ``metadata``: also store the
@@ -124,7 +136,7 @@ def ingest(
     """
     from rich.progress import Progress
 
-    from lol_engine.store import NewLora
+    from lol_engine.store import NewLora, rows_of
 
     encoders = encoders_for(load_predictors()) if encoders is None else encoders
     report = IngestReport()
@@ -142,6 +154,7 @@ def ingest(
             return None
 
     def flush() -> None:
+        nonlocal writing
         results: list[Encoded | None]
         try:
             results = list(encode_many([lora for _, lora in pending], encoders))
@@ -164,11 +177,20 @@ def ingest(
             items.append(
                 NewLora(lora, source.name, source.zoo, attached, result.embeddings, result.estimates, described)
             )
-        report.ids.extend(store.add_many(items))
+        rows = rows_of(items)  # made here (Python work); the statements run in the writer thread, without the GIL
         pending.clear()
+        stored()
+        writing = writer.submit(store.add_rows, rows)
+
+    def stored() -> None:  # wait for the batch being written: its ids, or its StoreError
+        nonlocal writing
+        if writing is not None:
+            written, writing = writing, None
+            report.ids.extend(written.result())
 
     pending_bytes = 0  # of the files in pending
-    with Progress(disable=not progress) as bar:
+    writing: Future[list[str]] | None = None  # the batch being stored while the next is read
+    with ThreadPoolExecutor(1, thread_name_prefix="lol-ingest-store") as writer, Progress(disable=not progress) as bar:
         task = bar.add_task("ingest", total=len(sources))
         for done, source in enumerate(sources, 1):
             try:
@@ -187,6 +209,7 @@ def ingest(
                 on_progress(done, len(sources))
         if pending:
             flush()
+        stored()
     store.checkpoint()
     if labels is not None and labels.key == "sha256":  # joined as the files were read: report it the same way
         report.labels = match_labels(labels, [LoraKeys(sha, name) for sha, name in dict(loaded).items()])

@@ -70,7 +70,7 @@ store = LoraStore(sys.argv[1])
 store.count()
 resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
 try:
-    ingest([sys.argv[2]], store, [FingerprintEncoder()], progress=False)
+    ingest([sys.argv[2]], store, [FingerprintEncoder()], progress=False, batch=64)  # the disk fills in a later batch
 except StoreError as exc:
     print("STORE-ERROR", exc)
 """

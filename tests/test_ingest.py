@@ -67,13 +67,13 @@ def test_a_folder_of_zoos_keeps_each_zoos_labels(small_zoo: Path, tmp_path: Path
 def test_a_batch_is_written_once_its_files_reach_the_byte_bound(
     small_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Large LoRAs are not held 64 at a time: a batch goes to the store once its files reach ``BATCH_BYTES``."""
+    """Large LoRAs are not held 256 at a time: a batch goes to the store once its files reach ``BATCH_BYTES``."""
     import lol_engine.ingest as module
 
     sizes = []
     with LoraStore(tmp_path / "db.duckdb") as store:
-        real = store.add_many
-        monkeypatch.setattr(store, "add_many", lambda items: sizes.append(len(items)) or real(items))
+        real = store.add_rows
+        monkeypatch.setattr(store, "add_rows", lambda rows: sizes.append(len(rows.loras)) or real(rows))
         one_file = (small_zoo / "loras" / "00000" / "adapter_model.safetensors").stat().st_size
         monkeypatch.setattr(module, "BATCH_BYTES", 2 * one_file + 1)  # every third file fills a batch
         report = ingest([str(small_zoo)], store, progress=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lol_engine.errors import LoraFormatError
 
-__all__ = ["LoraLocation", "display_name", "find_loras", "locate_lora"]
+__all__ = ["LoraLocation", "display_name", "find_loras", "locate_lora", "scan_tree"]
 
 _ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapters.safetensors")
 """File names that stand for their folder's one LoRA, in order of preference."""
@@ -90,22 +90,34 @@ def find_loras(root: str | os.PathLike[str]) -> list[LoraLocation]:
     ``.safetensors`` files (mlx-lm's numbered checkpoints) are not counted. Every other ``.safetensors`` file is one
     LoRA. ``root`` may also be a single file. Raises :class:`LoraFormatError` if ``root`` does not exist.
     """
+    return scan_tree(root)[0]
+
+
+def scan_tree(root: str | os.PathLike[str], marked_by: tuple[str, ...] = ()) -> tuple[list[LoraLocation], list[Path]]:
+    """:func:`find_loras`, and the folders under ``root`` that hold a file of every name in ``marked_by`` (a built
+    zoo's ``manifest.parquet`` and ``zoo.json``), sorted: both from one walk of the tree.
+
+    Links to folders are not followed (as :meth:`pathlib.Path.rglob`); links to files are read.
+    """
     root = Path(root)
     if not root.exists():
         raise LoraFormatError(f"{root.name}: no such file or folder")
     if not root.is_dir():
-        return [_location(root)]
+        return [_location(root)], []
     out: list[LoraLocation] = []
-    known: dict[Path, Path | None] = {}  # folder -> its known adapter file, looked up once per folder
-    for file in root.rglob("*.safetensors"):
-        if not file.is_file():
+    marked: list[Path] = []
+    for top, _, names in os.walk(root):
+        folder = Path(top)
+        present = set(names)
+        if marked_by and all(n in present and os.path.isfile(os.path.join(top, n)) for n in marked_by):
+            marked.append(folder)
+        files = [n for n in names if n.endswith(".safetensors") and os.path.isfile(os.path.join(top, n))]
+        if not files:
             continue
-        folder = file.parent
-        if folder not in known:
-            known[folder] = _known_adapter(folder)
-        if known[folder] in (None, file):
-            out.append(_location(file))
-    return sorted(out, key=lambda loc: loc.weights)
+        known = next((n for n in _ADAPTER_FILES if n in files), None)  # the folder's one LoRA, if it has one
+        config = folder / _CONFIG if _CONFIG in present and os.path.isfile(os.path.join(top, _CONFIG)) else None
+        out += [LoraLocation(folder / n, config, display_name(folder / n)) for n in files if known in (None, n)]
+    return sorted(out, key=lambda loc: loc.weights), sorted(marked)
 
 
 def _known_adapter(folder: Path) -> Path | None:
