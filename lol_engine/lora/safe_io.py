@@ -7,12 +7,10 @@ Only then are tensors read, through ``safetensors.safe_open``.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -154,7 +152,7 @@ def parse_json(
 
     # The per-integer hook only where an integer can be too long: a text without a run of more digits than the limit
     # has none, and json's own C parsing of integers is much faster than a Python call per number.
-    hook = integer if _long_digit_run(limits.max_number_digits, isinstance(text, bytes)).search(text) else None
+    hook = integer if has_digit_run(text, limits.max_number_digits + 1) else None
     try:
         value = json.loads(text, parse_int=hook, object_pairs_hook=object_pairs_hook)
     except RecursionError:
@@ -163,16 +161,23 @@ def parse_json(
         raise LoraFormatError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise LoraFormatError(f"{what} is not valid JSON ({exc.msg} at char {exc.pos})") from None
-    if check_depth and json_depth(value, limits.max_json_depth) > limits.max_json_depth:
+    # Each level of nesting needs an opening bracket: a text with few of them (any config) is not walked.
+    brackets = text.count(b"{") + text.count(b"[") if isinstance(text, bytes) else text.count("{") + text.count("[")
+    deep = check_depth and brackets > limits.max_json_depth
+    if deep and json_depth(value, limits.max_json_depth) > limits.max_json_depth:
         raise LoraFormatError(f"{what} is nested more than {limits.max_json_depth} levels deep")
     return value
 
 
-@functools.lru_cache(maxsize=8)
-def _long_digit_run(limit: int, binary: bool) -> re.Pattern[Any]:
-    """A pattern finding more than ``limit`` ASCII digits in a row (in bytes or in text)."""
-    pattern = f"[0-9]{{{limit + 1}}}"
-    return re.compile(pattern.encode() if binary else pattern)
+# Every byte to a space but ASCII digits, which become "0": a run of n digits is then the substring "0" * n.
+_DIGITS_TO_ZEROS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+
+
+def has_digit_run(text: str | bytes, n: int) -> bool:
+    """Whether ``text`` holds ``n`` ASCII digits in a row: a byte translation and a substring search, about ten
+    times faster than the regular expression ``[0-9]{n}`` (which tries every position)."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")  # other characters: not digits
+    return b"0" * n in raw.translate(_DIGITS_TO_ZEROS)
 
 
 def json_depth(value: Any, stop: int | None = None) -> int:
