@@ -5,6 +5,7 @@ Locating looks at names only, so most files here are empty; one test reads a loc
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,19 +157,21 @@ def test_find_loras_walks_a_tree(tmp_path: Path) -> None:
 def test_find_loras_order_does_not_depend_on_disk_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     names = [f"set{i % 3}/lora_{i}.safetensors" for i in range(12)] + ["set1/peft/adapter_model.safetensors"]
     lists = []
-    real_rglob = Path.rglob
+    real_walk = os.walk
     for trial in range(3):
         root = tmp_path / f"trial{trial}"
         for name in random.Random(trial).sample(names, len(names)):  # created in another order each time
             touch(root / name)
 
-        def shuffled(self: Path, pattern: str, seed: int = trial) -> Iterator[Path]:
-            found = list(real_rglob(self, pattern))
-            random.Random(seed).shuffle(found)  # and listed in another order
-            return iter(found)
+        def shuffled(top: str, seed: int = trial) -> Iterator[tuple[str, list[str], list[str]]]:
+            rng = random.Random(seed)
+            for folder, dirs, files in real_walk(top):
+                rng.shuffle(dirs)  # folders and files listed in another order (os.walk descends in dirs' order)
+                rng.shuffle(files)
+                yield folder, dirs, files
 
         with monkeypatch.context() as patch:
-            patch.setattr(Path, "rglob", shuffled)
+            patch.setattr(os, "walk", shuffled)
             lists.append(relative(find_loras(root), root))
     assert lists[0] == lists[1] == lists[2] == sorted(lists[0], key=lambda p: Path(p).parts)
     assert len(lists[0]) == 13
