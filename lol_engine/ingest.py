@@ -9,8 +9,6 @@ it is stored.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from lol_engine.encoders import Encoded, Encoder, encode_many, encoders_for, loa
 from lol_engine.errors import LoraFormatError
 from lol_engine.hub import fetch_repo, is_repo_id
 from lol_engine.labels import LabelMatch, LabelTable, LoraKeys, match_labels, metadata_labels, path_keys
-from lol_engine.lora.locate import display_name, find_loras, locate_lora, scan_tree
+from lol_engine.lora.locate import display_name, find_loras, locate_lora, path_kind, scan_tree
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.report import describe
@@ -61,7 +59,7 @@ def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[Lor
     out: list[LoraSource] = []
     for raw in paths:
         path = Path(raw)
-        kind = _kind(path)
+        kind = path_kind(path)
         if kind is None and is_repo_id(raw):
             out += _repo_sources(raw, fetch_repo(raw, cache_dir))
         elif kind != "folder":  # a file, or nothing there: refused with its reason when read
@@ -76,14 +74,6 @@ def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[Lor
             loose = [f.weights for f in found if not any(f.weights.is_relative_to(z) for z in zoos)]
             out += [LoraSource(w) for w in loose] or ([] if zoos else [LoraSource(path)])
     return out
-
-
-def _kind(path: Path) -> str | None:
-    """``"folder"``, ``"file"`` (anything else that is there) or None (nothing there), from one ``stat``."""
-    try:
-        return "folder" if stat.S_ISDIR(os.stat(path).st_mode) else "file"
-    except (OSError, ValueError):  # as Path.exists: missing, unreadable, or a name the system refuses
-        return None
 
 
 def _zoo_sources(zoo: Path) -> list[LoraSource]:
@@ -145,6 +135,7 @@ def ingest(
     pending: list[tuple[LoraSource, LoraWeights]] = []
     by_source = _table_labels(labels, sources, [p for p in paths if Path(p).is_dir()], report)
     loaded: list[tuple[str, str]] = []  # (sha256, name) of every LoRA read, for a sha256-keyed table
+    writing: Future[list[str]] | None = None  # the batch being stored while the next is read
 
     def encoded(source: LoraSource, lora: LoraWeights) -> Encoded | None:
         try:  # one LoRA on its own, so that a failure refuses that file only
@@ -189,7 +180,6 @@ def ingest(
             report.ids.extend(written.result())
 
     pending_bytes = 0  # of the files in pending
-    writing: Future[list[str]] | None = None  # the batch being stored while the next is read
     with ThreadPoolExecutor(1, thread_name_prefix="lol-ingest-store") as writer, Progress(disable=not progress) as bar:
         task = bar.add_task("ingest", total=len(sources))
         for done, source in enumerate(sources, 1):

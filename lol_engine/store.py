@@ -88,8 +88,12 @@ def _insert_rows(cur: Any, head: str, types: Sequence[str], rows: Sequence[Seque
     """
     import pyarrow as pa
 
-    columns = zip(*rows, strict=True)
-    table = pa.table({f"c{i}": pa.array(c, _arrow_type(t)) for i, (c, t) in enumerate(zip(columns, types, strict=True))})
+    columns = list(zip(*rows, strict=True))
+    if len(columns) != len(types):
+        raise ValueError(f"rows of {len(columns)} values for {len(types)} columns")
+    table = pa.table(
+        {f"c{i}": pa.array(c, _arrow_type(t)) for i, (c, t) in enumerate(zip(columns, types, strict=True))}
+    )
     cur.register("lol_new_rows", table)  # a view of this cursor's own connection: other threads' do not clash
     try:
         cur.execute(f"{head} SELECT * FROM lol_new_rows {tail}")
@@ -463,7 +467,7 @@ class LoraStore:
             if labels:
                 placeholders = ", ".join("?" * len(labels))
                 found = cur.execute(f"SELECT count(*) FROM loras WHERE id IN ({placeholders})", list(labels))
-                if found.fetchone()[0] != len(labels):
+                if found.fetchall()[0][0] != len(labels):  # fetched to the end: the insert registers a view next
                     raise ValueError("labels for a LoRA that is not stored")
             _insert_many(cur, "labels", rows)
 
@@ -479,7 +483,8 @@ class LoraStore:
             raise ValueError(f"expected coordinates of shape ({len(ids)}, 2), got {xy.shape}")
         with self._transaction() as cur:
             cur.execute("DELETE FROM projections WHERE map = ?", [name])
-            _insert_many(cur, "projections", [[i, name, float(x), float(y)] for i, (x, y) in zip(ids, xy, strict=True)])
+            rows = [[i, name, float(x), float(y)] for i, (x, y) in zip(ids, xy, strict=True)]
+            _insert_many(cur, "projections", rows)
 
     def projection(self, name: str) -> tuple[list[str], np.ndarray]:
         """Ids and coordinates of a stored map."""

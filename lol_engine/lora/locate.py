@@ -11,12 +11,14 @@ Nothing here opens a file: it only looks at names. The readers in :mod:`lol_engi
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lol_engine.errors import LoraFormatError
 
-__all__ = ["LoraLocation", "display_name", "find_loras", "locate_lora", "scan_tree"]
+__all__ = ["LoraLocation", "display_name", "find_loras", "locate_lora", "path_kind", "scan_tree"]
 
 _ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapters.safetensors")
 """File names that stand for their folder's one LoRA, in order of preference."""
@@ -67,9 +69,10 @@ def locate_lora(path: str | os.PathLike[str]) -> LoraLocation:
     folder with several candidates.
     """
     path = Path(path)
-    if not path.exists():
+    kind = path_kind(path)
+    if kind is None:
         raise LoraFormatError(f"{path.name}: no such file or folder")
-    if not path.is_dir():
+    if kind == "file":
         return _location(path)
     known = _known_adapter(path)
     if known is not None:
@@ -81,6 +84,14 @@ def locate_lora(path: str | os.PathLike[str]) -> LoraLocation:
     if not found:
         raise LoraFormatError(f"{path.name}: folder holds no .safetensors adapter{_unread_hint(path)}")
     return found[0]
+
+
+def path_kind(path: str | os.PathLike[str]) -> Literal["folder", "file"] | None:
+    """``"folder"``, ``"file"`` (anything else that is there) or None (nothing there), from one ``stat``."""
+    try:
+        return "folder" if stat.S_ISDIR(os.stat(path).st_mode) else "file"
+    except (OSError, ValueError):  # as Path.exists: missing, unreadable, or a name the system refuses
+        return None
 
 
 def find_loras(root: str | os.PathLike[str]) -> list[LoraLocation]:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -219,17 +220,24 @@ class SafetensorsHeader:
 
 def refuse_non_safetensors(path: Path) -> None:
     """Raise :class:`LoraFormatError` if ``path`` is named or shaped like a pickle; never opens it as one."""
-    where = path.name
+    _refuse_pickle_name(path)
+    with path.open("rb") as fh:
+        _refuse_pickle_bytes(fh.read(9), os.fstat(fh.fileno()).st_size, path.name)
+
+
+def _refuse_pickle_name(path: Path) -> None:
     if path.suffix.lower() in _REFUSED_SUFFIXES:
         raise LoraFormatError(
-            f"{where}: '{path.suffix}' files are pickles and are never loaded (unpickling runs arbitrary code); "
+            f"{path.name}: '{path.suffix}' files are pickles and are never loaded (unpickling runs arbitrary code); "
             "convert the adapter to .safetensors with a trusted tool"
         )
-    with path.open("rb") as fh:
-        head = fh.read(9)
+
+
+def _refuse_pickle_bytes(head: bytes, size: int, where: str) -> None:
+    """Refuse a file of ``size`` bytes starting with ``head`` (its first 9 bytes) that is a pickle or a zip."""
     # A safetensors header length of 640, 896, 1152 or 1408 bytes starts with the same two bytes as a pickle; its
     # JSON header (ninth byte "{") tells it apart.
-    looks_safetensors = head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    looks_safetensors = head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
     if head.startswith(_PICKLE_MAGIC) and not looks_safetensors:
         raise LoraFormatError(f"{where}: this is a Python pickle, not a safetensors file; it was not unpickled")
     if head.startswith(_ZIP_MAGIC):
@@ -250,18 +258,23 @@ def read_header(
     limits = limits or ReadLimits()
     path = Path(path)
     where = path.name
-    if not path.is_file():
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)  # before opening: a FIFO or device would block or never end
+    except (OSError, ValueError):
+        regular = False
+    if not regular:
         raise LoraFormatError(f"{where}: not a file")
-    refuse_non_safetensors(path)
-    size = path.stat().st_size
-    if size < 8:
-        raise LoraFormatError(
-            f"{where}: file is {size} bytes; a safetensors file has at least an 8-byte header length"
-        )
-    if size > limits.max_file_bytes:
-        raise LoraFormatError(f"{where}: file is {size:,} bytes, over the limit of {limits.max_file_bytes:,}")
-    with path.open("rb") as fh:
+    _refuse_pickle_name(path)
+    with path.open("rb") as fh:  # one open for the kind checks and the header
+        size = os.fstat(fh.fileno()).st_size
         prefix = fh.read(9)
+        _refuse_pickle_bytes(prefix, size, where)
+        if size < 8:
+            raise LoraFormatError(
+                f"{where}: file is {size} bytes; a safetensors file has at least an 8-byte header length"
+            )
+        if size > limits.max_file_bytes:
+            raise LoraFormatError(f"{where}: file is {size:,} bytes, over the limit of {limits.max_file_bytes:,}")
         _refuse_non_container(prefix, where)
         n = int.from_bytes(prefix[:8], "little")
         if n > limits.max_header_bytes:
