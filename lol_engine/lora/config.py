@@ -5,7 +5,9 @@ linear in the module name, so no pattern can run away and no wall-clock timeout 
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -238,10 +240,22 @@ def read_adapter_config(path: Path, limits: ReadLimits | None = None) -> Adapter
     """Read a PEFT or mlx-lm ``adapter_config.json`` with ``json`` only, refusing files over the size cap."""
     limits = limits or ReadLimits()
     where = path.name
-    size = path.stat().st_size
-    if size > limits.max_config_bytes:
-        raise LoraFormatError(f"{where}: {size:,} bytes, over the limit of {limits.max_config_bytes:,}")
-    raw = parse_json(path.read_bytes(), where, limits)
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limits.max_config_bytes:
+            raise LoraFormatError(f"{where}: {size:,} bytes, over the limit of {limits.max_config_bytes:,}")
+        text = fh.read(limits.max_config_bytes + 1)
+    if len(text) > limits.max_config_bytes:  # it grew after the size check
+        raise LoraFormatError(f"{where}: over the limit of {limits.max_config_bytes:,} bytes")
+    return _parsed_config(text, where, limits)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_config(text: bytes, where: str, limits: ReadLimits) -> AdapterConfig:
+    """The config that ``text`` holds, parsed once per distinct text: the adapters of one training run share one
+    config, and a shared config compiles its rank/alpha pattern sets once. Configs are frozen (their ``raw`` is
+    copied into each LoRA's metadata); a refused text raises each time (exceptions are not cached)."""
+    raw = parse_json(text, where, limits)
     if not isinstance(raw, dict):
         raise LoraFormatError(f"{where}: expected a JSON object")
     if is_mlx_config(raw):
