@@ -17,7 +17,7 @@ from lora_files import factors, peft, save
 from lol_engine import symmetry
 from lol_engine.errors import LoraFormatError
 from lol_engine.fingerprint import FINGERPRINT_NAMES, ROLES, fingerprint, fingerprints, module_role
-from lol_engine.lora import safe_io
+from lol_engine.lora import parse, safe_io
 from lol_engine.lora.locate import display_name
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import file_sha256, safetensors_hashes
@@ -283,7 +283,15 @@ def _reference_message(path: Path) -> str:
     return re.sub(r"module '[^']*'", "module M", str(info.value))
 
 
-def test_nan_factor_is_refused_as_by_the_reference(tmp_path: Path) -> None:
+# Factor values per checked chunk: the default (each shape group in one step) and 200 (a step of one module).
+CHUNKS = [parse._CHECK_CHUNK, 200]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_nan_factor_is_refused_as_by_the_reference(
+    tmp_path: Path, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parse, "_CHECK_CHUNK", chunk)
     path = _mixed_file(tmp_path / "nan.safetensors", nan_in="lora_unet_blocks_3_attn_to_q")
     with pytest.raises(LoraFormatError) as info:
         load_lora(path)
@@ -292,9 +300,13 @@ def test_nan_factor_is_refused_as_by_the_reference(tmp_path: Path) -> None:
     assert str(tmp_path) not in str(info.value)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("big", [1e14, 1e16])
-def test_huge_factors_are_refused_as_by_the_reference(tmp_path: Path, big: float) -> None:
+def test_huge_factors_are_refused_as_by_the_reference(
+    tmp_path: Path, big: float, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """1e14: every entry fits, but ‖ΔW‖ passes 1e15 (the fast bound falls back to the exact check); 1e16: entries."""
+    monkeypatch.setattr(parse, "_CHECK_CHUNK", chunk)
     path = _mixed_file(tmp_path / "big.safetensors", big=big)
     with pytest.raises(LoraFormatError) as info:
         load_lora(path)
