@@ -9,8 +9,10 @@ it is stored.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import gc
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,7 +182,11 @@ def ingest(
             report.ids.extend(written.result())
 
     pending_bytes = 0  # of the files in pending
-    with ThreadPoolExecutor(1, thread_name_prefix="lol-ingest-store") as writer, Progress(disable=not progress) as bar:
+    with (
+        _young_heap_only(),
+        ThreadPoolExecutor(1, thread_name_prefix="lol-ingest-store") as writer,
+        Progress(disable=not progress) as bar,
+    ):
         task = bar.add_task("ingest", total=len(sources))
         for done, source in enumerate(sources, 1):
             try:
@@ -204,6 +210,22 @@ def ingest(
     if labels is not None and labels.key == "sha256":  # joined as the files were read: report it the same way
         report.labels = match_labels(labels, [LoraKeys(sha, name) for sha, name in dict(loaded).items()])
     return report
+
+
+@contextmanager
+def _young_heap_only() -> Iterator[None]:
+    """Keep the objects that exist before an ingest (modules, models, the app's state) out of garbage collections
+    until it ends (:func:`gc.freeze`).
+
+    Reading a LoRA makes hundreds of short-lived objects, which trigger collections; a full one rescans the whole heap
+    (about 0.1 s with torch loaded on a 2-core machine, 8 % of an ingest of 1,000 small LoRAs). Frozen objects are
+    only skipped, not lost: they are collected as usual after :func:`gc.unfreeze`.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _table_labels(
