@@ -118,3 +118,47 @@ def test_ingest_cli(small_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     assert main(["ingest", str(tmp_path / "bad.safetensors"), "--db", str(db)]) == 2
     assert "refused" in capsys.readouterr().err
+
+
+def test_ingest_unfreezes_the_heap_even_when_the_store_fails(
+    small_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heap frozen for the ingest is handed back to the collector, also when a write fails mid-way."""
+    import gc
+
+    from lol_engine.errors import StoreError
+
+    with LoraStore(tmp_path / "db.duckdb") as store:
+        frozen: list[int] = []
+        real = store.add_rows
+
+        def failing(rows: object) -> list[str]:
+            frozen.append(gc.get_freeze_count())
+            raise StoreError("disk full")
+
+        monkeypatch.setattr(store, "add_rows", failing)
+        with pytest.raises(StoreError, match="disk full"):
+            ingest([str(small_zoo)], store, [FingerprintEncoder()], progress=False, batch=2)
+        assert frozen and frozen[0] > 0 and gc.get_freeze_count() == 0
+        assert store.count() == 0  # the failing batch, and nothing after it
+        monkeypatch.setattr(store, "add_rows", real)
+        assert len(ingest([str(small_zoo)], store, [FingerprintEncoder()], progress=False).ids) == 6
+        assert gc.get_freeze_count() == 0
+
+
+def test_loras_sharing_a_config_text_share_its_parse_not_their_metadata(tmp_path: Path) -> None:
+    from lora_files import peft, save, write_config
+
+    from lol_engine.lora.config import read_adapter_config
+    from lol_engine.lora.parse import load_lora
+
+    folders = [tmp_path / name for name in ("a", "b", "c")]
+    for i, folder in enumerate(folders):
+        save(folder / "adapter_model.safetensors", peft("model.layers.0.self_attn.q_proj", seed=i))
+        write_config(folder, r=4, lora_alpha=16 if i < 2 else 8, rank_pattern={"q_proj": 4})
+    configs = [read_adapter_config(folder / "adapter_config.json") for folder in folders]
+    assert configs[0] is configs[1] and configs[1] is not configs[2]  # parsed once per distinct text
+    loras = [load_lora(folder) for folder in folders]
+    assert [lora.modules[0].scale for lora in loras] == [4.0, 4.0, 2.0]
+    loras[0].meta.adapter_config["r"] = 99  # type: ignore[index]  # one LoRA's metadata is its own
+    assert loras[1].meta.adapter_config["r"] == 4 and configs[0].raw["r"] == 4

@@ -14,7 +14,7 @@ import pytest
 from lora_files import peft, save, write_config
 
 from lol_engine import LoraFormatError, load_lora
-from lol_engine.lora.locate import LoraLocation, display_name, find_loras, locate_lora
+from lol_engine.lora.locate import LoraLocation, display_name, find_loras, locate_lora, scan_tree
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -213,3 +213,22 @@ def test_a_located_peft_folder_reads(tmp_path: Path) -> None:
     save(tmp_path / "adapter_model.safetensors", peft(Q, rank=4))
     write_config(tmp_path, r=4, lora_alpha=16)
     assert load_lora(tmp_path).scales == (4.0,)
+
+
+def test_scan_tree_finds_loras_and_marked_folders_in_one_walk(tmp_path: Path) -> None:
+    touch(tmp_path / "zoo" / "manifest.parquet")
+    touch(tmp_path / "zoo" / "zoo.json")
+    touch(tmp_path / "zoo" / "loras" / "0" / "adapter_model.safetensors")
+    touch(tmp_path / "half" / "manifest.parquet")  # no zoo.json: not marked
+    (tmp_path / "dir" / "zoo.json").mkdir(parents=True)  # a folder named zoo.json is not the file
+    touch(tmp_path / "dir" / "manifest.parquet")
+    touch(tmp_path / "loose.safetensors")
+    (tmp_path / "link").symlink_to(tmp_path / "zoo")  # a link to a folder is not followed
+    found, marked = scan_tree(tmp_path, marked_by=("manifest.parquet", "zoo.json"))
+    assert relative(found, tmp_path) == ["loose.safetensors", "zoo/loras/0/adapter_model.safetensors"]
+    assert marked == [tmp_path / "zoo"]
+    assert found == find_loras(tmp_path)
+    assert scan_tree(tmp_path / "loose.safetensors", marked_by=("zoo.json",)) == (
+        [locate_lora(tmp_path / "loose.safetensors")],
+        [],
+    )

@@ -455,13 +455,12 @@ def test_column_wise_inserts_store_what_the_rows_say(tmp_path: Path) -> None:
     from lol_engine.store import LoraStore, NewLora, _lora_row
 
     items = []
+    vectors = [torch.randn(5, generator=torch.Generator().manual_seed(i)) * 10.0**i for i in range(3)]
     for i in range(3):
         lora = load_lora(save(tmp_path / f"l{i}.safetensors", peft(f"layers.{i}.q_proj", seed=i)))
         labels = {"n": i, "none": None, "text": "é\n'\"", "nested": {"a": [1, 2.5]}}
         name = None if i == 0 else f"name {i}"
-        items.append(
-            NewLora(lora, name, None if i == 1 else "zoo", labels, {"fp": torch.ones(3) * i}, {}, describe(lora))
-        )
+        items.append(NewLora(lora, name, None if i == 1 else "zoo", labels, {"fp": vectors[i]}, {}, describe(lora)))
     items.append(items[0])  # the same LoRA twice in one batch: the first is kept
     with LoraStore(tmp_path / "s.duckdb") as store:
         ids = store.add_many(items)
@@ -471,6 +470,9 @@ def test_column_wise_inserts_store_what_the_rows_say(tmp_path: Path) -> None:
             got = store._con.execute("SELECT * FROM loras WHERE id = ?", [want[0]]).fetchone()
             assert got[:13] == tuple(want[:13]) and got[14] == want[14] and got[13] is not None
             assert store.labels(want[0]) == dict(item.labels)
+            stored = store.embedding(want[0], "fp")
+            assert stored is not None and np.array_equal(stored, item.embeddings["fp"].numpy())  # float32, exactly
+        assert store.has([*ids, "0" * 64, ids[1]]) == set(ids) and store.has([]) == set()
         store.add_projection("m", ids[:3], np.array([[0.5, -1.0], [2.0, 3.0], [1e-300, 1e300]]))
         rows = store._con.execute("SELECT lora_id, x, y FROM projections ORDER BY x").fetchall()
         assert rows == [(ids[2], 1e-300, 1e300), (ids[0], 0.5, -1.0), (ids[1], 2.0, 3.0)]
@@ -489,6 +491,18 @@ def test_parse_json_finds_long_integers_with_or_without_the_hook(binary: bool) -
     assert isinstance(huge, dict) and huge["a"] == 1 and isinstance(huge["b"], safe_io.HugeNumber)
     assert huge["b"].digits == 6
     assert parsed('{"a": 12345.678901}') == {"a": 12345.678901}  # a long float is no integer
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "12345", "123456", "a123456b", "1234 56789", "١٢٣٤٥٦", "12\ud80034567", "x" * 50 + "0" * 6, "-000000"],
+)
+@pytest.mark.parametrize("binary", [False, True])
+def test_has_digit_run_matches_the_regular_expression(text: str, binary: bool) -> None:
+    """ASCII digits only (JSON's; Arabic-Indic digits are not), whatever else the text holds (a lone surrogate)."""
+    want = re.search("[0-9]{6}", text) is not None
+    raw = text.encode("utf-8", "surrogatepass") if binary else text
+    assert safe_io.has_digit_run(raw, 6) == want
 
 
 # --------------------------------------------------------------------------- fingerprints of one layout together
