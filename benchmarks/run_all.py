@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import inspect
 import os
 import pstats
 import re
@@ -343,7 +344,7 @@ def ingest_throughput(quick: bool) -> list[Row]:
         "read + parse": "lora/parse.py",  # the largest cumulative time of a function in the file: load_lora
         "encode (fingerprint + predictors)": "encode_many",
         "of which fingerprint": "fingerprint.py",
-        "store": "store.py",
+        "store rows (the writes run in the writer thread, unprofiled)": "store.py",
     }
     shares = []
     total = stats.total_tt  # type: ignore[attr-defined]
@@ -354,11 +355,12 @@ def ingest_throughput(quick: bool) -> list[Row]:
     floor = size / _memory_bandwidth()
     fix = [
         "ingest",
-        f"the same {n:,} LoRAs: batches of 64 vs one at a time",
+        f"the same {n:,} LoRAs: batches of {inspect.signature(ingest).parameters['batch'].default} vs one at a time",
         f"batched {_fmt(seconds)}",
         f"one at a time {_fmt(one_by_one)}",
         f"{one_by_one / seconds:.1f}×",
-        "one transaction and one multi-row insert per batch; one forward per predictor per batch",
+        "one transaction and one multi-row insert per batch, written while the next is read; one forward per "
+        "predictor per batch",
     ]
     return [
         fix,
