@@ -119,8 +119,9 @@ def ingest(
     LoRAs are written ``batch`` at a time (fewer when their files reach :data:`BATCH_BYTES`: 256 SDXL LoRAs would
     hold ~56 GB of factors), each batch one transaction (all of it or none; each statement and commit costs a few
     milliseconds whatever its size, so small LoRAs go in large batches); a file that cannot be read is refused on its
-    own. A database failure (:class:`~lol_engine.errors.StoreError`) stops the ingest: the batches
-    before it are stored, the failing one is not. The store is checkpointed at the end.
+    own. A writer thread stores each batch while the next is read (its statements run without the GIL). A database
+    failure (:class:`~lol_engine.errors.StoreError`) stops the ingest: the batches before it are stored, the failing
+    one and those after it are not. The store is checkpointed at the end.
 
     ``labels``: a table joined by its key (every miss is in the report's ``labels``); ``metadata``: also store the
     labels the files carry (kohya training fields and tags, PEFT config fields, modelspec). ``on_progress(done,
