@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -157,21 +158,21 @@ def test_find_loras_walks_a_tree(tmp_path: Path) -> None:
 def test_find_loras_order_does_not_depend_on_disk_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     names = [f"set{i % 3}/lora_{i}.safetensors" for i in range(12)] + ["set1/peft/adapter_model.safetensors"]
     lists = []
-    real_walk = os.walk
+    real_scandir = os.scandir
     for trial in range(3):
         root = tmp_path / f"trial{trial}"
         for name in random.Random(trial).sample(names, len(names)):  # created in another order each time
             touch(root / name)
 
-        def shuffled(top: str, seed: int = trial) -> Iterator[tuple[str, list[str], list[str]]]:
-            rng = random.Random(seed)
-            for folder, dirs, files in real_walk(top):
-                rng.shuffle(dirs)  # folders and files listed in another order (os.walk descends in dirs' order)
-                rng.shuffle(files)
-                yield folder, dirs, files
+        @contextmanager
+        def shuffled(top: str, seed: int = trial) -> Iterator[Iterator[os.DirEntry[str]]]:
+            with real_scandir(top) as listing:
+                entries = list(listing)
+            random.Random(f"{seed}:{top}").shuffle(entries)  # folders and files listed in another order
+            yield iter(entries)
 
         with monkeypatch.context() as patch:
-            patch.setattr(os, "walk", shuffled)
+            patch.setattr(os, "scandir", shuffled)
             lists.append(relative(find_loras(root), root))
     assert lists[0] == lists[1] == lists[2] == sorted(lists[0], key=lambda p: Path(p).parts)
     assert len(lists[0]) == 13

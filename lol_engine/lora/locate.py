@@ -111,23 +111,36 @@ def scan_tree(root: str | os.PathLike[str], marked_by: tuple[str, ...] = ()) -> 
     Links to folders are not followed (as :meth:`pathlib.Path.rglob`); links to files are read.
     """
     root = Path(root)
-    if not root.exists():
+    kind = path_kind(root)
+    if kind is None:
         raise LoraFormatError(f"{root.name}: no such file or folder")
-    if not root.is_dir():
+    if kind == "file":
         return [_location(root)], []
     out: list[LoraLocation] = []
     marked: list[Path] = []
-    for top, _, names in os.walk(root):
+    folders = [os.fspath(root)]
+    while folders:  # os.scandir's entries know their type: no stat per name (os.walk + isfile made 1–3)
+        top = folders.pop()
+        try:
+            with os.scandir(top) as listing:
+                entries = list(listing)
+        except OSError:  # unreadable or gone: skipped, as os.walk does
+            continue
+        files = set()
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+            elif entry.is_file():  # a link to a file counts; a link to a folder is neither
+                files.add(entry.name)
         folder = Path(top)
-        present = set(names)
-        if marked_by and all(n in present and os.path.isfile(os.path.join(top, n)) for n in marked_by):
+        if marked_by and all(n in files for n in marked_by):
             marked.append(folder)
-        files = [n for n in names if n.endswith(".safetensors") and os.path.isfile(os.path.join(top, n))]
-        if not files:
+        weights = [n for n in files if n.endswith(".safetensors")]
+        if not weights:
             continue
         known = next((n for n in _ADAPTER_FILES if n in files), None)  # the folder's one LoRA, if it has one
-        config = folder / _CONFIG if _CONFIG in present and os.path.isfile(os.path.join(top, _CONFIG)) else None
-        out += [LoraLocation(folder / n, config, display_name(folder / n)) for n in files if known in (None, n)]
+        config = folder / _CONFIG if _CONFIG in files else None
+        out += [LoraLocation(folder / n, config, display_name(folder / n)) for n in weights if known in (None, n)]
     return sorted(out, key=lambda loc: loc.weights), sorted(marked)
 
 
