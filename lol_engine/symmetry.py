@@ -359,34 +359,33 @@ def _lora_singular_values(lora: LoraWeights) -> dict[str, Tensor]:
 
 
 def stacked(tensors: Sequence[Tensor]) -> Tensor:
-    """``torch.stack(tensors)``, without the copy when they already are ``base[0], base[1], …`` of one buffer.
+    """``torch.stack(tensors)``, without the copy when they already lie back to back in one buffer, in order.
 
     :func:`lol_engine.lora.parse.load_lora` reads the factors of modules of one shape into one stacked buffer, so the
-    batched work here runs on that buffer as it is. Anything else (a subset, another order, tensors of their own, a
-    buffer that takes gradients) is stacked as usual.
+    batched work here runs on that buffer as it is (a view of it). Anything else (a subset with a gap, another order,
+    tensors of their own, a buffer that takes gradients) is stacked as usual.
 
     >>> base = torch.randn(3, 2, 4)
     >>> stacked(list(base)) is base, torch.equal(stacked([base[1], base[0]]), torch.stack([base[1], base[0]]))
     (True, True)
     """
-    base = tensors[0]._base if tensors else None
-    if (
-        base is not None
-        and not base.requires_grad
-        and base.dim() == 3
-        and base.shape[0] == len(tensors)
-        and base.is_contiguous()
-        and _slices_in_order(tensors, base)
-    ):
+    first = tensors[0] if tensors else None
+    base = first._base if first is not None else None
+    if base is None or base.requires_grad or not _back_to_back(tensors, base):
+        return torch.stack(list(tensors))
+    assert first is not None
+    shape = (len(tensors), *first.shape)
+    if base.shape == shape and base.data_ptr() == first.data_ptr() and base.is_contiguous():
         return base
-    return torch.stack(list(tensors))
+    return base.as_strided(shape, (first.numel(), *first.stride()), first.storage_offset())
 
 
-def _slices_in_order(tensors: Sequence[Tensor], base: Tensor) -> bool:
-    """Whether ``tensors[i]`` is exactly ``base[i]`` (same buffer, offset, shape and strides) for every ``i``."""
-    start, step = base.data_ptr(), base.stride(0) * base.element_size()
-    shape, strides = base.shape[1:], base.stride()[1:]
-    return all(
+def _back_to_back(tensors: Sequence[Tensor], base: Tensor) -> bool:
+    """Whether ``tensors`` are contiguous views of ``base`` of one shape, each starting where the one before ends."""
+    first = tensors[0]
+    start, step = first.data_ptr(), first.numel() * first.element_size()
+    shape, strides = first.shape, first.stride()
+    return first.is_contiguous() and all(
         t._base is base and t.data_ptr() == start + i * step and t.shape == shape and t.stride() == strides
         for i, t in enumerate(tensors)
     )

@@ -134,3 +134,16 @@ def test_safeloras_that_cannot_be_named_are_refused(tmp_path: Path, sd15_order, 
     with pytest.raises(LoraFormatError, match=message) as info:
         load_lora(path)
     assert "cloneofsimo/lora" in str(info.value)
+
+
+def test_safeloras_targets_are_read_per_file(tmp_path: Path, sd15_order) -> None:
+    """Two files with the same tensors: the target list in the second's metadata is read, not the first's plan."""
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "good.safetensors"
+    _safeloras(good, sd15_order)
+    assert len(load_lora(good)) == 144 + 48
+    extended = tmp_path / "extended.safetensors"
+    save_file(load_file(good), extended, {"unet": json.dumps([*UNET_TARGETS, "ResnetBlock2D"])})
+    with pytest.raises(LoraFormatError, match=r"UNet targets .*ResnetBlock2D"):
+        load_lora(extended)

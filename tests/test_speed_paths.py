@@ -21,7 +21,8 @@ from lol_engine.lora import parse, safe_io
 from lol_engine.lora.locate import display_name
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import file_sha256, safetensors_hashes
-from lol_engine.lora.scales import check_magnitudes
+from lol_engine.lora.keys import ModuleKeys, NameOrigin
+from lol_engine.lora.scales import MAX_MAGNITUDE, check_magnitudes
 from lol_engine.lora.weights import LoraModule, LoraWeights
 from lol_engine.spec import LayerSpec, natural_key
 from lol_engine.symmetry import lora_fro_norms, lora_singular_values, singular_values, stacked
@@ -187,11 +188,15 @@ def _expected(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     return out
 
 
-@pytest.mark.parametrize("read_block", [2**22, 300, 1])
-@pytest.mark.parametrize("threaded", [False, True])
+# (read whole below this many bytes, hash on threads, read block): one buffer, or streamed in blocks of whole tensors
+READS = [(parse._WHOLE_FILE_BYTES, False, 2**22)] + [(0, t, b) for t in (False, True) for b in (2**22, 300, 1)]
+
+
+@pytest.mark.parametrize(("whole_under", "threaded", "read_block"), READS)
 def test_stacked_read_matches_a_plain_reader(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: bool, read_block: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole_under: int, threaded: bool, read_block: int
 ) -> None:
+    monkeypatch.setattr(parse, "_WHOLE_FILE_BYTES", whole_under)
     if threaded:  # hash on the background threads even for a small file, with a tiny pending window
         monkeypatch.setattr(safe_io._Hasher, "THREAD_BYTES", 0)
         monkeypatch.setattr(safe_io._Hasher, "MAX_PENDING_BYTES", 64)
@@ -235,7 +240,8 @@ def test_a_misaligned_tensor_is_read_exactly(tmp_path: Path, monkeypatch: pytest
     )
     begins = {i.name: i.begin for i in safe_io.read_header(path, safe_io.ReadLimits()).tensors.values()}
     assert begins["lora_unet_x.lora_down.weight"] % 2 == 1
-    for block in (2**22, 1):
+    for whole_under, block in ((parse._WHOLE_FILE_BYTES, 2**22), (0, 2**22), (0, 1)):
+        monkeypatch.setattr(parse, "_WHOLE_FILE_BYTES", whole_under)
         monkeypatch.setattr(safe_io, "READ_BLOCK", block)
         lora = load_lora(path)
         torch.testing.assert_close(lora["x"].delta_weight(), b.half().float() @ a.half().float(), rtol=0, atol=0)
@@ -283,15 +289,35 @@ def _reference_message(path: Path) -> str:
     return re.sub(r"module '[^']*'", "module M", str(info.value))
 
 
-# Factor values per checked chunk: the default (each shape group in one step) and 200 (a step of one module).
-CHUNKS = [parse._CHECK_CHUNK, 200]
+def test_fast_check_is_tight_for_constant_factors() -> None:
+    """All-equal factors are the worst case of ‖s·B A‖_F ≤ |s|·m²·√(n_A·n_B): at the fast bound they pass the
+    reference check with 1 % to spare; 1 % above it, they fail it."""
+    for rank, d_out, d_in, scale in ((4, 400, 20, 1.0), (2, 3, 5, -7.5), (8, 64, 1280, 1e-3)):
+        spec = LayerSpec("m", d_out, d_in, rank)
+        plan = parse._Plan(spec, ModuleKeys("m", "ab"), None, scale, NameOrigin("ab", "peft"))
+        m = parse._fast_check([plan])
+        module = LoraModule(spec, torch.full((rank, d_in), m), torch.full((d_out, rank), -m), scale)
+        check_magnitudes((module,), "f")  # ‖ΔW‖_F = 0.99e15
+        with pytest.raises(LoraFormatError, match="too large"):
+            check_magnitudes((LoraModule(spec, module.a * 1.01, module.b * 1.01, scale),), "f")
+    assert parse._fast_check([]) == 0.99 * MAX_MAGNITUDE  # no module: the largest entry alone
 
 
-@pytest.mark.parametrize("chunk", CHUNKS)
+# The fast bound as computed, and 0 (every file goes through the reference check).
+BOUNDS = ["computed", "zero"]
+
+
+def _bound(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if mode == "zero":
+        monkeypatch.setattr(parse, "_fast_check", lambda plans: 0.0)
+        monkeypatch.setattr(parse, "_LAYOUTS", parse._Lru(16))  # plans made before carry the computed bound
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
 def test_nan_factor_is_refused_as_by_the_reference(
-    tmp_path: Path, chunk: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, bound: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(parse, "_CHECK_CHUNK", chunk)
+    _bound(bound, monkeypatch)
     path = _mixed_file(tmp_path / "nan.safetensors", nan_in="lora_unet_blocks_3_attn_to_q")
     with pytest.raises(LoraFormatError) as info:
         load_lora(path)
@@ -300,13 +326,13 @@ def test_nan_factor_is_refused_as_by_the_reference(
     assert str(tmp_path) not in str(info.value)
 
 
-@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("bound", BOUNDS)
 @pytest.mark.parametrize("big", [1e14, 1e16])
 def test_huge_factors_are_refused_as_by_the_reference(
-    tmp_path: Path, big: float, chunk: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, big: float, bound: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1e14: every entry fits, but ‖ΔW‖ passes 1e15 (the fast bound falls back to the exact check); 1e16: entries."""
-    monkeypatch.setattr(parse, "_CHECK_CHUNK", chunk)
+    _bound(bound, monkeypatch)
     path = _mixed_file(tmp_path / "big.safetensors", big=big)
     with pytest.raises(LoraFormatError) as info:
         load_lora(path)

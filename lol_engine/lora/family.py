@@ -8,7 +8,7 @@ from typing import Any
 
 from lol_engine.spec import LayerSpec
 
-__all__ = ["FAMILIES", "detect_family"]
+__all__ = ["FAMILIES", "detect_family", "module_family"]
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "llm-decoder", "bert-encoder", "unknown")
 
@@ -52,6 +52,12 @@ def _from_metadata(
         if base and re.search(pattern, base):
             return family, f"adapter_config {field}={base}"
     return None
+
+
+def module_family(layers: Sequence[LayerSpec]) -> tuple[str, tuple[str, ...]]:
+    """The family the module names and widths alone suggest, with evidence; ``"unknown"`` when none does."""
+    family, evidence = _from_structure(layers)
+    return family, tuple(evidence)
 
 
 def _from_structure(layers: Sequence[LayerSpec]) -> tuple[str, list[str]]:
@@ -107,9 +113,14 @@ def detect_family(
     modelspec: Mapping[str, str],
     config: Mapping[str, Any],
     metadata: Mapping[str, str] | None = None,
+    *,
+    structure: tuple[str, tuple[str, ...]] | None = None,
 ) -> tuple[str, tuple[str, ...], list[str]]:
-    """Return ``(family, evidence, warnings)``. Metadata wins; a disagreeing structure is reported as a warning."""
-    structural, evidence = _from_structure(layers)
+    """Return ``(family, evidence, warnings)``. Metadata wins; a disagreeing structure is reported as a warning.
+
+    ``structure``: :func:`module_family` of ``layers``, when already known.
+    """
+    structural, evidence = structure if structure is not None else module_family(layers)
     meta = _from_metadata(kohya, modelspec, config, metadata or {})
     if meta is None:
         return structural, tuple(evidence), []

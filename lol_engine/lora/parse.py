@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ from lol_engine.lora.config import (
     diffusers_component_configs,
     read_adapter_config,
 )
-from lol_engine.lora.family import detect_family
+from lol_engine.lora.family import detect_family, module_family
 from lol_engine.lora.keys import (
     ENCODER_WRAPPERS,
     NAMING_FORMATS,
@@ -45,13 +46,17 @@ from lol_engine.lora.keys import (
 )
 from lol_engine.lora.metadata import Notes, decode_kohya, format_name, unknown_layout
 from lol_engine.lora.safe_io import (
+    DTYPE_SIZES,
     FLOAT_DTYPES,
+    SCALE_METADATA,
     ReadLimits,
+    Run,
     SafetensorsHeader,
     WorkBudget,
     file_sha256,
     read_header,
     read_into,
+    read_runs,
     read_tensors,
     shown,
 )
@@ -62,6 +67,9 @@ from lol_engine.spec import LayerSpec, LoraSpec, ModuleKind, natural_key
 __all__ = ["LoraSummary", "inspect_lora", "load_lora"]
 
 _MLX_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|tok_embeddings|word_embeddings)$")
+_WHOLE_FILE_BYTES = 2**20  # load_lora reads smaller files in one call (header, factors and hashes from one buffer)
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,10 @@ def inspect_lora(
     path: str | os.PathLike[str], *, limits: ReadLimits | None = None, config: AdapterConfig | None = None
 ) -> LoraSummary:
     """Spec, scales and metadata of a LoRA, reading the header and the 0-dim alpha tensors only."""
-    plans, meta, _, _ = _prepare(path, limits or ReadLimits(), config)
+    limits = limits or ReadLimits()
+    plan, header, config, _ = _prepare(path, limits, config)
+    meta = _metadata(header, plan, config, limits, file_sha256(header.path))
+    plans = plan.plans
     return LoraSummary(
         LoraSpec(tuple(p.spec for p in plans)), tuple(p.scale for p in plans), tuple(p.alpha for p in plans), meta
     )
@@ -103,116 +114,286 @@ def load_lora(
     ``config`` overrides the ``adapter_config.json`` found next to the file. The file is read once: its bytes are
     hashed (the id, and the kohya/A1111 hash of the data buffer) as they are converted, and the factors of modules of
     one shape land in one stacked buffer (each module's ``a``/``b`` is a view of it), which batched work over modules
-    of one shape (:mod:`lol_engine.symmetry`) uses without copying.
+    of one shape (:mod:`lol_engine.symmetry`) uses without copying. Files alike in everything but their factors and
+    informational metadata (the adapters of one training run) share one plan of their modules (:class:`_ModulePlan`).
     """
     limits = limits or ReadLimits()
-    plans, meta, header, budget = _prepare(path, limits, config, hash_file=False)
-    groups, loose, targets = _targets(plans, header)
-    full, data = read_into(header, targets)
+    plan, header, config, budget = _prepare(path, limits, config, whole_under=_WHOLE_FILE_BYTES)
+    arena = torch.empty(plan.arena_size) if plan.groups else None  # every group's stacks, in one buffer
+    stacks = _stacks(arena, plan)
+    if header.content is not None and plan.runs is not None and arena is not None:
+        full, data = read_runs(header, arena, plan.runs)  # a small plain file: a few conversions from one buffer
+        targets: dict[str, Tensor] = {}
+    else:
+        targets = _targets(plan, header, stacks)
+        full, data = read_into(header, targets)
     budget.check("reading the factors")
     file = header.path.name
     modules: list[LoraModule] = []
-    for group in groups:
-        for i, p in enumerate(group.plans):
-            magnitude, axis = _magnitude(p, targets, file)
-            modules.append(LoraModule(p.spec, group.a[i], group.b[i], p.scale, p.alpha, magnitude, axis))
-    loose_modules = tuple(_build_module(p, targets, file) for p in loose)
+    for members, (a, b) in zip(plan.groups, stacks, strict=True):
+        for i, p in enumerate(members):
+            magnitude, axis = _magnitude(p, targets, file) if plan.has_magnitude else (None, None)
+            modules.append(LoraModule(p.spec, a[i], b[i], p.scale, p.alpha, magnitude, axis))
+    loose_modules = tuple(_build_module(p, targets, file) for p in plan.loose)
     by_name = {m.name: m for m in (*modules, *loose_modules)}
     del targets
-    _check_factors(groups, by_name, loose_modules, file)
+    _check_factors(arena, plan.fast_check, tuple(modules), loose_modules, file)
     budget.check("checking the factors")
-    meta = replace(meta, sha256=full, data_sha256=data)
-    return LoraWeights(tuple(by_name[p.spec.name] for p in plans), meta)
+    meta = _metadata(header, plan, config, limits, full, data)
+    return LoraWeights(tuple(by_name[p.spec.name] for p in plan.plans), meta)
 
 
-@dataclass(frozen=True)
-class _Group:
-    """Plain modules of one ``(rank, d_out, d_in)``, in plan order: their factors in one stacked buffer each."""
+def _stacks(arena: Tensor | None, plan: _ModulePlan) -> list[tuple[Tensor, Tensor]]:
+    """Each group's ``(A stack (N, r, d_in), B stack (N, d_out, r))``: views of the arena, where the plan lays them."""
+    if arena is None:
+        return []
+    return [
+        (arena.as_strided(a_shape, _contiguous(a_shape), a_at), arena.as_strided(b_shape, _contiguous(b_shape), b_at))
+        for a_shape, a_at, b_shape, b_at in plan.stacks
+    ]
 
-    plans: list[_Plan]
-    a: Tensor  # (N, r, d_in)
-    b: Tensor  # (N, d_out, r)
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
+    strides = [1]
+    for d in reversed(shape[1:]):
+        strides.append(strides[-1] * d)
+    return tuple(reversed(strides))
 
 
-def _targets(plans: list[_Plan], header: SafetensorsHeader) -> tuple[list[_Group], list[_Plan], dict[str, Tensor]]:
-    """Where each wanted tensor is read to: a slot of its shape group's stacked buffer, or a tensor of its own.
+def _targets(plan: _ModulePlan, header: SafetensorsHeader, stacks: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Where each wanted tensor is read to: its slot of its shape group's stacks, or a tensor of its own.
 
     mlx-lm factors (transposed) and Tucker ``lora_mid`` modules are read on their own and built by
     :func:`_build_module`; DoRA magnitudes are read on their own.
     """
-    by_shape: dict[tuple[int, int, int], list[_Plan]] = {}
-    loose: list[_Plan] = []
     targets: dict[str, Tensor] = {}
-    for p in plans:
-        keys = p.keys.keys
-        if p.keys.naming == "mlx" or Role.MID in keys:
-            loose.append(p)
-            for role in (Role.A, Role.B, Role.MID):
-                if role in keys:
-                    targets[keys[role]] = torch.empty(header.tensors[keys[role]].shape)
-        else:
-            by_shape.setdefault((p.spec.rank, p.spec.d_out, p.spec.d_in), []).append(p)
-        if Role.MAGNITUDE in keys:
-            targets[keys[Role.MAGNITUDE]] = torch.empty(header.tensors[keys[Role.MAGNITUDE]].shape)
-    groups = []
-    for (rank, d_out, d_in), members in by_shape.items():
-        group = _Group(members, torch.empty(len(members), rank, d_in), torch.empty(len(members), d_out, rank))
+    for p in plan.loose:
+        for role in (Role.A, Role.B, Role.MID):
+            if role in p.keys.keys:
+                targets[p.keys.keys[role]] = torch.empty(header.tensors[p.keys.keys[role]].shape)
+    if plan.has_magnitude:
+        for p in plan.plans:
+            if Role.MAGNITUDE in p.keys.keys:
+                key = p.keys.keys[Role.MAGNITUDE]
+                targets[key] = torch.empty(header.tensors[key].shape)
+    for members, (a, b) in zip(plan.groups, stacks, strict=True):
         for i, p in enumerate(members):
-            targets[p.keys.keys[Role.A]] = group.a[i]  # (r, d_in): conv kernels flattened
-            targets[p.keys.keys[Role.B]] = group.b[i]  # (d_out, r)
-        groups.append(group)
-    return groups, loose, targets
+            targets[p.keys.keys[Role.A]] = a[i]  # (r, d_in): conv kernels flattened
+            targets[p.keys.keys[Role.B]] = b[i]  # (d_out, r)
+    return targets
 
 
-# Fewer factor entries than this per checked chunk: bounds the temporaries of the reference check.
-_CHECK_CHUNK = 2**24
+def _arena_layout(
+    groups: tuple[tuple[_Plan, ...], ...], header: SafetensorsHeader
+) -> tuple[int, tuple[tuple[tuple[int, ...], int, tuple[int, ...], int], ...], tuple[Run, ...]]:
+    """Where each group's stacks lie in one float32 arena, and the runs that fill it from the data buffer.
+
+    Returns ``(arena size, [(A stack shape, offset, B stack shape, offset) per group], runs)``. Stacks are laid out
+    in the order of their first tensor in the file, so that the factors of one-module groups (A then B, as the file
+    stores them) follow each other as in the file; consecutive tensors of one dtype that sit back to back in both
+    become one :class:`~lol_engine.lora.safe_io.Run` (a small adapter whose every shape occurs once is one run).
+    """
+    slots = []  # (file offset of the first tensor, group index, role, tensors in stack order)
+    for index, members in enumerate(groups):
+        for role in (Role.A, Role.B):
+            infos = [header.tensors[p.keys.keys[role]] for p in members]
+            slots.append((infos[0].begin, index, role, infos))
+    slots.sort(key=lambda slot: slot[0])
+    at: dict[tuple[int, Role], int] = {}
+    runs: list[Run] = []
+    size = 0
+    for _, index, role, infos in slots:
+        at[index, role] = size
+        for info in infos:
+            count = math.prod(info.shape)
+            last = runs[-1] if runs else None
+            if (
+                last is not None
+                and last.dtype == info.dtype
+                and last.begin + last.count * DTYPE_SIZES[info.dtype] == info.begin
+                and last.at + last.count == size
+            ):
+                runs[-1] = replace(last, count=last.count + count)
+            else:
+                runs.append(Run(info.begin, info.dtype, count, size))
+            size += count
+    stacks = []
+    for index, members in enumerate(groups):
+        n, spec = len(members), members[0].spec
+        stacks.append(((n, spec.rank, spec.d_in), at[index, Role.A], (n, spec.d_out, spec.rank), at[index, Role.B]))
+    return size, tuple(stacks), tuple(runs)
 
 
 def _check_factors(
-    groups: list[_Group], by_name: dict[str, LoraModule], loose: tuple[LoraModule, ...], file: str
+    arena: Tensor | None, fast_check: float, stacked: tuple[LoraModule, ...], loose: tuple[LoraModule, ...], file: str
 ) -> None:
-    """:func:`~lol_engine.lora.scales.check_magnitudes` with a fast path over the stacked groups.
+    """:func:`~lol_engine.lora.scales.check_magnitudes` with a fast path over the stacked modules' arena.
 
-    One pass per factor computes ``‖A‖_F`` and ``‖B‖_F`` (NaN/Inf propagate into them). A module passes at once
-    when both are finite and ``‖A‖_F``, ``‖B‖_F`` and ``|s|·‖A‖_F·‖B‖_F`` stay 1 % under the limit: these bound the
-    largest entries and ``‖s·B A‖_F`` that the reference check computes. Any other chunk goes to the reference check,
-    which refuses it with its exact message.
+    One pass over the arena finds its extreme entries (NaN propagates into them). When neither passes the
+    plan's ``fast_check`` (:func:`_fast_check`) in size, every largest entry and every ``|s|·‖B‖_F·‖A‖_F ≥ ‖s·B A‖_F``
+    stays 1 % under the limit, and the modules pass at once; otherwise the reference check runs and refuses with its
+    exact message (or passes a large update that cancels).
     """
-    bound = 0.99 * MAX_MAGNITUDE
-    for group in groups:
-        n, rank, d_in = group.a.shape
-        step = max(1, _CHECK_CHUNK // (rank * (d_in + group.b.shape[1])))
-        for start in range(0, n, step):  # whole groups of small modules in one step (no slicing: fewer torch calls)
-            a, b = (group.a, group.b) if step >= n else (group.a[start : start + step], group.b[start : start + step])
-            plans = group.plans[start : start + step]
-            a_norm = torch.linalg.vector_norm(a.view(len(a), -1), dim=1).tolist()  # ‖A‖_F; NaN, Inf stay
-            b_norm = torch.linalg.vector_norm(b.view(len(b), -1), dim=1).tolist()  # ‖B‖_F
-            fine = all(  # NaN compares False
-                x <= bound and y <= bound and x * y * abs(p.scale) <= bound
-                for x, y, p in zip(a_norm, b_norm, plans, strict=True)
-            )
-            if not fine:
-                check_magnitudes(tuple(by_name[p.spec.name] for p in plans), file)
+    if arena is not None:
+        low, high = torch.aminmax(arena)  # one pass (the inf-norm takes several)
+        if not (-float(low) <= fast_check and float(high) <= fast_check):  # NaN compares False
+            check_magnitudes(stacked, file)
     if loose:
         check_magnitudes(loose, file)
 
 
+def _fast_check(plans: Iterable[_Plan]) -> float:
+    """The largest factor entry under which :func:`check_magnitudes` passes every one of ``plans`` for certain.
+
+    ``‖s·B A‖_F ≤ |s|·‖B‖_F·‖A‖_F ≤ |s|·m²·√(n_A·n_B)`` for entries of size at most ``m``, so
+    ``m ≤ √(bound / (|s|·√(n_A·n_B)))`` with ``bound`` 1 % under the limit keeps both checks clear.
+    """
+    bound = 0.99 * MAX_MAGNITUDE
+    out = bound
+    for p in plans:
+        spec = p.spec
+        product = abs(p.scale) * math.sqrt(spec.rank * spec.d_in) * math.sqrt(spec.d_out * spec.rank)
+        if product > 0:
+            out = min(out, math.sqrt(bound / product))
+    return out
+
+
 def _prepare(
-    path: str | os.PathLike[str], limits: ReadLimits, config: AdapterConfig | None, hash_file: bool = True
-) -> tuple[list[_Plan], LoraMetadata, SafetensorsHeader, WorkBudget]:
+    path: str | os.PathLike[str], limits: ReadLimits, config: AdapterConfig | None, whole_under: int = 0
+) -> tuple[_ModulePlan, SafetensorsHeader, AdapterConfig | None, WorkBudget]:
+    """The file's header (read whole under ``whole_under`` bytes), its module plan and its config."""
     found = locate.locate_lora(path)
     file = found.weights
     where = file.name
     budget = WorkBudget(limits, where)
     if config is None and found.config is not None:
         config = read_adapter_config(found.config, limits)
-    header = read_header(file, limits, precheck=lambda entries: _count_modules(entries, limits, where))
+    header = read_header(
+        file,
+        limits,
+        precheck=lambda entries: _count_modules(entries, limits, where),
+        whole_under=whole_under,
+    )
+    plan = _module_plan(header, config, limits, budget)
+    budget.check("planning modules")
+    return plan, header, config, budget
+
+
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """What a file's tensor names, dtypes and shapes alone determine: its modules' keys, and the plans made for it."""
+
+    low_rank: dict[str, ModuleKeys]  # stem → keys of the modules with factors; read-only once made
+    side_keys: tuple[str, ...]  # the 0-dim alpha/scale tensors, whose values the scales depend on
+    cloneofsimo: frozenset[str]  # components of cloneofsimo stems: the metadata keys that name their modules
+    plans: _Lru[tuple[Any, ...], _ModulePlan]
+
+
+@dataclass(frozen=True, eq=False)
+class _ModulePlan:
+    """Every module of a file before its factors are read, with what the modules alone say about the file.
+
+    Made by :func:`_plan_modules` from the tensor table, the adapter config, the limits, the alpha/scale values and
+    the metadata keys that set scales or names, and from nothing else: files alike in those share one (the adapters
+    of one training run differ only in their factors and informational metadata).
+    """
+
+    plans: tuple[_Plan, ...]  # in natural name order
+    groups: tuple[tuple[_Plan, ...], ...]  # plain modules by (rank, d_out, d_in): one stacked buffer each
+    loose: tuple[_Plan, ...]  # mlx-lm (transposed) and Tucker modules: read on their own
+    notes: tuple[str, ...]  # warnings of the planning, folded
+    structure: tuple[str, tuple[str, ...]]  # the family the module names and widths suggest, with evidence
+    wrappers: tuple[str, ...]  # evidence lines: encoder wrapper prefixes resolved
+    origins: frozenset[NameOrigin]
+    skipped: tuple[str, ...]  # tensors that are no LoRA factors
+    dtype: str  # source dtypes of the factors, e.g. "F16"
+    has_mid: bool
+    has_bias: bool
+    has_alpha: bool
+    has_magnitude: bool
+    arena_size: int  # float32 values of every group's stacks together
+    stacks: tuple[
+        tuple[tuple[int, ...], int, tuple[int, ...], int], ...
+    ]  # per group: A shape, offset, B shape, offset
+    runs: tuple[Run, ...] | None  # how the arena fills from the data buffer; None with loose modules or magnitudes
+    fast_check: float  # factors whose entries all stay at or below this pass the magnitude checks at once
+    config: AdapterConfig | None  # the config the plans were made with (its id is part of the cache key)
+
+
+class _Lru(Generic[_K, _V]):
+    """A small least-recently-used map, safe to share between threads."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[_K, _V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: _K) -> _V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: _K, value: _V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+_LAYOUTS: _Lru[tuple[tuple[str, str, tuple[int, ...], int], ...], _Layout] = _Lru(16)
+_PLANS_PER_LAYOUT = 8
+
+
+def _module_plan(
+    header: SafetensorsHeader, config: AdapterConfig | None, limits: ReadLimits, budget: WorkBudget
+) -> _ModulePlan:
+    """The file's :class:`_ModulePlan`: made once per distinct input, then shared (a small cache of each)."""
+    table = tuple((t.name, t.dtype, t.shape, t.begin) for t in header.tensors.values())
+    layout = _LAYOUTS.get(table)
+    if layout is None:
+        layout = _layout(header)
+        _LAYOUTS.put(table, layout)
+    side = _read_side_tensors(header, layout.side_keys)
+    keyed = SCALE_METADATA | layout.cloneofsimo
+    metadata = {k: v for k, v in header.metadata.items() if k in keyed}
+    key = (id(config), limits, tuple(side.items()), tuple(metadata.items()))
+    plan = layout.plans.get(key)
+    if plan is None or plan.config is not config:
+        plan = _plan_modules(layout, header, metadata, side, config, limits, budget)
+        layout.plans.put(key, plan)
+    return plan
+
+
+def _layout(header: SafetensorsHeader) -> _Layout:
+    """Group the file's keys into modules; refuse layouts that are no low-rank adapter."""
+    where = header.path.name
     groups, _ = group_keys(header.tensors, where)
     _refuse_variants(groups, where)
     low_rank = {stem: g for stem, g in groups.items() if Role.A in g.keys or Role.B in g.keys}
     if not low_rank:
         raise LoraFormatError(unknown_layout(list(header.tensors), where))
-    configs = _configs(config, header.metadata, where, limits)
+    side_keys = tuple(g.keys[role] for g in low_rank.values() for role in (Role.ALPHA, Role.SCALE) if role in g.keys)
+    components = frozenset(stem.partition(":")[0] for stem, g in low_rank.items() if g.naming == "cloneofsimo")
+    return _Layout(low_rank, side_keys, components, _Lru(_PLANS_PER_LAYOUT))
+
+
+def _plan_modules(
+    layout: _Layout,
+    header: SafetensorsHeader,
+    metadata: dict[str, str],
+    side: dict[str, float],
+    config: AdapterConfig | None,
+    limits: ReadLimits,
+    budget: WorkBudget,
+) -> _ModulePlan:
+    """Name, shape and scale every module; ``metadata`` holds only the keys that set scales or names."""
+    where = header.path.name
+    low_rank = layout.low_rank
+    configs = _configs(config, metadata, where, limits)
     pairs = sum(c.n_patterns for c in configs.values() if isinstance(c, PeftAdapterConfig)) * len(low_rank)
     if pairs > limits.max_pattern_pairs:
         raise LoraFormatError(
@@ -221,9 +402,7 @@ def _prepare(
         )
     budget.check("grouping keys")
     notes = Notes()
-    notes.lines += header.warnings
-    side = _read_side_tensors(header, low_rank.values())
-    names = _names(low_rank, header, notes, where)
+    names = _names(low_rank, header, metadata, notes, where)
     plans = []
     for stem, group in low_rank.items():
         resolved = names[stem]
@@ -234,9 +413,43 @@ def _prepare(
         plans.append(_Plan(spec, group, alpha, scale, NameOrigin(group.naming, resolved.source, resolved.wrapper)))
     plans.sort(key=lambda p: natural_key(p.spec.name))  # the same modules always come in the same order
     _check_work([p.spec for p in plans], limits, where)
-    budget.check("planning modules")
-    meta = _metadata(file, header, plans, config, notes, limits, hash_file)
-    return plans, meta, header, budget
+    by_shape: dict[tuple[int, int, int], list[_Plan]] = {}
+    loose = []
+    for p in plans:
+        if p.keys.naming == "mlx" or Role.MID in p.keys.keys:
+            loose.append(p)
+        else:
+            by_shape.setdefault((p.spec.rank, p.spec.d_out, p.spec.d_in), []).append(p)
+    wrappers = dict(ENCODER_WRAPPERS)
+    used = {key for p in plans for role, key in p.keys.keys.items() if role is not Role.BIAS}
+    factor_roles = (Role.A, Role.B, Role.MID)
+    dtypes = {header.tensors[k].dtype for p in plans for r, k in p.keys.keys.items() if r in factor_roles}
+    groups = tuple(tuple(members) for members in by_shape.values())
+    arena_size, stacks, runs = _arena_layout(groups, header)
+    has_magnitude = any(Role.MAGNITUDE in p.keys.keys for p in plans)
+    return _ModulePlan(
+        plans=tuple(plans),
+        groups=groups,
+        loose=tuple(loose),
+        notes=tuple(notes.fold()),
+        structure=module_family([p.spec for p in plans]),
+        wrappers=tuple(
+            f"module names: wrapper prefix {w!r} resolved ({wrappers[w]})"
+            for w in sorted({p.origin.wrapper for p in plans} - {""})
+        ),
+        origins=frozenset(p.origin for p in plans),
+        skipped=tuple(k for k in header.tensors if k not in used),
+        dtype="+".join(sorted(dtypes)),
+        has_mid=any(Role.MID in p.keys.keys for p in plans),
+        has_bias=any(Role.BIAS in p.keys.keys for p in plans),
+        has_alpha=any(Role.ALPHA in p.keys.keys for p in plans),
+        has_magnitude=has_magnitude,
+        arena_size=arena_size,
+        stacks=stacks,
+        runs=None if loose or has_magnitude else runs,
+        fast_check=_fast_check(p for members in by_shape.values() for p in members),
+        config=config,
+    )
 
 
 def _count_modules(keys: Iterable[str], limits: ReadLimits, where: str) -> None:
@@ -296,13 +509,12 @@ def _refuse_variants(groups: dict[str, ModuleKeys], where: str) -> None:
             group.keys.clear()
 
 
-def _read_side_tensors(header: SafetensorsHeader, groups: Iterable[ModuleKeys]) -> dict[str, float]:
-    keys = [g.keys[role] for g in groups for role in (Role.ALPHA, Role.SCALE) if role in g.keys]
+def _read_side_tensors(header: SafetensorsHeader, keys: tuple[str, ...]) -> dict[str, float]:
     for key in keys:
         shape = header.tensors[key].shape
         if len(shape) > 1 or (shape and shape[0] != 1):
             raise LoraFormatError(f"{header.path.name}: {shown(key)} should be a scalar, has shape {shape}")
-    values = read_tensors(header, keys) if keys else {}
+    values = read_tensors(header, list(keys)) if keys else {}
     out = {}
     for key, tensor in values.items():
         value = float(tensor.reshape(-1)[0])
@@ -313,7 +525,7 @@ def _read_side_tensors(header: SafetensorsHeader, groups: Iterable[ModuleKeys]) 
 
 
 def _names(
-    groups: dict[str, ModuleKeys], header: SafetensorsHeader, notes: Notes, where: str
+    groups: dict[str, ModuleKeys], header: SafetensorsHeader, metadata: dict[str, str], notes: Notes, where: str
 ) -> dict[str, ResolvedName]:
     """``{stem: canonical name and its source}``; refuses two stems that resolve to one module."""
     indexed = {}
@@ -321,7 +533,7 @@ def _names(
         if group.naming == "cloneofsimo":
             a_shape, b_shape = _oriented(group, header, f"{where}: {cloneofsimo.FORMAT} module {shown(stem)}")
             indexed[stem] = (a_shape[1] if len(a_shape) > 1 else 0, b_shape[0])
-    by_index = cloneofsimo.resolve(indexed, header.metadata, where) if indexed else {}
+    by_index = cloneofsimo.resolve(indexed, metadata, where) if indexed else {}
     out: dict[str, ResolvedName] = {}
     seen: dict[str, str] = {}
     unresolved = []
@@ -462,54 +674,49 @@ def _magnitude(plan: _Plan, tensors: dict[str, Tensor], file: str) -> tuple[Tens
 
 
 def _metadata(
-    file: Path,
     header: SafetensorsHeader,
-    plans: list[_Plan],
+    plan: _ModulePlan,
     config: AdapterConfig | None,
-    notes: Notes,
     limits: ReadLimits,
-    hash_file: bool = True,
+    sha256: str,
+    data_sha256: str = "",
 ) -> LoraMetadata:
-    warnings = notes.fold()
+    warnings = [*header.warnings, *plan.notes]
     kohya = {k: decode_kohya(k, v, limits, warnings) for k, v in header.metadata.items() if k.startswith("ss_")}
     modelspec = {k.removeprefix("modelspec."): v for k, v in header.metadata.items() if k.startswith("modelspec.")}
     raw_config = dict(config.raw) if config else {}
     family, evidence, family_warnings = detect_family(
-        [p.spec for p in plans], kohya, modelspec, raw_config, header.metadata
+        [p.spec for p in plan.plans], kohya, modelspec, raw_config, header.metadata, structure=plan.structure
     )
-    wrappers = dict(ENCODER_WRAPPERS)
-    for wrapper in sorted({p.origin.wrapper for p in plans} - {""}):
-        evidence += (f"module names: wrapper prefix {wrapper!r} resolved ({wrappers[wrapper]})",)
-    fmt = format_name({p.origin for p in plans}, kohya, any(Role.MID in p.keys.keys for p in plans))
-    used = {key for p in plans for role, key in p.keys.keys.items() if role is not Role.BIAS}
-    skipped = tuple(k for k in header.tensors if k not in used)
+    evidence += plan.wrappers
+    fmt = format_name(plan.origins, kohya, plan.has_mid)
     warnings += family_warnings
     if "+" in fmt:
         warnings.append(f"modules use more than one naming convention ({fmt})")
-    if any(Role.BIAS in p.keys.keys for p in plans):
+    if plan.has_bias:
         warnings.append("lora_B.bias tensors (PEFT lora_bias=True) are a bias update outside ΔW = B A; skipped")
-    if skipped:
-        warnings.append(f"{len(skipped)} tensor(s) are not LoRA factors and were skipped (first: {shown(skipped[0])})")
+    if plan.skipped:
+        warnings.append(
+            f"{len(plan.skipped)} tensor(s) are not LoRA factors and were skipped (first: {shown(plan.skipped[0])})"
+        )
     if config is not None and (note := config.conversion_warning()):
         warnings.append(note)
-    if fmt == "peft" and config is None and not any(Role.ALPHA in p.keys.keys for p in plans):
+    if fmt == "peft" and config is None and not plan.has_alpha:
         warnings.append("no adapter_config.json: assumed lora_alpha = r (scale 1)")
-    factor_roles = (Role.A, Role.B, Role.MID)
-    dtypes = {header.tensors[k].dtype for p in plans for r, k in p.keys.keys.items() if r in factor_roles}
-    is_dora = any(Role.MAGNITUDE in p.keys.keys for p in plans) or bool(config and config.use_dora)
     return LoraMetadata(
         format=fmt,
         base_family=family,
         family_evidence=evidence,
-        dtype="+".join(sorted(dtypes)),
-        sha256=file_sha256(file) if hash_file else "",  # load_lora hashes the bytes as it reads them
+        dtype=plan.dtype,
+        sha256=sha256,
+        data_sha256=data_sha256,
         size_bytes=header.file_size,
-        source=str(file),
-        is_dora=is_dora,
+        source=str(header.path),
+        is_dora=plan.has_magnitude or bool(config and config.use_dora),
         safetensors_metadata=dict(header.metadata),
         kohya=kohya,
         modelspec=modelspec,
         adapter_config=raw_config,
-        skipped_keys=skipped,
+        skipped_keys=plan.skipped,
         warnings=tuple(dict.fromkeys(warnings)),
     )

@@ -15,9 +15,9 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,8 @@ class SafetensorsHeader:
     file_size: int
     warnings: tuple[str, ...] = ()
     data_start: int = 8  # byte offset of the data buffer: 8 + the header's length
+    # The whole file, when read_header read it at once (``whole_under``): tensors are then read from it, not the file.
+    content: bytearray | None = field(default=None, repr=False, compare=False)
 
 
 def refuse_non_safetensors(path: Path) -> None:
@@ -248,12 +250,16 @@ def read_header(
     path: str | os.PathLike[str],
     limits: ReadLimits | None = None,
     precheck: Callable[[dict[str, Any]], None] | None = None,
+    whole_under: int = 0,
 ) -> SafetensorsHeader:
     """Read and validate a safetensors header without reading any tensor data.
 
     Raises :class:`LoraFormatError` naming the problem: wrong kind of file, size limits, truncation, malformed JSON,
     a dtype outside F32/F16/BF16/F64, a byte range that does not match its shape, overlaps or gaps. ``precheck`` sees
     the parsed entries before they are validated one by one (the caller's own cheap counts go there).
+
+    A file of fewer than ``whole_under`` bytes is read whole in one call and kept as the header's ``content``:
+    :func:`read_into` and :func:`read_tensors` then convert and hash those very bytes without opening it again.
     """
     limits = limits or ReadLimits()
     path = Path(path)
@@ -285,8 +291,16 @@ def read_header(
             raise LoraFormatError(
                 f"{where}: truncated: the header claims {n:,} bytes but the file has {size - 8:,} after it"
             )
-        fh.seek(8)
-        raw = fh.read(n)
+        content = None
+        if size < whole_under:
+            content = bytearray(size)
+            fh.seek(0)
+            if fh.readinto(content) != size or fh.read(1):
+                raise LoraFormatError(f"{where}: the file changed while it was being read")
+            raw = bytes(content[8 : 8 + n])
+        else:
+            fh.seek(8)
+            raw = fh.read(n)
     entries, metadata = _parse_header(raw, where, limits)
     if len(entries) > limits.max_tensors:
         raise LoraFormatError(f"{where}: {len(entries):,} tensors, over the limit of {limits.max_tensors:,}")
@@ -295,7 +309,7 @@ def read_header(
     buffer = size - 8 - n
     tensors = _validate_entries(entries, buffer, where, limits)
     metadata, warnings = _clean_metadata(metadata, where, limits)
-    return SafetensorsHeader(path, tensors, metadata, size, tuple(warnings), 8 + n)
+    return SafetensorsHeader(path, tensors, metadata, size, tuple(warnings), 8 + n, content)
 
 
 def _refuse_non_container(prefix: bytes, where: str) -> None:
@@ -441,6 +455,11 @@ def read_tensors(header: SafetensorsHeader, names: list[str]) -> dict[str, torch
     """
     out = {}
     where = header.path.name
+    if header.content is not None:  # read whole by read_header
+        for name in names:
+            info = header.tensors[name]
+            out[name] = _float32(header.content[header.data_start + info.begin : header.data_start + info.end], info)
+        return out
     try:
         with header.path.open("rb") as fh:
             if os.fstat(fh.fileno()).st_size != header.file_size:
@@ -451,12 +470,17 @@ def read_tensors(header: SafetensorsHeader, names: list[str]) -> dict[str, torch
                 fh.seek(header.data_start + info.begin)
                 if fh.readinto(blob) != len(blob):
                     raise LoraFormatError(f"{where}: the file changed while it was being read")
-                dtype = _TORCH_DTYPES_BY_NAME[info.dtype]
-                flat = torch.frombuffer(blob, dtype=dtype) if blob else torch.empty(0, dtype=dtype)
-                out[name] = flat.reshape(info.shape).to(torch.float32)  # little-endian, as the format prescribes
+                out[name] = _float32(blob, info)
     except OSError as exc:
         raise LoraFormatError(f"{where}: could not be read ({exc.strerror or type(exc).__name__})") from None
     return out
+
+
+def _float32(blob: bytearray, info: TensorInfo) -> torch.Tensor:
+    """``info``'s tensor from its own bytes, as float32 (little-endian, as the format prescribes)."""
+    dtype = _TORCH_DTYPES_BY_NAME[info.dtype]
+    flat = torch.frombuffer(blob, dtype=dtype) if blob else torch.empty(0, dtype=dtype)
+    return flat.reshape(info.shape).to(torch.float32)
 
 
 class _Hasher:
@@ -525,6 +549,13 @@ def read_into(header: SafetensorsHeader, targets: Mapping[str, torch.Tensor]) ->
     ones not named are only hashed. The byte ranges were checked by :func:`read_header`.
     """
     where = header.path.name
+    if header.content is not None:  # read whole by read_header: convert and hash those bytes
+        content = header.content
+        for info in header.tensors.values():
+            target = targets.get(info.name)
+            if target is not None:
+                _convert(content, header.data_start + info.begin, info, target)
+        return _content_hashes(header.data_start, content)
     hasher = _Hasher(header.file_size)
     try:
         with header.path.open("rb") as fh:
@@ -551,6 +582,36 @@ def read_into(header: SafetensorsHeader, targets: Mapping[str, torch.Tensor]) ->
     finally:
         full, data = hasher.digests()
     return full, data
+
+
+@dataclass(frozen=True)
+class Run:
+    """``count`` values of ``dtype`` at byte ``begin`` of the data buffer, bound for a flat target from ``at``."""
+
+    begin: int
+    dtype: str
+    count: int
+    at: int
+
+
+def read_runs(header: SafetensorsHeader, target: torch.Tensor, runs: Sequence[Run]) -> tuple[str, str]:
+    """:func:`read_into` for a file read whole (``header.content``) into one flat ``target``, a few runs at a time.
+
+    Each run is one conversion, however many tensors it spans. The runs must lie inside the tensors of the validated
+    header (the caller made them from its entries). Returns ``(sha256 of the file, sha256 of its data buffer)``.
+    """
+    content = header.content
+    if content is None:
+        raise ValueError("read_runs needs a header read whole (read_header's whole_under)")
+    for run in runs:
+        info = TensorInfo("", run.dtype, (run.count,), run.begin, run.begin + run.count * DTYPE_SIZES[run.dtype])
+        _convert(content, header.data_start + run.begin, info, target[run.at : run.at + run.count])
+    return _content_hashes(header.data_start, content)
+
+
+def _content_hashes(data_start: int, content: bytearray) -> tuple[str, str]:
+    with memoryview(content) as whole:
+        return hashlib.sha256(whole).hexdigest(), hashlib.sha256(whole[data_start:]).hexdigest()
 
 
 READ_BLOCK = 2**22  # bytes read (and handed to the hashing threads) at a time, in whole tensors
