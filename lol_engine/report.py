@@ -120,8 +120,8 @@ def _hashes(meta: LoraMetadata, limits: ReadLimits, warnings: list[str]) -> dict
     compared with it.
     """
     addnet = meta.data_sha256 or None  # load_lora hashed the data buffer as it read it
-    source = Path(meta.source) if meta.source else None
-    if addnet is None and source is not None and source.is_file() and meta.sha256:
+    source = Path(meta.source) if meta.source and addnet is None else None
+    if source is not None and source.is_file() and meta.sha256:
         try:
             full, data = safetensors_hashes(source, limits.max_file_bytes)
         except (LoraFormatError, OSError) as exc:
