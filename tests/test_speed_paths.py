@@ -18,10 +18,10 @@ from lol_engine import symmetry
 from lol_engine.errors import LoraFormatError
 from lol_engine.fingerprint import FINGERPRINT_NAMES, ROLES, fingerprint, fingerprints, module_role
 from lol_engine.lora import parse, safe_io
+from lol_engine.lora.keys import ModuleKeys, NameOrigin
 from lol_engine.lora.locate import display_name
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.safe_io import file_sha256, safetensors_hashes
-from lol_engine.lora.keys import ModuleKeys, NameOrigin
 from lol_engine.lora.scales import MAX_MAGNITUDE, check_magnitudes
 from lol_engine.lora.weights import LoraModule, LoraWeights
 from lol_engine.spec import LayerSpec, natural_key
