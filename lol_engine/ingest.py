@@ -23,7 +23,7 @@ from lol_engine.encoders import Encoded, Encoder, encode_many, encoders_for, loa
 from lol_engine.errors import LoraFormatError
 from lol_engine.hub import fetch_repo, is_repo_id
 from lol_engine.labels import LabelMatch, LabelTable, LoraKeys, match_labels, metadata_labels, path_keys
-from lol_engine.lora.locate import display_name, find_loras, locate_lora, path_kind, scan_tree
+from lol_engine.lora.locate import LoraLocation, display_name, find_loras, locate_lora, path_kind, scan_tree
 from lol_engine.lora.parse import load_lora
 from lol_engine.lora.weights import LoraWeights
 from lol_engine.report import describe
@@ -48,12 +48,14 @@ class IngestReport:
 @dataclass(frozen=True)
 class LoraSource:
     """One LoRA to ingest: where it is, its labels (from a zoo manifest), its zoo's name and the name to store it
-    under (None: :func:`~lol_engine.lora.locate.display_name` of its file)."""
+    under (None: :func:`~lol_engine.lora.locate.display_name` of its file); ``location``: its file and config as a
+    folder walk found them, read from there without looking again."""
 
     path: Path
     labels: dict[str, Any] = field(default_factory=dict)
     zoo: str | None = None
     name: str | None = None
+    location: LoraLocation | None = None
 
 
 def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[LoraSource]:
@@ -73,8 +75,8 @@ def lora_sources(paths: Iterable[str], cache_dir: str | None = None) -> list[Lor
             found, zoos = scan_tree(path, marked_by=("manifest.parquet", "zoo.json"))
             for zoo in zoos:
                 out += _zoo_sources(zoo)
-            loose = [f.weights for f in found if not any(f.weights.is_relative_to(z) for z in zoos)]
-            out += [LoraSource(w) for w in loose] or ([] if zoos else [LoraSource(path)])
+            loose = [f for f in found if not any(f.weights.is_relative_to(z) for z in zoos)]
+            out += [LoraSource(f.weights, location=f) for f in loose] or ([] if zoos else [LoraSource(path)])
     return out
 
 
@@ -191,7 +193,7 @@ def ingest(
         task = bar.add_task("ingest", total=len(sources))
         for done, source in enumerate(sources, 1):
             try:
-                lora = load_lora(source.path)
+                lora = load_lora(source.location or source.path)
                 pending.append((source, lora))
                 pending_bytes += lora.meta.size_bytes
                 if labels is not None and labels.key == "sha256":  # only a sha256-keyed table needs the names now

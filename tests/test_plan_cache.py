@@ -16,6 +16,7 @@ from lora_files import factors, kohya, peft, save, write_config
 
 from lol_engine import LoraFormatError, load_lora
 from lol_engine.lora import parse, safe_io
+from lol_engine.lora.locate import find_loras
 from lol_engine.lora.parse import inspect_lora
 from lol_engine.lora.safe_io import ReadLimits, file_sha256, safetensors_hashes
 
@@ -237,3 +238,13 @@ def test_the_plan_cache_is_bounded() -> None:
     cache.get(2)  # used: now the most recent
     cache.put(5, "5")
     assert cache.get(3) is None and cache.get(2) == "2"
+
+
+def test_a_location_found_by_a_walk_reads_as_its_path(tmp_path: Path) -> None:
+    folder = _peft_folder(tmp_path / "runs" / "one", 1)
+    save(tmp_path / "runs" / "plain.safetensors", peft(STEMS[0]))
+    found = find_loras(tmp_path / "runs")
+    assert [loc.name for loc in found] == ["one", "plain"]
+    _same(load_lora(found[0]), load_lora(folder))
+    _same(load_lora(found[1]), load_lora(tmp_path / "runs" / "plain.safetensors"))
+    assert found[0].config is not None and found[1].config is None

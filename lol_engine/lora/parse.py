@@ -107,9 +107,15 @@ def inspect_lora(
 
 
 def load_lora(
-    path: str | os.PathLike[str], *, limits: ReadLimits | None = None, config: AdapterConfig | None = None
+    path: str | os.PathLike[str] | locate.LoraLocation,
+    *,
+    limits: ReadLimits | None = None,
+    config: AdapterConfig | None = None,
 ) -> LoraWeights:
     """Read a LoRA file or folder into :class:`LoraWeights` (float32, CPU), or raise :class:`LoraFormatError`.
+
+    ``path`` may also be a :class:`~lol_engine.lora.locate.LoraLocation` that a folder walk found
+    (:func:`~lol_engine.lora.locate.find_loras`): its file and config are read without locating them again.
 
     ``config`` overrides the ``adapter_config.json`` found next to the file. The file is read once: its bytes are
     hashed (the id, and the kohya/A1111 hash of the data buffer) as they are converted, and the factors of modules of
@@ -120,20 +126,19 @@ def load_lora(
     limits = limits or ReadLimits()
     plan, header, config, budget = _prepare(path, limits, config, whole_under=_WHOLE_FILE_BYTES)
     arena = torch.empty(plan.arena_size) if plan.groups else None  # every group's stacks, in one buffer
-    stacks = _stacks(arena, plan)
+    views = _views(arena, plan)
     if header.content is not None and plan.runs is not None and arena is not None:
         full, data = read_runs(header, arena, plan.runs)  # a small plain file: a few conversions from one buffer
         targets: dict[str, Tensor] = {}
     else:
-        targets = _targets(plan, header, stacks)
+        targets = _targets(plan, header, views)
         full, data = read_into(header, targets)
     budget.check("reading the factors")
     file = header.path.name
     modules: list[LoraModule] = []
-    for members, (a, b) in zip(plan.groups, stacks, strict=True):
-        for i, p in enumerate(members):
-            magnitude, axis = _magnitude(p, targets, file) if plan.has_magnitude else (None, None)
-            modules.append(LoraModule(p.spec, a[i], b[i], p.scale, p.alpha, magnitude, axis))
+    for p, a, b in views:
+        magnitude, axis = _magnitude(p, targets, file) if plan.has_magnitude else (None, None)
+        modules.append(LoraModule(p.spec, a, b, p.scale, p.alpha, magnitude, axis))
     loose_modules = tuple(_build_module(p, targets, file) for p in plan.loose)
     by_name = {m.name: m for m in (*modules, *loose_modules)}
     del targets
@@ -143,26 +148,26 @@ def load_lora(
     return LoraWeights(tuple(by_name[p.spec.name] for p in plan.plans), meta)
 
 
-def _stacks(arena: Tensor | None, plan: _ModulePlan) -> list[tuple[Tensor, Tensor]]:
-    """Each group's ``(A stack (N, r, d_in), B stack (N, d_out, r))``: views of the arena, where the plan lays them."""
+def _views(arena: Tensor | None, plan: _ModulePlan) -> list[tuple[_Plan, Tensor, Tensor]]:
+    """``(plan, A (r, d_in), B (d_out, r))`` of each stacked module: views of the arena where the plan lays them out
+    (the A factors of a group back to back, then its B factors: :func:`lol_engine.symmetry.stacked` takes them as
+    the group's stacks without a copy)."""
     if arena is None:
         return []
     return [
-        (arena.as_strided(a_shape, _contiguous(a_shape), a_at), arena.as_strided(b_shape, _contiguous(b_shape), b_at))
-        for a_shape, a_at, b_shape, b_at in plan.stacks
+        (
+            p,
+            arena.as_strided((p.spec.rank, p.spec.d_in), (p.spec.d_in, 1), a_at),
+            arena.as_strided((p.spec.d_out, p.spec.rank), (p.spec.rank, 1), b_at),
+        )
+        for p, a_at, b_at in plan.views
     ]
 
 
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The strides of a contiguous tensor of ``shape``."""
-    strides = [1]
-    for d in reversed(shape[1:]):
-        strides.append(strides[-1] * d)
-    return tuple(reversed(strides))
-
-
-def _targets(plan: _ModulePlan, header: SafetensorsHeader, stacks: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-    """Where each wanted tensor is read to: its slot of its shape group's stacks, or a tensor of its own.
+def _targets(
+    plan: _ModulePlan, header: SafetensorsHeader, views: list[tuple[_Plan, Tensor, Tensor]]
+) -> dict[str, Tensor]:
+    """Where each wanted tensor is read to: its slot in the arena, or a tensor of its own.
 
     mlx-lm factors (transposed) and Tucker ``lora_mid`` modules are read on their own and built by
     :func:`_build_module`; DoRA magnitudes are read on their own.
@@ -177,19 +182,18 @@ def _targets(plan: _ModulePlan, header: SafetensorsHeader, stacks: list[tuple[Te
             if Role.MAGNITUDE in p.keys.keys:
                 key = p.keys.keys[Role.MAGNITUDE]
                 targets[key] = torch.empty(header.tensors[key].shape)
-    for members, (a, b) in zip(plan.groups, stacks, strict=True):
-        for i, p in enumerate(members):
-            targets[p.keys.keys[Role.A]] = a[i]  # (r, d_in): conv kernels flattened
-            targets[p.keys.keys[Role.B]] = b[i]  # (d_out, r)
+    for p, a, b in views:
+        targets[p.keys.keys[Role.A]] = a  # (r, d_in): conv kernels flattened
+        targets[p.keys.keys[Role.B]] = b  # (d_out, r)
     return targets
 
 
 def _arena_layout(
     groups: tuple[tuple[_Plan, ...], ...], header: SafetensorsHeader
-) -> tuple[int, tuple[tuple[tuple[int, ...], int, tuple[int, ...], int], ...], tuple[Run, ...]]:
+) -> tuple[int, tuple[tuple[_Plan, int, int], ...], tuple[Run, ...]]:
     """Where each group's stacks lie in one float32 arena, and the runs that fill it from the data buffer.
 
-    Returns ``(arena size, [(A stack shape, offset, B stack shape, offset) per group], runs)``. Stacks are laid out
+    Returns ``(arena size, [(plan, A offset, B offset) per module, group by group], runs)``. Stacks are laid out
     in the order of their first tensor in the file, so that the factors of one-module groups (A then B, as the file
     stores them) follow each other as in the file; consecutive tensors of one dtype that sit back to back in both
     become one :class:`~lol_engine.lora.safe_io.Run` (a small adapter whose every shape occurs once is one run).
@@ -218,11 +222,12 @@ def _arena_layout(
             else:
                 runs.append(Run(info.begin, info.dtype, count, size))
             size += count
-    stacks = []
+    views = []
     for index, members in enumerate(groups):
-        n, spec = len(members), members[0].spec
-        stacks.append(((n, spec.rank, spec.d_in), at[index, Role.A], (n, spec.d_out, spec.rank), at[index, Role.B]))
-    return size, tuple(stacks), tuple(runs)
+        for i, p in enumerate(members):
+            rank, d_in, d_out = p.spec.rank, p.spec.d_in, p.spec.d_out
+            views.append((p, at[index, Role.A] + i * rank * d_in, at[index, Role.B] + i * d_out * rank))
+    return size, tuple(views), tuple(runs)
 
 
 def _check_factors(
@@ -260,10 +265,13 @@ def _fast_check(plans: Iterable[_Plan]) -> float:
 
 
 def _prepare(
-    path: str | os.PathLike[str], limits: ReadLimits, config: AdapterConfig | None, whole_under: int = 0
+    path: str | os.PathLike[str] | locate.LoraLocation,
+    limits: ReadLimits,
+    config: AdapterConfig | None,
+    whole_under: int = 0,
 ) -> tuple[_ModulePlan, SafetensorsHeader, AdapterConfig | None, WorkBudget]:
     """The file's header (read whole under ``whole_under`` bytes), its module plan and its config."""
-    found = locate.locate_lora(path)
+    found = path if isinstance(path, locate.LoraLocation) else locate.locate_lora(path)
     file = found.weights
     where = file.name
     budget = WorkBudget(limits, where)
@@ -313,9 +321,7 @@ class _ModulePlan:
     has_alpha: bool
     has_magnitude: bool
     arena_size: int  # float32 values of every group's stacks together
-    stacks: tuple[
-        tuple[tuple[int, ...], int, tuple[int, ...], int], ...
-    ]  # per group: A shape, offset, B shape, offset
+    views: tuple[tuple[_Plan, int, int], ...]  # each stacked module's A and B offsets in the arena
     runs: tuple[Run, ...] | None  # how the arena fills from the data buffer; None with loose modules or magnitudes
     fast_check: float  # factors whose entries all stay at or below this pass the magnitude checks at once
     config: AdapterConfig | None  # the config the plans were made with (its id is part of the cache key)
@@ -425,7 +431,7 @@ def _plan_modules(
     factor_roles = (Role.A, Role.B, Role.MID)
     dtypes = {header.tensors[k].dtype for p in plans for r, k in p.keys.keys.items() if r in factor_roles}
     groups = tuple(tuple(members) for members in by_shape.values())
-    arena_size, stacks, runs = _arena_layout(groups, header)
+    arena_size, views, runs = _arena_layout(groups, header)
     has_magnitude = any(Role.MAGNITUDE in p.keys.keys for p in plans)
     return _ModulePlan(
         plans=tuple(plans),
@@ -445,7 +451,7 @@ def _plan_modules(
         has_alpha=any(Role.ALPHA in p.keys.keys for p in plans),
         has_magnitude=has_magnitude,
         arena_size=arena_size,
-        stacks=stacks,
+        views=views,
         runs=None if loose or has_magnitude else runs,
         fast_check=_fast_check(p for members in by_shape.values() for p in members),
         config=config,
