@@ -381,13 +381,18 @@ def stacked(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _back_to_back(tensors: Sequence[Tensor], base: Tensor) -> bool:
-    """Whether ``tensors`` are contiguous views of ``base`` of one shape, each starting where the one before ends."""
+    """Whether ``tensors`` are contiguous views of ``base`` of one shape and dtype, each starting where the one before
+    ends."""
     first = tensors[0]
     start, step = first.data_ptr(), first.numel() * first.element_size()
     shape, strides = first.shape, first.stride()
-    return first.is_contiguous() and all(
-        t._base is base and t.data_ptr() == start + i * step and t.shape == shape and t.stride() == strides
-        for i, t in enumerate(tensors)
+    return (
+        first.is_contiguous()
+        and first.dtype == base.dtype
+        and all(
+            t._base is base and t.data_ptr() == start + i * step and t.shape == shape and t.stride() == strides
+            for i, t in enumerate(tensors)
+        )
     )
 
 

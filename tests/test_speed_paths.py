@@ -550,3 +550,13 @@ def test_fingerprints_of_one_layout_together_match_the_reference() -> None:
         torch.testing.assert_close(fp, _reference_fingerprint(lora), rtol=1e-5, atol=1e-6)
     assert float(got[3][FINGERPRINT_NAMES.index("log_total_norm")]) == 0.0  # the all-zero ΔW among live ones
     assert not torch.allclose(got[0], got[4])  # same layout, other values: other fingerprints
+
+
+def test_stacked_copies_views_of_another_dtype() -> None:
+    base = torch.randn(2, 3, 4)
+    as_ints = [t.view(torch.int32) for t in base]  # back to back, but not base's dtype
+    assert torch.equal(stacked(as_ints), torch.stack(as_ints))
+    flat = torch.randn(40)
+    views = [flat[4:16].view(3, 4), flat[16:28].view(3, 4)]  # back to back inside a larger buffer: a view of it
+    got = stacked(views)
+    assert torch.equal(got, torch.stack(views)) and got.data_ptr() == views[0].data_ptr()

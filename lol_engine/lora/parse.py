@@ -290,7 +290,8 @@ def _prepare(
 
 @dataclass(frozen=True, eq=False)
 class _Layout:
-    """What a file's tensor names, dtypes and shapes alone determine: its modules' keys, and the plans made for it."""
+    """What a file's tensor table (names, dtypes, shapes, offsets) alone determines: its modules' keys, and the plans
+    made for it."""
 
     low_rank: dict[str, ModuleKeys]  # stem → keys of the modules with factors; read-only once made
     side_keys: tuple[str, ...]  # the 0-dim alpha/scale tensors, whose values the scales depend on
