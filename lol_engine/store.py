@@ -654,18 +654,12 @@ class LoraStore:
         """The rows :meth:`add_many` writes for ``item``, by table (``loras``, ``labels``, ``embeddings``,
         ``estimates``), in the tables' column order: what a worker of a distributed ingest sends back, so that its
         Parquet shards (:meth:`load_shards`) hold exactly what the single-process path stores."""
-        lora_id = _check_id(item.lora)
-        embeddings = []
-        for encoder, vector in item.embeddings.items():
-            v = np.asarray(vector, dtype=np.float32).reshape(-1)
-            if not np.isfinite(v).all():
-                raise ValueError(f"embedding {encoder!r} has non-finite values")
-            embeddings.append([lora_id, encoder, len(v), v.tolist()])
+        rows = rows_of([item])
         return {
-            "loras": [_lora_row(item.lora, item.name, item.zoo, item.card)],
-            "labels": [[lora_id, key, json.dumps(value)] for key, value in item.labels.items()],
-            "embeddings": embeddings,
-            "estimates": [[lora_id, name, _estimate_json(e)] for name, e in item.estimates.items()],
+            "loras": rows.loras,
+            "labels": rows.labels,
+            "embeddings": [[lora_id, encoder, n, v.tolist()] for lora_id, encoder, n, v in rows.embeddings],
+            "estimates": rows.estimates,
         }
 
     def ids(self) -> list[str]:
