@@ -304,6 +304,31 @@ MAP = "#lol-map .lol-map"
 SHOT_BYTES = 300_000  # a README screenshot at most
 
 
+# What a timed-out wait reports of the page: the parts an upload, an add or a map click change, and any toast
+SHOWN = ("#collection-status", "#upload-card", "#predictions", "#add-status", "#upload-files", "#map-card")
+
+
+def _wait_for(page: Any, condition: str, arg: Any = None, timeout: float = 30_000) -> None:
+    """``page.wait_for_function(condition, arg=arg)``; when it times out, the failure says what the page showed
+    instead (the cards, the statuses, the toasts and the map's point count), so that a flake in CI can be read from
+    its log."""
+    try:
+        page.wait_for_function(condition, arg=arg, timeout=timeout)
+    except Exception as e:  # playwright's TimeoutError (playwright is imported only when the browser tests run)
+        if type(e).__name__ != "TimeoutError":
+            raise
+        shown = page.evaluate(
+            """([parts, map]) => {
+              const text = (sel) => Array.from(document.querySelectorAll(sel), (e) => e.innerText.slice(0, 300));
+              const out = Object.fromEntries(parts.map((sel) => [sel, text(sel).join(' | ')]));
+              out.toasts = text('[data-testid=toast-body]');
+              out.map_points = document.querySelector(map)?.dataset.points ?? null;
+              return out; }""",
+            [list(SHOWN), MAP],
+        )
+        raise AssertionError(f"waited {timeout / 1000:.0f} s for {condition}; the page showed {shown}") from e
+
+
 def _open(browser: Any, url: str, viewport: str, errors: list[str]) -> Any:
     """A fresh page (its own context: no cookies, no session) on ``url``; script errors go to ``errors``."""
     context = browser.new_context(**VIEWPORTS[viewport], accept_downloads=True)
@@ -351,7 +376,7 @@ def _screenshot(page: Any, path: Path) -> None:
 
 def _tab(page: Any, key: str) -> None:
     page.get_by_role("tab", name=TABS[key], exact=True).click()
-    page.wait_for_function(f"document.querySelector('[role=tab][data-tab-id={key}]')?.ariaSelected === 'true'")
+    _wait_for(page, f"document.querySelector('[role=tab][data-tab-id={key}]')?.ariaSelected === 'true'")
 
 
 # Serious by axe, in Gradio 6.31's own markup, and not mended by any attribute (app.web.APP_JS mends the rest):
@@ -423,7 +448,7 @@ def _upload_and_analyse(page: Any, path: Path) -> None:
     for attempt in range(2):  # the last analysis empties the box after its result shows: once more if it raced
         page.set_input_files("#upload-files input[type=file]", str(path))
         try:
-            page.wait_for_function(shown, timeout=15_000)
+            _wait_for(page, shown, timeout=15_000)
             break
         except Exception:
             if attempt:
@@ -443,8 +468,8 @@ def _predict_and_add(page: Any, lora: Path, viewport: str, shots: Path) -> None:
     """Upload & predict: the card, its predictions and neighbours, then *Add to collection*."""
     _tab(page, "upload")
     _upload_and_analyse(page, lora / "adapter_model.safetensors")
-    page.wait_for_function(
-        "document.querySelector('#predictions')?.innerText.includes('fashion-gen-quality')", timeout=60_000
+    _wait_for(
+        page, "document.querySelector('#predictions')?.innerText.includes('fashion-gen-quality')", timeout=60_000
     )
     predictions = page.inner_text("#predictions")
     assert "likely range (90 %)" in predictions and "Generation quality (judge score)" in predictions
@@ -453,7 +478,7 @@ def _predict_and_add(page: Any, lora: Path, viewport: str, shots: Path) -> None:
     page.wait_for_selector("#spectrum .js-plotly-plot", timeout=30_000)
     _screenshot(page, shots / f"upload-{viewport}.png")
     page.click("#add-button")
-    page.wait_for_function("document.querySelector('#add-status')?.innerText.includes('Added')", timeout=60_000)
+    _wait_for(page, "document.querySelector('#add-status')?.innerText.includes('Added')", timeout=60_000)
 
 
 def _click_new_point(page: Any, viewport: str, new_id: str) -> None:
@@ -462,28 +487,27 @@ def _click_new_point(page: Any, viewport: str, new_id: str) -> None:
     search = page.locator("#map-search textarea, #map-search input").first
     search.fill(new_id[:12])
     search.press("Enter")
-    page.wait_for_function(f"document.querySelector('{MAP}').dataset.matches === '1'", timeout=30_000)
+    _wait_for(page, f"document.querySelector('{MAP}').dataset.matches === '1'", timeout=30_000)
     page.wait_for_timeout(500)  # the zoomed view is drawn
     _tap(page, viewport, _point_on_screen(page, new_id))
-    page.wait_for_function(f"document.querySelector('#map-card')?.innerText.includes('{new_id}')", timeout=30_000)
-    page.wait_for_function(
-        f"(document.querySelector('{MAP}').data || []).some((t) => t.name === 'clicked')", timeout=30_000
-    )
+    _wait_for(page, f"document.querySelector('#map-card')?.innerText.includes('{new_id}')", timeout=30_000)
+    _wait_for(page, f"(document.querySelector('{MAP}').data || []).some((t) => t.name === 'clicked')", timeout=30_000)
     assert _map_state(page)["clicked"] == new_id  # the ring is on it
     assert f"lora={new_id}" in page.url
 
 
 def _open_a_neighbour(page: Any, clicked: str) -> str:
     """Click the first neighbour row: the card, the ring and the address follow it; returns its id."""
-    page.wait_for_function("document.querySelector('#map-neighbours')?.innerText.includes('ΔW cosine')")
+    _wait_for(page, "document.querySelector('#map-neighbours')?.innerText.includes('ΔW cosine')")
     row = page.locator("#map-neighbours .virtual-row[role=row]").first  # Gradio's table: rows are divs
     cells = row.locator("[role=gridcell]")
     neighbour = cells.last.inner_text().strip()
     assert len(neighbour) == 64 and neighbour != clicked, neighbour
     cells.first.click()
-    page.wait_for_function(f"document.querySelector('#map-card')?.innerText.includes('{neighbour}')", timeout=30_000)
-    page.wait_for_function(f"window.location.search.includes('lora={neighbour}')", timeout=30_000)
-    page.wait_for_function(
+    _wait_for(page, f"document.querySelector('#map-card')?.innerText.includes('{neighbour}')", timeout=30_000)
+    _wait_for(page, f"window.location.search.includes('lora={neighbour}')", timeout=30_000)
+    _wait_for(
+        page,
         """([sel, id]) => { const gd = document.querySelector(sel);
         const t = (gd._fullData || []).find((t) => t.name === 'clicked');
         return t && gd.layout.meta.ids[t.customdata[0]] === id; }""",
@@ -498,7 +522,7 @@ def _lasso_and_export(page: Any, tmp_path: Path) -> None:
     search = page.locator("#map-search textarea, #map-search input").first
     search.fill("")
     search.press("Enter")
-    page.wait_for_function(f"document.querySelector('{MAP}').dataset.matches === '0'", timeout=30_000)
+    _wait_for(page, f"document.querySelector('{MAP}').dataset.matches === '0'", timeout=30_000)
     page.wait_for_timeout(500)
     points = _map_state(page)["points"]
     page.hover(MAP)
@@ -512,8 +536,10 @@ def _lasso_and_export(page: Any, tmp_path: Path) -> None:
     for fx, fy in corners[1:]:
         page.mouse.move(x0 + fx * w, y0 + fy * h, steps=10)
     page.mouse.up()
-    page.wait_for_function(  # every point, and the header row
-        f"document.querySelector('#map-selection [role=grid]')?.ariaRowCount === '{points + 1}'", timeout=30_000
+    _wait_for(
+        page,  # every point, and the header row
+        f"document.querySelector('#map-selection [role=grid]')?.ariaRowCount === '{points + 1}'",
+        timeout=30_000,
     )
     page.get_by_role("button", name="Export selection as CSV").click()
     link = page.locator("#map-download a[download]").first
@@ -550,15 +576,15 @@ def test_browser_walk_upload_add_map_click_neighbour_lasso_export(
     shots = _screenshots(tmp_path)
     with _page(app_url, viewport) as page:
         _tab(page, "explore")
-        page.wait_for_function(f"Number(document.querySelector('{MAP}')?.dataset.points || 0) > 0", timeout=60_000)
+        _wait_for(page, f"Number(document.querySelector('{MAP}')?.dataset.points || 0) > 0", timeout=60_000)
         before, count = _map_state(page), _collection_count(page)
         if viewport == "phone":
             _phone_layout(page)
 
         _predict_and_add(page, FASHION[lora], viewport, shots)
         _tab(page, "explore")  # no reload: the add refreshed the header and the map
-        page.wait_for_function(
-            f"Number(document.querySelector('{MAP}').dataset.points) === {before['points'] + 1}", timeout=60_000
+        _wait_for(
+            page, f"Number(document.querySelector('{MAP}').dataset.points) === {before['points'] + 1}", timeout=60_000
         )
         assert _collection_count(page) == count + 1
         (new_id,) = set(_map_state(page)["ids"]) - set(before["ids"])
@@ -580,13 +606,13 @@ def test_browser_walk_upload_add_map_click_neighbour_lasso_export(
 
         errors: list[str] = []  # the shared address shows the same LoRA in a new page
         fresh = _open(page.context.browser, shared, viewport, errors)
-        fresh.wait_for_function(  # it opens on the Explore tab by itself
-            "document.querySelector('[role=tab][data-tab-id=explore]')?.ariaSelected === 'true'", timeout=60_000
+        _wait_for(
+            fresh,  # it opens on the Explore tab by itself
+            "document.querySelector('[role=tab][data-tab-id=explore]')?.ariaSelected === 'true'",
+            timeout=60_000,
         )
-        fresh.wait_for_function(
-            f"document.querySelector('#map-card')?.innerText.includes('{neighbour}')", timeout=60_000
-        )
-        fresh.wait_for_function(f"(document.querySelector('{MAP}')?.data || []).some((t) => t.name === 'clicked')")
+        _wait_for(fresh, f"document.querySelector('#map-card')?.innerText.includes('{neighbour}')", timeout=60_000)
+        _wait_for(fresh, f"(document.querySelector('{MAP}')?.data || []).some((t) => t.name === 'clicked')")
         assert not errors, errors
 
 
@@ -597,8 +623,8 @@ def test_browser_error_toast_is_plain_text_and_clears_the_card(app_url: str, tmp
     notes.write_text("my notes, not a LoRA\n")
     with _page(app_url) as page:
         _upload_and_analyse(page, FASHION[43] / "adapter_model.safetensors")
-        page.wait_for_function(
-            "document.querySelector('#predictions')?.innerText.includes('fashion-gen-quality')", timeout=60_000
+        _wait_for(
+            page, "document.querySelector('#predictions')?.innerText.includes('fashion-gen-quality')", timeout=60_000
         )
         previous = page.inner_text("#upload-card").split("sha256")[1].split()[0]
         _upload_and_analyse(page, notes)
@@ -607,14 +633,18 @@ def test_browser_error_toast_is_plain_text_and_clears_the_card(app_url: str, tmp
         text = toast.inner_text()
         assert "notes.safetensors" in text and "\\" not in text and str(tmp_path) not in text, text
         assert previous not in page.inner_text("#upload-card")
-        page.wait_for_function(  # and the card says why it is empty, not "Analysing…"
-            "document.querySelector('#upload-card')?.innerText.includes('Nothing to show')", timeout=30_000
+        _wait_for(
+            page,  # and the card says why it is empty, not "Analysing…"
+            "document.querySelector('#upload-card')?.innerText.includes('Nothing to show')",
+            timeout=30_000,
         )
         assert "fashion-gen" not in page.inner_text("#predictions")
         assert "ΔW cosine" not in page.inner_text("#upload-neighbours")
         page.wait_for_timeout(1_500)  # the toast's fade-in is over: axe measures the colours it ends with
         violations = _serious_violations(page)
         assert violations == [], violations
+        with pytest.raises(AssertionError, match=r"the page showed .*Nothing to show.*notes\.safetensors"):
+            _wait_for(page, "false", timeout=200)  # a wait that times out says what the page showed: card, toast
 
 
 def test_browser_trains_a_predictor_and_the_next_upload_uses_it(app_url: str, tmp_path: Path) -> None:
@@ -632,17 +662,15 @@ def test_browser_trains_a_predictor_and_the_next_upload_uses_it(app_url: str, tm
         epochs.fill("3")
         epochs.press("Enter")
         page.click("#train-button")
-        page.wait_for_function(
-            "document.querySelector('#train-status')?.innerText.includes('registered as')", timeout=180_000
+        _wait_for(
+            page, "document.querySelector('#train-status')?.innerText.includes('registered as')", timeout=180_000
         )
         assert "baseline" in page.inner_text("#train-status")
         _screenshot(page, shots / "train.png")
 
         _tab(page, "upload")
         _upload_and_analyse(page, DIGITS[230] / "adapter_model.safetensors")
-        page.wait_for_function(
-            "document.querySelector('#predictions')?.innerText.includes('acc_own-svd')", timeout=60_000
-        )
+        _wait_for(page, "document.querySelector('#predictions')?.innerText.includes('acc_own-svd')", timeout=60_000)
 
 
 def test_the_readmes_gradio_client_example_runs(client: Client, app_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
