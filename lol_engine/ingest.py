@@ -10,6 +10,7 @@ it is stored.
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -215,6 +216,10 @@ def ingest(
     return report
 
 
+_FROZEN_LOCK = threading.Lock()
+_frozen_ingests = 0  # ingests running now in this process (threads): the heap is frozen while there is one
+
+
 @contextmanager
 def _young_heap_only() -> Iterator[None]:
     """Keep the objects that exist before an ingest (modules, models, the app's state) out of garbage collections
@@ -222,13 +227,21 @@ def _young_heap_only() -> Iterator[None]:
 
     Reading a LoRA makes hundreds of short-lived objects, which trigger collections; a full one rescans the whole heap
     (0.11–0.14 s with torch loaded on a 2-core machine: 7 % of an ingest of 1,000 small LoRAs). Frozen objects are
-    only skipped, not lost: they are collected as usual after :func:`gc.unfreeze`.
+    only skipped, not lost: they are collected as usual after :func:`gc.unfreeze`. The freeze is the process's, so
+    ingests running at once in several threads share it: the first to start freezes, the last to end unfreezes.
     """
-    gc.freeze()
+    global _frozen_ingests
+    with _FROZEN_LOCK:
+        if _frozen_ingests == 0:
+            gc.freeze()
+        _frozen_ingests += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        with _FROZEN_LOCK:
+            _frozen_ingests -= 1
+            if _frozen_ingests == 0:
+                gc.unfreeze()
 
 
 def _table_labels(

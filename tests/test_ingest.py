@@ -146,6 +146,47 @@ def test_ingest_unfreezes_the_heap_even_when_the_store_fails(
         assert gc.get_freeze_count() == 0
 
 
+def test_ingests_in_two_threads_keep_the_heap_frozen_until_the_last_one_ends(
+    small_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The freeze is the process's: when one of two overlapping ingests ends, the other's heap stays frozen."""
+    import gc
+    import threading
+
+    seen: dict[str, int] = {}
+    first_in, first_out = threading.Event(), threading.Event()
+    stores = [LoraStore(tmp_path / f"{k}.duckdb") for k in ("a", "b")]
+    real = stores[0].add_rows
+
+    def held(rows: object) -> list[str]:  # the first ingest waits inside its write until the second has ended
+        first_in.set()
+        assert first_out.wait(60)
+        seen["after the other ended"] = gc.get_freeze_count()
+        return real(rows)
+
+    monkeypatch.setattr(stores[0], "add_rows", held)
+    failed: list[BaseException] = []
+
+    def run_first() -> None:
+        try:
+            ingest([str(small_zoo)], stores[0], [FingerprintEncoder()], progress=False)
+        except BaseException as e:  # shown by the assertion below, not lost in the thread
+            failed.append(e)
+            first_in.set()
+
+    first = threading.Thread(target=run_first)
+    first.start()
+    assert first_in.wait(60)
+    ingest([str(small_zoo)], stores[1], [FingerprintEncoder()], progress=False)
+    first_out.set()
+    first.join(60)
+    assert not failed, failed
+    assert seen["after the other ended"] > 0 and gc.get_freeze_count() == 0
+    assert [s.count() for s in stores] == [6, 6]
+    for store in stores:
+        store.close()
+
+
 def test_loras_sharing_a_config_text_share_its_parse_not_their_metadata(tmp_path: Path) -> None:
     from lora_files import peft, save, write_config
 
