@@ -10,6 +10,7 @@ screenshots (``<tab>-<desktop|phone>.png``) into ``LOL_SCREENSHOT_DIR`` when it 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -442,17 +443,26 @@ def _point_on_screen(page: Any, lora_id: str) -> dict[str, float]:
 
 
 def _upload_and_analyse(page: Any, path: Path) -> None:
-    """Drop ``path`` in the file box (once the last analysis has emptied it) and press *Analyse*."""
+    """Drop ``path`` in the file box (once the last analysis has emptied it) and press *Analyse* with that one file in
+    the box.
+
+    The file is dropped again only when the box is empty again: the clear that follows the last analysis or add can
+    land after the drop. Dropping again while the first drop is still uploading would leave two files in the box (on a
+    slow CI machine it did) and the analysis would refuse them."""
     page.wait_for_selector("#upload-files .file-preview", state="detached")
-    shown = f"document.querySelector('#upload-files')?.innerText.includes('{path.name}')"
-    for attempt in range(2):  # the last analysis empties the box after its result shows: once more if it raced
+    # the box shows one row per file, the name's stem and extension in two spans (on two lines when the box is narrow)
+    names = "Array.from(document.querySelectorAll('#upload-files .file-preview td.filename'))"
+    shown = f"(({names}).map((td) => td.textContent.replace(/\\s+/g, ''))).join('|') === {json.dumps(path.name)}"
+    for attempt in range(2):
         page.set_input_files("#upload-files input[type=file]", str(path))
-        try:
-            _wait_for(page, shown, timeout=15_000)
-            break
-        except Exception:
-            if attempt:
+        _wait_for(page, shown, timeout=60_000)
+        try:  # a late clear empties the box within a moment of the drop showing; drop once more if it did
+            page.wait_for_selector("#upload-files .file-preview", state="detached", timeout=1_500)
+        except Exception as e:  # playwright's TimeoutError: the file stayed
+            if type(e).__name__ != "TimeoutError":
                 raise
+            break
+        assert not attempt, f"the file box was emptied twice after {path.name} was dropped in it"
     page.click("#analyse-button")
 
 
