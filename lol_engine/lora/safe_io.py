@@ -297,7 +297,7 @@ def read_header(
             fh.seek(0)
             if fh.readinto(content) != size or fh.read(1):
                 raise LoraFormatError(f"{where}: the file changed while it was being read")
-            raw = bytes(content[8 : 8 + n])
+            raw = bytes(memoryview(content)[8 : 8 + n])  # one copy (a bytearray slice would be a second)
         else:
             fh.seek(8)
             raw = fh.read(n)
