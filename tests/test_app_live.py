@@ -446,21 +446,18 @@ def _upload_and_analyse(page: Any, path: Path) -> None:
     """Drop ``path`` in the file box (once the last analysis has emptied it) and press *Analyse* with that one file in
     the box.
 
-    The file is dropped again only when the box is empty again: the clear that follows the last analysis or add can
-    land after the drop. Dropping again while the first drop is still uploading would leave two files in the box (on a
-    slow CI machine it did) and the analysis would refuse them."""
+    The wait reads the box's file rows, not its text: a row's name cell is a flex box, so ``innerText`` splits the
+    name over two lines; only Gradio's upload-progress view shows it whole, and only while the upload runs. The file
+    is dropped again only when a late clear (the one that follows the last analysis or add) has emptied the box: a
+    second drop into a box that shows the file would add a second file, and the analysis would refuse the pair."""
     page.wait_for_selector("#upload-files .file-preview", state="detached")
-    # the box shows one row per file, the name's stem and extension in two spans (on two lines when the box is narrow)
-    names = "Array.from(document.querySelectorAll('#upload-files .file-preview td.filename'))"
-    shown = f"(({names}).map((td) => td.textContent.replace(/\\s+/g, ''))).join('|') === {json.dumps(path.name)}"
+    names = "Array.from(document.querySelectorAll('#upload-files .file-preview td.filename'), (td) => td.textContent)"
+    shown = f"{names}.map((name) => name.replace(/\\s+/g, '')).join('|') === {json.dumps(path.name)}"
     for attempt in range(2):
         page.set_input_files("#upload-files input[type=file]", str(path))
         _wait_for(page, shown, timeout=60_000)
-        try:  # a late clear empties the box within a moment of the drop showing; drop once more if it did
-            page.wait_for_selector("#upload-files .file-preview", state="detached", timeout=1_500)
-        except Exception as e:  # playwright's TimeoutError: the file stayed
-            if type(e).__name__ != "TimeoutError":
-                raise
+        page.wait_for_timeout(1_500)  # a late clear empties the box within a moment of the drop showing
+        if page.query_selector("#upload-files .file-preview") is not None:
             break
         assert not attempt, f"the file box was emptied twice after {path.name} was dropped in it"
     page.click("#analyse-button")
